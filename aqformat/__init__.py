@@ -1,0 +1,15 @@
+"""aqformat: compressed neural-network model files (.aqm).
+
+Weights are stored as bit-packed codes into codebooks shared across layers
+(additive quantization), raw tensors, or dithered-lattice indices, in a
+versioned, memory-mappable container specified in spec/FORMAT.md.
+"""
+__version__ = "0.1.0"
+
+from .errors import (AqmError, AqmFormatError, AqmInputError, AqmIntegrityError,  # noqa: E402
+                     AqmUnsupportedError, AqmVersionError)
+from .reader import AqmFile, AQParts, TensorInfo, open  # noqa: E402
+from .writer import Writer  # noqa: E402
+
+__all__ = ["AqmError", "AqmFormatError", "AqmInputError", "AqmIntegrityError", "AqmUnsupportedError",
+           "AqmVersionError", "AqmFile", "AQParts", "TensorInfo", "Writer", "open", "__version__"]

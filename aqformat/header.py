@@ -1,0 +1,298 @@
+"""The fixed preamble and the msgpack header schema (spec/FORMAT.md, sections 2-4).
+
+``parse_header`` turns untrusted bytes into validated records: every offset,
+length, count and shape is bounds-checked here, once, so that decoders can
+trust the records they are given.
+"""
+from __future__ import annotations
+
+import math
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from .errors import AqmFormatError, AqmIntegrityError, AqmVersionError
+
+MAGIC = b"\x89AQM\r\n\x1a\n"
+MAJOR, MINOR = 1, 0
+PREAMBLE = struct.Struct("<8sHHIQQIIQ12sI")  # 64 bytes
+PREAMBLE_SIZE = PREAMBLE.size
+ALIGNMENT = 64
+
+MAX_HEADER_BYTES = 64 << 20
+MAX_TENSORS = 1 << 20
+MAX_SECTIONS = 1 << 22
+MAX_NDIM = 8
+MAX_ELEMENTS = 1 << 48
+MAX_NAME_BYTES = 1024
+MAX_VECTOR_DIM = 256
+MAX_CODEBOOKS_PER_GROUP = 64
+MAX_ZSTD_RATIO = 4096  # decoded bytes per stored byte, beyond which a section is a bomb
+
+DTYPES = {  # name -> (numpy dtype string, itemsize)
+    "float32": ("<f4", 4), "float16": ("<f2", 2), "bfloat16": ("<u2", 2), "float64": ("<f8", 8),
+    "int8": ("i1", 1), "uint8": ("u1", 1), "int16": ("<i2", 2), "uint16": ("<u2", 2),
+    "int32": ("<i4", 4), "uint32": ("<u4", 4), "int64": ("<i8", 8), "uint64": ("<u8", 8),
+    "bool": ("?", 1),
+}
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+SCALE_DTYPES = ("float16", "float32")
+LATTICE_INDEX_DTYPES = ("int8", "int16", "int32")
+ENCODINGS = ("raw", "zstd")
+CODECS = ("raw", "aq", "lattice")
+
+
+def pack_preamble(minor: int, header_offset: int, header_length: int, header_crc: int,
+                  file_length: int) -> bytes:
+    """Serialise the 64-byte preamble (its own CRC-32 in the last 4 bytes)."""
+    body = PREAMBLE.pack(MAGIC, MAJOR, minor, 0, header_offset, header_length, header_crc,
+                         ALIGNMENT, file_length, b"\0" * 12, 0)[:-4]
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+@dataclass(frozen=True)
+class Preamble:
+    major: int
+    minor: int
+    header_offset: int
+    header_length: int
+    header_crc: int
+    alignment: int
+    file_length: int
+
+
+def parse_preamble(raw: bytes, file_size: int) -> Preamble:
+    """Validate the preamble against the real ``file_size``."""
+    if len(raw) < PREAMBLE_SIZE:
+        raise AqmFormatError(f"file is {file_size} bytes, too small to be an .aqm file")
+    magic, major, minor, flags, hoff, hlen, hcrc, align, flen, _, crc = PREAMBLE.unpack(
+        raw[:PREAMBLE_SIZE])
+    if magic != MAGIC:
+        raise AqmFormatError("not an .aqm file (bad magic bytes)")
+    if major != MAJOR:
+        raise AqmVersionError(
+            f"file is .aqm format {major}.{minor}; this reader supports {MAJOR}.x only")
+    if zlib.crc32(raw[: PREAMBLE_SIZE - 4]) != crc:
+        raise AqmIntegrityError("preamble checksum mismatch (file is corrupted)")
+    if flags != 0:
+        raise AqmFormatError(f"unknown preamble flags 0x{flags:08x}")
+    if align < 8 or align > 1 << 16 or align & (align - 1):
+        raise AqmFormatError(f"alignment {align} is not a power of two in [8, 65536]")
+    if flen != file_size:
+        raise AqmFormatError(
+            f"file is {file_size} bytes but its preamble says {flen} (truncated or extended)")
+    if hlen > MAX_HEADER_BYTES:
+        raise AqmFormatError(f"header of {hlen} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
+    if hoff < PREAMBLE_SIZE or hoff + hlen != file_size:
+        raise AqmFormatError(f"header at [{hoff}, {hoff + hlen}) does not end the file")
+    return Preamble(major, minor, hoff, hlen, hcrc, align, flen)
+
+
+@dataclass(frozen=True)
+class Section:
+    offset: int
+    length: int
+    size: int
+    encoding: str
+    crc32: int
+
+
+@dataclass(frozen=True)
+class CodebookGroup:
+    name: str
+    M: int
+    K: int
+    d: int
+    dtype: str
+    section: int
+
+    @property
+    def bits(self) -> int:
+        return self.K.bit_length() - 1
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    codec: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class Header:
+    minor: int
+    producer: str
+    source: dict[str, Any]
+    metadata: dict[str, Any]
+    sections: list[Section]
+    codebooks: list[CodebookGroup]
+    tensors: list[TensorRecord]
+    graph: dict[str, Any] | None
+
+
+def _fail(msg: str) -> AqmFormatError:
+    return AqmFormatError(f"invalid header: {msg}")
+
+
+def _int(v: Any, what: str, lo: int = 0, hi: int = (1 << 64) - 1) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise _fail(f"{what} must be an integer in [{lo}, {hi}], got {v!r}"[:200])
+    return v
+
+
+def _str(v: Any, what: str, choices: tuple[str, ...] | None = None) -> str:
+    if not isinstance(v, str) or len(v.encode()) > MAX_NAME_BYTES:
+        raise _fail(f"{what} must be a string of at most {MAX_NAME_BYTES} bytes")
+    if choices is not None and v not in choices:
+        raise _fail(f"{what} {v!r} is not one of {', '.join(choices)}")
+    return v
+
+
+def _map(v: Any, what: str) -> dict:
+    if not isinstance(v, dict) or not all(isinstance(k, str) for k in v):
+        raise _fail(f"{what} must be a map with string keys")
+    return v
+
+
+def _get(m: dict, key: str, what: str) -> Any:
+    if key not in m:
+        raise _fail(f"{what} lacks required field {key!r}")
+    return m[key]
+
+
+def _index(v: Any, what: str, count: int, optional: bool = False) -> int | None:
+    """A reference into a table of ``count`` entries."""
+    if v is None and optional:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < count:
+        raise _fail(f"{what} {v!r} does not refer to one of the {count} entries"[:200])
+    return v
+
+
+def parse_header(raw: bytes, pre: Preamble) -> Header:
+    """Decode and validate the msgpack header. Raises AqmFormatError on any violation."""
+    if zlib.crc32(raw) != pre.header_crc:
+        raise AqmIntegrityError("header checksum mismatch (file is corrupted)")
+    try:
+        doc = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise _fail(f"not valid msgpack ({type(e).__name__})") from None
+    doc = _map(doc, "header")
+    sections = [_parse_section(s, i, pre) for i, s in enumerate(_list(_get(doc, "sections", "header"), "sections", MAX_SECTIONS))]
+    _check_no_overlap(sections, pre.header_offset)
+    n = len(sections)
+    groups = [_parse_group(g, i, n) for i, g in enumerate(_list(doc.get("codebooks", []), "codebooks", MAX_TENSORS))]
+    tensors = [_parse_tensor(t, i, n, groups) for i, t in enumerate(_list(_get(doc, "tensors", "header"), "tensors", MAX_TENSORS))]
+    names = set()
+    for t in tensors:
+        if t.name in names:
+            raise _fail(f"duplicate tensor name {t.name!r}")
+        names.add(t.name)
+    if len({g.name for g in groups}) != len(groups):
+        raise _fail("duplicate codebook group name")
+    graph = doc.get("graph")
+    if graph is not None:
+        graph = _map(graph, "graph")
+        _str(_get(graph, "format", "graph"), "graph format")
+        _index(_get(graph, "section", "graph"), "graph section", n)
+    return Header(
+        minor=pre.minor,
+        producer=_str(doc.get("producer", ""), "producer"),
+        source=_map(doc.get("source", {}), "source"),
+        metadata=_map(doc.get("metadata", {}), "metadata"),
+        sections=sections, codebooks=groups, tensors=tensors, graph=graph)
+
+
+def _list(v: Any, what: str, limit: int) -> list:
+    if not isinstance(v, list) or len(v) > limit:
+        raise _fail(f"{what} must be a list of at most {limit} entries")
+    return v
+
+
+def _parse_section(s: Any, i: int, pre: Preamble) -> Section:
+    what = f"section {i}"
+    s = _map(s, what)
+    off = _int(_get(s, "offset", what), f"{what} offset", PREAMBLE_SIZE, pre.header_offset)
+    length = _int(_get(s, "length", what), f"{what} length", 0, pre.header_offset - off)
+    size = _int(_get(s, "size", what), f"{what} size", 0, MAX_ELEMENTS)
+    enc = _str(_get(s, "encoding", what), f"{what} encoding", ENCODINGS)
+    crc = _int(_get(s, "crc32", what), f"{what} crc32", 0, (1 << 32) - 1)
+    if off % pre.alignment:
+        raise _fail(f"{what} offset {off} is not a multiple of the alignment {pre.alignment}")
+    if enc == "raw" and size != length:
+        raise _fail(f"{what} is raw but its size {size} differs from its length {length}")
+    if enc == "zstd" and size > max(1 << 20, length * MAX_ZSTD_RATIO):
+        raise _fail(f"{what} claims {size} decoded bytes from {length} (decompression bomb)")
+    return Section(off, length, size, enc, crc)
+
+
+def _check_no_overlap(sections: list[Section], end: int) -> None:
+    spans = sorted((s.offset, s.offset + s.length) for s in sections if s.length)
+    for (a0, a1), (b0, _) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise _fail(f"sections overlap at byte {b0}")
+
+
+def _parse_group(g: Any, i: int, n_sections: int) -> CodebookGroup:
+    what = f"codebook group {i}"
+    g = _map(g, what)
+    K = _int(_get(g, "K", what), f"{what} K", 2, 1 << 16)
+    if K & (K - 1):
+        raise _fail(f"{what} K={K} is not a power of two")
+    return CodebookGroup(
+        name=_str(_get(g, "name", what), f"{what} name"),
+        M=_int(_get(g, "M", what), f"{what} M", 1, MAX_CODEBOOKS_PER_GROUP), K=K,
+        d=_int(_get(g, "d", what), f"{what} d", 1, MAX_VECTOR_DIM),
+        dtype=_str(_get(g, "dtype", what), f"{what} dtype", SCALE_DTYPES),
+        section=_index(_get(g, "section", what), f"{what} section", n_sections))
+
+
+def _parse_tensor(t: Any, i: int, n_sections: int, groups: list[CodebookGroup]) -> TensorRecord:
+    t = _map(t, f"tensor {i}")
+    name = _str(_get(t, "name", f"tensor {i}"), f"tensor {i} name")
+    what = f"tensor {name!r}"
+    shape = _list(_get(t, "shape", what), f"{what} shape", MAX_NDIM)
+    shape = tuple(_int(x, f"{what} dimension", 0, MAX_ELEMENTS) for x in shape)
+    numel = 1
+    for x in shape:  # checked stepwise so no intermediate product can grow unbounded
+        numel *= x
+        if numel > MAX_ELEMENTS:
+            raise _fail(f"{what} has more than 2**48 elements")
+    dtype = _str(_get(t, "dtype", what), f"{what} dtype", tuple(DTYPES))
+    codec = _str(_get(t, "codec", what), f"{what} codec")
+    fields: dict[str, Any] = {}
+    if codec == "raw":
+        fields["data"] = _index(_get(t, "data", what), f"{what} data", n_sections)
+    elif codec in ("aq", "lattice"):
+        if dtype not in FLOAT_DTYPES:
+            raise _fail(f"{what} uses codec {codec} but has non-float dtype {dtype}")
+        if not shape or numel == 0:
+            raise _fail(f"{what} uses codec {codec} but is empty or a scalar")
+        axes = t.get("axes")
+        if axes is not None:
+            axes = _list(axes, f"{what} axes", MAX_NDIM)
+            if sorted(axes) != list(range(len(shape))):
+                raise _fail(f"{what} axes {axes} are not a permutation of its dimensions")
+        fields["axes"] = axes
+        if codec == "aq":
+            fields["group"] = _index(_get(t, "group", what), f"{what} group", len(groups))
+            fields["codes"] = _index(_get(t, "codes", what), f"{what} codes", n_sections)
+            fields["scale"] = _index(t.get("scale"), f"{what} scale", n_sections, optional=True)
+            fields["scale_dtype"] = _str(t.get("scale_dtype", "float16"), f"{what} scale_dtype", SCALE_DTYPES)
+            fields["perm"] = _index(t.get("perm"), f"{what} perm", n_sections, optional=True)
+        else:
+            fields["data"] = _index(_get(t, "data", what), f"{what} data", n_sections)
+            fields["index_dtype"] = _str(_get(t, "index_dtype", what), f"{what} index_dtype", LATTICE_INDEX_DTYPES)
+            fields["step"] = _index(_get(t, "step", what), f"{what} step", n_sections)
+            fields["seed"] = _int(_get(t, "seed", what), f"{what} seed")
+    # Unknown codecs are kept: listing still works, reading raises AqmUnsupportedError.
+    return TensorRecord(name, shape, dtype, codec, fields)

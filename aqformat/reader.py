@@ -1,0 +1,328 @@
+"""Memory-mapped .aqm reader.
+
+``open`` parses the preamble and header only; tensor bytes are touched when a
+tensor is read, and each section's checksum is verified the first time it is
+used. Raw uncompressed tensors are returned as read-only views of the mapping.
+"""
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zstandard
+
+from .bitpack import packed_size, unpack
+from .codecs.aq import decode_aq
+from .codecs.lattice import decode_lattice
+from .errors import AqmError, AqmFormatError, AqmInputError, AqmIntegrityError, AqmUnsupportedError
+from .header import (DTYPES, PREAMBLE_SIZE, CodebookGroup, Header, Section, TensorRecord,
+                     parse_header, parse_preamble)
+from .layout import matrix_shape
+
+
+@dataclass(frozen=True)
+class AQParts:
+    """The compressed pieces of an AQ tensor, for decoders on other devices."""
+
+    codes: np.ndarray          # [n_vectors, M] uint8/uint16
+    codebooks: np.ndarray      # [M, K, d] float16/float32 as stored
+    scale: np.ndarray | None   # [rows]
+    perm: np.ndarray | None    # [cols] uint32
+    axes: list[int] | None
+    rows: int
+    cols: int
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the header says about one tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    codec: str
+    stored_bytes: int          # bytes of this tensor's own sections (not shared codebooks)
+    group: str | None          # codebook group name for AQ tensors
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.stored_bytes / self.numel if self.numel else 0.0
+
+
+class AqmFile:
+    """An open .aqm file. Create with :func:`aqformat.open`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        try:
+            with builtins_open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size < PREAMBLE_SIZE:
+                    raise AqmFormatError(f"file is {size} bytes, too small to be an .aqm file")
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except FileNotFoundError:
+            raise AqmError(f"no such file: {self.path}") from None
+        except IsADirectoryError:
+            raise AqmError(f"{self.path} is a directory, not an .aqm file") from None
+        except PermissionError:
+            raise AqmError(f"permission denied: {self.path}") from None
+        self.size = size
+        pre = parse_preamble(self._mm[:PREAMBLE_SIZE], size)
+        self.version = (pre.major, pre.minor)
+        self._h: Header = parse_header(self._mm[pre.header_offset: pre.header_offset + pre.header_length], pre)
+        self._by_name = {t.name: t for t in self._h.tensors}
+        self._verified: set[int] = set()
+        self._lock = threading.Lock()
+        self._check_tensor_sizes()
+
+    # -- metadata ------------------------------------------------------------------
+    @property
+    def producer(self) -> str:
+        return self._h.producer
+
+    @property
+    def source(self) -> dict[str, Any]:
+        return self._h.source
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self._h.metadata
+
+    @property
+    def codebook_groups(self) -> list[CodebookGroup]:
+        return list(self._h.codebooks)
+
+    def names(self) -> list[str]:
+        """Tensor names in file order."""
+        return [t.name for t in self._h.tensors]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __len__(self) -> int:
+        return len(self._h.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        """Header information about tensor ``name``."""
+        t = self._record(name)
+        secs = [v for k, v in t.fields.items() if k in ("data", "codes", "scale", "perm", "step") and v is not None]
+        group = self._h.codebooks[t.fields["group"]].name if t.codec == "aq" else None
+        return TensorInfo(t.name, t.shape, t.dtype, t.codec,
+                          sum(self._h.sections[i].length for i in secs), group)
+
+    def tensors(self) -> list[TensorInfo]:
+        """Information about every tensor, in file order."""
+        return [self.info(n) for n in self.names()]
+
+    # -- data ----------------------------------------------------------------------
+    def read(self, name: str) -> np.ndarray:
+        """Decode tensor ``name`` to a numpy array of its stored dtype.
+
+        bfloat16 tensors are returned as float32 (numpy has no bfloat16).
+        Raw uncompressed tensors are read-only views of the file mapping.
+
+        Raises
+        ------
+        KeyError
+            No tensor has this name.
+        AqmIntegrityError
+            A section of this tensor fails its checksum.
+        """
+        t = self._record(name)
+        try:
+            if t.codec == "raw":
+                arr = self._array(t.fields["data"], DTYPES[t.dtype][0], t.shape)
+                return _bf16_to_f32(arr) if t.dtype == "bfloat16" else arr
+            if t.codec == "aq":
+                p = self.aq_parts(name)
+                cb = self._h.codebooks[t.fields["group"]]
+                w = decode_aq(p.codes.reshape(-1, cb.M), p.codebooks.astype(np.float32), t.shape,
+                              p.scale, p.perm, p.axes, p.rows, p.cols)
+            elif t.codec == "lattice":
+                rows, cols = matrix_shape(t.shape, t.fields["axes"])
+                q = self._array(t.fields["data"], DTYPES[t.fields["index_dtype"]][0], (rows, cols))
+                step = self._array(t.fields["step"], "<f4", (rows,))
+                w = decode_lattice(q, step, t.fields["seed"], t.shape, t.fields["axes"], rows, cols)
+            else:
+                raise AqmUnsupportedError(
+                    f"tensor {name!r} uses codec {t.codec!r}, unknown to this reader (format {self.version[0]}.{self.version[1]})")
+        except AqmIntegrityError as e:
+            raise AqmIntegrityError(f"tensor {name!r}: {e}") from None
+        return w.astype(np.float16) if t.dtype == "float16" else w
+
+    def aq_parts(self, name: str) -> AQParts:
+        """Codes, codebooks, scale and permutation of AQ tensor ``name``, undecoded."""
+        t = self._record(name)
+        if t.codec != "aq":
+            raise AqmInputError(f"tensor {name!r} is not additive-quantized")
+        f = t.fields
+        g = self._h.codebooks[f["group"]]
+        rows, cols = matrix_shape(t.shape, f["axes"])
+        count = rows * (-(-cols // g.d)) * g.M
+        codes = unpack(self._bytes(f["codes"], packed_size(count, g.bits)), count, g.bits)
+        cb = self._array(g.section, DTYPES[g.dtype][0], (g.M, g.K, g.d))
+        scale = self._array(f["scale"], DTYPES[f["scale_dtype"]][0], (rows,)) if f["scale"] is not None else None
+        perm = None
+        if f["perm"] is not None:
+            perm = self._array(f["perm"], "<u4", (cols,))
+            if not _is_permutation(perm):
+                raise AqmFormatError(f"tensor {name!r}: stored column permutation is not a permutation")
+        return AQParts(codes.reshape(-1, g.M), cb, scale, perm, f["axes"], rows, cols)
+
+    @property
+    def graph_format(self) -> str | None:
+        """Format of the embedded graph (e.g. ``"onnx"``), or None."""
+        return self._h.graph["format"] if self._h.graph is not None else None
+
+    def graph(self) -> tuple[str, bytes] | None:
+        """The embedded model graph as ``(format, bytes)``, or None."""
+        g = self._h.graph
+        if g is None:
+            return None
+        return g["format"], bytes(self._bytes(g["section"]))
+
+    def group_bytes(self, name: str) -> int:
+        """Stored bytes of codebook group ``name``."""
+        for g in self._h.codebooks:
+            if g.name == name:
+                return self._h.sections[g.section].length
+        raise KeyError(f"no codebook group named {name!r}")
+
+    def check_checksums(self) -> None:
+        """Verify every section's CRC-32; raise AqmIntegrityError on the first mismatch."""
+        for i in range(len(self._h.sections)):
+            self._bytes(i)
+
+    def verify(self) -> None:
+        """Check every section's checksum and decode every tensor; raise on the first fault."""
+        self.check_checksums()
+        for name in self.names():
+            self.read(name)
+
+    # -- internals -----------------------------------------------------------------
+    def _record(self, name: str) -> TensorRecord:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"no tensor named {name!r} in {self.path}") from None
+
+    def _bytes(self, index: int, expect: int | None = None) -> np.ndarray:
+        """Decoded bytes of section ``index`` as a uint8 array (a view when not compressed)."""
+        s: Section = self._h.sections[index]
+        if expect is not None and s.size != expect:
+            raise AqmFormatError(f"section {index} holds {s.size} bytes, expected {expect}")
+        stored = np.frombuffer(self._mm, dtype=np.uint8, count=s.length, offset=s.offset)
+        if index not in self._verified:
+            if zlib.crc32(stored) != s.crc32:
+                raise AqmIntegrityError(f"section {index} checksum mismatch (file is corrupted)")
+            with self._lock:
+                self._verified.add(index)
+        if s.encoding == "raw":
+            return stored
+        try:
+            out = zstandard.ZstdDecompressor().decompress(stored.tobytes(), max_output_size=s.size)
+        except zstandard.ZstdError:
+            raise AqmFormatError(f"section {index} is not a valid zstd frame") from None
+        if len(out) != s.size:
+            raise AqmFormatError(f"section {index} decompresses to {len(out)} bytes, expected {s.size}")
+        return np.frombuffer(out, dtype=np.uint8)
+
+    def _array(self, index: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+        dt = np.dtype(dtype)
+        count = math.prod(shape)
+        data = self._bytes(index, count * dt.itemsize)
+        return data.view(dt).reshape(shape)
+
+    def _check_tensor_sizes(self) -> None:
+        """Every section a tensor uses must hold exactly the bytes its record implies."""
+        for t in self._h.tensors:
+            f = t.fields
+            if t.codec == "raw":
+                self._expect(f["data"], t.numel * DTYPES[t.dtype][1], t.name)
+            elif t.codec == "aq":
+                g = self._h.codebooks[f["group"]]
+                rows, cols = matrix_shape(t.shape, f["axes"])
+                self._expect(f["codes"], packed_size(rows * (-(-cols // g.d)) * g.M, g.bits), t.name)
+                if f["scale"] is not None:
+                    self._expect(f["scale"], rows * DTYPES[f["scale_dtype"]][1], t.name)
+                if f["perm"] is not None:
+                    self._expect(f["perm"], cols * 4, t.name)
+            elif t.codec == "lattice":
+                rows, cols = matrix_shape(t.shape, f["axes"])
+                self._expect(f["data"], rows * cols * DTYPES[f["index_dtype"]][1], t.name)
+                self._expect(f["step"], rows * 4, t.name)
+        for g in self._h.codebooks:
+            self._expect(g.section, g.M * g.K * g.d * DTYPES[g.dtype][1], f"codebook group {g.name!r}")
+
+    def _expect(self, index: int, size: int, owner: str) -> None:
+        if self._h.sections[index].size != size:
+            raise AqmFormatError(
+                f"invalid header: {owner} needs {size} bytes in section {index}, which holds {self._h.sections[index].size}")
+
+    def close(self) -> None:
+        """Release the mapping (deferred while read views of it are alive)."""
+        try:
+            self._mm.close()
+        except BufferError:
+            pass  # numpy views still use the mapping; it is released with them
+
+    def __enter__(self) -> "AqmFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<AqmFile {self.path!r} v{self.version[0]}.{self.version[1]}, {len(self)} tensors>"
+
+
+def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def _is_permutation(p: np.ndarray) -> bool:
+    seen = np.zeros(p.size, dtype=bool)
+    if p.size and int(p.max()) >= p.size:
+        return False
+    seen[p] = True
+    return bool(seen.all())
+
+
+builtins_open = open
+
+
+def open(path: str | os.PathLike) -> AqmFile:  # noqa: A001 - mirrors builtins.open by design
+    """Open an .aqm file: parse and validate its header, map its data lazily.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Path to the file.
+
+    Returns
+    -------
+    AqmFile
+        Tensor names, shapes, dtypes and codecs, and ``read(name)``.
+
+    Raises
+    ------
+    AqmFormatError
+        The file is malformed (the message says how).
+    AqmVersionError
+        The file's major version is not supported.
+    """
+    return AqmFile(path)
