@@ -25,6 +25,8 @@ from .header import (ALIGNMENT, DTYPES, FLOAT_DTYPES, MINOR, PREAMBLE_SIZE, pack
 from .layout import matrix_shape
 
 ZSTD_LEVEL = 19
+_UMASK = os.umask(0)  # read once: temp files are 0600, finished files get the usual mode
+os.umask(_UMASK)
 
 
 _NAME_OF = {(np.dtype(code).kind, np.dtype(code).itemsize): name
@@ -94,7 +96,9 @@ class Writer:
         """Append one aligned section and return its index."""
         if self._closed:
             raise AqmInputError("writer is closed")
-        raw = memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else memoryview(data)
+        if isinstance(data, np.ndarray):
+            data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        raw = memoryview(data)
         stored: bytes | memoryview = raw
         encoding = "raw"
         if compress and raw.nbytes:
@@ -272,6 +276,7 @@ class Writer:
             self._file.write(pre)
             self._file.flush()
             os.fsync(self._file.fileno())
+            os.fchmod(self._file.fileno(), 0o666 & ~_UMASK)
             self._file.close()
             os.replace(self._tmp, self.path)
         except OSError as e:

@@ -1,0 +1,40 @@
+# The README's commands. Everything the project needs is installed here, into .venv.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test test-fast demo bench bench-quick fuzz vectors-check clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[all,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: venv  ## every test, real models included
+	$(PY) -m pytest -q
+
+test-fast: venv  ## skip the real-model tests
+	$(PY) -m pytest -q -m "not slow"
+
+demo: venv  ## convert MiniLM to .aqm, run it, print size and fidelity
+	HF_HUB_OFFLINE=1 $(PY) bench/demo.py
+
+bench: venv  ## full benchmark: bench/results/*.json, RESULTS.md, plots
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[all,dev,bench]'
+	HF_HUB_OFFLINE=1 $(PY) bench/run.py
+
+bench-quick: venv
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[all,dev,bench]'
+	HF_HUB_OFFLINE=1 $(PY) bench/run.py --quick
+
+fuzz: venv  ## long structure-aware fuzzing run of the reader
+	$(PY) fuzz/fuzz_reader.py --examples 20000
+
+vectors-check: venv  ## the writer still produces the frozen vectors byte for byte
+	$(PY) spec/make_vectors.py --check
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

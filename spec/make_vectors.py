@@ -1,0 +1,159 @@
+"""Produce the frozen v1 test vectors in spec/vectors/ and their MANIFEST.json.
+
+Run once per new vector (``python spec/make_vectors.py NAME``); existing files
+are never rewritten, because readers must keep decoding them identically.
+``--check`` regenerates everything in a temporary folder and compares bytes
+(the writer is deterministic, so any difference is a format change).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+import aqformat
+
+HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vectors")
+
+
+def _rng(name: str) -> np.random.Generator:
+    return np.random.default_rng(int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little"))
+
+
+def _codes(rng: np.random.Generator, n_vec: int, M: int, K: int) -> np.ndarray:
+    return rng.integers(0, K, size=(n_vec, M))
+
+
+def raw_dtypes(w: aqformat.Writer, rng: np.random.Generator) -> None:
+    for dt in ("float32", "float16", "float64", "int8", "uint8", "int16", "uint16", "int32",
+               "uint32", "int64", "uint64"):
+        info = np.iinfo(dt) if np.dtype(dt).kind in "iu" else None
+        a = (rng.integers(info.min, info.max, size=(3, 5), dtype=dt, endpoint=True) if info
+             else rng.standard_normal((3, 5)).astype(dt))
+        w.add_tensor(f"raw.{dt}", a)
+    w.add_tensor("raw.bfloat16", (rng.standard_normal(7).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16),
+                 dtype="bfloat16")
+    w.add_tensor("raw.bool", rng.integers(0, 2, size=(4, 4)).astype(bool))
+    w.add_tensor("raw.scalar", np.array(3.5, dtype=np.float32))
+    w.add_tensor("raw.empty", np.zeros((0, 3), dtype=np.float32))
+
+
+def aq_8bit_shared(w: aqformat.Writer, rng: np.random.Generator) -> None:
+    w.add_codebooks("shared", rng.standard_normal((2, 256, 8)).astype(np.float16))
+    w.add_aq("layer1.weight", (16, 32), _codes(rng, 16 * 4, 2, 256), group="shared",
+             scale=rng.uniform(0.5, 2, 16))
+    w.add_aq("layer2.weight", (8, 64), _codes(rng, 8 * 8, 2, 256), group="shared")
+
+
+def aq_3bit_perm(w: aqformat.Writer, rng: np.random.Generator) -> None:
+    w.add_codebooks("g3", rng.standard_normal((3, 8, 4)).astype(np.float16))
+    # MatMul-style [in, out] weight viewed with axes (1, 0); 10 columns pad to 12.
+    w.add_aq("matmul.B", (10, 6), _codes(rng, 6 * 3, 3, 8), group="g3", axes=(1, 0),
+             perm=rng.permutation(10), scale=rng.uniform(0.1, 1, 6), scale_dtype="float32")
+
+
+def aq_7bit_conv(w: aqformat.Writer, rng: np.random.Generator) -> None:
+    w.add_codebooks("g7", rng.standard_normal((2, 128, 9)).astype(np.float32), dtype="float32")
+    w.add_aq("conv.weight", (4, 3, 3, 3), _codes(rng, 4 * 3, 2, 128), group="g7", dtype="float16")
+
+
+def aq_12bit_bf16(w: aqformat.Writer, rng: np.random.Generator) -> None:
+    w.add_codebooks("g12", rng.standard_normal((1, 4096, 4)).astype(np.float16))
+    w.add_aq("fc.weight", (5, 12), _codes(rng, 5 * 3, 1, 4096), group="g12", dtype="bfloat16",
+             scale=rng.uniform(0.5, 2, 5))
+
+
+def aq_1bit_16bit(w: aqformat.Writer, rng: np.random.Generator) -> None:
+    w.add_codebooks("g1", rng.standard_normal((5, 2, 2)).astype(np.float16))
+    w.add_codebooks("g16", rng.standard_normal((1, 65536, 2)).astype(np.float16))
+    w.add_aq("vec", (9,), _codes(rng, 5, 5, 2), group="g1", scale=np.array([1.5]))
+    w.add_aq("wide", (3, 7), _codes(rng, 3 * 4, 1, 65536), group="g16")
+
+
+def lattice(w: aqformat.Writer, rng: np.random.Generator) -> None:
+    w.add_lattice("lat.small", (6, 10), rng.integers(-4, 5, size=(6, 10)), rng.uniform(0.01, 0.1, 6),
+                  seed=0x0123456789ABCDEF)
+    w.add_lattice("lat.wide", (20, 3), rng.integers(-300, 300, size=(3, 20)), rng.uniform(1e-3, 1e-2, 3),
+                  seed=2**64 - 1, axes=(1, 0))
+
+
+def zstd_graph(w: aqformat.Writer, rng: np.random.Generator) -> None:
+    w.add_tensor("zeros", np.zeros((64, 64), dtype=np.float32), compress=True)
+    w.add_tensor("ramp", np.arange(1000, dtype=np.int64) % 7, compress=True)
+    w.set_graph(_tiny_onnx_graph())
+    w.update_metadata(note="graph is an ONNX model with one external initializer", nested={"a": [1, 2.5, "x"]})
+
+
+def _tiny_onnx_graph() -> bytes:
+    """y = x + ramp, with `ramp` stored in the .aqm (written once, then frozen)."""
+    from onnx import TensorProto, helper
+    init = TensorProto(name="ramp", data_type=TensorProto.INT64, dims=[1000],
+                       data_location=TensorProto.EXTERNAL)
+    init.external_data.add(key="location", value="aqm")
+    graph = helper.make_graph([helper.make_node("Add", ["x", "ramp"], ["y"])], "tiny",
+                              [helper.make_tensor_value_info("x", TensorProto.INT64, [1000])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT64, [1000])], [init])
+    return helper.make_model(graph, producer_name="aqformat-vectors",
+                             opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def empty(w: aqformat.Writer, rng: np.random.Generator) -> None:
+    w.update_metadata(description="a file with no tensors")
+
+
+VECTORS = {f.__name__: f for f in (raw_dtypes, aq_8bit_shared, aq_3bit_perm, aq_7bit_conv,
+                                   aq_12bit_bf16, aq_1bit_16bit, lattice, zstd_graph, empty)}
+
+
+def digest(path: str) -> dict:
+    """Shape, dtype and SHA-256 of each decoded tensor of ``path``."""
+    with aqformat.open(path) as f:
+        out = {}
+        for name in f.names():
+            a = np.ascontiguousarray(f.read(name))
+            out[name] = {"shape": list(a.shape), "dtype": f.info(name).dtype,
+                         "sha256": hashlib.sha256(a.astype(a.dtype.newbyteorder("<")).tobytes()).hexdigest()}
+    return out
+
+
+def build(name: str, folder: str) -> str:
+    path = os.path.join(folder, f"{name}.aqm")
+    with aqformat.Writer(path, producer="aqformat spec/make_vectors.py",
+                         source={"framework": "numpy", "name": name}) as w:
+        VECTORS[name](w, _rng(name))
+    return path
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("names", nargs="*", help="vectors to create (default: all missing ones)")
+    ap.add_argument("--check", action="store_true", help="regenerate in a temp dir and compare bytes")
+    args = ap.parse_args()
+    manifest_path = os.path.join(HERE, "MANIFEST.json")
+    manifest = json.load(open(manifest_path)) if os.path.exists(manifest_path) else {}
+    if args.check:
+        with tempfile.TemporaryDirectory() as tmp:
+            bad = [n for n in VECTORS if open(build(n, tmp), "rb").read() != open(os.path.join(HERE, f"{n}.aqm"), "rb").read()]
+        print("identical" if not bad else f"differ: {bad}")
+        return 1 if bad else 0
+    for name in args.names or [n for n in VECTORS if n not in manifest]:
+        if name in manifest:
+            print(f"{name}: frozen, not rewritten", file=sys.stderr)
+            continue
+        path = build(name, HERE)
+        manifest[name] = {"file_sha256": hashlib.sha256(open(path, "rb").read()).hexdigest(),
+                          "tensors": digest(path)}
+        print(f"wrote {path}")
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""A second, deliberately naive decoder written from spec/FORMAT.md alone.
+
+It shares no code with aqformat's decoders (it parses the preamble and header
+itself and unpacks bits with numpy.unpackbits), so agreement between the two
+is evidence that the implementation follows the spec.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+
+import msgpack
+import numpy as np
+import zstandard
+
+NP = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "float64": "<f8", "int8": "i1",
+      "uint8": "u1", "int16": "<i2", "uint16": "<u2", "int32": "<i4", "uint32": "<u4",
+      "int64": "<i8", "uint64": "<u8", "bool": "?"}
+
+
+def _section(buf: bytes, s: dict) -> bytes:
+    data = buf[s["offset"]: s["offset"] + s["length"]]
+    assert zlib.crc32(data) == s["crc32"]
+    return zstandard.ZstdDecompressor().decompress(data) if s["encoding"] == "zstd" else data
+
+
+def _splitmix(seed: int, n: int) -> np.ndarray:
+    out = np.empty(n)
+    mask = (1 << 64) - 1
+    for k in range(n):  # integer-exact and slow on purpose: this is the reference
+        z = (seed + (k + 1) * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        z ^= z >> 31
+        out[k] = (z >> 11) * 2.0**-53 - 0.5
+    return out
+
+
+def decode_file(path: str) -> dict[str, np.ndarray]:
+    """Decode every tensor of an .aqm file following the spec text."""
+    buf = open(path, "rb").read()
+    magic, major, minor, flags, hoff, hlen, hcrc, align, flen = struct.unpack_from("<8sHHIQQIIQ", buf)
+    assert magic == b"\x89AQM\r\n\x1a\n" and major == 1 and flen == len(buf)
+    assert struct.unpack_from("<I", buf, 60)[0] == zlib.crc32(buf[:60])
+    header = buf[hoff: hoff + hlen]
+    assert zlib.crc32(header) == hcrc
+    h = msgpack.unpackb(header, raw=False)
+    secs = h["sections"]
+    out = {}
+    for t in h["tensors"]:
+        shape = t["shape"]
+        if t["codec"] == "raw":
+            a = np.frombuffer(_section(buf, secs[t["data"]]), NP[t["dtype"]]).reshape(shape)
+            out[t["name"]] = (a.astype(np.uint32) << 16).view(np.float32) if t["dtype"] == "bfloat16" else a
+            continue
+        axes = t.get("axes") or list(range(len(shape)))
+        s2 = [shape[a] for a in axes]
+        rows, cols = (s2[0], int(np.prod(s2[1:]))) if len(s2) >= 2 else (1, s2[0])
+        if t["codec"] == "aq":
+            g = h["codebooks"][t["group"]]
+            M, K, d = g["M"], g["K"], g["d"]
+            b = K.bit_length() - 1
+            cb = np.frombuffer(_section(buf, secs[g["section"]]), NP[g["dtype"]]).reshape(M, K, d).astype(np.float32)
+            cols_p = -(-cols // d) * d
+            n = rows * cols_p // d * M
+            bits = np.unpackbits(np.frombuffer(_section(buf, secs[t["codes"]]), np.uint8), bitorder="little")
+            codes = (bits[: n * b].reshape(n, b).astype(np.int64) << np.arange(b)).sum(1).reshape(-1, M)
+            vec = cb[0][codes[:, 0]]
+            for m in range(1, M):
+                vec = vec + cb[m][codes[:, m]]
+            q = vec.reshape(rows, cols_p)[:, :cols]
+            if t.get("scale") is not None:
+                q = q * np.frombuffer(_section(buf, secs[t["scale"]]), NP[t.get("scale_dtype", "float16")]).astype(np.float32)[:, None]
+            w = q.copy()
+            if t.get("perm") is not None:
+                perm = np.frombuffer(_section(buf, secs[t["perm"]]), "<u4")
+                w = np.empty_like(q)
+                w[:, perm] = q
+        else:
+            q = np.frombuffer(_section(buf, secs[t["data"]]), NP[t["index_dtype"]]).reshape(rows, cols)
+            step = np.frombuffer(_section(buf, secs[t["step"]]), "<f4").astype(np.float64)
+            u = _splitmix(t["seed"], rows * cols).reshape(rows, cols)
+            w = ((q - u) * step[:, None]).astype(np.float32)
+        full = np.empty(shape, np.float32)
+        full[...] = np.transpose(w.reshape(s2), np.argsort(axes))
+        out[t["name"]] = full.astype(np.float16) if t["dtype"] == "float16" else full
+    return out
