@@ -30,7 +30,10 @@ MAX_ELEMENTS = 1 << 48
 MAX_NAME_BYTES = 1024
 MAX_VECTOR_DIM = 256
 MAX_CODEBOOKS_PER_GROUP = 64
-MAX_ZSTD_RATIO = 4096  # decoded bytes per stored byte, beyond which a section is a bomb
+# zstd itself cannot exceed this ratio (a block of at most 128 KiB costs at least 4 bytes, as an
+# RLE block), so a section claiming more is a bomb, while any real frame, even all zeros, passes.
+MAX_ZSTD_RATIO = 1 << 15
+MAX_DEPTH = 32  # nesting of source/metadata values, so printing them never hits the recursion limit
 
 DTYPES = {  # name -> (numpy dtype string, itemsize)
     "float32": ("<f4", 4), "float16": ("<f2", 2), "bfloat16": ("<u2", 2), "float64": ("<f8", 8),
@@ -169,6 +172,35 @@ def _get(m: dict, key: str, what: str) -> Any:
     return m[key]
 
 
+def plain_value_problem(v: Any, depth: int = 0) -> str | None:
+    """Why ``v`` is not a JSON-like value, or None if it is.
+
+    Source and metadata are shown by ``aqm info`` (also as JSON), so they are
+    restricted to None, bool, int, float, str, lists and string-keyed maps,
+    nested at most ``MAX_DEPTH`` deep. Tuples are accepted as lists.
+    """
+    if depth > MAX_DEPTH:
+        return f"nests deeper than {MAX_DEPTH} levels"
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return None
+    if isinstance(v, (list, tuple)):
+        items = v
+    elif isinstance(v, dict):
+        if not all(isinstance(k, str) for k in v):
+            return "has a map with non-string keys"
+        items = v.values()
+    else:
+        return f"holds a value of type {type(v).__name__}"
+    return next((p for p in (plain_value_problem(x, depth + 1) for x in items) if p), None)
+
+
+def _plain_map(v: Any, what: str) -> dict:
+    problem = plain_value_problem(_map(v, what))
+    if problem:
+        raise _fail(f"{what} {problem}")
+    return v
+
+
 def _index(v: Any, what: str, count: int, optional: bool = False) -> int | None:
     """A reference into a table of ``count`` entries."""
     if v is None and optional:
@@ -207,8 +239,8 @@ def parse_header(raw: bytes, pre: Preamble) -> Header:
     return Header(
         minor=pre.minor,
         producer=_str(doc.get("producer", ""), "producer"),
-        source=_map(doc.get("source", {}), "source"),
-        metadata=_map(doc.get("metadata", {}), "metadata"),
+        source=_plain_map(doc.get("source", {}), "source"),
+        metadata=_plain_map(doc.get("metadata", {}), "metadata"),
         sections=sections, codebooks=groups, tensors=tensors, graph=graph)
 
 
@@ -262,11 +294,12 @@ def _parse_tensor(t: Any, i: int, n_sections: int, groups: list[CodebookGroup]) 
     what = f"tensor {name!r}"
     shape = _list(_get(t, "shape", what), f"{what} shape", MAX_NDIM)
     shape = tuple(_int(x, f"{what} dimension", 0, MAX_ELEMENTS) for x in shape)
-    numel = 1
-    for x in shape:  # checked stepwise so no intermediate product can grow unbounded
-        numel *= x
-        if numel > MAX_ELEMENTS:
-            raise _fail(f"{what} has more than 2**48 elements")
+    span = 1
+    for x in shape:  # stepwise, and over nonzero dims too: numpy refuses [0, 2**48, 2**48]
+        span *= max(x, 1)
+        if span > MAX_ELEMENTS:
+            raise _fail(f"{what} shape {list(shape)} spans more than 2**48 elements")
+    numel = math.prod(shape)
     dtype = _str(_get(t, "dtype", what), f"{what} dtype", tuple(DTYPES))
     codec = _str(_get(t, "codec", what), f"{what} codec")
     fields: dict[str, Any] = {}
@@ -279,7 +312,7 @@ def _parse_tensor(t: Any, i: int, n_sections: int, groups: list[CodebookGroup]) 
             raise _fail(f"{what} uses codec {codec} but is empty or a scalar")
         axes = t.get("axes")
         if axes is not None:
-            axes = _list(axes, f"{what} axes", MAX_NDIM)
+            axes = [_int(a, f"{what} axis", 0, MAX_NDIM) for a in _list(axes, f"{what} axes", MAX_NDIM)]
             if sorted(axes) != list(range(len(shape))):
                 raise _fail(f"{what} axes {axes} are not a permutation of its dimensions")
         fields["axes"] = axes

@@ -207,6 +207,14 @@ class AqmFile:
         for i in range(len(self._h.sections)):
             self._bytes(i)
 
+    def stored_section(self, index: int) -> tuple[Section, np.ndarray]:
+        """Section ``index`` as stored (still compressed), after its checksum is verified."""
+        return self._h.sections[index], self._stored(index)
+
+    def record(self, name: str) -> TensorRecord:
+        """The validated header record of tensor ``name`` (codec fields included)."""
+        return self._record(name)
+
     def verify(self) -> None:
         """Check every section's checksum and decode every tensor; raise on the first fault."""
         self.check_checksums()
@@ -220,21 +228,34 @@ class AqmFile:
         except KeyError:
             raise KeyError(f"no tensor named {name!r} in {self.path}") from None
 
-    def _bytes(self, index: int, expect: int | None = None) -> np.ndarray:
-        """Decoded bytes of section ``index`` as a uint8 array (a view when not compressed)."""
+    def _stored(self, index: int) -> np.ndarray:
+        """Stored bytes of section ``index``, CRC-checked the first time they are used."""
         s: Section = self._h.sections[index]
-        if expect is not None and s.size != expect:
-            raise AqmFormatError(f"section {index} holds {s.size} bytes, expected {expect}")
         stored = np.frombuffer(self._mm, dtype=np.uint8, count=s.length, offset=s.offset)
         if index not in self._verified:
             if zlib.crc32(stored) != s.crc32:
                 raise AqmIntegrityError(f"section {index} checksum mismatch (file is corrupted)")
             with self._lock:
                 self._verified.add(index)
+        return stored
+
+    def _bytes(self, index: int, expect: int | None = None) -> np.ndarray:
+        """Decoded bytes of section ``index`` as a uint8 array (a view when not compressed)."""
+        s: Section = self._h.sections[index]
+        if expect is not None and s.size != expect:
+            raise AqmFormatError(f"section {index} holds {s.size} bytes, expected {expect}")
+        stored = self._stored(index)
         if s.encoding == "raw":
             return stored
+        data = stored.tobytes()
         try:
-            out = zstandard.ZstdDecompressor().decompress(stored.tobytes(), max_output_size=s.size)
+            # zstd allocates what the frame header declares, whatever max_output_size says, so a
+            # frame declaring more than the validated section size is refused before decoding.
+            declared = zstandard.frame_content_size(data)
+            if declared not in (-1, s.size):
+                raise AqmFormatError(f"section {index} zstd frame declares {declared} bytes, expected {s.size}")
+            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=s.size,
+                                                           allow_extra_data=False)
         except zstandard.ZstdError:
             raise AqmFormatError(f"section {index} is not a valid zstd frame") from None
         if len(out) != s.size:
@@ -250,21 +271,21 @@ class AqmFile:
     def _check_tensor_sizes(self) -> None:
         """Every section a tensor uses must hold exactly the bytes its record implies."""
         for t in self._h.tensors:
-            f = t.fields
+            f, owner = t.fields, f"tensor {t.name!r}"
             if t.codec == "raw":
-                self._expect(f["data"], t.numel * DTYPES[t.dtype][1], t.name)
+                self._expect(f["data"], t.numel * DTYPES[t.dtype][1], owner)
             elif t.codec == "aq":
                 g = self._h.codebooks[f["group"]]
                 rows, cols = matrix_shape(t.shape, f["axes"])
-                self._expect(f["codes"], packed_size(rows * (-(-cols // g.d)) * g.M, g.bits), t.name)
+                self._expect(f["codes"], packed_size(rows * (-(-cols // g.d)) * g.M, g.bits), owner)
                 if f["scale"] is not None:
-                    self._expect(f["scale"], rows * DTYPES[f["scale_dtype"]][1], t.name)
+                    self._expect(f["scale"], rows * DTYPES[f["scale_dtype"]][1], owner)
                 if f["perm"] is not None:
-                    self._expect(f["perm"], cols * 4, t.name)
+                    self._expect(f["perm"], cols * 4, owner)
             elif t.codec == "lattice":
                 rows, cols = matrix_shape(t.shape, f["axes"])
-                self._expect(f["data"], rows * cols * DTYPES[f["index_dtype"]][1], t.name)
-                self._expect(f["step"], rows * 4, t.name)
+                self._expect(f["data"], rows * cols * DTYPES[f["index_dtype"]][1], owner)
+                self._expect(f["step"], rows * 4, owner)
         for g in self._h.codebooks:
             self._expect(g.section, g.M * g.K * g.d * DTYPES[g.dtype][1], f"codebook group {g.name!r}")
 

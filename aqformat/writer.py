@@ -12,7 +12,7 @@ import os
 import tempfile
 import zlib
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import numpy as np
@@ -21,8 +21,13 @@ import zstandard
 from . import __version__
 from .bitpack import pack
 from .errors import AqmError, AqmInputError
-from .header import (ALIGNMENT, DTYPES, FLOAT_DTYPES, MINOR, PREAMBLE_SIZE, pack_preamble)
+from .header import (ALIGNMENT, DTYPES, FLOAT_DTYPES, MINOR, PREAMBLE_SIZE, pack_preamble,
+                     plain_value_problem)
 from .layout import matrix_shape
+
+if TYPE_CHECKING:
+    from .header import Section
+    from .reader import AqmFile
 
 ZSTD_LEVEL = 19
 _UMASK = os.umask(0)  # read once: temp files are 0600, finished files get the usual mode
@@ -67,8 +72,8 @@ class Writer:
         if not os.path.isdir(directory):
             raise AqmInputError(f"output directory {directory} does not exist")
         self._producer = producer or f"aqformat {__version__}"
-        self._source = dict(source or {})
-        self._metadata = dict(metadata or {})
+        self._source = _plain("source", dict(source or {}))
+        self._metadata = _plain("metadata", dict(metadata or {}))
         self._sections: list[dict[str, Any]] = []
         self._groups: list[dict[str, Any]] = []
         self._tensors: list[dict[str, Any]] = []
@@ -93,9 +98,7 @@ class Writer:
         self._pos += len(data)
 
     def _section(self, data: bytes | np.ndarray, compress: bool = False) -> int:
-        """Append one aligned section and return its index."""
-        if self._closed:
-            raise AqmInputError("writer is closed")
+        """Encode ``data`` (zstd if asked and smaller), append it, return its index."""
         if isinstance(data, np.ndarray):
             data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         raw = memoryview(data)
@@ -105,9 +108,15 @@ class Writer:
             z = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False).compress(raw)
             if len(z) < raw.nbytes:
                 stored, encoding = z, "zstd"
+        return self._append(stored, raw.nbytes, encoding, zlib.crc32(stored))
+
+    def _append(self, stored: bytes | memoryview, size: int, encoding: str, crc: int) -> int:
+        """Write already-encoded section bytes at the next aligned offset."""
+        if self._closed:
+            raise AqmInputError("writer is closed")
         self._write(b"\0" * (-self._pos % ALIGNMENT))
-        self._sections.append({"offset": self._pos, "length": len(stored), "size": raw.nbytes,
-                               "encoding": encoding, "crc32": zlib.crc32(stored)})
+        self._sections.append({"offset": self._pos, "length": len(stored), "size": size,
+                               "encoding": encoding, "crc32": crc})
         self._write(stored)
         return len(self._sections) - 1
 
@@ -237,13 +246,30 @@ class Writer:
                     "seed": int(seed)})
         self._tensors.append(rec)
 
+    def copy_tensor(self, src: AqmFile, name: str) -> None:
+        """Copy a raw or lattice tensor from an open file verbatim (stored bytes, no re-encoding)."""
+        rec = src.record(name)
+        if rec.codec not in ("raw", "lattice"):
+            raise AqmInputError(f"{name}: only raw and lattice tensors are copied verbatim, not {rec.codec}")
+        self._claim(name)
+        out: dict[str, Any] = {"name": name, "shape": list(rec.shape), "dtype": rec.dtype, "codec": rec.codec}
+        for key, value in rec.fields.items():
+            if key in ("data", "step"):
+                value = self._copy_section(*src.stored_section(value))
+            if value is not None:
+                out[key] = value
+        self._tensors.append(out)
+
+    def _copy_section(self, section: Section, stored: np.ndarray) -> int:
+        return self._append(memoryview(stored), section.size, section.encoding, section.crc32)
+
     def set_graph(self, model: bytes, *, format: str = "onnx") -> None:
         """Embed a model graph (e.g. an ONNX ModelProto without its initializers)."""
         self._graph = {"format": format, "section": self._section(model, compress=True)}
 
     def update_metadata(self, **items: Any) -> None:
         """Add or replace model metadata entries."""
-        self._metadata.update(items)
+        self._metadata.update(_plain("metadata", items))
 
     def _group(self, group: int | str) -> dict[str, Any]:
         if isinstance(group, str):
@@ -258,6 +284,13 @@ class Writer:
         """Write header and preamble, then atomically move the file into place."""
         if self._closed:
             return
+        try:
+            self._finish()
+        except BaseException:  # e.g. KeyboardInterrupt during fsync: never leave the temp file
+            self.abort()
+            raise
+
+    def _finish(self) -> None:
         doc = {"producer": self._producer, "source": self._source, "metadata": self._metadata,
                "sections": self._sections, "codebooks": self._groups, "tensors": self._tensors}
         if self._graph is not None:
@@ -305,6 +338,14 @@ class Writer:
             self.close()
         else:
             self.abort()
+
+
+def _plain(what: str, items: dict[str, Any]) -> dict[str, Any]:
+    """``items`` if the reader will accept it as source/metadata, else AqmInputError."""
+    problem = plain_value_problem(items)
+    if problem:
+        raise AqmInputError(f"{what} {problem}; use None, bool, int, float, str, lists and string-keyed maps")
+    return items
 
 
 def _fsync_dir(directory: str) -> None:

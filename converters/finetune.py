@@ -1,0 +1,289 @@
+"""Fine-tuning of an .aqm model: codes fixed, codebooks and small tensors trained.
+
+The student is the user's architecture whose quantized weights are computed
+every step from the shared codebooks (a differentiable gather), so one update
+of a group's codebooks improves every layer that shares it. Per-row scales
+and the raw 1-D tensors (norms, biases) are trained too. The objective is
+either distillation from the original model on calibration inputs (no labels)
+or the user's own task loss.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+import aqformat
+from aqformat.errors import AqmInputError
+
+
+
+@dataclass
+class FinetuneReport:
+    """What a fine-tuning run did."""
+
+    objective: str
+    steps: int
+    steps_done: int
+    loss_first: float
+    loss_last: float
+    seconds: float
+    trained_tensors: int
+    stopped_early: str | None = None
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def model_output(out: Any):
+    """The tensor a model's output is compared on: ``last_hidden_state``, else the first tensor."""
+    import torch
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("last_hidden_state", "logits"):
+        if hasattr(out, key) and isinstance(getattr(out, key), torch.Tensor):
+            return getattr(out, key)
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if isinstance(out, dict):
+        for v in out.values():
+            if isinstance(v, torch.Tensor):
+                return v
+    raise AqmInputError(f"cannot compare model outputs of type {type(out).__name__}; pass loss_fn=")
+
+
+def call_model(model, item: Any):
+    """Run ``model`` on one calibration item: a dict of kwargs, a tuple of args, or a tensor."""
+    if isinstance(item, dict):
+        return model(**item)
+    if isinstance(item, (tuple, list)):
+        return model(*item)
+    return model(item)
+
+
+class _Student:
+    """Trainable parameters of an .aqm file and how they rebuild the model's tensors."""
+
+    def __init__(self, f: aqformat.AqmFile, names: set[str], device):
+        import torch
+        self.f = f
+        self.device = device
+        self.groups: dict[str, torch.nn.Parameter] = {}
+        self.scales: dict[str, torch.nn.Parameter] = {}
+        self.aq: dict[str, tuple] = {}
+        self.trainable_raw: dict[str, torch.nn.Parameter] = {}
+        self.fixed: dict[str, torch.Tensor] = {}
+        for info in f.tensors():
+            if info.name not in names:
+                raise AqmInputError(f"tensor {info.name!r} of the .aqm is not a parameter of the model")
+            if info.codec == "aq":
+                p = f.aq_parts(info.name)
+                if info.group not in self.groups:
+                    self.groups[info.group] = torch.nn.Parameter(
+                        torch.tensor(np.asarray(p.codebooks, np.float32), device=device))
+                scale = p.scale if p.scale is not None else np.ones(p.rows, np.float32)
+                self.scales[info.name] = torch.nn.Parameter(torch.tensor(np.asarray(scale, np.float32), device=device))
+                codes = torch.as_tensor(p.codes.astype(np.int64), device=device)
+                inv = None if p.perm is None else torch.as_tensor(np.argsort(p.perm), device=device)
+                self.aq[info.name] = (info.group, codes, inv, p.axes, info.shape, p.rows, p.cols)
+            else:
+                value = torch.as_tensor(np.array(f.read(info.name)), device=device)
+                if info.codec == "raw" and info.dtype in ("float32", "float16", "float64") and value.dim() == 1:
+                    self.trainable_raw[info.name] = torch.nn.Parameter(value.float())
+                else:
+                    self.fixed[info.name] = value
+
+    def parameters(self) -> list:
+        return [*self.groups.values(), *self.scales.values(), *self.trainable_raw.values()]
+
+    def tensors(self) -> dict[str, Any]:
+        """Every tensor of the file, the quantized ones decoded differentiably."""
+        out = dict(self.fixed)
+        out.update(self.trainable_raw)
+        for name, (group, codes, inv, axes, shape, rows, cols) in self.aq.items():
+            out[name] = decode_torch(codes, self.groups[group], self.scales[name], inv, axes, shape, rows, cols)
+        return out
+
+    def state(self) -> list:
+        return [p.detach().clone() for p in self.parameters()]
+
+    def restore(self, state: list) -> None:
+        import torch
+        with torch.no_grad():
+            for p, s in zip(self.parameters(), state):
+                p.copy_(s)
+
+
+def decode_torch(codes, codebooks, scale, inv_perm, axes: Sequence[int] | None, shape: Sequence[int],
+                 rows: int, cols: int):
+    """Differentiable torch twin of the format's AQ layout (spec/FORMAT.md 5.2)."""
+    import torch
+    M, _, d = codebooks.shape
+    v = sum(torch.nn.functional.embedding(codes[:, m], codebooks[m]) for m in range(M))
+    w = v.reshape(rows, -1)[:, :cols] * scale[:, None]
+    if inv_perm is not None:
+        w = w[:, inv_perm]
+    if axes is None:
+        return w.reshape(tuple(shape))
+    return w.reshape([shape[a] for a in axes]).permute(*np.argsort(axes).tolist())
+
+
+def finetune(aqm_path: str | os.PathLike, out_path: str | os.PathLike, model, calib: Sequence[Any], *,
+             loss_fn: Callable[[Any, Any], Any] | None = None,
+             forward: Callable[[Any, Any], Any] | None = None, steps: int = 300, lr: float = 1e-3,
+             seed: int = 0, device: str | None = None, progress: bool = True) -> FinetuneReport:
+    """Fine-tune the codebooks, scales, norms and biases of an .aqm file; write a new .aqm.
+
+    Parameters
+    ----------
+    aqm_path : str or os.PathLike
+        The quantized model. Never modified (unless ``out_path`` is the same
+        path and the run succeeds, in which case it is replaced atomically).
+    out_path : str or os.PathLike
+        Where the fine-tuned file is written.
+    model : torch.nn.Module
+        The architecture, holding the ORIGINAL weights: it is the teacher for
+        distillation and the template of the student.
+    calib : sequence
+        Calibration items; each is passed to the model as kwargs (dict),
+        args (tuple) or a single tensor. With ``loss_fn`` these are the
+        user's training batches.
+    loss_fn : callable, optional
+        ``loss_fn(outputs, item) -> scalar``: the task objective. Without it,
+        the objective is distillation: the mean squared error to the original
+        model's outputs, relative to their variance.
+    forward : callable, optional
+        ``forward(model, item) -> outputs``, for items that are not plain
+        model inputs (e.g. ``(x, label)`` batches); default :func:`call_model`.
+    steps : int
+        Optimiser steps (Adam, cosine-decayed learning rate).
+    lr : float
+        Peak learning rate.
+    seed : int
+        Seed of the batch order; the run is deterministic under a seed.
+    device : str, optional
+        ``"cuda"`` when available by default, else ``"cpu"``.
+    progress : bool
+        Show a progress bar with the loss.
+
+    Returns
+    -------
+    FinetuneReport
+        Also recorded in the output file's metadata under ``"finetune"``.
+    """
+    import torch
+    from torch.func import functional_call
+
+    calib = list(calib)
+    forward = forward or call_model
+    if not calib:
+        raise AqmInputError("calibration set is empty")
+    if steps < 1:
+        raise AqmInputError("steps must be at least 1")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(seed)
+    teacher = model.to(dev).eval()
+    student = copy.deepcopy(teacher)
+    objective = "task" if loss_fn is not None else "distill"
+    targets = []
+    if loss_fn is None:
+        with torch.no_grad():
+            for item in calib:
+                try:
+                    targets.append(model_output(forward(teacher, _to(item, dev))).detach())
+                except (TypeError, ValueError, RuntimeError) as e:
+                    raise AqmInputError(f"calibration input does not fit the model: {_first_line(e)}") from None
+    names = set(student.state_dict())
+    with aqformat.open(aqm_path) as f:
+        st = _Student(f, names, dev)
+        params = st.parameters()
+        opt = torch.optim.Adam(params, lr=lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+        order = np.random.default_rng(seed).permutation(np.resize(np.arange(len(calib)), steps))
+        first = last = float("nan")
+        good, stopped, done = st.state(), None, 0
+        t0 = time.perf_counter()
+        bar = _bar(steps, progress)
+        for step, i in enumerate(order):
+            item = _to(calib[i], dev)
+            try:
+                out = forward(lambda *a, **k: functional_call(student, st.tensors(), a, k), item)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise AqmInputError(f"calibration input does not fit the model: {_first_line(e)}") from None
+            if loss_fn is None:
+                y, t = model_output(out), targets[i]
+                loss = torch.mean((y - t) ** 2) / t.var().clamp_min(1e-12)
+            else:
+                loss = loss_fn(out, item)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                st.restore(good)
+                stopped = f"non-finite loss at step {step}; kept the parameters of step {done}"
+                break
+            good = st.state()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            first = value if step == 0 else first
+            last, done = value, step + 1
+            bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+            bar.update(1)
+        bar.close()
+        report = FinetuneReport(objective, steps, done, first, last, time.perf_counter() - t0,
+                                len(st.aq) + len(st.trainable_raw), stopped)
+        _write(f, out_path, st, report)
+    return report
+
+
+def _write(f: aqformat.AqmFile, out_path, st: _Student, report: FinetuneReport) -> None:
+    """Copy ``f`` to ``out_path`` with the trained values, codes unchanged."""
+    groups = {g.name: g for g in f.codebook_groups}
+    with aqformat.Writer(out_path, producer=f.producer, source=f.source,
+                         metadata={**f.metadata, "finetune": report.as_metadata()}) as w:
+        for name, p in st.groups.items():
+            w.add_codebooks(name, p.detach().cpu().numpy(), dtype=groups[name].dtype)
+        for info in f.tensors():
+            if info.codec == "aq":
+                parts = f.aq_parts(info.name)
+                w.add_aq(info.name, info.shape, parts.codes, group=info.group, dtype=info.dtype,
+                         scale=st.scales[info.name].detach().cpu().numpy(),
+                         scale_dtype=str(parts.scale.dtype) if parts.scale is not None else "float32",
+                         perm=parts.perm, axes=parts.axes)
+            elif info.name in st.trainable_raw:
+                w.add_tensor(info.name, st.trainable_raw[info.name].detach().cpu().numpy().astype(_np_dtype(info.dtype)))
+            else:
+                w.copy_tensor(f, info.name)
+        graph = f.graph()
+        if graph is not None:
+            w.set_graph(graph[1], format=graph[0])
+
+
+def _bar(steps: int, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=steps, desc="fine-tune", unit="step", disable=not enabled, leave=False)
+
+
+def _np_dtype(name: str):
+    return {"float16": np.float16, "float64": np.float64}.get(name, np.float32)
+
+
+def _to(item: Any, dev):
+    import torch
+    if isinstance(item, torch.Tensor):
+        return item.to(dev)
+    if isinstance(item, dict):
+        return {k: _to(v, dev) for k, v in item.items()}
+    if isinstance(item, (tuple, list)):
+        return type(item)(_to(v, dev) for v in item)
+    return item
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

@@ -1,0 +1,116 @@
+"""Codebook fine-tuning on a real (small) classifier trained on scikit-learn's digits."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from sklearn.datasets import load_digits  # noqa: E402
+
+import aqformat  # noqa: E402
+from aqformat.converters.aq import AQConfig, quantize_weights  # noqa: E402
+from aqformat.converters.finetune import finetune  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory):
+    torch.manual_seed(0)
+    X, y = load_digits(return_X_y=True)
+    X = torch.tensor(X / 16.0, dtype=torch.float32)
+    y = torch.tensor(y)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 128),
+                              torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(20):
+        for b in torch.randperm(1400).split(100):
+            loss = torch.nn.functional.cross_entropy(net(X[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    sd = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+    cbs, coded, group_of, _ = quantize_weights({k: v for k, v in sd.items() if v.ndim == 2 and v.size >= 4096},
+                                               AQConfig(M=1, b=6, d=4, iters=4, beam=4))
+    path = tmp_path_factory.mktemp("ft") / "q.aqm"
+    with aqformat.Writer(path, source={"framework": "pytorch"}) as w:
+        for g, C in cbs.items():
+            w.add_codebooks(g, C.numpy())
+        for k, v in sd.items():
+            if k in coded:
+                c = coded[k]
+                w.add_aq(k, v.shape, c.codes, group=group_of[k], scale=c.scale)
+            else:
+                w.add_tensor(k, v)
+    return net, X, y, path
+
+
+def _load(net, path):
+    import copy
+    m = copy.deepcopy(net)
+    with aqformat.open(path) as f:
+        m.load_state_dict({k: torch.tensor(np.array(f.read(k))) for k in f.names()})
+    return m
+
+
+def _err(a, b, X):
+    with torch.no_grad():
+        return float(((a(X) - b(X)) ** 2).mean())
+
+
+def test_distillation_reduces_output_error_and_records_itself(digits_model, tmp_path):
+    net, X, _, path = digits_model
+    before = path.read_bytes()
+    calib = [X[i:i + 100] for i in range(0, 1400, 100)]
+    rep = finetune(path, tmp_path / "ft.aqm", net, calib, steps=60, lr=3e-3, progress=False)
+    assert rep.objective == "distill" and rep.steps_done == 60 and rep.loss_last < rep.loss_first
+    assert path.read_bytes() == before
+    held_out = X[1400:]
+    assert _err(_load(net, tmp_path / "ft.aqm"), net, held_out) < 0.8 * _err(_load(net, path), net, held_out)
+    with aqformat.open(tmp_path / "ft.aqm") as f:
+        assert f.metadata["finetune"]["objective"] == "distill"
+        with aqformat.open(path) as g:  # codes are unchanged, only codebooks/scales/biases move
+            for name in g.names():
+                if g.info(name).codec == "aq":
+                    np.testing.assert_array_equal(f.aq_parts(name).codes, g.aq_parts(name).codes)
+    assert "finetune" in __import__("aqformat.inspect").inspect.render_text(
+        __import__("aqformat.inspect").inspect.describe(tmp_path / "ft.aqm"))
+
+
+def test_task_loss_and_determinism(digits_model, tmp_path):
+    net, X, y, path = digits_model
+    batches = [(X[i:i + 100], y[i:i + 100]) for i in range(0, 1400, 100)]
+
+    def loss_fn(out, item):
+        return torch.nn.functional.cross_entropy(out, item[1])
+
+    def task_loss(p):
+        m = _load(net, p)
+        with torch.no_grad():
+            return float(np.mean([loss_fn(m(b[0]), b) for b in batches]))
+    kw = dict(loss_fn=loss_fn, forward=lambda m, item: m(item[0]), steps=40, lr=3e-3, progress=False, seed=3)
+    a = finetune(path, tmp_path / "a.aqm", net, batches, **kw)
+    finetune(path, tmp_path / "b.aqm", net, batches, **kw)
+    assert a.objective == "task"
+    assert task_loss(tmp_path / "a.aqm") < task_loss(path)
+    with aqformat.open(tmp_path / "a.aqm") as fa, aqformat.open(tmp_path / "b.aqm") as fb:
+        for n in fa.names():
+            np.testing.assert_array_equal(fa.read(n), fb.read(n))
+
+
+def test_nan_loss_stops_and_keeps_last_good_parameters(digits_model, tmp_path):
+    net, X, _, path = digits_model
+    calls = {"n": 0}
+
+    def loss_fn(out, item):
+        calls["n"] += 1
+        return out.pow(2).mean() * (float("nan") if calls["n"] > 5 else 1e-3)
+    rep = finetune(path, tmp_path / "nan.aqm", net, [X[:100]], loss_fn=loss_fn, steps=20, progress=False)
+    assert rep.steps_done == 5 and "non-finite loss" in rep.stopped_early
+    with aqformat.open(tmp_path / "nan.aqm") as f:
+        assert all(np.isfinite(np.asarray(f.read(n), np.float64)).all() for n in f.names())
+
+
+@pytest.mark.parametrize("calib,msg", [([], "empty"), ([torch.zeros(4, 7)], "does not fit")])
+def test_bad_calibration_is_a_clear_error_and_writes_nothing(digits_model, tmp_path, calib, msg):
+    net, _, _, path = digits_model
+    with pytest.raises(aqformat.AqmInputError, match=msg):
+        finetune(path, tmp_path / "out.aqm", net, calib, steps=5, progress=False)
+    assert not (tmp_path / "out.aqm").exists()
