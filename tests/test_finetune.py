@@ -7,7 +7,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 
 import aqformat  # noqa: E402
 from aqformat.converters.aq import AQConfig, quantize_weights  # noqa: E402
-from aqformat.converters.finetune import finetune  # noqa: E402
+from aqformat.converters import finetune  # noqa: E402
 
 
 @pytest.fixture(scope="module")
