@@ -1,0 +1,123 @@
+"""Runtime benchmark on MiniLM (all-MiniLM-L6-v2): .aqm InferenceSession vs fp32 ONNX Runtime.
+
+MiniLM is exported to ONNX (legacy TorchScript exporter), turned into an .aqm
+with the test fixture builder (2-D weights AQ-coded with 2x256 codebooks of
+dimension 8, i.e. 2 bits/weight; the rest raw), and both are measured by
+:func:`aqformat.runtime.benchmark.compare` — every load in a fresh process,
+steady-state latency alternating both sessions in one process — resident and
+streaming under a memory budget. Run::
+
+    .venv/bin/python bench/runtime_bench.py [--out bench/results/runtime_bench.json]
+
+Targets (ratios to fp32 ORT): first output <= 1.5x, steady latency <= 1.05x,
+peak RSS <= 1.2x; streaming peak RSS above the interpreter's <= .aqm size +
+budget + activations/overhead (the resident fp32 ORT run's RSS above its
+weights bounds the latter).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+
+from minilm import load_minilm, sentences  # noqa: E402
+from runtime_fixtures import build_aqm  # noqa: E402
+
+
+def export_minilm(path: str) -> dict[str, np.ndarray]:
+    """Write MiniLM as fp32 ONNX to ``path``; return real tokenized feeds (8 sentences)."""
+    import onnx
+    import torch
+
+    model, tok = load_minilm()
+    enc = tok(sentences("eval", 8), padding=True, return_tensors="pt")
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+
+    class Positional(torch.nn.Module):  # the exporter passes inputs positionally
+        def __init__(self):
+            super().__init__()
+            self.bert = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                             token_type_ids=token_type_ids).last_hidden_state
+
+    buf = io.BytesIO()
+    torch.onnx.export(Positional().eval(), tuple(enc[n] for n in names), buf, dynamo=False, input_names=names,
+                      output_names=["last_hidden_state"], opset_version=17,
+                      dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names})
+    onnx.save(onnx.load_from_string(buf.getvalue()), path)
+    return {n: enc[n].numpy() for n in names}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "runtime_bench.json"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=30)
+    args = ap.parse_args()
+
+    import onnx
+    from aqformat.runtime import InferenceSession
+    from aqformat.runtime.benchmark import compare
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path, aqm_path = os.path.join(tmp, "minilm.onnx"), os.path.join(tmp, "minilm.aqm")
+        feeds = export_minilm(onnx_path)
+        t0 = time.perf_counter()
+        build_aqm(onnx.load(onnx_path), aqm_path, name="all-MiniLM-L6-v2", layout_variety=False)
+        print(f"built .aqm in {time.perf_counter() - t0:.1f} s: {os.path.getsize(aqm_path) / 2**20:.1f} MiB "
+              f"(onnx {os.path.getsize(onnx_path) / 2**20:.1f} MiB)")
+
+        resident = InferenceSession(aqm_path)
+        weights = sum(s.nbytes for s in resident._stubs.values())
+        full = resident.run(None, feeds)
+        del resident
+        # smallest budget the plan accepts is 2x the embedding table's Gather; use a little more
+        budget = int(2.2 * 30522 * 384 * 4)
+        streaming = InferenceSession(aqm_path, memory_budget=budget)
+        identical = all(np.array_equal(a, b) for a, b in zip(streaming.run(None, feeds), full))
+        stages = streaming.num_stages
+        del streaming
+
+        results = {"model": "all-MiniLM-L6-v2", "feeds": {k: list(v.shape) for k, v in feeds.items()},
+                   "decoded_weight_bytes": weights,
+                   "resident": compare(aqm_path, onnx_path, feeds, repeats=args.repeats, iters=args.iters),
+                   "streaming": compare(aqm_path, onnx_path, feeds, repeats=args.repeats, iters=args.iters,
+                                        memory_budget=budget)}
+    s = results["streaming"]
+    s.update(budget=budget, stages=stages, identical_to_resident=identical)
+    o = results["resident"]["onnx"]
+    s["rss_above_base"] = s["aqm"]["peak_rss"] - s["aqm"]["base_rss"]
+    # activations + ORT overhead: what fp32 ORT needs above its interpreter and its weights
+    s["activation_overhead"] = o["peak_rss"] - o["base_rss"] - weights
+    s["rss_bound"] = s["aqm_file_bytes"] + budget + s["activation_overhead"]
+
+    for mode in ("resident", "streaming"):
+        r = results[mode]
+        print(f"\n{mode}:  {'aqm':>10} {'fp32 ORT':>10} {'ratio':>7}")
+        for label, key, mult in (("load ms", "load_s", 1e3), ("first output ms", "first_output_s", 1e3),
+                                 ("steady ms", "steady_s", 1e3), ("peak RSS MiB", "peak_rss", 2 ** -20),
+                                 ("RSS after MiB", "rss_after_first_output", 2 ** -20)):
+            print(f"  {label:16}{r['aqm'][key] * mult:10.1f} {r['onnx'][key] * mult:10.1f} {r['ratios'][key]:7.3f}")
+    print(f"\nstreaming: {stages} stages, budget {budget / 2**20:.1f} MiB, identical outputs: {identical}; "
+          f"RSS above interpreter {s['rss_above_base'] / 2**20:.1f} MiB <= bound {s['rss_bound'] / 2**20:.1f} MiB "
+          f"(.aqm + budget + activations/overhead): {s['rss_above_base'] <= s['rss_bound']}")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""ONNX Runtime inference straight from an .aqm file.
+
+The stored graph bytes go to ONNX Runtime unchanged; every weight stub is
+decoded by aqformat's numpy decoders into one contiguous array and handed
+over as an ``OrtValue`` with ``SessionOptions.add_external_initializers``, so
+no temporary ONNX file is written and weights are never serialised again.
+
+With a ``memory_budget`` smaller than the model needs, the graph is run as a
+sequence of stages (see :mod:`.onnx_graph`), each stage's weights decoded just
+before it runs and released after.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .. import open as open_aqm
+from ..errors import AqmFormatError, AqmInputError
+from .cache import WeightCache
+from .onnx_graph import (AQM_TO_ONNX, BFLOAT16, ONNX_DTYPES, StagePlan, StageTooLarge, Stub,
+                         external_stubs, plan_stages, probe_model, stage_model)
+
+# numpy dtype -> ONNX Runtime type string, as NodeArg.type spells it
+_ORT_TYPE = {np.dtype(k): f"tensor({v})" for k, v in {
+    "float32": "float", "float16": "float16", "float64": "double", "int8": "int8", "uint8": "uint8",
+    "int16": "int16", "uint16": "uint16", "int32": "int32", "uint32": "uint32", "int64": "int64",
+    "uint64": "uint64", "bool": "bool"}.items()}
+_ONNX_TYPE_NAME = {1: "float", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
+                   8: "string", 9: "bool", 10: "float16", 11: "double", 12: "uint32", 13: "uint64",
+                   16: "bfloat16"}
+# SessionOptions settings carried over to the sessions built here (the caller's object is never mutated)
+_OPTION_FIELDS = ("enable_cpu_mem_arena", "enable_mem_pattern", "enable_mem_reuse", "enable_profiling",
+                  "execution_mode", "execution_order", "graph_optimization_level",
+                  "inter_op_num_threads", "intra_op_num_threads", "log_severity_level",
+                  "log_verbosity_level", "logid", "profile_file_prefix", "use_deterministic_compute",
+                  "use_per_session_threads")
+# While a session is built, the decoded arrays and ONNX Runtime's own copy of them coexist,
+# so a stage may hold half the budget.
+COPIES_PER_WEIGHT = 2
+
+
+@dataclass(frozen=True)
+class IOInfo:
+    """Name, type and shape of a graph input or output, as ``onnxruntime.NodeArg`` gives them."""
+
+    name: str
+    type: str
+    shape: list[int | str | None]
+
+
+def decode_for_ort(f, stub: Stub) -> np.ndarray:
+    """Decode the .aqm tensor of ``stub`` to a contiguous array of the graph's dtype.
+
+    bfloat16 is returned as its uint16 bit patterns (rounded to nearest even).
+    """
+    arr = f.read(stub.name)
+    if stub.data_type == BFLOAT16:
+        bits = np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32)
+        rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+        return rounded.astype(np.uint16)
+    return np.ascontiguousarray(arr, dtype=ONNX_DTYPES[stub.data_type])
+
+
+def _ort():
+    import onnxruntime
+    return onnxruntime
+
+
+@functools.lru_cache(maxsize=None)
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions ONNX Runtime raises (its pybind errors derive from Exception directly)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as st
+    names = ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError", "RuntimeException",
+             "InvalidProtobuf", "ModelLoaded", "NotImplemented", "InvalidGraph", "EPFail")
+    return tuple(getattr(st, n) for n in names if hasattr(st, n)) + (RuntimeError, ValueError, TypeError)
+
+
+def _ort_value(arr: np.ndarray, data_type: int):
+    ort = _ort()
+    if data_type == BFLOAT16:
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, BFLOAT16)
+    return ort.OrtValue.ortvalue_from_numpy(arr)
+
+
+@functools.lru_cache(maxsize=None)
+def ort_copies_initializers() -> bool:
+    """Whether ONNX Runtime copies external initializers when it builds a session.
+
+    Probed once per process on a 4-element model: if overwriting the array
+    after the session is built leaves its output unchanged, ORT holds its own
+    copy and the decoded arrays can be freed (halving resident memory);
+    otherwise they are kept alive for the session's lifetime.
+    """
+    ort = _ort()
+    w = np.ones(4, np.float32)
+    so = ort.SessionOptions()
+    so.add_external_initializers(["W"], [ort.OrtValue.ortvalue_from_numpy(w)])
+    sess = ort.InferenceSession(probe_model(), so, providers=["CPUExecutionProvider"])
+    del so
+    w[:] = 2.0
+    return bool(np.all(sess.run(None, {"x": np.zeros(4, np.float32)})[0] == 1.0))
+
+
+def _clone_options(so):
+    ort = _ort()
+    new = ort.SessionOptions()
+    if so is not None:
+        for name in _OPTION_FIELDS:
+            setattr(new, name, getattr(so, name))
+    return new
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+class InferenceSession:
+    """An ONNX Runtime session over the graph and weights stored in an .aqm file.
+
+    Mirrors ``onnxruntime.InferenceSession``: :meth:`get_inputs`,
+    :meth:`get_outputs` and :meth:`run` behave the same way.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        .aqm file holding an ONNX graph (``graph()`` format ``"onnx"``).
+    providers : list, optional
+        Execution providers, as for ``onnxruntime.InferenceSession``.
+    memory_budget : int, optional
+        Bytes of decoded weights allowed in memory at once, counting ONNX
+        Runtime's own copy (so a stage may hold ``memory_budget / 2`` bytes of
+        weights). If the whole model does not fit, the graph runs in stages
+        whose weights are decoded before and released after each stage.
+    sess_options : onnxruntime.SessionOptions, optional
+        Settings copied into the sessions built here (the object itself is not
+        modified; session config entries and custom-op libraries are not copied).
+
+    Raises
+    ------
+    AqmInputError
+        The file has no ONNX graph, or ``memory_budget`` is below what the
+        largest indivisible part of the graph needs (the message gives the size).
+    AqmFormatError
+        The graph's weight stubs do not match the file's tensors.
+    """
+
+    def __init__(self, path: str | os.PathLike, providers: Sequence[Any] | None = None,
+                 memory_budget: int | None = None, sess_options: Any = None):
+        if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget <= 0):
+            raise AqmInputError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+        self._file = open_aqm(path)
+        graph = self._file.graph()
+        if graph is None or graph[0] != "onnx":
+            raise AqmInputError(f"{self._file.path} stores no ONNX graph"
+                                + (f" (it stores {graph[0]!r})" if graph else "")
+                                + "; use aqformat.runtime.load_torch for PyTorch weights")
+        self._model_bytes = graph[1]
+        self._stubs = {s.name: s for s in external_stubs(self._model_bytes)}
+        self._check_stubs()
+        self._providers = providers
+        self._sess_options = sess_options
+        self.memory_budget = memory_budget
+        total = sum(s.nbytes for s in self._stubs.values())
+        self.streaming = memory_budget is not None and COPIES_PER_WEIGHT * total > memory_budget
+        self.cache = WeightCache(memory_budget // COPIES_PER_WEIGHT if self.streaming else None)
+        self._sess = None
+        self._plan: StagePlan | None = None
+        self._weights: list[np.ndarray] = []
+        if self.streaming:
+            self._plan = self._make_plan(memory_budget)
+            self._inputs = [_io_info(v) for v in self._plan.graph_inputs]
+            self._outputs = [_io_info(v) for v in self._plan.graph_outputs]
+        else:
+            self._sess, arrays = self._session(self._model_bytes, list(self._stubs))
+            self.cache.clear()
+            # ORT's API asks for the buffers to outlive the session; when it copied them they need not
+            self._weights = [] if ort_copies_initializers() else arrays
+            del arrays
+            self._inputs = list(self._sess.get_inputs())
+            self._outputs = list(self._sess.get_outputs())
+
+    # -- construction ----------------------------------------------------------------
+    def _check_stubs(self) -> None:
+        f = self._file
+        for s in self._stubs.values():
+            if s.name not in f:
+                raise AqmFormatError(f"graph initializer {s.name!r} is stored in the .aqm file, but no tensor has that name")
+            info = f.info(s.name)
+            if AQM_TO_ONNX.get(info.dtype) != s.data_type or tuple(info.shape) != s.dims:
+                raise AqmFormatError(
+                    f"graph initializer {s.name!r} is {_ONNX_TYPE_NAME.get(s.data_type, s.data_type)}{list(s.dims)} "
+                    f"but the .aqm tensor is {info.dtype}{list(info.shape)}")
+
+    def _make_plan(self, budget: int) -> StagePlan:
+        limit = budget // COPIES_PER_WEIGHT
+        try:
+            return plan_stages(self._model_bytes, {n: s.nbytes for n, s in self._stubs.items()}, limit)
+        except StageTooLarge as e:
+            raise AqmInputError(f"memory_budget={budget} bytes is too small: {e}; "
+                                f"streaming needs memory_budget >= {COPIES_PER_WEIGHT * e.need} bytes") from None
+
+    def _decode(self, name: str) -> np.ndarray:
+        return self.cache.get(name, lambda: decode_for_ort(self._file, self._stubs[name]))
+
+    def _session(self, model: bytes, names: list[str]):
+        """Build an ORT session from ``model`` with the stubs ``names`` decoded; return it and the arrays."""
+        ort = _ort()
+        arrays = [self._decode(n) for n in names]
+        so = _clone_options(self._sess_options)
+        if names:
+            so.add_external_initializers(names, [_ort_value(a, self._stubs[n].data_type)
+                                                 for n, a in zip(names, arrays)])
+        try:
+            sess = ort.InferenceSession(model, so, providers=self._providers)
+        except _ort_errors() as e:
+            raise AqmFormatError(f"ONNX Runtime rejected the stored graph: {_one_line(e)}") from None
+        return sess, arrays
+
+    # -- onnxruntime.InferenceSession API ---------------------------------------------
+    def get_inputs(self) -> list[Any]:
+        """Graph inputs (``name``, ``type``, ``shape``), like ``onnxruntime.InferenceSession``."""
+        return list(self._inputs)
+
+    def get_outputs(self) -> list[Any]:
+        """Graph outputs (``name``, ``type``, ``shape``)."""
+        return list(self._outputs)
+
+    @property
+    def num_stages(self) -> int:
+        """Sessions one run goes through: 1 when resident, more when streaming."""
+        return len(self._plan.stages) if self._plan is not None else 1
+
+    def get_providers(self) -> list[str]:
+        """Execution providers in use."""
+        if self._sess is not None:
+            return self._sess.get_providers()
+        return list(self._providers or _ort().get_available_providers()[:1])
+
+    def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any],
+            run_options: Any = None) -> list[np.ndarray]:
+        """Compute ``output_names`` (None: all outputs) from ``input_feed``.
+
+        Raises
+        ------
+        AqmInputError
+            Unknown or missing input names, wrong dtypes or ranks, or dimensions
+            that contradict the graph's fixed sizes; unknown output names.
+        """
+        if self._sess is not None:
+            # ORT validates feeds itself; on failure, name the problem the way streaming mode does
+            try:
+                return self._sess.run(output_names, input_feed, run_options)
+            except _ort_errors() as e:
+                self._check_feeds(input_feed)
+                self._check_outputs(output_names)
+                raise AqmInputError(f"ONNX Runtime: {_one_line(e)}") from None
+        feeds = self._check_feeds(input_feed)
+        names = self._check_outputs(output_names)
+        return self._run_stages(names, feeds, run_options)
+
+    def _check_outputs(self, output_names: Sequence[str] | None) -> list[str]:
+        known = [o.name for o in self._outputs]
+        names = list(known if output_names is None else output_names)
+        bad = [n for n in names if n not in known]
+        if bad:
+            raise AqmInputError(f"invalid output name(s) {bad}; the outputs are {known}")
+        return names
+
+    def _check_feeds(self, input_feed: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        if not isinstance(input_feed, Mapping):
+            raise AqmInputError("input_feed must be a dict of input name -> array")
+        expected = {i.name: i for i in self._inputs}
+        unknown = [n for n in input_feed if n not in expected]
+        if unknown:
+            raise AqmInputError(f"invalid input name(s) {unknown}; the inputs are {list(expected)}")
+        missing = [n for n in expected if n not in input_feed]
+        if missing:
+            raise AqmInputError(f"required input(s) {missing} are missing from the input feed {list(input_feed)}")
+        feeds = {}
+        for name, value in input_feed.items():
+            arr = np.asarray(value)
+            spec = expected[name]
+            got = _ORT_TYPE.get(arr.dtype, f"numpy {arr.dtype}")
+            if got != spec.type:
+                raise AqmInputError(f"input {name!r}: unexpected data type {got}, expected {spec.type}")
+            if spec.shape is not None:
+                if arr.ndim != len(spec.shape):
+                    raise AqmInputError(f"input {name!r}: rank {arr.ndim} (shape {list(arr.shape)}), "
+                                        f"expected rank {len(spec.shape)} {spec.shape}")
+                wrong = [i for i, (g, e) in enumerate(zip(arr.shape, spec.shape)) if isinstance(e, int) and g != e]
+                if wrong:
+                    raise AqmInputError(f"input {name!r}: got shape {list(arr.shape)}, expected {spec.shape} "
+                                        f"(dimension {wrong[0]} differs)")
+            feeds[name] = arr
+        return feeds
+
+    def _run_stages(self, names: list[str], feeds: dict[str, np.ndarray], run_options: Any) -> list[np.ndarray]:
+        plan = self._plan
+        env: dict[str, np.ndarray] = dict(feeds)
+        keep = set(names)
+        for i, stage in enumerate(plan.stages):
+            self.cache.pin(stage.weights)
+            try:
+                sess, arrays = self._session(stage_model(plan, i, env), stage.weights)
+                try:
+                    out = sess.run(stage.outputs, {n: env[n] for n in stage.inputs}, run_options)
+                except _ort_errors() as e:
+                    raise AqmInputError(f"ONNX Runtime (stage {i}): {_one_line(e)}") from None
+                del sess, arrays
+            finally:
+                self.cache.unpin(stage.weights)
+            env.update(zip(stage.outputs, out))
+            for n in [n for n in env if n not in keep and plan.last_use.get(n, -1) <= i]:
+                del env[n]
+        return [env[n] for n in names]
+
+    def close(self) -> None:
+        """Release the session, the decoded weights and the file mapping."""
+        self._sess = None
+        self._weights = []
+        self.cache.clear()
+        self._file.close()
+
+    def __enter__(self) -> "InferenceSession":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        mode = f"streaming in {len(self._plan.stages)} stages" if self._plan else "resident"
+        return f"<aqformat InferenceSession {self._file.path!r}, {mode}>"
+
+
+def _io_info(value_info) -> IOInfo:
+    t = value_info.type.tensor_type
+    shape: list[int | str | None] | None = None
+    if t.HasField("shape"):
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+    return IOInfo(value_info.name, f"tensor({_ONNX_TYPE_NAME.get(t.elem_type, t.elem_type)})", shape)
