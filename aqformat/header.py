@@ -256,7 +256,8 @@ def _parse_section(s: Any, i: int, pre: Preamble) -> Section:
     off = _int(_get(s, "offset", what), f"{what} offset", PREAMBLE_SIZE, pre.header_offset)
     length = _int(_get(s, "length", what), f"{what} length", 0, pre.header_offset - off)
     size = _int(_get(s, "size", what), f"{what} size", 0, MAX_ELEMENTS)
-    enc = _str(_get(s, "encoding", what), f"{what} encoding", ENCODINGS)
+    # A newer minor may add encodings: such a section is kept, and only reading it fails.
+    enc = _str(_get(s, "encoding", what), f"{what} encoding")
     crc = _int(_get(s, "crc32", what), f"{what} crc32", 0, (1 << 32) - 1)
     if off % pre.alignment:
         raise _fail(f"{what} offset {off} is not a multiple of the alignment {pre.alignment}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import stat
 import threading
 import zlib
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from .bitpack import packed_size, unpack
 from .codecs.aq import decode_aq
 from .codecs.lattice import decode_lattice
 from .errors import AqmError, AqmFormatError, AqmInputError, AqmIntegrityError, AqmUnsupportedError
-from .header import (DTYPES, PREAMBLE_SIZE, CodebookGroup, Header, Section, TensorRecord,
+from .header import (DTYPES, ENCODINGS, PREAMBLE_SIZE, CodebookGroup, Header, Section, TensorRecord,
                      parse_header, parse_preamble)
 from .layout import matrix_shape
 
@@ -66,8 +67,12 @@ class AqmFile:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         try:
-            with builtins_open(self.path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
+            # O_NONBLOCK so that a FIFO planted under a model's name cannot block open() forever.
+            with builtins_open(self.path, "rb", opener=_nonblocking) as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise AqmError(f"{self.path} is not a regular file")
+                size = st.st_size
                 if size < PREAMBLE_SIZE:
                     raise AqmFormatError(f"file is {size} bytes, too small to be an .aqm file")
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -77,6 +82,8 @@ class AqmFile:
             raise AqmError(f"{self.path} is a directory, not an .aqm file") from None
         except PermissionError:
             raise AqmError(f"permission denied: {self.path}") from None
+        except OSError as e:  # e.g. ELOOP, ENAMETOOLONG, EIO
+            raise AqmError(f"cannot open {self.path}: {e.strerror or e}") from None
         self.size = size
         pre = parse_preamble(self._mm[:PREAMBLE_SIZE], size)
         self.version = (pre.major, pre.minor)
@@ -205,7 +212,7 @@ class AqmFile:
     def check_checksums(self) -> None:
         """Verify every section's CRC-32; raise AqmIntegrityError on the first mismatch."""
         for i in range(len(self._h.sections)):
-            self._bytes(i)
+            self._stored(i)  # CRCs cover stored bytes: no decompression, and unknown encodings pass
 
     def stored_section(self, index: int) -> tuple[Section, np.ndarray]:
         """Section ``index`` as stored (still compressed), after its checksum is verified."""
@@ -216,10 +223,11 @@ class AqmFile:
         return self._record(name)
 
     def verify(self) -> None:
-        """Check every section's checksum and decode every tensor; raise on the first fault."""
+        """Check every section's checksum, decode every tensor and the graph; raise on the first fault."""
         self.check_checksums()
         for name in self.names():
             self.read(name)
+        self.graph()  # a checksummed but undecodable graph would otherwise only fail at run time
 
     # -- internals -----------------------------------------------------------------
     def _record(self, name: str) -> TensorRecord:
@@ -247,6 +255,8 @@ class AqmFile:
         stored = self._stored(index)
         if s.encoding == "raw":
             return stored
+        if s.encoding not in ENCODINGS:
+            raise AqmUnsupportedError(f"section {index} uses encoding {s.encoding!r}, unknown to this reader")
         data = stored.tobytes()
         try:
             # zstd allocates what the frame header declares, whatever max_output_size says, so a
@@ -324,6 +334,10 @@ def _is_permutation(p: np.ndarray) -> bool:
 
 
 builtins_open = open
+
+
+def _nonblocking(path: str, flags: int) -> int:
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
 
 
 def open(path: str | os.PathLike) -> AqmFile:  # noqa: A001 - mirrors builtins.open by design

@@ -1,0 +1,334 @@
+"""Build .aqm bytes by hand for hostile-input tests.
+
+``build`` lays out sections and a header dict exactly as the Writer would,
+but lets every field be wrong on purpose, and recomputes the CRCs and the
+preamble so that the reader's *structural* checks (not its checksums) are
+what a test exercises. ``split`` turns a valid file back into a header dict
+and section payloads, so mutants can be made structurally and rebuilt.
+"""
+from __future__ import annotations
+
+import copy
+import random
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import numpy as np
+import zstandard
+
+from aqformat import Writer
+from aqformat.bitpack import pack
+from aqformat.header import ALIGNMENT, MAGIC, MAJOR, MINOR, PREAMBLE, PREAMBLE_SIZE
+
+
+@dataclass
+class Blob:
+    """One section payload; ``entry`` overrides fields of its header record."""
+
+    data: bytes
+    encoding: str = "raw"
+    size: int | None = None
+    entry: dict[str, Any] | None = None
+
+
+def zstd_blob(raw: bytes, *, content_size: bool = True, size: int | None = None) -> Blob:
+    """A zstd section holding ``raw`` (declared size ``size`` or ``len(raw)``)."""
+    z = zstandard.ZstdCompressor(level=3, write_content_size=content_size).compress(raw)
+    return Blob(z, "zstd", len(raw) if size is None else size)
+
+
+def preamble(*, header_offset: int, header_length: int, header_crc: int, file_length: int,
+             magic: bytes = MAGIC, major: int = MAJOR, minor: int = MINOR, flags: int = 0,
+             alignment: int = ALIGNMENT, reserved: bytes = b"\0" * 12) -> bytes:
+    """A 64-byte preamble with any field chosen freely and a correct own CRC."""
+    body = PREAMBLE.pack(magic, major, minor, flags, header_offset, header_length, header_crc,
+                         alignment, file_length, reserved, 0)[:-4]
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def build(doc: dict[str, Any] | None, blobs: list[Blob | bytes] = (), *, header: bytes | None = None,
+          alignment: int = ALIGNMENT, pad: bytes = b"\0", **pre: Any) -> bytes:
+    """Assemble a file from a header ``doc`` and section payloads.
+
+    ``doc["sections"]`` is generated from ``blobs`` (offset, length, size,
+    encoding, crc32), each merged with its ``Blob.entry`` overrides, unless the
+    doc already has a non-None ``sections`` value. ``header`` replaces the packed doc by raw
+    bytes. Extra keyword arguments override preamble fields.
+    """
+    out = bytearray(PREAMBLE_SIZE)
+    entries = []
+    for b in blobs:
+        b = b if isinstance(b, Blob) else Blob(b)
+        out += pad * (-len(out) % alignment)
+        e = {"offset": len(out), "length": len(b.data), "size": len(b.data) if b.size is None else b.size,
+             "encoding": b.encoding, "crc32": zlib.crc32(b.data)}
+        e.update(b.entry or {})
+        entries.append(e)
+        out += b.data
+    if header is None:
+        doc = dict(doc or {})
+        if doc.get("sections") is None:  # a None placeholder keeps the Writer's key order
+            doc["sections"] = entries
+        header = msgpack.packb(doc, use_bin_type=True)
+    out += pad * (-len(out) % alignment)
+    hoff = len(out)
+    out += header
+    fields = dict(header_offset=hoff, header_length=len(header), header_crc=zlib.crc32(header),
+                  file_length=len(out), alignment=alignment)
+    fields.update(pre)
+    out[:PREAMBLE_SIZE] = preamble(**fields)
+    return bytes(out)
+
+
+def repreamble(data: bytes, **fields: Any) -> bytes:
+    """``data`` with preamble fields replaced (names as in :func:`preamble`) and its CRC redone."""
+    names = ("magic", "major", "minor", "flags", "header_offset", "header_length", "header_crc",
+             "alignment", "file_length", "reserved")
+    current = dict(zip(names, PREAMBLE.unpack(data[:PREAMBLE_SIZE])))
+    current.update(fields)
+    return preamble(**current) + data[PREAMBLE_SIZE:]
+
+
+def split(data: bytes) -> tuple[dict[str, Any], list[Blob]]:
+    """Inverse of ``build`` for a well-formed file: the header doc and each section as a Blob."""
+    hoff, hlen = struct.unpack_from("<QQ", data, 16)
+    doc = msgpack.unpackb(data[hoff: hoff + hlen], raw=False)
+    blobs = [Blob(data[s["offset"]: s["offset"] + s["length"]], s["encoding"], s["size"])
+             for s in doc["sections"]]
+    doc["sections"] = None
+    return doc, blobs
+
+
+def rebuild(data: bytes, edit, **pre: Any) -> bytes:
+    """``build(*edit(doc, blobs), **pre)`` on the parts of valid file ``data``."""
+    return build(*edit(*split(data)), **pre)
+
+
+def fix_crcs(data: bytes) -> bytes:
+    """Recompute preamble, header and (when the header still parses) section CRCs.
+
+    Used on byte-level mutants so that they reach the structural validator
+    instead of stopping at the first checksum.
+    """
+    buf = bytearray(data)
+    if len(buf) < PREAMBLE_SIZE:
+        return data
+    hoff, hlen = struct.unpack_from("<QQ", buf, 16)
+    if hoff <= len(buf) and hoff + hlen <= len(buf):
+        try:
+            doc = msgpack.unpackb(bytes(buf[hoff: hoff + hlen]), raw=False)
+            for s in doc["sections"]:
+                s["crc32"] = zlib.crc32(bytes(buf[s["offset"]: s["offset"] + s["length"]]))
+            header = msgpack.packb(doc, use_bin_type=True)
+            if len(header) == hlen:  # re-packing may change the length; keep the layout
+                buf[hoff: hoff + hlen] = header
+        except Exception:  # a garbage header stays garbage; only its CRC is fixed
+            pass
+        struct.pack_into("<I", buf, 32, zlib.crc32(bytes(buf[hoff: hoff + hlen])))
+    struct.pack_into("<I", buf, PREAMBLE_SIZE - 4, zlib.crc32(bytes(buf[: PREAMBLE_SIZE - 4])))
+    return bytes(buf)
+
+
+def write_sample(path, seed: int = 0) -> dict[str, np.ndarray]:
+    """Write a small file using every section kind; return each tensor's expected decode.
+
+    Contains raw (plain, zstd, bfloat16, int64, scalar, empty) tensors, two AQ
+    tensors sharing a codebook group (one with scale, perm and axes), a lattice
+    tensor (zstd indices) and an embedded graph.
+    """
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((6, 10)).astype(np.float32)
+    zeros = np.zeros((64, 16), np.float16)
+    ids = np.arange(12, dtype=np.int64).reshape(3, 4)
+    bf = rng.integers(0, 1 << 16, size=(5,), dtype=np.uint16)
+    cb = rng.standard_normal((2, 16, 4)).astype(np.float16)
+    conv_shape, conv_axes = (3, 2, 2, 2), [0, 2, 3, 1]  # rows=3, cols=8 -> 2 vectors a row
+    codes_a = rng.integers(0, 16, size=(3 * 2, 2))
+    codes_b = rng.integers(0, 16, size=(4 * 3, 2))  # shape (4, 9): cols padded to 12
+    perm = rng.permutation(9)
+    scale = rng.uniform(0.5, 2, size=4).astype(np.float32)
+    q = rng.integers(-3, 4, size=(4, 5))
+    step = rng.uniform(0.01, 0.1, size=4).astype(np.float32)
+    with Writer(path, source={"framework": "numpy", "name": "sample"}, metadata={"k": [1, 2.5, "x"]}) as wr:
+        wr.add_tensor("w", w)
+        wr.add_tensor("zeros", zeros, compress=True)
+        wr.add_tensor("ids", ids)
+        wr.add_tensor("bf", bf, dtype="bfloat16")
+        wr.add_tensor("scalar", np.float64(3.5))
+        wr.add_tensor("empty", np.zeros((0, 3), np.float32))
+        wr.add_codebooks("g", cb)
+        wr.add_aq("conv", conv_shape, codes_a, group="g", axes=conv_axes)
+        wr.add_aq("fc", (4, 9), codes_b, group="g", dtype="float16", scale=scale, perm=perm)
+        wr.add_lattice("lat", (4, 5), q, step, seed=12345)
+        wr.set_graph(b"graph-bytes " * 40)
+    return {"w": w, "zeros": zeros, "ids": ids, "bf": bf, "scalar": np.float64(3.5),
+            "empty": np.zeros((0, 3), np.float32)}
+
+
+def aq_only(K: int = 16, M: int = 2, d: int = 4, shape: tuple[int, ...] = (4, 8)) -> tuple[dict, list[Blob]]:
+    """Header doc and blobs of a minimal valid single-AQ-tensor file (for field surgery)."""
+    rows, cols = shape[0], int(np.prod(shape[1:]))
+    n = rows * -(-cols // d) * M
+    bits = K.bit_length() - 1
+    codes = pack(np.arange(n) % K, bits)
+    cb = np.linspace(-1, 1, M * K * d, dtype=np.float16).tobytes()
+    doc = {"codebooks": [{"name": "g", "M": M, "K": K, "d": d, "dtype": "float16", "section": 0}],
+           "tensors": [{"name": "t", "shape": list(shape), "dtype": "float32", "codec": "aq",
+                        "group": 0, "codes": 1}]}
+    return doc, [Blob(cb), Blob(codes)]
+
+
+# -- mutation ----------------------------------------------------------------------------
+# Mutators take a random.Random (hypothesis' st.randoms() in tests, a seeded one in
+# fuzz/fuzz_reader.py) so both runs share one implementation and failures replay.
+
+NASTY = [0, 1, -1, 7, 63, 64, 255, 256, 65536, 1 << 31, 1 << 32, (1 << 48) + 1, (1 << 63) - 1,
+         (1 << 64) - 1, -(1 << 63), True, False, None, 0.5, float("nan"), float("inf"), "", "raw",
+         "zstd", "aq", "lattice", "float32", "bogus", "x" * 1100, b"\x00\xff", [], {}, [[[[]]]],
+         {"a": {"b": {}}}, [0, 0], [1 << 40, 1 << 40], [-1], list(range(9))]
+
+
+def nested(depth: int) -> Any:
+    """A list nested ``depth`` deep."""
+    v: Any = []
+    for _ in range(depth):
+        v = [v]
+    return v
+
+
+def _containers(doc: Any, depth: int = 0) -> list[Any]:
+    """Every map and list inside ``doc``, down to depth 6 (mutants may nest deeply)."""
+    out = [doc]
+    values = doc.values() if isinstance(doc, dict) else doc
+    for v in values:
+        if isinstance(v, (dict, list)) and depth < 6:
+            out += _containers(v, depth + 1)
+    return out
+
+
+def _nasty(rng: random.Random) -> Any:
+    r = rng.random()
+    if r < 0.1:
+        return nested(rng.choice([40, 500]))  # msgpack's packer stops at 511 levels
+    if r < 0.3:
+        return rng.choice([-1, 1]) * rng.getrandbits(rng.choice([8, 16, 33, 49, 63]))
+    return copy.deepcopy(rng.choice(NASTY))
+
+
+def mutate_header(rng: random.Random, doc: dict, blobs: list[Blob]) -> tuple[dict, list[Blob]]:
+    """One structural edit of a split file (sections are regenerated by ``build``)."""
+    op = rng.randrange(9)
+    if op <= 2:  # set, add or delete a field anywhere (including section records)
+        if doc.get("sections") is None:
+            doc["sections"] = [{"offset": 0, "length": len(b.data), "size": b.size or len(b.data),
+                                "encoding": b.encoding, "crc32": zlib.crc32(b.data)} for b in blobs]
+            _relayout(doc, blobs)
+        c = rng.choice(_containers(doc))
+        if isinstance(c, list):
+            if op == 2 and c:
+                del c[rng.randrange(len(c))]
+            elif op == 0 and c:
+                c[rng.randrange(len(c))] = _nasty(rng)
+            else:
+                c.insert(rng.randrange(len(c) + 1), _nasty(rng))
+        elif op == 2 and c:
+            del c[rng.choice(sorted(c))]
+        else:
+            key = rng.choice(sorted(c)) if op == 0 and c else rng.choice(
+                ["offset", "length", "size", "shape", "codec", "axes", "perm", "scale", "graph", "future"])
+            c[key] = _nasty(rng)
+    elif op == 3 and len(blobs) > 1:  # swap the contents of two sections
+        i, j = rng.sample(range(len(blobs)), 2)
+        blobs[i], blobs[j] = blobs[j], blobs[i]
+    elif op == 4 and _records(doc, "tensors"):  # a duplicate tensor record
+        doc["tensors"].append(dict(rng.choice(_records(doc, "tensors"))))
+    elif op == 5 and blobs:  # a zstd bomb or mismatched frame in place of a section
+        i = rng.randrange(len(blobs))
+        raw = b"\0" * rng.choice([0, 100, 1 << 20, 8 << 20])
+        blobs[i] = zstd_blob(raw, content_size=rng.random() < 0.5,
+                             size=rng.choice([blobs[i].size or len(blobs[i].data), len(raw), 1 << 40]))
+    elif op == 6 and _records(doc, "tensors"):  # huge shape
+        dims = [0, 1, 1 << 16, 1 << 24, 1 << 32, 1 << 48]
+        rng.choice(_records(doc, "tensors"))["shape"] = [rng.choice(dims) for _ in range(rng.randrange(1, 10))]
+    elif op == 7:  # unknown codec / unknown optional fields
+        for t in _records(doc, "tensors"):
+            if rng.random() < 0.5:
+                t["codec"] = "future"
+        doc["future_field"] = {"nested": [1, 2, 3]}
+    elif op == 8 and _records(doc, "codebooks"):  # codebook geometry
+        g = rng.choice(_records(doc, "codebooks"))
+        g[rng.choice(["K", "M", "d"])] = rng.choice([0, 1, 3, 12, 256, 257, 1 << 16, 1 << 17, 1 << 40])
+    return doc, blobs
+
+
+def _records(doc: dict, key: str) -> list[dict]:
+    """The map entries of list ``doc[key]`` (mutants may have broken it)."""
+    v = doc.get(key)
+    return [r for r in v if isinstance(r, dict)] if isinstance(v, list) else []
+
+
+def _relayout(doc: dict, blobs: list[Blob]) -> None:
+    """Give explicit section records the offsets ``build`` would use."""
+    pos = PREAMBLE_SIZE
+    for e, b in zip(doc["sections"], blobs):
+        pos += -pos % ALIGNMENT
+        e["offset"] = pos
+        pos += len(b.data)
+
+
+def mutate_bytes(rng: random.Random, data: bytes) -> bytes:
+    """Byte-level damage: bit flips, overwritten runs, truncation, insertion, preamble fields."""
+    buf = bytearray(data)
+    op = rng.randrange(6)
+    if op == 0:
+        for _ in range(rng.randrange(1, 9)):
+            i = rng.randrange(len(buf) * 8)
+            buf[i // 8] ^= 1 << (i % 8)
+    elif op == 1:
+        i = rng.randrange(len(buf))
+        n = rng.randrange(1, 17)
+        buf[i: i + n] = bytes([rng.choice([0, 0xFF, rng.randrange(256)])]) * n
+    elif op == 2:  # truncate, preferably at a section or header boundary
+        cuts = boundaries(data)
+        del buf[rng.choice(cuts) if rng.random() < 0.7 else rng.randrange(len(buf)):]
+    elif op == 3:
+        i = rng.randrange(len(buf) + 1)
+        buf[i:i] = rng.randbytes(rng.randrange(1, 130))
+    else:
+        field = rng.choice(["major", "minor", "flags", "header_offset", "header_length", "alignment",
+                            "file_length"])
+        bits = {"major": 16, "minor": 16, "flags": 32, "alignment": 32}.get(field, 64)
+        value = rng.choice([0, 1, 3, 8, 64, 1 << 16, len(data), len(data) + 64, (1 << bits) - 1,
+                            rng.getrandbits(bits)])
+        return repreamble(data, **{field: value & ((1 << bits) - 1)})
+    return bytes(buf)
+
+
+def boundaries(data: bytes) -> list[int]:
+    """Offsets where a section or the header starts or ends (and 0, 64)."""
+    hoff, hlen = struct.unpack_from("<QQ", data, 16)
+    doc = msgpack.unpackb(data[hoff: hoff + hlen], raw=False)
+    cuts = {0, PREAMBLE_SIZE, hoff, hoff + hlen - 1}
+    for s in doc["sections"]:
+        cuts |= {s["offset"], s["offset"] + s["length"]}
+    return sorted(cuts)
+
+
+def mutant(rng: random.Random, data: bytes) -> bytes:
+    """A random mutant of valid file ``data``, CRCs fixed up about half the time."""
+    if rng.random() < 0.5:
+        doc, blobs = split(data)
+        for _ in range(rng.randrange(1, 4)):
+            doc, blobs = mutate_header(rng, doc, blobs)
+        try:
+            out = build(doc, blobs)
+        except (TypeError, ValueError, OverflowError):  # msgpack cannot encode the value
+            out = data
+    else:
+        out = mutate_bytes(rng, data)
+        if rng.random() < 0.5:
+            out = fix_crcs(out)
+    return out
