@@ -22,7 +22,7 @@ PREAMBLE = struct.Struct("<8sHHIQQIIQ12sI")  # 64 bytes
 PREAMBLE_SIZE = PREAMBLE.size
 ALIGNMENT = 64
 
-MAX_HEADER_BYTES = 64 << 20
+MAX_HEADER_BYTES = 16 << 20  # parsed, a header costs up to ~67x its size in Python objects
 MAX_TENSORS = 1 << 20
 MAX_SECTIONS = 1 << 22
 MAX_NDIM = 8
@@ -89,8 +89,8 @@ def parse_preamble(raw: bytes, file_size: int) -> Preamble:
             f"file is {file_size} bytes but its preamble says {flen} (truncated or extended)")
     if hlen > MAX_HEADER_BYTES:
         raise AqmFormatError(f"header of {hlen} bytes exceeds the {MAX_HEADER_BYTES}-byte limit")
-    if hoff < PREAMBLE_SIZE or hoff + hlen != file_size:
-        raise AqmFormatError(f"header at [{hoff}, {hoff + hlen}) does not end the file")
+    if hoff < PREAMBLE_SIZE or hoff % align or hoff + hlen != file_size:
+        raise AqmFormatError(f"header at [{hoff}, {hoff + hlen}) is misaligned or does not end the file")
     return Preamble(major, minor, hoff, hlen, hcrc, align, flen)
 
 

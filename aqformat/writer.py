@@ -21,7 +21,7 @@ import zstandard
 from . import __version__
 from .bitpack import pack
 from .errors import AqmError, AqmInputError
-from .header import (ALIGNMENT, DTYPES, FLOAT_DTYPES, MINOR, PREAMBLE_SIZE, pack_preamble,
+from .header import (ALIGNMENT, DTYPES, FLOAT_DTYPES, MAX_HEADER_BYTES, MINOR, PREAMBLE_SIZE, pack_preamble,
                      plain_value_problem)
 from .layout import matrix_shape
 
@@ -300,6 +300,10 @@ class Writer:
         except (TypeError, ValueError) as e:
             self.abort()
             raise AqmInputError(f"metadata is not serialisable: {e}") from None
+        if len(header) > MAX_HEADER_BYTES:
+            self.abort()
+            raise AqmInputError(f"header of {len(header)} bytes exceeds the format's {MAX_HEADER_BYTES}-byte limit "
+                                "(too many tensors or too much metadata)")
         self._write(b"\0" * (-self._pos % ALIGNMENT))
         offset = self._pos
         self._write(header)

@@ -258,3 +258,12 @@ def test_import_does_not_pull_heavy_frameworks():
     code = "import sys, aqformat, aqformat.cli; print(sorted(m for m in ('torch', 'onnx', 'onnxruntime') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_writer_refuses_a_header_over_the_limit(tmp_path, monkeypatch):
+    import aqformat.writer
+    monkeypatch.setattr(aqformat.writer, "MAX_HEADER_BYTES", 200)
+    with pytest.raises(aqformat.AqmInputError, match="header of"):
+        with aqformat.Writer(tmp_path / "m.aqm", metadata={"note": "x" * 300}) as w:
+            w.add_tensor("x", np.ones(2, np.float32))
+    assert not (tmp_path / "m.aqm").exists()
