@@ -67,12 +67,17 @@ def _size(n: float) -> str:
     return ""
 
 
+def _safe(v: Any) -> str:
+    """Text from the file with control characters escaped, so it cannot drive the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(v))
+
+
 def render_text(r: dict[str, Any]) -> str:
     """Human-readable rendering of :func:`describe`'s report."""
     src = r["source"].get("framework", "?") if r["source"] else "?"
     lines = [
         f"file          {r['file']}",
-        f"format        .aqm {r['format_version']}   producer {r['producer']}   source {src}",
+        f"format        .aqm {r['format_version']}   producer {_safe(r['producer'])}   source {_safe(src)}",
         f"tensors       {r['tensor_count']}   parameters {r['parameters']:,}",
         f"size          {_size(r['file_bytes'])} ({r['file_bytes']:,} bytes)   "
         f"{r['bits_per_weight']:.3f} bits/weight   {r['compression_ratio_fp32']:.2f}x vs fp32",
@@ -81,18 +86,19 @@ def render_text(r: dict[str, Any]) -> str:
     ]
     if r["metadata"]:
         for k, v in r["metadata"].items():
-            lines.append(f"metadata      {k} = {v}")
-    width = max([len(t["name"]) for t in r["tensors"]] + [4])
+            lines.append(f"metadata      {_safe(k)} = {_safe(v)}")
+    names = [_safe(t["name"]) for t in r["tensors"]]
+    width = max([len(n) for n in names] + [4])
     lines.append("")
     lines.append(f"{'name':<{width}}  {'shape':<18} {'dtype':<8} {'codec':<8} {'bits/w':>7}  group")
-    for t in r["tensors"]:
+    for name, t in zip(names, r["tensors"]):
         shape = "x".join(map(str, t["shape"])) or "scalar"
-        lines.append(f"{t['name']:<{width}}  {shape:<18} {t['dtype']:<8} {t['codec']:<8} "
-                     f"{t['bits_per_weight']:>7.3f}  {t['group'] or '-'}")
+        lines.append(f"{name:<{width}}  {shape:<18} {t['dtype']:<8} {_safe(t['codec']):<8} "
+                     f"{t['bits_per_weight']:>7.3f}  {_safe(t['group'] or '-')}")
     if r["codebook_groups"]:
         lines.append("")
         lines.append("codebook groups")
         for g in r["codebook_groups"]:
-            lines.append(f"  {g['name']}: M={g['M']} K={g['K']} d={g['d']} {g['dtype']} "
+            lines.append(f"  {_safe(g['name'])}: M={g['M']} K={g['K']} d={g['d']} {g['dtype']} "
                          f"{_size(g['bytes'])}, shared by {len(g['tensors'])} tensors")
     return "\n".join(lines)

@@ -267,3 +267,11 @@ def test_writer_refuses_a_header_over_the_limit(tmp_path, monkeypatch):
         with aqformat.Writer(tmp_path / "m.aqm", metadata={"note": "x" * 300}) as w:
             w.add_tensor("x", np.ones(2, np.float32))
     assert not (tmp_path / "m.aqm").exists()
+
+
+def test_aqm_info_escapes_control_characters(tmp_path):
+    path = tmp_path / "m.aqm"
+    with aqformat.Writer(path, producer="evil\x1b[2J") as w:
+        w.add_tensor("name\x1b[31mred", np.ones(2, np.float32))
+    out = subprocess.run(AQM + ["info", str(path)], capture_output=True, text=True, check=True).stdout
+    assert "\x1b" not in out and "\\x1b[31mred" in out
