@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="allocate bits per tensor by predicted output error at the size of --bits")
     p.add_argument("--permute", action="store_true",
                    help="search a column permutation per tensor (slower, lower error)")
-    p.add_argument("--codebooks", choices=("shared", "per-layer", "by-kind"), default="shared",
+    p.add_argument("--codebooks", choices=("shared", "per-layer", "by-kind"), default="by-kind",
                    help="codebook sharing across tensors (default shared)")
     p.add_argument("--calib", help="calibration inputs: .npy/.npz arrays or a .txt of sentences "
                                    "(Hugging Face text models)")

@@ -174,10 +174,6 @@ def _calibration_batches(calib: Any, source: Source) -> tuple[Any, Any, Any]:
             n = min(len(v) for v in data.values())
             batches = [{k: torch.from_numpy(v[i:i + 1]) for k, v in data.items()} for i in range(n)]
         elif ext in (".txt", ".text"):
-            if source.info.get("hf_config") is None or not source.path:
-                raise AqmInputError("text calibration needs a Hugging Face model folder (for its tokenizer)")
-            from transformers import AutoTokenizer
-            tokenizer = AutoTokenizer.from_pretrained(source.path)
             with open(path, encoding="utf-8") as fh:
                 batches = [line.strip() for line in fh if line.strip()]
         else:
@@ -185,7 +181,12 @@ def _calibration_batches(calib: Any, source: Source) -> tuple[Any, Any, Any]:
         if not batches:
             raise AqmInputError(f"{path}: no calibration samples")
     else:
-        batches = calib
+        batches = list(calib)
+    if tokenizer is None and any(isinstance(b, str) for b in batches):
+        if source.info.get("hf_config") is None or not source.path:
+            raise AqmInputError("text calibration needs a Hugging Face model folder (for its tokenizer)")
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
 
     def run(m: Any, batch: Any) -> None:
         if isinstance(batch, str):  # one unpadded sentence: padding would bias H
@@ -453,7 +454,7 @@ def _options(bits: float, target_size: Any, allocate: bool, permute: bool, codeb
 
 def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
                target_size: int | str | None = None, allocate: bool = False,
-               permute: bool = False, codebooks: str = "shared", calib: Any = None,
+               permute: bool = False, codebooks: str = "by-kind", calib: Any = None,
                keep: Iterable[str] = (), seed: int = 0, progress: bool = True,
                min_elements: int = DEFAULT_MIN_ELEMENTS,
                encoder: dict[str, Any] | None = None) -> ConversionSummary:
@@ -511,7 +512,7 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
 
 def from_onnx(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
               target_size: int | str | None = None, allocate: bool = False,
-              permute: bool = False, codebooks: str = "shared", keep: Iterable[str] = (), seed: int = 0, progress: bool = True,
+              permute: bool = False, codebooks: str = "by-kind", keep: Iterable[str] = (), seed: int = 0, progress: bool = True,
               min_elements: int = DEFAULT_MIN_ELEMENTS,
               encoder: dict[str, Any] | None = None) -> ConversionSummary:
     """Convert an ONNX model (path or ``ModelProto``) to .aqm with its graph embedded.

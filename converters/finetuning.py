@@ -81,7 +81,9 @@ class _Student:
         self.fixed: dict[str, torch.Tensor] = {}
         for info in f.tensors():
             if info.name not in names:
-                raise AqmInputError(f"tensor {info.name!r} of the .aqm is not a parameter of the model")
+                if info.codec == "aq":
+                    raise AqmInputError(f"quantized tensor {info.name!r} of the .aqm is not in the model")
+                continue  # e.g. a buffer older library versions saved; copied to the output as is
             if info.codec == "aq":
                 p = f.aq_parts(info.name)
                 if info.group not in self.groups:
