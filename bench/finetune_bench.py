@@ -60,10 +60,10 @@ def minilm(bits_list: list[float], n_eval: int, n_calib: int, steps: int, tmp: s
         t_conv = time.perf_counter() - t0
         row = {"model": "MiniLM", "bits_linear": linear_bits(q), "file_bytes": os.path.getsize(q),
                "convert_s": t_conv}
-        row["no_finetune"] = fidelity(ref, embed(load_torch(q, copy.deepcopy(model), lazy=False), tok, eval_s))
+        row["no_finetune"] = fidelity(ref, embed(load_torch(q, copy.deepcopy(model), lazy=False, strict=False), tok, eval_s))
         ft = os.path.join(tmp, f"minilm{bits}-ft.aqm")
         rep = finetune(q, ft, model, calib, steps=steps, lr=1e-4, progress=False)
-        row["distill"] = fidelity(ref, embed(load_torch(ft, copy.deepcopy(model), lazy=False), tok, eval_s))
+        row["distill"] = fidelity(ref, embed(load_torch(ft, copy.deepcopy(model), lazy=False, strict=False), tok, eval_s))
         row["finetune_s"] = rep.seconds
         row["task"] = None  # MiniLM has no labelled task here: distillation is its objective
         rows.append(row)

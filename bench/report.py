@@ -1,0 +1,352 @@
+"""bench/results/*.json -> bench/results/RESULTS.md, one PNG chart per model, README section.
+
+Usage: python bench/report.py [--results bench/results] [--readme README.md]
+
+Everything printed comes from the JSON files written by bench/run.py and
+the other bench scripts; only the text between ``<!-- bench:begin -->`` and
+``<!-- bench:end -->`` of the README is replaced.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+MODEL_FILES = ("minilm", "silero_vad_16k_op15", "silero_vad", "digits")
+# Metrics where smaller is better; all others are "higher is better".
+LOWER_BETTER = {"max_abs_diff", "mean_abs_diff"}
+FOUR_BIT = ("int4-g128", "kmeans4", "ort-matmul-4bits")
+AQM_4BIT_MAX = 4.3   # an .aqm file "at <= 4 bits" may carry scales/codebooks up to this
+AQM_3BIT_MAX = 3.3
+TIE = 0.002          # "matches": within this of the reference metric
+
+
+def load(folder: str) -> tuple[dict[str, dict], dict[str, Any]]:
+    """Model result files and the other JSON files (systems, container, ...)."""
+    models, other = {}, {}
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".json"):
+            continue
+        with open(os.path.join(folder, name)) as f:
+            data = json.load(f)
+        stem = name[:-5]
+        (models if stem in MODEL_FILES else other)[stem] = data
+    models = {k: models[k] for k in MODEL_FILES if k in models}
+    return models, other
+
+
+def ok_rows(data: dict) -> list[dict]:
+    return [r for r in data.get("rows", []) if "error" not in r]
+
+
+def better(a: float, b: float, metric: str) -> bool:
+    """``a`` is at least as good as ``b`` (within :data:`TIE`)."""
+    return a <= b + TIE if metric in LOWER_BETTER else a >= b - TIE
+
+
+def _f(v: Any, nd: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if v == float("inf"):
+            return "inf"
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _label(r: dict) -> str:
+    return f"{r['method']} ({r['setting']})" if r.get("setting") else r["method"]
+
+
+# ------------------------------------------------------------------ comparisons
+
+def nncodec_bits_at(data: dict, value: float) -> tuple[float, str] | None:
+    """NNCodec bits/weight needed to reach primary-metric ``value``, and how it was found.
+
+    NNCodec's points, sorted by size, are made monotone (the best fidelity
+    reached at that size or less), then interpolated linearly in bits.
+    Returns ``(bits, "interpolated")``, ``(bits, "at most")`` when even its
+    smallest file is as good, or None when no NNCodec file reaches ``value``.
+    """
+    m = data["primary"]
+    sign = -1.0 if m in LOWER_BETTER else 1.0
+    pts = sorted((r["bits_per_weight"], sign * r["metrics"][m]) for r in ok_rows(data)
+                 if r["method"] == "nncodec")
+    target, env, best = sign * value, [], float("-inf")
+    for bits, fid in pts:
+        best = max(best, fid)
+        env.append((bits, best))
+    for i, (bits, fid) in enumerate(env):
+        if fid >= target:
+            if i == 0:
+                return bits, "at most"
+            (b0, f0) = env[i - 1]
+            return b0 + (target - f0) * (bits - b0) / (fid - f0), "interpolated"
+    return None
+
+
+def checks(data: dict) -> dict[str, Any]:
+    """The three headline questions, answered from the rows of one model."""
+    m = data["primary"]
+    rows = ok_rows(data)
+    aqm = [r for r in rows if r["method"].startswith("aqm")]
+    out: dict[str, Any] = {}
+    cand4 = [r for r in aqm if r["bits_per_weight"] <= AQM_4BIT_MAX]
+    base4 = [r for r in rows if r["method"] in FOUR_BIT]
+    if cand4 and base4:
+        best = max(cand4, key=lambda r: r["metrics"][m] * (-1 if m in LOWER_BETTER else 1))
+        out["aqm<=4 bits at least as good as every 4-bit baseline"] = {
+            "answer": all(better(best["metrics"][m], r["metrics"][m], m) for r in base4), "aqm": f"{best['bits_per_weight']:.2f} b/w, {m}={best['metrics'][m]:.4f}",
+            "baselines": {r["method"]: f"{r['bits_per_weight']:.2f} b/w, {m}={r['metrics'][m]:.4f}" for r in base4}}
+    cand3 = [r for r in aqm if r["bits_per_weight"] <= AQM_3BIT_MAX]
+    int4 = [r for r in rows if r["method"] == "int4-g128"]
+    if cand3 and int4:
+        best = max(cand3, key=lambda r: r["metrics"][m] * (-1 if m in LOWER_BETTER else 1))
+        out["aqm<=3 bits matches int4-g128"] = {
+            "answer": better(best["metrics"][m], int4[0]["metrics"][m], m),
+            "aqm": f"{best['bits_per_weight']:.2f} b/w, {m}={best['metrics'][m]:.4f}",
+            "int4-g128": f"{int4[0]['bits_per_weight']:.2f} b/w, {m}={int4[0]['metrics'][m]:.4f}"}
+    ratios = []
+    for r in aqm:
+        found = nncodec_bits_at(data, r["metrics"][m])
+        if found:
+            ratios.append({"aqm": _label(r), "aqm_bits": r["bits_per_weight"], "nncodec_bits": found[0],
+                           "how": found[1], "ratio": r["bits_per_weight"] / found[0], m: r["metrics"][m]})
+        else:
+            ratios.append({"aqm": _label(r), "aqm_bits": r["bits_per_weight"], "nncodec_bits": None,
+                           "how": "no NNCodec file reaches it", "ratio": None, m: r["metrics"][m]})
+    if any(x["method"] == "nncodec" for x in rows):
+        out["aqm vs NNCodec at equal fidelity"] = {
+            "answer": any(x["ratio"] is None or x["ratio"] < 1.0 for x in ratios),
+            "points": ratios,
+            "note": "aqm size / NNCodec size at the same primary metric; < 1 means .aqm is smaller"}
+    return out
+
+
+# ------------------------------------------------------------------ Markdown
+
+def model_table(data: dict) -> list[str]:
+    names = list(data["metrics"])
+    head = ["method", "setting", "bits/weight", "bytes", "x vs fp32", "weight SQNR dB", *names,
+            "compress s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = sorted(data.get("rows", []), key=lambda r: (r.get("family") != "aqm", -r.get("bits_per_weight", 0)))
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['method']} | **did not run**: {r['error']} |" + " |" * (len(head) - 2))
+            continue
+        ratio = 32.0 / r["bits_per_weight"]
+        lines.append("| " + " | ".join([
+            f"**{r['method']}**" if r["method"].startswith("aqm") else r["method"], r.get("setting", ""),
+            f"{r['bits_per_weight']:.3f}", f"{r['bytes_counted']:,}", f"{ratio:.1f}",
+            _f(r.get("sqnr_db"), 2), *[_f(r["metrics"].get(k)) for k in names], _f(r.get("seconds"), 1)]) + " |")
+    return lines
+
+
+def check_lines(data: dict) -> list[str]:
+    out = []
+    for q, c in checks(data).items():
+        yes = "yes" if c["answer"] else "**no**"
+        detail = {k: v for k, v in c.items() if k != "answer"}
+        if q.startswith("aqm vs NNCodec"):
+            pts = "; ".join(
+                f"{p['aqm']} {p['aqm_bits']:.2f} b/w vs NNCodec "
+                + (f"{'<= ' if p['how'] == 'at most' else ''}{p['nncodec_bits']:.2f} b/w ({p['ratio']:.2f}x)"
+                   if p["ratio"] is not None else "never as good (.aqm smaller and better)")
+                for p in c["points"])
+            out.append(f"- {q}: {yes} — .aqm vs NNCodec bits/weight at equal {data['primary']}: {pts}")
+        else:
+            out.append(f"- {q}: {yes} — {json.dumps(detail)}")
+    return out
+
+
+def machine_line(info: dict) -> str:
+    return (f"{info.get('cpu', '?')}, {info.get('cores', '?')} cores, {info.get('ram_gib', '?')} GiB RAM, "
+            f"Python {info.get('python', '?')}, {info.get('date', '?')}, mode `{info.get('mode', '?')}`")
+
+
+def systems_lines(models: dict[str, dict], other: dict[str, Any]) -> list[str]:
+    out = ["## Systems", ""]
+    c = other.get("container")
+    if c:
+        out += ["### AQ decode throughput (numpy, one thread) vs memcpy of the fp32 output", "",
+                "| code bits | d | M | decode GB/s | memcpy GB/s | decode / memcpy |", "|---|---|---|---|---|---|"]
+        out += [f"| {r['bits']} | {r['d']} | {r['M']} | {r['decode_GBps']:.2f} | {r['memcpy_GBps']:.2f} | "
+                f"{r['ratio_to_memcpy']:.2f} |" for r in c.get("decode", [])]
+        out += ["", "| file MB | open() ms | RSS delta MB |", "|---|---|---|"]
+        out += [f"| {r['file_mb']} | {r['open_s'] * 1e3:.2f} | {r['rss_delta_bytes'] / 1e6:.2f} |"
+                for r in c.get("open", [])]
+        out.append("")
+    rb = other.get("runtime_bench")
+    if rb:
+        out += [f"### Runtime: .aqm InferenceSession vs fp32 ONNX Runtime ({rb.get('model', '')})", "",
+                "| mode | load s | first output s | steady s | peak RSS MB | ratios (.aqm / fp32 ORT) |",
+                "|---|---|---|---|---|---|"]
+        for mode in ("resident", "streaming"):
+            r = rb.get(mode)
+            if not isinstance(r, dict) or "aqm" not in r:
+                continue
+            for v in ("aqm", "onnx"):
+                x = r[v]
+                ratios = ", ".join(f"{k} {val:.2f}" for k, val in r.get("ratios", {}).items()) if v == "aqm" else ""
+                out.append(f"| {mode} {v} | {x['load_s']:.3f} | {x['first_output_s']:.3f} | {x['steady_s']:.3f} | "
+                           f"{x['peak_rss'] / 1e6:.0f} | {ratios} |")
+        out.append("")
+    out += ["### .aqm container overhead (header + alignment padding) per file", "",
+            "| model | file | file bytes | overhead |", "|---|---|---|---|"]
+    for key, data in models.items():
+        for r in ok_rows(data):
+            if "overhead_fraction" in r:
+                out.append(f"| {key} | {r['file']} | {r['file_total_bytes']:,} | {100 * r['overhead_fraction']:.3f}% |")
+    out += ["", "### Compression time vs faiss (same M, K, d; weight SQNR shows the quality reached)", "",
+            "| model | method | setting | bits/weight | weight SQNR dB | seconds |", "|---|---|---|---|---|---|"]
+    for key, data in models.items():
+        for r in ok_rows(data):
+            if r["method"] in ("aqm", "faiss-rq", "faiss-lsq"):
+                out.append(f"| {key} | {r['method']} | {r['setting']} | {r['bits_per_weight']:.3f} | "
+                           f"{_f(r.get('sqnr_db'), 2)} | {r['seconds']:.1f} |")
+    sysd = other.get("systems", {}).get("scripts", {})
+    if sysd:
+        out += ["", "### Other bench scripts run by bench/run.py", "", "| script | status | seconds | output |",
+                "|---|---|---|---|"]
+        for s, rec in sysd.items():
+            tail = rec.get("json_file") or ("<br>".join(rec.get("stdout_tail", [])[-4:]).replace("|", "/") or "-")
+            out.append(f"| {s} | {rec['status']} | {_f(rec.get('seconds'), 1)} | {tail} |")
+    return out + [""]
+
+
+def results_md(models: dict[str, dict], other: dict[str, Any]) -> str:
+    info = next((d["machine"] for d in models.values() if "machine" in d), {})
+    out = ["# Benchmark results", "", f"Generated by `bench/report.py` from `bench/results/*.json` "
+           f"(written by `bench/run.py`). Machine: {machine_line(info)}.", "",
+           "Bits/weight count every byte of the file that holds the covered weights "
+           "(.aqm: the whole file minus raw tensors that are not covered and the embedded graph, "
+           "so header, padding, codebooks, codes, scales are all charged; baselines: their whole file; "
+           "ONNX Runtime quantizers: the initializers derived from the covered weights). "
+           "`x vs fp32` = 32 / bits per weight.", ""]
+    for key, data in models.items():
+        out += [f"## {data['model']}", ""]
+        if "error" in data and not data.get("rows"):
+            out += [f"Did not run: {data['error']}", ""]
+            continue
+        extra = {k: data[k] for k in ("task", "covered", "params", "eval_sentences", "calib_sentences",
+                                      "frames", "speech_frames_ref", "audio", "audio_seconds", "test_images",
+                                      "reference") if k in data}
+        out += [", ".join(f"{k}: {_f(v, 1) if isinstance(v, float) else v}" for k, v in extra.items()), "",
+                "Metrics: " + "; ".join(f"`{k}` {v}" for k, v in data["metrics"].items()), ""]
+        out += model_table(data) + [""]
+        out += [f"![{key}]({key}.png)", ""]
+        out += check_lines(data) + [f"- {n}" for n in data.get("notes", [])] + [""]
+    out += systems_lines(models, other)
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------ plots
+
+def plot(key: str, data: dict, folder: str) -> str | None:
+    """Fidelity (primary and secondary metric) vs bits/weight for every method."""
+    rows = [r for r in ok_rows(data) if r["bits_per_weight"] <= 17]
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    mets = [data["primary"], data.get("secondary")]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    markers = "os^vD<>ph*Xd8P"
+    for ax, m in zip(axes, mets):
+        if not m:
+            ax.axis("off")
+            continue
+        for i, (meth, rs) in enumerate(sorted(by_method.items())):
+            rs = sorted(rs, key=lambda r: r["bits_per_weight"])
+            style = dict(lw=2.5, ms=9, color="crimson") if meth.startswith("aqm") else dict(lw=1, ms=6)
+            ax.plot([r["bits_per_weight"] for r in rs], [r["metrics"][m] for r in rs],
+                    marker=markers[i % len(markers)], label=meth, **style)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("bits per weight (counted from files on disk)")
+        ax.set_ylabel(m + (" (lower is better)" if m in LOWER_BETTER else ""))
+        ax.grid(alpha=0.3)
+    axes[0].set_title(f"{data['model']}: {data['primary']} vs size")
+    axes[0].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = os.path.join(folder, f"{key}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------ README
+
+def readme_section(models: dict[str, dict]) -> str:
+    info = next((d["machine"] for d in models.values() if "machine" in d), {})
+    out = ["", f"Measured by `make bench` on {machine_line(info)}; full tables, systems figures and plots: "
+           "[bench/results/RESULTS.md](bench/results/RESULTS.md). Bits/weight count every byte of the "
+           "files on disk over the weights they cover.", ""]
+    for key, data in models.items():
+        rows = ok_rows(data)
+        if not rows:
+            continue
+        m, s = data["primary"], data.get("secondary")
+        out += [f"**{data['model']}** ({data.get('covered', '')}; {m}" + (f", {s}" if s else "") + ")", "",
+                f"| method | bits/weight | {m} |" + (f" {s} |" if s else ""), "|---|---|---|" + ("---|" if s else "")]
+        for r in sorted(rows, key=lambda r: (not r["method"].startswith("aqm"), r["bits_per_weight"])):
+            if r["method"] in ("faiss-lsq", "fp16"):
+                continue
+            out.append(f"| {'**' + _label(r) + '**' if r['method'].startswith('aqm') else _label(r)} | "
+                       f"{r['bits_per_weight']:.2f} | {_f(r['metrics'][m])} |" +
+                       (f" {_f(r['metrics'].get(s))} |" if s else ""))
+        out += [""] + check_lines(data) + [""]
+    return "\n".join(out)
+
+
+def update_readme(path: str, section: str) -> bool:
+    """Replace the text between the bench markers; False if the markers are missing."""
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        text = f.read()
+    a, b = text.find(BEGIN), text.find(END)
+    if a < 0 or b < a:
+        return False
+    new = text[:a + len(BEGIN)] + "\n" + section.strip("\n") + "\n" + text[b:]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(new)
+    os.replace(tmp, path)
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--results", default=os.path.join(HERE, "results"))
+    ap.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+    args = ap.parse_args(argv)
+    models, other = load(args.results)
+    if not models:
+        print(f"no model results in {args.results}; run bench/run.py first", file=sys.stderr)
+        return 1
+    for key, data in models.items():
+        plot(key, data, args.results)
+    md = os.path.join(args.results, "RESULTS.md")
+    with open(md, "w") as f:
+        f.write(results_md(models, other))
+    print(f"wrote {os.path.relpath(md, ROOT)} and {len(models)} plot(s)")
+    if update_readme(args.readme, readme_section(models)):
+        print(f"updated the benchmark section of {os.path.relpath(args.readme, ROOT)}")
+    else:
+        print(f"{args.readme}: no {BEGIN}/{END} markers; README left unchanged", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

