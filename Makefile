@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo bench bench-quick fuzz vectors-check clean
+.PHONY: venv test test-all demo bench bench-quick fuzz vectors-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -13,11 +13,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
-test: venv  ## every test, real models included
-	$(PY) -m pytest -q
-
-test-fast: venv  ## skip the real-model tests
+test: venv  ## the CI suite: everything except the long real-model conversions
 	$(PY) -m pytest -q -m "not slow"
+
+test-all: venv  ## also the slow real-model tests (tens of minutes on 2 cores)
+	$(PY) -m pytest -q
 
 demo: venv  ## convert MiniLM to .aqm, run it, print size and fidelity
 	HF_HUB_OFFLINE=1 $(PY) bench/demo.py
