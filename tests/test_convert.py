@@ -141,7 +141,7 @@ def test_file_sources_match_the_module(tmp_path):
 def test_target_size_allocates_bits_per_tensor(tmp_path):
     net = Net()
     out = tmp_path / "t.aqm"
-    summary = from_torch(net, out, bits=2, target_size="8kB", progress=False, encoder=FAST)
+    summary = from_torch(net, out, bits=2, target_size="8kB", progress=False, encoder=FAST, codebooks="shared")
     assert os.path.getsize(out) <= 8000
     with aqformat.open(out) as f:
         meta = f.metadata["conversion"]
