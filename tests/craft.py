@@ -19,6 +19,7 @@ import msgpack
 import numpy as np
 import zstandard
 
+import aqformat
 from aqformat import Writer
 from aqformat.bitpack import pack
 from aqformat.header import ALIGNMENT, MAGIC, MAJOR, MINOR, PREAMBLE, PREAMBLE_SIZE
@@ -332,3 +333,13 @@ def mutant(rng: random.Random, data: bytes) -> bytes:
         if rng.random() < 0.5:
             out = fix_crcs(out)
     return out
+
+
+def read_everything(path) -> None:
+    """What a user does with a file: open it, read every tensor and the graph, verify it."""
+    with aqformat.open(path) as f:
+        for name in f.names():
+            f.info(name)
+            f.read(name)
+        f.graph()
+        f.verify()
