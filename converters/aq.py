@@ -375,19 +375,20 @@ def row_scales(W: torch.Tensor) -> torch.Tensor:
     return _fp16(s)
 
 
-def _padded_h(H: torch.Tensor | None, cols: int, cols_p: int, perm: np.ndarray | None,
-              damp: float) -> torch.Tensor:
-    """float64 ``H`` permuted, damped, and extended with near-zero weight on padding."""
+def _padded_h(H, cols: int, cols_p: int, perm: np.ndarray | None, damp: float) -> torch.Tensor | None:
+    """float64 ``H`` permuted, damped, and extended with near-zero weight on padding.
+
+    ``None`` without calibration: the metric is then the identity, and no
+    ``cols x cols`` matrix is ever built (it would dominate streaming memory).
+    """
     if H is None:
-        Hp = torch.eye(cols, dtype=torch.float64)
-    else:
-        Hp = torch.as_tensor(np.asarray(H) if not isinstance(H, torch.Tensor) else H.cpu())
-        Hp = Hp.double()
-        if Hp.shape != (cols, cols):
-            raise AqmInputError(f"H has shape {tuple(Hp.shape)}, expected {(cols, cols)}")
-        if perm is not None:
-            p = torch.as_tensor(perm)
-            Hp = Hp[p][:, p]
+        return None
+    Hp = torch.as_tensor(np.asarray(H) if not isinstance(H, torch.Tensor) else H.cpu()).double()
+    if Hp.shape != (cols, cols):
+        raise AqmInputError(f"H has shape {tuple(Hp.shape)}, expected {(cols, cols)}")
+    if perm is not None:
+        p = torch.as_tensor(perm)
+        Hp = Hp[p][:, p]
     diag = Hp.diagonal()
     mean = float(diag.mean()) if float(diag.mean()) > 0 else 1.0
     out = torch.zeros(cols_p, cols_p, dtype=torch.float64)
@@ -455,6 +456,7 @@ class GroupTrainer:
         self._x = torch.empty(0, cfg.d)
         self._G = torch.empty(0, cfg.d, cfg.d)
         self._key = torch.empty(0)
+        self._weighted = False  # some tensor brought calibration statistics
         self.n_seen = 0
 
     def add(self, name: str, w, H=None, axes: Sequence[int] | None = None,
@@ -462,10 +464,14 @@ class GroupTrainer:
         """Sample the vectors of one tensor (raises :class:`TooSmallForAQ`)."""
         d = self.cfg.d
         _, _, Wn, Hp = _prepare(name, w, self.cfg, H, axes, perm)
-        G, _ = _block_metrics(Hp, d, self.cfg.feedback is True)
-        # Normalise the metric per tensor so every tensor weighs alike in training.
-        G = (G / (G.diagonal(dim1=1, dim2=2).sum(1).mean() / d)).float()
-        rows, J = Wn.shape[0], G.shape[0]
+        rows, J = Wn.shape[0], Wn.shape[1] // d
+        if Hp is None:
+            G = torch.eye(d).expand(J, d, d)
+        else:
+            G, _ = _block_metrics(Hp, d, self.cfg.feedback is True)
+            # Normalise the metric per tensor so every tensor weighs alike in training.
+            G = (G / (G.diagonal(dim1=1, dim2=2).sum(1).mean() / d)).float()
+            self._weighted = True
         x = Wn.reshape(rows * J, d)
         key = torch.rand(rows * J, generator=self._gen)
         keep = key.topk(min(self.reservoir, rows * J), largest=False).indices
@@ -487,7 +493,8 @@ class GroupTrainer:
         if self.n_kept < self.cfg.K:
             raise TooSmallForAQ(f"group has {self.n_kept} vectors < K={self.cfg.K}")
         dev = torch.device(device) if device is not None else default_device()
-        C, _ = train_aq(self._x.to(dev), self.cfg, self._G.to(dev), seed=self.seed)
+        G = self._G.to(dev) if self._weighted else None  # all-identity metrics: the fast plain-MSE path
+        C, _ = train_aq(self._x.to(dev), self.cfg, G, seed=self.seed)
         return C.cpu()
 
 
@@ -508,15 +515,35 @@ def _code_blocks(Wc: torch.Tensor, C: torch.Tensor, G: torch.Tensor, U: torch.Te
     return codes
 
 
-def _fit_scales(W: torch.Tensor, Wh: torch.Tensor, H: torch.Tensor,
+def _fit_scales(W: torch.Tensor, Wh: torch.Tensor, H: torch.Tensor | None,
                 s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Least-squares fp16 row scales for decoded rows ``Wh`` under ``H``, and row errors."""
-    WhH = Wh @ H
+    """Least-squares fp16 row scales for decoded rows ``Wh`` under ``H`` (identity if None), and row errors."""
+    WhH = Wh if H is None else Wh @ H
     den = (WhH * Wh).sum(1)
     s_ls = _fp16((WhH * W).sum(1) / den.clamp_min(1e-30))
     s = torch.where(torch.isfinite(s_ls) & (s_ls > 0) & (den > 0), s_ls, s)
     E = W - Wh * s[:, None]
-    return s, ((E @ H) * E).sum(1)
+    return s, ((E if H is None else E @ H) * E).sum(1)
+
+
+def _code_with_metric(W: torch.Tensor, Wn: torch.Tensor, s: torch.Tensor, Hp: torch.Tensor,
+                      Cd: torch.Tensor, cfg: AQConfig, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes ``[rows, J, M]`` and fitted row scales minimising ``tr(E H E^T)``."""
+    cols = W.shape[1]
+    Hc = Hp[:cols, :cols].float()
+    best = None
+    for fb in ((False, True) if cfg.feedback == "auto" else (bool(cfg.feedback),)):
+        G, U = _block_metrics(Hp, cfg.d, fb)
+        codes = _code_blocks(Wn.clone().to(dev), Cd, G.float().to(dev), U, cfg.beam)
+        Wh = decode_vectors(Cd, codes.reshape(-1, cfg.M)).reshape(codes.shape[0], -1)[:, :cols].cpu()
+        s_fit, err = _fit_scales(W, Wh, Hc, s)
+        if best is None:
+            best = (codes, s_fit, err)
+        else:  # rows are coded independently: keep the better coding of each row
+            pick = err < best[2]
+            best = (torch.where(pick.to(dev)[:, None, None], codes, best[0]),
+                    torch.where(pick, s_fit, best[1]), torch.minimum(err, best[2]))
+    return best[0], best[1]
 
 
 def encode_tensor(name: str, w, C: torch.Tensor, cfg: AQConfig, H=None,
@@ -559,22 +586,14 @@ def encode_tensor(name: str, w, C: torch.Tensor, cfg: AQConfig, H=None,
         W, s, Wn = W[rows], s[rows], Wn[rows]
     Cd = C.to(dev, torch.float32)
     cols = W.shape[1]
-    Hc = Hp[:cols, :cols].float()
-    best = None
-    for fb in ((False, True) if cfg.feedback == "auto" else (bool(cfg.feedback),)):
-        G, U = _block_metrics(Hp, d, fb)
-        codes = _code_blocks(Wn.clone().to(dev), Cd, G.float().to(dev), U, cfg.beam)
-        Wh = decode_vectors(Cd, codes.reshape(-1, cfg.M)).reshape(codes.shape[0], -1)[:, :cols].cpu()
-        s_fit, err = _fit_scales(W, Wh, Hc, s)
-        if best is None:
-            best = (codes, s_fit, err)
-        else:  # rows are coded independently: keep the better coding of each row
-            pick = err < best[2]
-            best = (torch.where(pick.to(dev)[:, None, None], codes, best[0]),
-                    torch.where(pick, s_fit, best[1]), torch.minimum(err, best[2]))
-    codes, s = best[0], best[1]
     cdt = np.uint8 if cfg.b <= 8 else np.uint16
     shape = tuple(int(v) for v in np.shape(w))
+    if Hp is None:  # plain weight MSE: every vector independent, coded in one search
+        codes = beam_search(Wn.reshape(-1, d).to(dev), Cd, None, cfg.beam).reshape(Wn.shape[0], -1, cfg.M)
+        Wh = decode_vectors(Cd, codes.reshape(-1, cfg.M)).reshape(codes.shape[0], -1)[:, :cols].cpu()
+        s = _fit_scales(W, Wh, None, s)[0]
+    else:
+        codes, s = _code_with_metric(W, Wn, s, Hp, Cd, cfg, dev)
     return AQTensor(name=name, shape=shape, axes=None if axes is None else tuple(axes),
                     perm=None if perm is None else np.asarray(perm),
                     scale=s.numpy().astype(np.float16),
