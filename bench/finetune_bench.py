@@ -45,7 +45,8 @@ def _minilm_batches(tok, sents: list[str], batch: int) -> list[dict]:
             for i in range(0, len(sents), batch)]
 
 
-def minilm(bits_list: list[float], n_eval: int, n_calib: int, steps: int, tmp: str) -> list[dict]:
+def minilm(bits_list: list[float], n_eval: int, n_calib: int, steps: int, tmp: str, lr: float = 1e-4,
+           refresh_every: int = 0) -> list[dict]:
     model, tok = load_minilm()
     eval_s, calib_s = sentences("eval", n_eval), sentences("calib", n_calib)
     ref = embed(model, tok, eval_s)
@@ -62,9 +63,10 @@ def minilm(bits_list: list[float], n_eval: int, n_calib: int, steps: int, tmp: s
                "convert_s": t_conv}
         row["no_finetune"] = fidelity(ref, embed(load_torch(q, copy.deepcopy(model), lazy=False, strict=False), tok, eval_s))
         ft = os.path.join(tmp, f"minilm{bits}-ft.aqm")
-        rep = finetune(q, ft, model, calib, steps=steps, lr=1e-4, progress=False)
+        rep = finetune(q, ft, model, calib, steps=steps, lr=lr, refresh_every=refresh_every, progress=False)
         row["distill"] = fidelity(ref, embed(load_torch(ft, copy.deepcopy(model), lazy=False, strict=False), tok, eval_s))
         row["finetune_s"] = rep.seconds
+        row["finetune"] = {"steps": steps, "lr": lr, "refresh_every": refresh_every, "calib": n_calib}
         row["task"] = None  # MiniLM has no labelled task here: distillation is its objective
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -132,12 +134,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "finetune.json"))
+    ap.add_argument("--models", nargs="+", default=["digits", "minilm"], choices=["digits", "minilm"])
+    ap.add_argument("--bits", type=float, nargs="+", default=[2.0, 3.0, 4.0])
+    ap.add_argument("--steps", type=int, help="MiniLM distillation steps (default 100 quick, 300 full)")
+    ap.add_argument("--lr", type=float, default=1e-4, help="MiniLM distillation learning rate")
+    ap.add_argument("--refresh-every", type=int, default=0, help="MiniLM code refresh period (steps)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
-    bits = [2.0, 3.0, 4.0]
+    bits = args.bits
+    steps = args.steps or (100 if args.quick else 300)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        rows = digits(bits, 150 if args.quick else 400, tmp)
-        rows += minilm(bits, 500, 128 if args.quick else 256, 100 if args.quick else 300, tmp)
+        if "digits" in args.models:
+            rows += digits(bits, 150 if args.quick else 400, tmp)
+        if "minilm" in args.models:
+            rows += minilm(bits, 500, 128 if args.quick else 256, steps, tmp, args.lr, args.refresh_every)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"finetune": rows, "quick": args.quick}, f, indent=1)

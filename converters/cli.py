@@ -12,9 +12,11 @@ __all__ = ["register"]
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
     encoder = {k: v for k, v in (("beam", args.beam), ("iters", args.iters)) if v is not None}
+    tuning = ({"finetune_steps": args.finetune, "finetune_lr": args.finetune_lr} if args.finetune else {})
     summary = convert(args.source, args.output, bits=args.bits, target_size=args.target_size,
-                      allocate=args.allocate, permute=args.permute, codebooks=args.codebooks, calib=args.calib, keep=args.keep or (),
-                      seed=args.seed, progress=not args.no_progress, encoder=encoder)
+                      allocate=args.allocate, permute=args.permute, codebooks=args.codebooks,
+                      calib=args.calib, keep=args.keep or (), seed=args.seed,
+                      progress=not args.no_progress, encoder=encoder, **tuning)
     src = (f" (source files {summary.source_file_bytes / 1e6:.2f} MB)"
            if summary.source_file_bytes else "")
     print(f"{summary}{src}")
@@ -43,11 +45,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--permute", action="store_true",
                    help="search a column permutation per tensor (slower, lower error)")
     p.add_argument("--codebooks", choices=("shared", "per-layer", "by-kind"), default="by-kind",
-                   help="codebook sharing across tensors (default shared)")
+                   help="codebook sharing across tensors (default by-kind: attention, MLP, conv, other)")
     p.add_argument("--calib", help="calibration inputs: .npy/.npz arrays or a .txt of sentences "
                                    "(Hugging Face text models)")
     p.add_argument("--keep", action="append", metavar="PATTERN",
                    help="keep tensors matching this fnmatch pattern raw (repeatable)")
+    p.add_argument("--finetune", type=int, default=0, metavar="STEPS",
+                   help="after coding, distil the original model into the codebooks for STEPS steps "
+                        "on the --calib inputs (PyTorch modules and Hugging Face folders)")
+    p.add_argument("--finetune-lr", type=float, default=1e-3, help="peak learning rate of --finetune")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--beam", type=int, help="code search beam width (speed/quality)")
     p.add_argument("--iters", type=int, help="codebook training iterations (speed/quality)")

@@ -62,6 +62,7 @@ class ConversionSummary:
     groups: dict[str, list[str]]
     seconds: float
     weight_sqnr_db: dict[str, float] = field(default_factory=dict)
+    finetune: Any = None         # FinetuneReport when the file was fine-tuned
 
     @property
     def ratio(self) -> float:
@@ -79,7 +80,8 @@ class ConversionSummary:
         return (f"{self.path}: {_mb(self.source_bytes)} -> {_mb(self.aqm_bytes)} "
                 f"({self.ratio:.2f}x, {self.bits_per_weight:.3f} bits/weight), "
                 f"{len(self.compressed)} tensors coded, {len(self.raw)} raw, "
-                f"{len(self.groups)} codebook group(s){mean_sqnr}, {self.seconds:.1f} s")
+                f"{len(self.groups)} codebook group(s){mean_sqnr}, {self.seconds:.1f} s"
+                + (f"; {self.finetune}" if self.finetune is not None else ""))
 
 
 def _mb(n: int) -> str:
@@ -188,15 +190,16 @@ def _calibration_batches(calib: Any, source: Source) -> tuple[Any, Any, Any]:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(source.path)
 
-    def run(m: Any, batch: Any) -> None:
+    def run(m: Any, batch: Any) -> Any:
         if isinstance(batch, str):  # one unpadded sentence: padding would bias H
             batch = tokenizer([batch], truncation=True, max_length=512, return_tensors="pt")
+        elif isinstance(batch, list) and batch and all(isinstance(b, str) for b in batch):
+            batch = tokenizer(batch, padding=True, truncation=True, max_length=512, return_tensors="pt")
         if isinstance(batch, dict) or hasattr(batch, "keys"):
-            m(**batch)
-        elif isinstance(batch, (tuple, list)):
-            m(*batch)
-        else:
-            m(batch)
+            return m(**batch)
+        if isinstance(batch, (tuple, list)):
+            return m(*batch)
+        return m(batch)
 
     return module, batches, run
 
@@ -457,7 +460,8 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
                permute: bool = False, codebooks: str = "by-kind", calib: Any = None,
                keep: Iterable[str] = (), seed: int = 0, progress: bool = True,
                min_elements: int = DEFAULT_MIN_ELEMENTS,
-               encoder: dict[str, Any] | None = None) -> ConversionSummary:
+               encoder: dict[str, Any] | None = None, finetune_steps: int = 0,
+               finetune_lr: float = 1e-3) -> ConversionSummary:
     """Convert a PyTorch model to .aqm; tensor names are its ``state_dict`` keys.
 
     Parameters
@@ -496,6 +500,14 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
         ``iters``, ``feedback``, ``damp`` (search effort) and ``reservoir``
         (training vectors sampled per codebook group), ``perm_iters``
         (permutation search rounds).
+    finetune_steps : int
+        After coding, distil the original model into the codebooks, scales,
+        norms and biases for this many steps on ``calib`` (needs the model's
+        code: an ``nn.Module`` or a Hugging Face folder); see
+        :func:`aqformat.converters.finetune`. Text calibration is batched
+        16 sentences per step.
+    finetune_lr : float
+        Peak learning rate of that fine-tuning.
 
     Returns
     -------
@@ -505,9 +517,42 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     if source.framework != "pytorch":
         raise AqmInputError("from_torch was given an ONNX model; use from_onnx")
     axes = _torch_axes(source.module) if source.module is not None else {}
-    return _run(source, out_path, axes=axes,
-                **_options(bits, target_size, allocate, permute, codebooks, calib, keep, seed, progress, min_elements,
-                           encoder))
+    opts = _options(bits, target_size, allocate, permute, codebooks, calib, keep, seed, progress, min_elements,
+                    encoder)
+    if not finetune_steps:
+        return _run(source, out_path, axes=axes, **opts)
+    return _run_and_finetune(source, out_path, axes, opts, finetune_steps, finetune_lr)
+
+
+_FT_TEXT_BATCH = 16  # sentences per distillation step
+
+
+def _run_and_finetune(source: Source, out_path: str | os.PathLike, axes: dict[str, Any],
+                      opts: dict[str, Any], steps: int, lr: float) -> ConversionSummary:
+    """Convert to a hidden sibling file, distil it into ``out_path``, remove the sibling."""
+    import tempfile
+
+    from .finetuning import finetune
+    if opts["calib"] is None:
+        raise AqmInputError("fine-tuning needs calibration inputs (--calib)")
+    if steps < 0:
+        raise AqmInputError(f"finetune steps must be >= 0, got {steps}")
+    module, batches, run = _calibration_batches(opts["calib"], source)
+    if batches and all(isinstance(b, str) for b in batches):
+        batches = [batches[i:i + _FT_TEXT_BATCH] for i in range(0, len(batches), _FT_TEXT_BATCH)]
+    out = os.path.abspath(os.fspath(out_path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".coded", dir=os.path.dirname(out))
+    os.close(fd)
+    try:
+        summary = _run(source, tmp, axes=axes, **opts)
+        t0 = time.monotonic()
+        report = finetune(tmp, out_path, module, batches, forward=run, steps=steps, lr=lr,
+                          seed=opts["seed"], progress=opts["progress"])
+    finally:
+        os.unlink(tmp)
+    summary.path, summary.aqm_bytes, summary.finetune = os.fspath(out_path), os.path.getsize(out_path), report
+    summary.seconds += time.monotonic() - t0
+    return summary
 
 
 def from_onnx(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,

@@ -21,7 +21,9 @@ import numpy as np
 
 import aqformat
 from aqformat.errors import AqmInputError
+from aqformat.runtime.torch_decode import assemble_aq
 
+_REFRESH_BEAM = 4  # code search width of a refresh
 
 
 @dataclass
@@ -36,9 +38,16 @@ class FinetuneReport:
     seconds: float
     trained_tensors: int
     stopped_early: str | None = None
+    refreshes: int = 0
 
     def as_metadata(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def __str__(self) -> str:
+        refresh = f", {self.refreshes} code refreshes" if self.refreshes else ""
+        stop = f" ({self.stopped_early})" if self.stopped_early else ""
+        return (f"fine-tuned by {self.objective}: {self.steps_done}/{self.steps} steps{refresh}, "
+                f"loss {self.loss_first:.4g} -> {self.loss_last:.4g}, {self.seconds:.0f} s{stop}")
 
 
 def model_output(out: Any):
@@ -91,9 +100,8 @@ class _Student:
                         torch.tensor(np.asarray(p.codebooks, np.float32), device=device))
                 scale = p.scale if p.scale is not None else np.ones(p.rows, np.float32)
                 self.scales[info.name] = torch.nn.Parameter(torch.tensor(np.asarray(scale, np.float32), device=device))
-                codes = torch.as_tensor(p.codes.astype(np.int64), device=device)
-                inv = None if p.perm is None else torch.as_tensor(np.argsort(p.perm), device=device)
-                self.aq[info.name] = (info.group, codes, inv, p.axes, info.shape, p.rows, p.cols)
+                codes = torch.as_tensor(np.ascontiguousarray(p.codes.T), device=device).long()  # [M, n]
+                self.aq[info.name] = (info.group, codes, p.perm, p.axes, info.shape, p.rows, p.cols)
             else:
                 value = torch.as_tensor(np.array(f.read(info.name)), device=device)
                 if info.codec == "raw" and info.dtype in ("float32", "float16", "float64") and value.dim() == 1:
@@ -108,38 +116,47 @@ class _Student:
         """Every tensor of the file, the quantized ones decoded differentiably."""
         out = dict(self.fixed)
         out.update(self.trainable_raw)
-        for name, (group, codes, inv, axes, shape, rows, cols) in self.aq.items():
-            out[name] = decode_torch(codes, self.groups[group], self.scales[name], inv, axes, shape, rows, cols)
+        for name, (group, codes, perm, axes, shape, rows, cols) in self.aq.items():
+            out[name] = assemble_aq(codes, self.groups[group], self.scales[name], perm, axes, shape, rows, cols)
         return out
 
-    def state(self) -> list:
-        return [p.detach().clone() for p in self.parameters()]
+    def refresh_codes(self, originals: dict[str, Any], beam: int) -> None:
+        """Re-run the code search of every AQ tensor against the current codebooks.
 
-    def restore(self, state: list) -> None:
+        Codes and scales are re-fitted to the original weights (plain weight
+        error): the codebooks moved during training, so other codewords may now
+        be closer. Decoding is unchanged; only the trained values differ.
+        """
         import torch
+
+        from .aq import AQConfig, encode_tensor
+        for name, (group, _codes, perm, axes, shape, rows, cols) in self.aq.items():
+            C = self.groups[group].detach()
+            M, K, d = C.shape
+            cfg = AQConfig(M=M, b=K.bit_length() - 1, d=d, beam=beam)
+            t = encode_tensor(name, originals[name], C.float(), cfg, axes=axes, perm=perm, device=self.device)
+            codes = torch.as_tensor(np.ascontiguousarray(t.codes.T), device=self.device).long()
+            self.aq[name] = (group, codes, perm, axes, shape, rows, cols)
+            with torch.no_grad():
+                self.scales[name].copy_(torch.as_tensor(t.scale.astype(np.float32)))
+
+    def state(self) -> tuple[list, dict]:
+        """Snapshot of the trained values and the codes (a refresh changes both)."""
+        return [p.detach().clone() for p in self.parameters()], dict(self.aq)
+
+    def restore(self, state: tuple[list, dict]) -> None:
+        import torch
+        values, self.aq = state[0], dict(state[1])
         with torch.no_grad():
-            for p, s in zip(self.parameters(), state):
-                p.copy_(s)
-
-
-def decode_torch(codes, codebooks, scale, inv_perm, axes: Sequence[int] | None, shape: Sequence[int],
-                 rows: int, cols: int):
-    """Differentiable torch twin of the format's AQ layout (spec/FORMAT.md 5.2)."""
-    import torch
-    M, _, d = codebooks.shape
-    v = sum(torch.nn.functional.embedding(codes[:, m], codebooks[m]) for m in range(M))
-    w = v.reshape(rows, -1)[:, :cols] * scale[:, None]
-    if inv_perm is not None:
-        w = w[:, inv_perm]
-    if axes is None:
-        return w.reshape(tuple(shape))
-    return w.reshape([shape[a] for a in axes]).permute(*np.argsort(axes).tolist())
+            for p, v in zip(self.parameters(), values):
+                p.copy_(v)
 
 
 def finetune(aqm_path: str | os.PathLike, out_path: str | os.PathLike, model, calib: Sequence[Any], *,
              loss_fn: Callable[[Any, Any], Any] | None = None,
              forward: Callable[[Any, Any], Any] | None = None, steps: int = 300, lr: float = 1e-3,
-             seed: int = 0, device: str | None = None, progress: bool = True) -> FinetuneReport:
+             refresh_every: int = 0, seed: int = 0, device: str | None = None,
+             progress: bool = True) -> FinetuneReport:
     """Fine-tune the codebooks, scales, norms and biases of an .aqm file; write a new .aqm.
 
     Parameters
@@ -167,6 +184,11 @@ def finetune(aqm_path: str | os.PathLike, out_path: str | os.PathLike, model, ca
         Optimiser steps (Adam, cosine-decayed learning rate).
     lr : float
         Peak learning rate.
+    refresh_every : int
+        Every this many steps, re-run the code search of every quantized
+        tensor against the current codebooks (codes closest to the original
+        weights, scales re-fitted), as the seed papers do between epochs;
+        0 keeps the codes fixed throughout.
     seed : int
         Seed of the batch order; the run is deterministic under a seed.
     device : str, optional
@@ -188,6 +210,8 @@ def finetune(aqm_path: str | os.PathLike, out_path: str | os.PathLike, model, ca
         raise AqmInputError("calibration set is empty")
     if steps < 1:
         raise AqmInputError("steps must be at least 1")
+    if refresh_every < 0:
+        raise AqmInputError("refresh_every must be >= 0")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     teacher = model.to(dev).eval()
@@ -209,7 +233,8 @@ def finetune(aqm_path: str | os.PathLike, out_path: str | os.PathLike, model, ca
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
         order = np.random.default_rng(seed).permutation(np.resize(np.arange(len(calib)), steps))
         first = last = float("nan")
-        good, stopped, done = st.state(), None, 0
+        good, stopped, done, refreshes = st.state(), None, 0, 0
+        originals = teacher.state_dict() if refresh_every else {}
         t0 = time.perf_counter()
         bar = _bar(steps, progress)
         for step, i in enumerate(order):
@@ -235,17 +260,20 @@ def finetune(aqm_path: str | os.PathLike, out_path: str | os.PathLike, model, ca
             sched.step()
             first = value if step == 0 else first
             last, done = value, step + 1
+            if refresh_every and done % refresh_every == 0 and done < steps:
+                st.refresh_codes(originals, _REFRESH_BEAM)
+                refreshes += 1
             bar.set_postfix(loss=f"{value:.4g}", refresh=False)
             bar.update(1)
         bar.close()
         report = FinetuneReport(objective, steps, done, first, last, time.perf_counter() - t0,
-                                len(st.aq) + len(st.trainable_raw), stopped)
+                                len(st.aq) + len(st.trainable_raw), stopped, refreshes)
         _write(f, out_path, st, report)
     return report
 
 
 def _write(f: aqformat.AqmFile, out_path, st: _Student, report: FinetuneReport) -> None:
-    """Copy ``f`` to ``out_path`` with the trained values, codes unchanged."""
+    """Copy ``f`` to ``out_path`` with the trained values and the (possibly refreshed) codes."""
     groups = {g.name: g for g in f.codebook_groups}
     with aqformat.Writer(out_path, producer=f.producer, source=f.source,
                          metadata={**f.metadata, "finetune": report.as_metadata()}) as w:
@@ -254,7 +282,8 @@ def _write(f: aqformat.AqmFile, out_path, st: _Student, report: FinetuneReport) 
         for info in f.tensors():
             if info.codec == "aq":
                 parts = f.aq_parts(info.name)
-                w.add_aq(info.name, info.shape, parts.codes, group=info.group, dtype=info.dtype,
+                codes = st.aq[info.name][1].T.cpu().numpy().astype(parts.codes.dtype)  # refreshed or not
+                w.add_aq(info.name, info.shape, codes, group=info.group, dtype=info.dtype,
                          scale=st.scales[info.name].detach().cpu().numpy(),
                          scale_dtype=str(parts.scale.dtype) if parts.scale is not None else "float32",
                          perm=parts.perm, axes=parts.axes)

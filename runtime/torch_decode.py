@@ -24,6 +24,50 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
                 "uint64": torch.uint64, "bool": torch.bool}
 
 
+def assemble_aq(codes: torch.Tensor, codebooks: torch.Tensor, scale: torch.Tensor | None,
+                perm: np.ndarray | None, axes: Sequence[int] | None, shape: Sequence[int],
+                rows: int, cols: int) -> torch.Tensor:
+    """Rebuild an AQ tensor from its parts, all on one device; differentiable.
+
+    The one torch implementation of the format's AQ layout (spec/FORMAT.md):
+    the runtime decodes with it and fine-tuning trains through it.
+
+    Parameters
+    ----------
+    codes : torch.Tensor
+        ``[M, n_vectors]`` integer codes.
+    codebooks : torch.Tensor
+        ``[M, K, d]`` float codebooks.
+    scale : torch.Tensor, optional
+        ``[rows]`` per-row scale.
+    perm : numpy.ndarray, optional
+        Column permutation of the matrix view.
+    axes : sequence of int, optional
+        Axes order of the matrix view.
+    shape : sequence of int
+        Logical shape of the tensor.
+    rows, cols : int
+        Matrix view size (before padding to a multiple of ``d``).
+
+    Returns
+    -------
+    torch.Tensor
+        Of ``shape``, contiguous.
+    """
+    w = codebooks[0].index_select(0, codes[0])
+    for m in range(1, codebooks.shape[0]):
+        w = w + codebooks[m].index_select(0, codes[m])
+    w = w.reshape(rows, -1)[:, :cols]
+    if scale is not None:
+        w = w * scale[:, None]
+    if perm is not None:
+        w = w.index_select(1, torch.from_numpy(np.argsort(perm)).to(w.device))
+    if axes is None:
+        return w.reshape(tuple(shape)).contiguous()
+    u = w.reshape([shape[a] for a in axes])
+    return u.permute(tuple(int(i) for i in np.argsort(axes))).contiguous()
+
+
 def decode_aq(parts: AQParts, shape: Sequence[int], device: torch.device | str = "cpu",
               codebooks: torch.Tensor | None = None) -> torch.Tensor:
     """Rebuild an AQ tensor as float32 on ``device``.
@@ -47,23 +91,11 @@ def decode_aq(parts: AQParts, shape: Sequence[int], device: torch.device | str =
     """
     if codebooks is None:
         codebooks = _device_codebooks(parts, device)
-    M = codebooks.shape[0]
     # moved compact (uint8/uint16), widened on the device; int32 indices gather as fast as int64
     codes = torch.from_numpy(np.ascontiguousarray(parts.codes.T)).to(device).int()  # [M, n]
-    w = codebooks[0].index_select(0, codes[0])
-    for m in range(1, M):
-        w += codebooks[m].index_select(0, codes[m])
-    w = w.reshape(parts.rows, -1)[:, : parts.cols]
-    if parts.scale is not None:
-        w = w * torch.from_numpy(parts.scale.astype(np.float32)).to(device)[:, None]
-    if parts.perm is not None:
-        out = torch.empty_like(w)
-        out[:, torch.from_numpy(parts.perm.astype(np.int64)).to(device)] = w
-        w = out
-    if parts.axes is None:
-        return w.reshape(tuple(shape)).contiguous()
-    u = w.reshape([shape[a] for a in parts.axes])
-    return u.permute(tuple(int(i) for i in np.argsort(parts.axes))).contiguous()
+    scale = None if parts.scale is None else torch.from_numpy(parts.scale.astype(np.float32)).to(device)
+    with torch.no_grad():
+        return assemble_aq(codes, codebooks, scale, parts.perm, parts.axes, shape, parts.rows, parts.cols)
 
 
 def decode_tensor(f: AqmFile, name: str, device: torch.device | str = "cpu",

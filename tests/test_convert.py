@@ -342,6 +342,17 @@ def test_not_a_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "o.aqm").exists()
 
 
+def test_cli_finetune_needs_calibration_and_model_code(tmp_path, capsys):
+    torch.save(Net().state_dict(), tmp_path / "net.pt")
+    np.save(tmp_path / "ids.npy", np.zeros((4, 7), np.int64))
+    base = ["convert", str(tmp_path / "net.pt"), "-o", str(tmp_path / "o.aqm"), "--finetune", "10"]
+    rc, err = _cli_error(base, capsys)
+    assert rc == 2 and "needs calibration inputs (--calib)" in err
+    rc, err = _cli_error(base + ["--calib", str(tmp_path / "ids.npy")], capsys)
+    assert rc == 2 and "needs the model's code" in err
+    assert _dir_entries(tmp_path) == ["ids.npy", "net.pt"]
+
+
 def test_onnx_failing_checker(tmp_path, capsys):
     node = helper.make_node("Relu", ["x"], ["y"])
     graph = helper.make_graph([node], "bad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],

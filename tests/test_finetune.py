@@ -1,4 +1,6 @@
 """Codebook fine-tuning on a real (small) classifier trained on scikit-learn's digits."""
+import os
+
 import numpy as np
 import pytest
 
@@ -10,8 +12,8 @@ from aqformat.converters.aq import AQConfig, quantize_weights  # noqa: E402
 from aqformat.converters import finetune  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def digits_model(tmp_path_factory):
+def _digits_net():
+    """A small MLP trained on the digits (real labels): ``(net, X, y)``."""
     torch.manual_seed(0)
     X, y = load_digits(return_X_y=True)
     X = torch.tensor(X / 16.0, dtype=torch.float32)
@@ -25,7 +27,12 @@ def digits_model(tmp_path_factory):
             opt.zero_grad()
             loss.backward()
             opt.step()
-    net.eval()
+    return net.eval(), X, y, None
+
+
+@pytest.fixture(scope="module")
+def digits_model(tmp_path_factory):
+    net, X, y, _ = _digits_net()
     sd = {k: v.detach().numpy() for k, v in net.state_dict().items()}
     cbs, coded, group_of, _ = quantize_weights({k: v for k, v in sd.items() if v.ndim == 2 and v.size >= 4096},
                                                AQConfig(M=1, b=6, d=4, iters=4, beam=4))
@@ -114,3 +121,47 @@ def test_bad_calibration_is_a_clear_error_and_writes_nothing(digits_model, tmp_p
     with pytest.raises(aqformat.AqmInputError, match=msg):
         finetune(path, tmp_path / "out.aqm", net, calib, steps=5, progress=False)
     assert not (tmp_path / "out.aqm").exists()
+
+
+def test_code_refresh_moves_codes_and_keeps_improving(digits_model, tmp_path):
+    net, X, _, path = digits_model
+    calib = [X[i:i + 100] for i in range(0, 1400, 100)]
+    rep = finetune(path, tmp_path / "r.aqm", net, calib, steps=60, lr=3e-3, refresh_every=20, progress=False)
+    assert rep.refreshes == 2 and "2 code refreshes" in str(rep)
+    with aqformat.open(tmp_path / "r.aqm") as f, aqformat.open(path) as g:
+        assert f.metadata["finetune"]["refreshes"] == 2
+        changed = [n for n in g.names() if g.info(n).codec == "aq"
+                   and not np.array_equal(f.aq_parts(n).codes, g.aq_parts(n).codes)]
+        assert changed, "a refresh re-ran the code search but no code changed"
+    held_out = X[1400:]
+    assert _err(_load(net, tmp_path / "r.aqm"), net, held_out) < 0.8 * _err(_load(net, path), net, held_out)
+
+
+def test_convert_with_finetune_distils_into_the_output(tmp_path):
+    """``from_torch(..., finetune_steps=N)``: the one-step path ``aqm convert --finetune`` takes."""
+    from aqformat.converters import from_torch
+    net, X, _, _ = _digits_net()
+    np.save(tmp_path / "calib.npy", X[:256].numpy())
+    enc = {"b": 6, "d": 4, "beam": 2, "iters": 2}
+    plain = from_torch(net, tmp_path / "plain.aqm", bits=1.5, calib=str(tmp_path / "calib.npy"),
+                       progress=False, encoder=enc)
+    tuned = from_torch(net, tmp_path / "tuned.aqm", bits=1.5, calib=str(tmp_path / "calib.npy"),
+                       progress=False, encoder=enc, finetune_steps=60, finetune_lr=3e-3)
+    assert plain.finetune is None and tuned.finetune.steps_done == 60 and "fine-tuned by distill" in str(tuned)
+    assert sorted(os.listdir(tmp_path)) == ["calib.npy", "plain.aqm", "tuned.aqm"]  # no leftover
+    held_out = X[1400:]
+    assert _err(_load(net, tmp_path / "tuned.aqm"), net, held_out) < _err(_load(net, tmp_path / "plain.aqm"), net, held_out)
+    with aqformat.open(tmp_path / "tuned.aqm") as f:
+        assert f.metadata["finetune"]["objective"] == "distill" and f.metadata["conversion"]["calibrated"]
+
+
+def test_convert_finetune_needs_calibration_and_model_code(tmp_path):
+    from aqformat.converters import from_torch
+    net = _digits_net()[0]
+    with pytest.raises(aqformat.AqmInputError, match="calibration inputs"):
+        from_torch(net, tmp_path / "x.aqm", finetune_steps=5, progress=False)
+    np.save(tmp_path / "calib.npy", np.zeros((4, 64), np.float32))
+    with pytest.raises(aqformat.AqmInputError, match="model's code"):
+        from_torch(net.state_dict(), tmp_path / "x.aqm", finetune_steps=5, calib=str(tmp_path / "calib.npy"),
+                   progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["calib.npy"]
