@@ -195,6 +195,12 @@ class AqmFile:
         """Format of the embedded graph (e.g. ``"onnx"``), or None."""
         return self._h.graph["format"] if self._h.graph is not None else None
 
+    @property
+    def graph_bytes(self) -> int:
+        """Stored bytes of the embedded graph section (0 without a graph)."""
+        g = self._h.graph
+        return 0 if g is None else self._h.sections[g["section"]].length
+
     def graph(self) -> tuple[str, bytes] | None:
         """The embedded model graph as ``(format, bytes)``, or None."""
         g = self._h.graph

@@ -150,8 +150,7 @@ def aqm_packed(path: str, covered: Sequence[str], setting: str, seconds: float,
     with aqformat.open(path) as f:
         infos = f.tensors()
         raw_other = sum(i.stored_bytes for i in infos if i.name not in cov)
-        # Stored (compressed) size of the graph section; the reader has no public accessor yet.
-        graph_bytes = f.stored_section(f._h.graph["section"])[0].length if f.graph_format else 0
+        graph_bytes = f.graph_bytes
         books = sum(f.group_bytes(g.name) for g in f.codebook_groups)
         payload = sum(i.stored_bytes for i in infos) + books + graph_bytes
         decoded = {n: f.read(n) for n in covered}

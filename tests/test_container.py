@@ -130,6 +130,12 @@ def test_sections_are_aligned_and_file_is_deterministic(tmp_path):
     assert a == b
     hoff = struct.unpack_from("<Q", a, 16)[0]
     assert hoff % 64 == 0
+    with aqformat.open(tmp_path / "a.aqm") as f:
+        assert f.graph() == ("onnx", b"\x08\x07") and f.graph_bytes == 2
+    with aqformat.Writer(tmp_path / "c.aqm") as w:
+        w.add_tensor("x", np.ones(3))
+    with aqformat.open(tmp_path / "c.aqm") as f:
+        assert f.graph() is None and f.graph_bytes == 0
 
 
 def test_corrupted_section_is_found_lazily_and_named(tmp_path):
