@@ -45,13 +45,13 @@ RESULTS = os.path.join(HERE, "results")
 # MiniLM (the encoder's cost dominates there); the small models use the converter's defaults.
 SETTINGS = {
     "quick": {"eval": 250, "calib": 64, "aqm_bits": (2, 3, 4), "nncodec_qp": (-32, -26, -20, -14),
-              "lsq_bits": (2,), "faiss_train": 1 << 14, "utterances": 6, "ft_steps": 0,
-              "ft_steps_small": 150, "digits_bits": (1, 2, 3, 4),
-              "encoder": {"beam": 1, "iters": 2, "reservoir": 1 << 14},
+              "lsq_bits": (2,), "faiss_train": 1 << 14, "utterances": 6, "ft_steps": 100,
+              "ft_lr": 1e-4, "ft_steps_small": 150, "digits_bits": (1, 2, 3, 4),
+              "encoder": {"beam": 2, "iters": 3, "reservoir": 1 << 14},
               "encoder_small": {}},
     "full": {"eval": 500, "calib": 128, "aqm_bits": (2, 3, 4), "nncodec_qp": (-38, -32, -26, -20, -14),
-             "lsq_bits": (2, 3, 4), "faiss_train": 1 << 16, "utterances": 12, "ft_steps": 200,
-             "ft_steps_small": 300, "digits_bits": (1, 2, 3, 4),
+             "lsq_bits": (2, 3, 4), "faiss_train": 1 << 16, "utterances": 12, "ft_steps": 300,
+             "ft_lr": 1e-4, "ft_steps_small": 300, "digits_bits": (1, 2, 3, 4),
              "encoder": {"beam": 4, "iters": 4, "reservoir": 1 << 15},
              "encoder_small": {}},
 }
@@ -216,7 +216,6 @@ def bench_minilm(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
     with open(calib_txt, "w") as f:
         f.write("\n".join(cal))
     enc = cfg["encoder"]
-    best = None
     for bits in cfg["aqm_bits"]:
         out = os.path.join(folder, f"minilm_{bits}bit.aqm")
 
@@ -225,10 +224,9 @@ def bench_minilm(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
                            progress=False, encoder=enc)
             return aqm_packed(out, list(orig), _bits_setting(bits, enc), s.seconds)
         p = t.add("aqm", produce, name="aqm")
-        best = p or best
-    if cfg["ft_steps"] and best is not None:
-        t.add("aqm", lambda: _minilm_finetune(best, model, tok, cal, list(orig), cfg["ft_steps"], folder),
-              name="aqm+finetune")
+        if p is not None and cfg["ft_steps"]:
+            t.add("aqm", lambda p=p: _minilm_finetune(p, model, tok, cal, list(orig), cfg, folder),
+                  name="aqm+finetune")
     return {"model": "all-MiniLM-L6-v2", "task": "sentence embeddings",
             "metrics": {"cosine": "mean cosine to original embeddings",
                         "top10": "top-10 retrieval overlap", "min_cosine": "worst sentence cosine"},
@@ -237,13 +235,16 @@ def bench_minilm(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
             "params": int(sum(w.numel() for w in orig.values())), "rows": t.rows}
 
 
-def _minilm_finetune(p: B.Packed, model, tok, cal: list[str], covered: list[str], steps: int,
+def _minilm_finetune(p: B.Packed, model, tok, cal: list[str], covered: list[str], cfg: dict[str, Any],
                      folder: str) -> B.Packed:
+    """Distil the original MiniLM into ``p``'s codebooks on the calibration sentences (16 per step)."""
     from aqformat.converters import finetune
     out = p.path.replace(".aqm", "_ft.aqm")
     t0 = time.perf_counter()
-    items = [dict(tok([s], truncation=True, max_length=128, return_tensors="pt")) for s in cal]
-    finetune(p.path, out, model, items, steps=steps, progress=False)
+    items = [dict(tok(cal[i:i + 16], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+             for i in range(0, len(cal), 16)]
+    steps = cfg["ft_steps"]
+    finetune(p.path, out, model, items, steps=steps, lr=cfg["ft_lr"], progress=False)
     return aqm_packed(out, covered, f"{p.setting.split(' ')[0]} + distillation ({steps} steps)",
                       p.seconds + time.perf_counter() - t0, "aqm+finetune")
 
