@@ -17,7 +17,6 @@ weights bounds the latter).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
@@ -36,28 +35,12 @@ from runtime_fixtures import build_aqm  # noqa: E402
 
 def export_minilm(path: str) -> dict[str, np.ndarray]:
     """Write MiniLM as fp32 ONNX to ``path``; return real tokenized feeds (8 sentences)."""
-    import onnx
-    import torch
+    from tasks import export_minilm_onnx
 
     model, tok = load_minilm()
-    enc = tok(sentences("eval", 8), padding=True, return_tensors="pt")
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-
-    class Positional(torch.nn.Module):  # the exporter passes inputs positionally
-        def __init__(self):
-            super().__init__()
-            self.bert = model
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                             token_type_ids=token_type_ids).last_hidden_state
-
-    buf = io.BytesIO()
-    torch.onnx.export(Positional().eval(), tuple(enc[n] for n in names), buf, dynamo=False, input_names=names,
-                      output_names=["last_hidden_state"], opset_version=17,
-                      dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names})
-    onnx.save(onnx.load_from_string(buf.getvalue()), path)
-    return {n: enc[n].numpy() for n in names}
+    export_minilm_onnx(model, tok, path)
+    enc = tok(sentences("eval", 8), padding=True, return_tensors="np")
+    return {n: enc[n] for n in ("input_ids", "attention_mask", "token_type_ids")}
 
 
 def main() -> None:
