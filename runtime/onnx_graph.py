@@ -1,10 +1,10 @@
 """The ONNX graph stored in an .aqm file: find its weight stubs, split it into stages, inline weights.
 
-Finding the stubs (initializers with ``external_data`` location ``"aqm"``) is
-done by a minimal protobuf walk so that building an ordinary session needs
-neither the ``onnx`` package nor torch. Splitting a graph into stages and
-writing an fp32 ONNX model edit protobuf messages and therefore use ``onnx``,
-imported only when those are asked for.
+Finding the stubs (initializers with ``external_data`` location ``"aqm"``) and
+pointing them at in-memory files is done by a minimal protobuf walk so that
+building an ordinary session needs neither the ``onnx`` package nor torch.
+Splitting a graph into stages and writing an fp32 ONNX model edit protobuf
+messages and therefore use ``onnx``, imported only when those are asked for.
 """
 from __future__ import annotations
 
@@ -61,10 +61,11 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
             raise AqmFormatError("stored ONNX graph has a malformed varint")
 
 
-def _fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
-    """Yield ``(field_number, wire_type, value)``; LEN values are memoryviews."""
+def _spans(buf: memoryview) -> Iterator[tuple[int, int, Any, memoryview]]:
+    """Yield ``(field_number, wire_type, value, encoded_field)``; LEN values are memoryviews."""
     pos = 0
     while pos < len(buf):
+        start = pos
         key, pos = _varint(buf, pos)
         num, wt = key >> 3, key & 7
         if wt == 0:
@@ -79,6 +80,12 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
             val, pos = bytes(buf[pos: pos + n]), pos + n
         else:
             raise AqmFormatError(f"stored ONNX graph uses protobuf wire type {wt}")
+        yield num, wt, val, buf[start: pos]
+
+
+def _fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
+    """Yield ``(field_number, wire_type, value)``; LEN values are memoryviews."""
+    for num, wt, val, _ in _spans(buf):
         yield num, wt, val
 
 
@@ -148,13 +155,38 @@ def _pb(num: int, value: int | bytes | str) -> bytes:
     return varint(num << 3 | 2) + varint(len(data)) + data
 
 
+def locate_stubs(model_bytes: bytes, files: Mapping[str, str]) -> bytes:
+    """Serialized model whose stubs named in ``files`` read their data from external file ``files[name]``.
+
+    Each such stub's ``external_data`` becomes just that ``location`` (offset 0,
+    the whole file); everything else is copied unchanged. ONNX Runtime is then
+    given the files' contents with
+    ``SessionOptions.add_external_initializers_from_files_in_memory``.
+    """
+    def tensor(t: memoryview) -> bytes:
+        stub = _stub_of(t)
+        if stub is None or stub.name not in files:
+            return bytes(t)
+        kept = b"".join(raw for num, _, _, raw in _spans(t) if num != 13)
+        return kept + _pb(13, _pb(1, "location") + _pb(2, files[stub.name]))
+
+    def graph(g: memoryview) -> bytes:
+        return b"".join(_pb(5, tensor(v)) if num == 5 and wt == 2 else raw for num, wt, v, raw in _spans(g))
+
+    return b"".join(_pb(7, graph(v)) if num == 7 and wt == 2 else raw
+                    for num, wt, v, raw in _spans(memoryview(model_bytes)))
+
+
+PROBE_SIZE = 1024  # elements: ONNX Runtime copies tiny initializers whatever it is asked
+
+
 def probe_model() -> bytes:
-    """Serialized ONNX model ``y = x + W`` (float32[4]) with ``W`` an 'aqm' stub, built without onnx."""
-    stub = (_pb(1, 4) + _pb(2, 1) + _pb(8, "W")
+    """Serialized ONNX model ``y = x + W`` (float32[PROBE_SIZE]) with ``W`` an 'aqm' stub, built without onnx."""
+    stub = (_pb(1, PROBE_SIZE) + _pb(2, 1) + _pb(8, "W")
             + _pb(13, _pb(1, "location") + _pb(2, AQM_LOCATION)) + _pb(14, 1))
-    f4 = _pb(2, _pb(1, _pb(1, 1) + _pb(2, _pb(1, _pb(1, 4)))))  # ValueInfo.type: float[4]
+    vec = _pb(2, _pb(1, _pb(1, 1) + _pb(2, _pb(1, _pb(1, PROBE_SIZE)))))  # ValueInfo.type: float[PROBE_SIZE]
     graph = (_pb(1, _pb(1, "x") + _pb(1, "W") + _pb(2, "y") + _pb(4, "Add")) + _pb(2, "probe")
-             + _pb(5, stub) + _pb(11, _pb(1, "x") + f4) + _pb(12, _pb(1, "y") + f4))
+             + _pb(5, stub) + _pb(11, _pb(1, "x") + vec) + _pb(12, _pb(1, "y") + vec))
     return _pb(1, 8) + _pb(8, _pb(2, 17)) + _pb(7, graph)
 
 

@@ -1,9 +1,12 @@
 """ONNX Runtime inference straight from an .aqm file.
 
-The stored graph bytes go to ONNX Runtime unchanged; every weight stub is
-decoded by aqformat's numpy decoders into one contiguous array and handed
-over as an ``OrtValue`` with ``SessionOptions.add_external_initializers``, so
-no temporary ONNX file is written and weights are never serialised again.
+Every weight stub of the stored graph is pointed at an in-memory external
+file of its own, and decoded by aqformat's numpy decoders into one contiguous
+array handed over as that file's contents with
+``SessionOptions.add_external_initializers_from_files_in_memory``. ONNX Runtime
+reads these arrays in place, so no temporary ONNX file is written, weights are
+never serialised again, and ORT makes no second copy of them (only its
+repacked layouts for kernels such as MatMul).
 
 With a ``memory_budget`` smaller than the model needs, the graph is run as a
 sequence of stages (see :mod:`.onnx_graph`), each stage's weights decoded just
@@ -22,8 +25,9 @@ import numpy as np
 from .. import open as open_aqm
 from ..errors import AqmFormatError, AqmInputError
 from .cache import WeightCache
-from .onnx_graph import (AQM_TO_ONNX, BFLOAT16, ONNX_DTYPES, StagePlan, StageTooLarge, Stub,
-                         external_stubs, plan_stages, probe_model, stage_model)
+from .onnx_graph import (AQM_LOCATION, AQM_TO_ONNX, BFLOAT16, ONNX_DTYPES, PROBE_SIZE, StagePlan,
+                         StageTooLarge, Stub, external_stubs, locate_stubs, plan_stages, probe_model,
+                         stage_model)
 
 # numpy dtype -> ONNX Runtime type string, as NodeArg.type spells it
 _ORT_TYPE = {np.dtype(k): f"tensor({v})" for k, v in {
@@ -39,9 +43,12 @@ _OPTION_FIELDS = ("enable_cpu_mem_arena", "enable_mem_pattern", "enable_mem_reus
                   "inter_op_num_threads", "intra_op_num_threads", "log_severity_level",
                   "log_verbosity_level", "logid", "profile_file_prefix", "use_deterministic_compute",
                   "use_per_session_threads")
-# While a session is built, the decoded arrays and ONNX Runtime's own copy of them coexist,
+# While a session is built, the decoded arrays and ONNX Runtime's own copy of them coexist
+# (repacked weights, or a plain copy where ORT cannot read the arrays in place),
 # so a stage may hold half the budget.
 COPIES_PER_WEIGHT = 2
+# Session config entry that makes ORT read in-memory external files in place instead of copying them
+_BORROW_BUFFERS = "session.use_external_initializer_file_buffers_directly"
 
 
 @dataclass(frozen=True)
@@ -80,30 +87,30 @@ def _ort_errors() -> tuple[type[BaseException], ...]:
     return tuple(getattr(st, n) for n in names if hasattr(st, n)) + (RuntimeError, ValueError, TypeError)
 
 
-def _ort_value(arr: np.ndarray, data_type: int):
-    ort = _ort()
-    if data_type == BFLOAT16:
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(arr, BFLOAT16)
-    return ort.OrtValue.ortvalue_from_numpy(arr)
+def _with_weights(so, files: list[str], arrays: list[np.ndarray]):
+    """``so`` set up to read the in-memory external file ``files[i]`` from ``arrays[i]``, in place."""
+    so.add_session_config_entry(_BORROW_BUFFERS, "1")
+    so.add_external_initializers_from_files_in_memory(files, arrays, [a.nbytes for a in arrays])
+    return so
 
 
 @functools.lru_cache(maxsize=None)
-def ort_copies_initializers() -> bool:
-    """Whether ONNX Runtime copies external initializers when it builds a session.
+def ort_borrows_weights() -> bool:
+    """Whether ONNX Runtime reads the decoded weight arrays in place rather than copying them.
 
-    Probed once per process on a 4-element model: if overwriting the array
-    after the session is built leaves its output unchanged, ORT holds its own
-    copy and the decoded arrays can be freed (halving resident memory);
-    otherwise they are kept alive for the session's lifetime.
+    Probed once per process on a small model set up the way sessions are: if
+    overwriting the array after the session is built changes its output, ORT
+    reads the array itself, which must then live (unchanged) as long as the
+    session; otherwise ORT holds its own copy and the array can be freed.
     """
     ort = _ort()
-    w = np.ones(4, np.float32)
-    so = ort.SessionOptions()
-    so.add_external_initializers(["W"], [ort.OrtValue.ortvalue_from_numpy(w)])
-    sess = ort.InferenceSession(probe_model(), so, providers=["CPUExecutionProvider"])
+    w = np.ones(PROBE_SIZE, np.float32)
+    so = _with_weights(ort.SessionOptions(), [AQM_LOCATION], [w])
+    sess = ort.InferenceSession(locate_stubs(probe_model(), {"W": AQM_LOCATION}), so,
+                                providers=["CPUExecutionProvider"])
     del so
     w[:] = 2.0
-    return bool(np.all(sess.run(None, {"x": np.zeros(4, np.float32)})[0] == 1.0))
+    return bool(np.all(sess.run(None, {"x": np.zeros(PROBE_SIZE, np.float32)})[0] == 2.0))
 
 
 def _clone_options(so):
@@ -133,9 +140,10 @@ class InferenceSession:
         Execution providers, as for ``onnxruntime.InferenceSession``.
     memory_budget : int, optional
         Bytes of decoded weights allowed in memory at once, counting ONNX
-        Runtime's own copy (so a stage may hold ``memory_budget / 2`` bytes of
-        weights). If the whole model does not fit, the graph runs in stages
-        whose weights are decoded before and released after each stage.
+        Runtime's own copy (its repacked weights), so a stage may hold
+        ``memory_budget / 2`` bytes of weights. If the whole model does not
+        fit, the graph runs in stages whose weights are decoded before and
+        released after each stage.
     sess_options : onnxruntime.SessionOptions, optional
         Settings copied into the sessions built here (the object itself is not
         modified; session config entries and custom-op libraries are not copied).
@@ -162,6 +170,9 @@ class InferenceSession:
         self._model_bytes = graph[1]
         self._stubs = {s.name: s for s in external_stubs(self._model_bytes)}
         self._check_stubs()
+        # one in-memory file per stub, so a session can be given any subset of the weights
+        self._files = {name: f"{AQM_LOCATION}.{i}" for i, name in enumerate(self._stubs)}
+        self._graph = locate_stubs(self._model_bytes, self._files)
         self._providers = providers
         self._sess_options = sess_options
         self.memory_budget = memory_budget
@@ -176,10 +187,10 @@ class InferenceSession:
             self._inputs = [_io_info(v) for v in self._plan.graph_inputs]
             self._outputs = [_io_info(v) for v in self._plan.graph_outputs]
         else:
-            self._sess, arrays = self._session(self._model_bytes, list(self._stubs))
+            self._sess, arrays = self._session(self._graph, list(self._stubs))
             self.cache.clear()
-            # ORT's API asks for the buffers to outlive the session; when it copied them they need not
-            self._weights = [] if ort_copies_initializers() else arrays
+            # ORT reads the arrays in place for as long as the session lives; a copying ORT lets them go
+            self._weights = arrays if ort_borrows_weights() else []
             del arrays
             self._inputs = list(self._sess.get_inputs())
             self._outputs = list(self._sess.get_outputs())
@@ -199,7 +210,7 @@ class InferenceSession:
     def _make_plan(self, budget: int) -> StagePlan:
         limit = budget // COPIES_PER_WEIGHT
         try:
-            return plan_stages(self._model_bytes, {n: s.nbytes for n, s in self._stubs.items()}, limit)
+            return plan_stages(self._graph, {n: s.nbytes for n, s in self._stubs.items()}, limit)
         except StageTooLarge as e:
             raise AqmInputError(f"memory_budget={budget} bytes is too small: {e}; "
                                 f"streaming needs memory_budget >= {COPIES_PER_WEIGHT * e.need} bytes") from None
@@ -211,10 +222,7 @@ class InferenceSession:
         """Build an ORT session from ``model`` with the stubs ``names`` decoded; return it and the arrays."""
         ort = _ort()
         arrays = [self._decode(n) for n in names]
-        so = _clone_options(self._sess_options)
-        if names:
-            so.add_external_initializers(names, [_ort_value(a, self._stubs[n].data_type)
-                                                 for n, a in zip(names, arrays)])
+        so = _with_weights(_clone_options(self._sess_options), [self._files[n] for n in names], arrays)
         try:
             sess = ort.InferenceSession(model, so, providers=self._providers)
         except _ort_errors() as e:

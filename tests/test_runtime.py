@@ -52,7 +52,7 @@ def test_session_matches_ort_on_decoded_weights(models, name):
     model, path, feeds = models[name]
     sess = InferenceSession(path)
     assert not sess.streaming and sess.num_stages == 1
-    assert sess._weights == []  # ORT copied the weights (probed), so the decoded arrays were freed
+    assert len(sess._weights) == len(sess._stubs)  # ORT reads them in place (probed), so they are kept
     assert [i.name for i in sess.get_inputs()] == [i.name for i in model.graph.input
                                                    if i.name not in {t.name for t in model.graph.initializer}]
     assert [o.name for o in sess.get_outputs()] == [o.name for o in model.graph.output]
@@ -75,15 +75,18 @@ def test_stored_graph_has_no_weight_data(models):
     assert {s.name for s in stubs} == set(aqformat.open(path).names())
 
 
-def test_ort_copy_probe():
-    from aqformat.runtime.onnx_graph import probe_model
-    from aqformat.runtime.ort_session import ort_copies_initializers
+def test_ort_borrow_probe():
+    from aqformat.runtime.onnx_graph import PROBE_SIZE, locate_stubs, probe_model
+    from aqformat.runtime.ort_session import ort_borrows_weights
     model = onnx.load_from_string(probe_model())
     g = model.graph
     assert [(n.op_type, list(n.input), list(n.output)) for n in g.node] == [("Add", ["x", "W"], ["y"])]
     assert [v.type.tensor_type.elem_type for v in list(g.input) + list(g.output)] == [1, 1]
-    assert external_stubs(probe_model()) == [Stub("W", 1, (4,))]
-    assert ort_copies_initializers()  # onnxruntime 1.32 copies; if this changes, arrays are kept alive
+    assert external_stubs(probe_model()) == [Stub("W", 1, (PROBE_SIZE,))]
+    located = onnx.load_from_string(locate_stubs(probe_model(), {"W": "w.bin"}))
+    g.initializer[0].external_data[0].value = "w.bin"
+    assert located == model and external_stubs(located.SerializeToString()) == []
+    assert ort_borrows_weights()  # onnxruntime 1.32 reads the arrays in place; if not, they are freed after the build
 
 
 def test_no_torch_or_onnx_imported(models):
@@ -193,6 +196,35 @@ def test_file_without_graph_or_with_mismatched_stub(tmp_path, models):
     with pytest.raises(AqmFormatError, match=r"'w0' is float\[32, 128\] but the .aqm tensor is float32\[128, 32\]"):
         InferenceSession(p)
 
+
+def test_session_reads_each_stub_dtype_in_place(tmp_path):
+    """bfloat16, float16 and int64 stubs, aq-coded and raw (views of the file mapping), reach ORT intact."""
+    from onnx import TensorProto, helper
+    rng = np.random.default_rng(4)
+    cb = rng.standard_normal((2, 16, 4)).astype(np.float32)
+    names = {"aq_bf16": 16, "raw_bf16": 16, "aq_f16": 10, "raw_i64": 7}
+    nodes = [helper.make_node("Cast", [n], [n + "_f"], to=1) for n in names]
+    nodes.append(helper.make_node("Sum", ["x"] + [n + "_f" for n in names], ["y"]))
+    vi = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "g", [vi("x", 1, [6, 64])], [vi("y", 1, [6, 64])],
+                              [TensorProto(name=n, data_type=t, dims=[6, 64]) for n, t in names.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    p = str(tmp_path / "dtypes.aqm")
+    with aqformat.Writer(p) as w:
+        w.add_codebooks("g", cb, dtype="float32")
+        for name, dt in (("aq_bf16", "bfloat16"), ("aq_f16", "float16")):
+            w.add_aq(name, (6, 64), rng.integers(0, 16, (6 * 16, 2)), group="g", dtype=dt)
+        w.add_tensor("raw_bf16", (rng.standard_normal((6, 64)).astype(np.float32).view(np.uint32) >> 16)
+                     .astype(np.uint16), dtype="bfloat16")
+        w.add_tensor("raw_i64", rng.integers(-9, 9, (6, 64)))
+        w.set_graph(stub_graph(model, set(names)))
+    f = aqformat.open(p)
+    x = rng.standard_normal((6, 64)).astype(np.float32)
+    # ORT sees each tensor as decode_for_ort gives it (bfloat16 rounded to nearest even)
+    as_float = {n: (decode_for_ort(f, Stub(n, t, (6, 64))).astype(np.uint32) << 16).view(np.float32) if t == 16
+                else f.read(n).astype(np.float32) for n, t in names.items()}
+    out = InferenceSession(p).run(None, {"x": x})[0]
+    assert np.allclose(out, x + sum(as_float.values()), rtol=1e-6, atol=1e-5)
 
 def test_decode_for_ort_dtypes(tmp_path):
     rng = np.random.default_rng(3)
