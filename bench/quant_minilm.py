@@ -6,13 +6,19 @@ Two modes per target rate:
   alloc  bit allocation under a budget of exactly ``bits`` per weight, all bytes
          counted (codes, fp16 scales, fp16 codebooks of every used group).
 
-Usage: ``python bench/quant_minilm.py --bits 2 3 4 --mode alloc fixed``
+With ``--faiss``, fixed mode also runs faiss's ResidualQuantizer and
+LocalSearchQuantizer with the same ``M, K, d``, the same per-row scales and
+the same number of training vectors, so encoding time is compared at the
+weight SQNR each reaches (use ``--no-calib`` for the equal-objective case).
+
+Usage: ``python bench/quant_minilm.py --bits 2 3 4 --mode alloc fixed [--faiss]``
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -22,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench.minilm import (calibration_hessians, embed, fidelity, linear_weights,  # noqa: E402
                           load_minilm, sentences, set_weights)
 from converters.allocate import allocate_and_quantize, default_candidates  # noqa: E402
+from bench.baselines import faiss_aq, sqnr_db  # noqa: E402
 from converters.aq import AQConfig, decode_tensor, quantize_weights  # noqa: E402
 
 
@@ -33,13 +40,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--feedback", default="false", choices=["auto", "true", "false"])
     ap.add_argument("--reservoir", type=int, default=1 << 15)
+    ap.add_argument("--damp", type=float, default=0.01, help="relative damping of H")
+    ap.add_argument("--grouping", default="shared", choices=["shared", "by-kind", "per-layer"],
+                    help="fixed mode: codebook groups")
     ap.add_argument("--eval", type=int, default=600)
-    ap.add_argument("--calib", type=int, default=256)
+    ap.add_argument("--calib", type=int, default=403, help="calibration sentences (at most 403)")
     ap.add_argument("--no-calib", action="store_true", help="plain weight MSE (no H)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--retrain", action="store_true",
                     help="retrain each used group on its assigned tensors after allocation")
     ap.add_argument("--hcache", help="file to load/save the calibration H (torch.save)")
+    ap.add_argument("--faiss", action="store_true", help="fixed mode: also faiss RQ and LSQ at the same M, K, d")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     fb = {"auto": "auto", "true": True, "false": False}[args.feedback]
@@ -60,18 +71,28 @@ def main(argv: list[str] | None = None) -> None:
             torch.save(H, args.hcache)
     print(f"{len(weights)} linear weights, {n} parameters; calibration {time.perf_counter() - t0:.1f} s "
           f"on {args.calib} sentences; eval on {len(ev)} sentences", flush=True)
-    print(f"{'mode':6s} {'target':>6s} {'bits/w':>7s} {'cosine':>7s} {'min cos':>7s} {'top10':>6s} "
-          f"{'enc s':>6s} {'cpu s':>6s}  groups", flush=True)
+    print(f"{'mode':6s} {'target':>6s} {'bits/w':>7s} {'SQNR dB':>7s} {'cosine':>7s} {'min cos':>7s} "
+          f"{'top10':>6s} {'enc s':>6s} {'cpu s':>6s}  groups", flush=True)
+    W = {k: (v.numpy(), None) for k, v in weights.items()}
+
+    def report(mode: str, bits: float, nbytes: int, dec: dict, secs: float, cpu: float, desc: str) -> None:
+        set_weights(model, dec)
+        f = fidelity(ref, embed(model, tok, ev))
+        set_weights(model, weights)
+        print(f"{mode:6s} {bits:6.2f} {8 * nbytes / n:7.3f} {sqnr_db(W, dec):7.2f} {f['cosine']:7.4f} "
+              f"{f['min_cosine']:7.4f} {f['top10']:6.3f} {secs:6.1f} {cpu:6.1f}  {desc}", flush=True)
     for mode in args.mode:
         for bits in args.bits:
             t0, c0 = time.perf_counter(), time.process_time()
             if mode == "fixed":
-                cfg = AQConfig(M=int(round(bits)), b=8, d=8, beam=args.beam, iters=args.iters, feedback=fb)
-                books, coded, group_of, raw = quantize_weights(weights, cfg, H, reservoir=args.reservoir)
+                cfg = AQConfig(M=int(round(bits)), b=8, d=8, beam=args.beam, iters=args.iters, feedback=fb,
+                               damp=args.damp)
+                books, coded, group_of, raw = quantize_weights(weights, cfg, H, grouping=args.grouping,
+                                                               reservoir=args.reservoir)
                 nbytes = sum(t.nbytes() for t in coded.values()) + len(books) * cfg.codebook_bytes() + \
                     sum(2 * weights[r].numel() for r in raw)
                 dec = {k: decode_tensor(t, books[group_of[k]]) for k, t in coded.items()}
-                desc = f"shared {cfg.M}x{cfg.b} d{cfg.d}"
+                desc = f"{args.grouping} {cfg.M}x{cfg.b} d{cfg.d}"
             else:
                 lo = max(1, int(bits) - 1)
                 cands = default_candidates(Ms=tuple(range(lo, int(bits) + 2)), beam=args.beam,
@@ -83,12 +104,14 @@ def main(argv: list[str] | None = None) -> None:
                 for g in list(plan.group_of.values()) + ["fp16"] * len(plan.raw):
                     counts[g] = counts.get(g, 0) + 1
                 desc = " ".join(f"{g}:{c}" for g, c in sorted(counts.items()))
-            secs, cpu = time.perf_counter() - t0, time.process_time() - c0
-            set_weights(model, dec)
-            f = fidelity(ref, embed(model, tok, ev))
-            set_weights(model, weights)
-            print(f"{mode:6s} {bits:6.2f} {8 * nbytes / n:7.3f} {f['cosine']:7.4f} {f['min_cosine']:7.4f} "
-                  f"{f['top10']:6.3f} {secs:6.1f} {cpu:6.1f}  {desc}", flush=True)
+            report(mode, bits, nbytes, dec, time.perf_counter() - t0, time.process_time() - c0, desc)
+            if mode == "fixed" and args.faiss:
+                for kind in ("rq", "lsq"):
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    with tempfile.TemporaryDirectory() as tmp:
+                        p = faiss_aq(W, tmp, kind, int(round(bits)), 8, 8, args.reservoir)
+                    report(f"faiss-{kind}", bits, p.bytes_counted, p.decoded, time.perf_counter() - t0,
+                           time.process_time() - c0, p.setting)
 
 
 if __name__ == "__main__":
