@@ -175,10 +175,7 @@ def test_corruption_raises_at_lazy_decode(net_file, tmp_path):
 
 @pytest.mark.slow
 def test_minilm_lazy_and_eager(tmp_path):
-    import os
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-    from minilm import load_minilm
+    from bench.minilm import load_minilm
 
     model, tok = load_minilm()
     path = str(tmp_path / "minilm.aqm")
