@@ -59,12 +59,14 @@ class AQConfig:
     feedback : bool or "auto"
         GPTQ-style error feedback across column blocks (else each block is
         coded independently under the diagonal block of ``H``). ``"auto"``
-        codes both ways and keeps, per row, the lower output error: feedback
-        wins on well-conditioned ``H`` but can diverge on ill-conditioned
-        ones (measured on MiniLM's MLP output layers). Default off: on
-        MiniLM, feedback lowered the in-sample output error of attention
-        layers yet gave far worse sentence embeddings on held-out text
-        (it overfits the calibration ``H``).
+        (default) codes both ways and keeps, per row, the lower output error:
+        feedback halves the held-out output error of most MiniLM layers but
+        diverges on ill-conditioned ``H`` (its MLP output layers, 1536 input
+        columns), where the per-row choice keeps the plain coding. On MiniLM
+        (403 calibration sentences, shared 4x8-bit codebooks over 8-vectors)
+        the embedding cosine went from 0.974 to 0.989 at 4 bits and from
+        0.933 to 0.970 at 3 bits, for twice the encoding time. Without
+        calibration only the plain coding runs.
     damp : float
         Relative damping added to ``diag(H)`` before inverting it.
     """
@@ -74,7 +76,7 @@ class AQConfig:
     d: int = 8
     beam: int = 8
     iters: int = 6
-    feedback: bool | str = False
+    feedback: bool | str = "auto"
     damp: float = 0.01
 
     def __post_init__(self) -> None:
