@@ -35,7 +35,7 @@ def main() -> int:
 
     print(f"1/3 converting {src.name} ({original_bytes / 1e6:.1f} MB fp32 safetensors) to {path}")
     t0 = time.perf_counter()
-    summary = from_torch(str(src), path, bits=4.0, calib=sentences("calib", 128))
+    summary = from_torch(str(src), path, bits=4.0, calib=sentences("calib"))
     print(summary)
     convert_s = time.perf_counter() - t0
 

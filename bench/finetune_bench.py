@@ -148,7 +148,7 @@ def main() -> int:
         if "digits" in args.models:
             rows += digits(bits, 150 if args.quick else 400, tmp)
         if "minilm" in args.models:
-            rows += minilm(bits, 500, 128 if args.quick else 256, steps, tmp, args.lr, args.refresh_every)
+            rows += minilm(bits, 500, 403, steps, tmp, args.lr, args.refresh_every)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"finetune": rows, "quick": args.quick}, f, indent=1)

@@ -41,15 +41,16 @@ from bench import tasks  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 
-# Quick: about 10 minutes on 2 cores; full: about 40. "encoder" is the AQ search effort for
-# MiniLM (the encoder's cost dominates there); the small models use the converter's defaults.
+# Quick: about 40 minutes on 2 cores; full: longer (more settings and steps). "encoder" is the
+# AQ search effort for MiniLM (the encoder's cost dominates there); the small models use the
+# converter's defaults. Calibration: all 403 calibration sentences.
 SETTINGS = {
-    "quick": {"eval": 250, "calib": 64, "aqm_bits": (2, 3, 4), "nncodec_qp": (-32, -26, -20, -14),
+    "quick": {"eval": 250, "calib": 403, "aqm_bits": (2, 3, 4), "nncodec_qp": (-32, -26, -20, -14),
               "lsq_bits": (2,), "faiss_train": 1 << 14, "utterances": 6, "ft_steps": 100,
               "ft_lr": 1e-4, "ft_steps_small": 150, "digits_bits": (1, 2, 3, 4),
-              "encoder": {"beam": 2, "iters": 3, "reservoir": 1 << 14},
+              "encoder": {"beam": 4, "iters": 3, "reservoir": 1 << 15},
               "encoder_small": {}},
-    "full": {"eval": 500, "calib": 128, "aqm_bits": (2, 3, 4), "nncodec_qp": (-38, -32, -26, -20, -14),
+    "full": {"eval": 500, "calib": 403, "aqm_bits": (2, 3, 4), "nncodec_qp": (-38, -32, -26, -20, -14),
              "lsq_bits": (2, 3, 4), "faiss_train": 1 << 16, "utterances": 12, "ft_steps": 300,
              "ft_lr": 1e-4, "ft_steps_small": 300, "digits_bits": (1, 2, 3, 4),
              "encoder": {"beam": 4, "iters": 4, "reservoir": 1 << 15},
@@ -405,7 +406,7 @@ def run_systems(quick: bool, timeout: int) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer sentences and settings (~10 min, 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="fewer sentences and settings (~40 min, 2 cores)")
     ap.add_argument("--models", default="minilm,silero,digits",
                     help="comma-separated subset of minilm, silero, digits")
     ap.add_argument("--no-systems", action="store_true", help="skip the other bench/ scripts")
