@@ -169,6 +169,14 @@ def write_sample(path, seed: int = 0) -> dict[str, np.ndarray]:
             "empty": np.zeros((0, 3), np.float32)}
 
 
+def sample_decoded(path) -> dict[str, np.ndarray]:
+    """:func:`write_sample` at ``path``; return every tensor as the reader decodes it (copied)."""
+    import aqformat
+    write_sample(path)
+    with aqformat.open(path) as f:
+        return {n: f.read(n).copy() for n in f.names()}
+
+
 def aq_only(K: int = 16, M: int = 2, d: int = 4, shape: tuple[int, ...] = (4, 8)) -> tuple[dict, list[Blob]]:
     """Header doc and blobs of a minimal valid single-AQ-tensor file (for field surgery)."""
     rows, cols = shape[0], int(np.prod(shape[1:]))

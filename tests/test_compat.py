@@ -10,15 +10,13 @@ import pytest
 
 import aqformat
 from aqformat import AqmUnsupportedError, AqmVersionError
-from craft import Blob, rebuild, repreamble, write_sample
+from craft import Blob, rebuild, repreamble, sample_decoded
 
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
     path = tmp_path_factory.mktemp("compat") / "sample.aqm"
-    write_sample(path)
-    with aqformat.open(path) as f:
-        expected = {n: f.read(n).copy() for n in f.names()}
+    expected = sample_decoded(path)
     return path.read_bytes(), expected
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import aqformat
-from craft import write_sample
+from craft import sample_decoded
 
 DIGESTS = """
 import hashlib, sys, aqformat
@@ -24,9 +24,7 @@ with aqformat.open(sys.argv[1]) as f:
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
     path = tmp_path_factory.mktemp("conc") / "sample.aqm"
-    write_sample(path)
-    with aqformat.open(path) as f:
-        expected = {n: f.read(n).copy() for n in f.names()}
+    expected = sample_decoded(path)
     return path, expected
 
 
