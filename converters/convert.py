@@ -204,11 +204,12 @@ def _calibration_batches(calib: Any, source: Source) -> tuple[Any, Any, Any]:
     return module, batches, run
 
 
-def _hessians(calib: Any, source: Source, names: Sequence[str]) -> dict[str, Any]:
+def _hessians(calib: tuple[Any, Any, Any] | None, names: Sequence[str]) -> dict[str, Any]:
+    """``H`` per weight in ``names`` from resolved ``(module, batches, run)`` calibration."""
     if calib is None:
         return {}
     from .calib import collect_hessians
-    module, batches, run = _calibration_batches(calib, source)
+    module, batches, run = calib
     wanted = set(names)
     try:
         H = collect_hessians(module, run, batches, include=lambda n, _m: f"{n}.weight" in wanted)
@@ -366,7 +367,8 @@ def _plan(specs: list[TensorSpec], compress: list[str], *, bits: float, target: 
 # ------------------------------------------------------------------ pipeline
 
 def _run(source: Source, out_path: str | os.PathLike, *, bits: float, target_size: int | str | None,
-         allocate: bool, permute: bool, codebooks: str, calib: Any, keep: Iterable[str], seed: int,
+         allocate: bool, permute: bool, codebooks: str, calib: tuple[Any, Any, Any] | None,
+         keep: Iterable[str], seed: int,
          progress: bool, min_elements: int, encoder: dict[str, Any] | None, axes: dict[str, Any],
          graph_model: Any = None) -> ConversionSummary:
     import torch
@@ -382,7 +384,7 @@ def _run(source: Source, out_path: str | os.PathLike, *, bits: float, target_siz
     _config_for_bits(bits, encoder)  # validate settings before the expensive steps
     target = parse_size(target_size) if target_size is not None else None
     compress = select_tensors(specs, keep=keep, min_elements=min_elements)
-    H = _hessians(calib, source, compress)
+    H = _hessians(calib, compress)
 
     def weights(name: str) -> np.ndarray:
         return to_float32(source.load(name), by_name[name].dtype)
@@ -517,8 +519,10 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     if source.framework != "pytorch":
         raise AqmInputError("from_torch was given an ONNX model; use from_onnx")
     axes = _torch_axes(source.module) if source.module is not None else {}
-    opts = _options(bits, target_size, allocate, permute, codebooks, calib, keep, seed, progress, min_elements,
-                    encoder)
+    # resolved once: fine-tuning runs the same model (loaded once for a Hugging Face folder)
+    resolved = _calibration_batches(calib, source) if calib is not None else None
+    opts = _options(bits, target_size, allocate, permute, codebooks, resolved, keep, seed, progress,
+                    min_elements, encoder)
     if not finetune_steps:
         return _run(source, out_path, axes=axes, **opts)
     return _run_and_finetune(source, out_path, axes, opts, finetune_steps, finetune_lr)
@@ -537,7 +541,7 @@ def _run_and_finetune(source: Source, out_path: str | os.PathLike, axes: dict[st
         raise AqmInputError("fine-tuning needs calibration inputs (--calib)")
     if steps < 0:
         raise AqmInputError(f"finetune steps must be >= 0, got {steps}")
-    module, batches, run = _calibration_batches(opts["calib"], source)
+    module, batches, run = opts["calib"]
     if batches and all(isinstance(b, str) for b in batches):
         batches = [batches[i:i + _FT_TEXT_BATCH] for i in range(0, len(batches), _FT_TEXT_BATCH)]
     out = os.path.abspath(os.fspath(out_path))
