@@ -517,6 +517,11 @@ def _code_blocks(Wc: torch.Tensor, C: torch.Tensor, G: torch.Tensor, U: torch.Te
     return codes
 
 
+def _decoded_rows(C: torch.Tensor, codes: torch.Tensor, cols: int) -> torch.Tensor:
+    """Unscaled decoded rows ``[rows, cols]`` (on the CPU) of codes ``[rows, J, M]``."""
+    return decode_vectors(C, codes.reshape(-1, C.shape[0])).reshape(codes.shape[0], -1)[:, :cols].cpu()
+
+
 def _fit_scales(W: torch.Tensor, Wh: torch.Tensor, H: torch.Tensor | None,
                 s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares fp16 row scales for decoded rows ``Wh``, and row errors under ``H``.
@@ -543,7 +548,7 @@ def _code_with_metric(W: torch.Tensor, Wn: torch.Tensor, s: torch.Tensor, Hp: to
     for fb in ((False, True) if cfg.feedback == "auto" else (bool(cfg.feedback),)):
         G, U = _block_metrics(Hp, cfg.d, fb)
         codes = _code_blocks(Wn.clone().to(dev), Cd, G.float().to(dev), U, cfg.beam)
-        Wh = decode_vectors(Cd, codes.reshape(-1, cfg.M)).reshape(codes.shape[0], -1)[:, :cols].cpu()
+        Wh = _decoded_rows(Cd, codes, cols)
         s_fit, err = _fit_scales(W, Wh, Hc, s)
         if best is None:
             best = (codes, s_fit, err)
@@ -598,7 +603,7 @@ def encode_tensor(name: str, w, C: torch.Tensor, cfg: AQConfig, H=None,
     shape = tuple(int(v) for v in np.shape(w))
     if Hp is None:  # plain weight MSE: every vector independent, coded in one search
         codes = beam_search(Wn.reshape(-1, d).to(dev), Cd, None, cfg.beam).reshape(Wn.shape[0], -1, cfg.M)
-        Wh = decode_vectors(Cd, codes.reshape(-1, cfg.M)).reshape(codes.shape[0], -1)[:, :cols].cpu()
+        Wh = _decoded_rows(Cd, codes, cols)
         s = _fit_scales(W, Wh, None, s)[0]
     else:
         codes, s = _code_with_metric(W, Wn, s, Hp, Cd, cfg, dev)
