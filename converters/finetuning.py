@@ -86,6 +86,7 @@ class _Student:
         self.groups: dict[str, torch.nn.Parameter] = {}
         self.scales: dict[str, torch.nn.Parameter] = {}
         self.aq: dict[str, tuple] = {}
+        self.inv_perm: dict[str, torch.Tensor] = {}  # per permuted AQ tensor, fixed for the run
         self.trainable_raw: dict[str, torch.nn.Parameter] = {}
         self.fixed: dict[str, torch.Tensor] = {}
         for info in f.tensors():
@@ -102,6 +103,8 @@ class _Student:
                 self.scales[info.name] = torch.nn.Parameter(torch.tensor(np.asarray(scale, np.float32), device=device))
                 codes = torch.as_tensor(np.ascontiguousarray(p.codes.T), device=device).long()  # [M, n]
                 self.aq[info.name] = (info.group, codes, p.perm, p.axes, info.shape, p.rows, p.cols)
+                if p.perm is not None:  # decoded every step: invert the permutation once
+                    self.inv_perm[info.name] = torch.as_tensor(np.argsort(p.perm), device=device)
             else:
                 value = torch.as_tensor(np.array(f.read(info.name)), device=device)
                 if info.codec == "raw" and info.dtype in ("float32", "float16", "float64") and value.dim() == 1:
@@ -116,8 +119,9 @@ class _Student:
         """Every tensor of the file, the quantized ones decoded differentiably."""
         out = dict(self.fixed)
         out.update(self.trainable_raw)
-        for name, (group, codes, perm, axes, shape, rows, cols) in self.aq.items():
-            out[name] = assemble_aq(codes, self.groups[group], self.scales[name], perm, axes, shape, rows, cols)
+        for name, (group, codes, _perm, axes, shape, rows, cols) in self.aq.items():
+            out[name] = assemble_aq(codes, self.groups[group], self.scales[name], self.inv_perm.get(name),
+                                    axes, shape, rows, cols)
         return out
 
     def refresh_codes(self, originals: dict[str, Any], beam: int) -> None:

@@ -25,7 +25,7 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 
 
 def assemble_aq(codes: torch.Tensor, codebooks: torch.Tensor, scale: torch.Tensor | None,
-                perm: np.ndarray | None, axes: Sequence[int] | None, shape: Sequence[int],
+                inv_perm: torch.Tensor | None, axes: Sequence[int] | None, shape: Sequence[int],
                 rows: int, cols: int) -> torch.Tensor:
     """Rebuild an AQ tensor from its parts, all on one device; differentiable.
 
@@ -40,8 +40,9 @@ def assemble_aq(codes: torch.Tensor, codebooks: torch.Tensor, scale: torch.Tenso
         ``[M, K, d]`` float codebooks.
     scale : torch.Tensor, optional
         ``[rows]`` per-row scale.
-    perm : numpy.ndarray, optional
-        Column permutation of the matrix view.
+    inv_perm : torch.Tensor, optional
+        ``argsort`` of the stored column permutation, on the same device
+        (callers that decode repeatedly compute it once).
     axes : sequence of int, optional
         Axes order of the matrix view.
     shape : sequence of int
@@ -60,8 +61,8 @@ def assemble_aq(codes: torch.Tensor, codebooks: torch.Tensor, scale: torch.Tenso
     w = w.reshape(rows, -1)[:, :cols]
     if scale is not None:
         w = w * scale[:, None]
-    if perm is not None:
-        w = w.index_select(1, torch.from_numpy(np.argsort(perm)).to(w.device))
+    if inv_perm is not None:
+        w = w.index_select(1, inv_perm)
     if axes is None:
         return w.reshape(tuple(shape)).contiguous()
     u = w.reshape([shape[a] for a in axes])
@@ -94,8 +95,9 @@ def decode_aq(parts: AQParts, shape: Sequence[int], device: torch.device | str =
     # moved compact (uint8/uint16), widened on the device; int32 indices gather as fast as int64
     codes = torch.from_numpy(np.ascontiguousarray(parts.codes.T)).to(device).int()  # [M, n]
     scale = None if parts.scale is None else torch.from_numpy(parts.scale.astype(np.float32)).to(device)
+    inv = None if parts.perm is None else torch.from_numpy(np.argsort(parts.perm)).to(device)
     with torch.no_grad():
-        return assemble_aq(codes, codebooks, scale, parts.perm, parts.axes, shape, parts.rows, parts.cols)
+        return assemble_aq(codes, codebooks, scale, inv, parts.axes, shape, parts.rows, parts.cols)
 
 
 def decode_tensor(f: AqmFile, name: str, device: torch.device | str = "cpu",
