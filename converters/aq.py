@@ -624,12 +624,14 @@ def decode_tensor(t: AQTensor, C: torch.Tensor) -> np.ndarray:
     return from_matrix(W.numpy(), t.shape, t.axes, t.perm)
 
 
-def output_error(W: torch.Tensor, W_hat: torch.Tensor, H=None) -> float:
-    """``tr((W - W_hat) H (W - W_hat)^T)`` (plain squared error if ``H`` is None)."""
+def output_error(W: torch.Tensor, W_hat: torch.Tensor | float, H=None, row_weights=None) -> float:
+    """``tr((W - W_hat) H (W - W_hat)^T)`` (plain squared error if ``H`` is None), each
+    row's term multiplied by ``row_weights`` when given."""
     E = (W - W_hat).double()
-    if H is None:
-        return float((E * E).sum())
-    return float(((E @ torch.as_tensor(H).double()) * E).sum())
+    rows = (E * E if H is None else (E @ torch.as_tensor(H).double()) * E).sum(1)
+    if row_weights is not None:
+        rows = rows * torch.as_tensor(row_weights).double()
+    return float(rows.sum())
 
 
 # ---------------------------------------------------------------- grouping

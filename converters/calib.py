@@ -5,16 +5,40 @@
 ``[out, in]`` weight, the ``in*kh*kw`` im2col patches of a Conv2d
 ``[out, in, kh, kw]`` weight. The AQ encoder minimises
 ``tr((W - W_hat) H (W - W_hat)^T)``, the mean squared layer output error.
+
+How much a layer's output error moves the *model's* output differs by layer
+and by output channel; :func:`collect_output_sensitivity` measures that
+weight (the Gauss-Newton diagonal over each layer's output channels), which
+bit allocation multiplies into each row's predicted error.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["collect_hessians"]
+from aqformat.errors import AqmInputError
+
+__all__ = ["collect_hessians", "collect_output_sensitivity", "model_output"]
+
+
+def model_output(out: Any) -> torch.Tensor:
+    """The tensor a model's output is compared on: ``last_hidden_state``, else the first tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("last_hidden_state", "logits"):
+        if hasattr(out, key) and isinstance(getattr(out, key), torch.Tensor):
+            return getattr(out, key)
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if isinstance(out, dict):
+        for v in out.values():
+            if isinstance(v, torch.Tensor):
+                return v
+    raise AqmInputError(f"cannot compare model outputs of type {type(out).__name__}; pass loss_fn=")
 
 
 def _conv_patches(mod: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -90,3 +114,74 @@ def collect_hessians(model: nn.Module, run: Callable[[nn.Module, object], object
             h.remove()
         model.train(was_training)
     return {k: (v / counts[k]).float() for k, v in sums.items()}
+
+
+def collect_output_sensitivity(model: nn.Module, run: Callable[[nn.Module, object], object],
+                               batches: Iterable[object],
+                               include: Callable[[str, nn.Module], bool] | None = None,
+                               seed: int = 0) -> dict[str, torch.Tensor]:
+    """Per-output-channel sensitivity of the model's output to every Linear / Conv2d output.
+
+    For each batch, ``L = <r, f(x)>`` with ``r ~ N(0, I)`` (``f`` the tensor
+    :func:`model_output` picks) is back-propagated to each layer output
+    ``y``; since ``E_r[(dL/dy)^2]`` is the diagonal of ``J^T J``, channel
+    ``i`` gets ``s_i = sum over positions of (dL/dy_i)^2``, averaged over
+    batches. An error ``E`` in the weight then moves the model output by
+    about ``sum_i s_i (E H E^T)_ii`` (``H`` from :func:`collect_hessians`).
+
+    Parameters
+    ----------
+    model, run, batches, include
+        As in :func:`collect_hessians`; ``run`` must return the model output.
+    seed : int
+        Seed of the random projections.
+
+    Returns
+    -------
+    dict mapping ``"<module>.weight"`` to float32 ``s`` of shape ``[out_channels]``.
+    Weights that do not reach the output get zeros.
+    """
+    outs: dict[str, list[torch.Tensor]] = {}
+    mods: dict[str, nn.Module] = {}
+    hooks = []
+
+    def hook_for(name: str):
+        def hook(_mod, _inputs, out):
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                outs.setdefault(name, []).append(out)
+        return hook
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, (nn.Linear, nn.Conv2d)) and (include is None or include(name, mod)):
+            mods[name] = mod
+            hooks.append(mod.register_forward_hook(hook_for(name)))
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    gen = torch.Generator().manual_seed(seed)
+    sums = {n: torch.zeros(m.weight.shape[0], dtype=torch.float64) for n, m in mods.items()}
+    n_batches = 0
+    model.eval()
+    try:
+        for p in params:  # the graph must exist; only layer outputs get gradients
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for batch in batches:
+                outs.clear()
+                y = model_output(run(model, batch))
+                r = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y)
+                keys = [n for n in outs for _ in outs[n]]
+                tensors = [t for n in outs for t in outs[n]]
+                grads = torch.autograd.grad((y * r).sum(), tensors, allow_unused=True) if tensors else ()
+                for n, g in zip(keys, grads):
+                    if g is not None:
+                        ch = 1 if isinstance(mods[n], nn.Conv2d) else g.dim() - 1
+                        sums[n] += g.detach().double().pow(2).movedim(ch, -1).reshape(-1, g.shape[ch]).sum(0)
+                n_batches += 1
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+    return {f"{n}.weight": (s / max(n_batches, 1)).float() for n, s in sums.items()}

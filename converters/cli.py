@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bits", type=float, default=4.0, help="code bits per compressed weight (default 4)")
     p.add_argument("--target-size", help="file size budget, e.g. 5MB: bits allocated per tensor to fit")
     p.add_argument("--allocate", action="store_true",
-                   help="allocate bits per tensor by predicted output error at the size of --bits")
+                   help="allocate bits per tensor by predicted output error: --bits per compressed "
+                        "weight, every byte counted")
     p.add_argument("--permute", action="store_true",
                    help="search a column permutation per tensor (slower, lower error)")
     p.add_argument("--codebooks", choices=("shared", "per-layer", "by-kind"), default="by-kind",

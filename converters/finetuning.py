@@ -23,6 +23,8 @@ import aqformat
 from aqformat.errors import AqmInputError
 from aqformat.runtime.torch_decode import assemble_aq
 
+from .calib import model_output
+
 _REFRESH_BEAM = 4  # code search width of a refresh
 
 
@@ -48,23 +50,6 @@ class FinetuneReport:
         stop = f" ({self.stopped_early})" if self.stopped_early else ""
         return (f"fine-tuned by {self.objective}: {self.steps_done}/{self.steps} steps{refresh}, "
                 f"loss {self.loss_first:.4g} -> {self.loss_last:.4g}, {self.seconds:.0f} s{stop}")
-
-
-def model_output(out: Any):
-    """The tensor a model's output is compared on: ``last_hidden_state``, else the first tensor."""
-    import torch
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("last_hidden_state", "logits"):
-        if hasattr(out, key) and isinstance(getattr(out, key), torch.Tensor):
-            return getattr(out, key)
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    if isinstance(out, dict):
-        for v in out.values():
-            if isinstance(v, torch.Tensor):
-                return v
-    raise AqmInputError(f"cannot compare model outputs of type {type(out).__name__}; pass loss_fn=")
 
 
 def call_model(model, item: Any):

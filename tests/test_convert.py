@@ -436,3 +436,32 @@ def test_api_errors_are_aqm_errors(tmp_path):
         from_torch(Net(), tmp_path / "a.aqm", keep=["*"], progress=False)
         onnx_graph.export_onnx(tmp_path / "a.aqm", tmp_path / "a.onnx")
     assert not (tmp_path / "a.onnx").exists()
+
+
+class TwoHeads(torch.nn.Module):
+    """``a(x) + b(x)`` with one head scaled by 1e-3: the same inputs, one head barely matters."""
+
+    def __init__(self, quiet: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(256, 256)
+        self.b = torch.nn.Linear(256, 256)
+        self.gain = {"a": 1e-3 if quiet == "a" else 1.0, "b": 1e-3 if quiet == "b" else 1.0}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gain["a"] * self.a(x) + self.gain["b"] * self.b(x)
+
+
+@pytest.mark.parametrize("quiet,loud", [("a", "b"), ("b", "a")])
+def test_allocate_meets_bits_with_every_byte_and_favours_sensitive_layers(tmp_path, quiet, loud):
+    calib = [torch.randn(4, 256) for _ in range(8)]
+    out = tmp_path / "a.aqm"
+    from_torch(TwoHeads(quiet), out, bits=3, allocate=True, calib=calib, codebooks="shared",
+               progress=False, encoder=FAST)
+    with aqformat.open(out) as f:
+        infos = {i.name: i for i in f.tensors()}
+        raw = sum(i.stored_bytes for n, i in infos.items() if i.codec != "aq")
+        books = {g.name: g for g in f.codebook_groups}
+        M = {n: books[i.group].M for n, i in infos.items() if i.codec == "aq"}
+    assert os.path.getsize(out) - raw <= 3 * 2 * 256 * 256 / 8
+    assert M[f"{loud}.weight"] > M[f"{quiet}.weight"]

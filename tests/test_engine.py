@@ -15,7 +15,7 @@ from converters.allocate import aq_tensor_bytes, allocate
 from converters.aq import (AQConfig, GroupTrainer, TooSmallForAQ, aq_eligible, beam_search,
                            decode_tensor, decode_vectors, encode_tensor, group_tensors, kmeans,
                            output_error, train_aq, update_codebooks)
-from converters.calib import collect_hessians
+from converters.calib import collect_hessians, collect_output_sensitivity
 from converters.lattice import encode_lattice
 from converters.permute import search_permutation, subvector_logdet
 
@@ -238,3 +238,16 @@ def test_collect_hessians_linear_and_conv():
                                rtol=1e-4, atol=1e-5)
     A = model[1](model[0](X)).detach()
     torch.testing.assert_close(H["2.weight"], (A.T @ A / A.shape[0]).float(), rtol=1e-4, atol=1e-5)
+
+
+def test_output_sensitivity_is_the_gauss_newton_diagonal():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 3))
+    model[0].weight.requires_grad_(False)
+    xs = [torch.randn(1, 4) for _ in range(3000)]
+    S = collect_output_sensitivity(model, lambda m, x: m(x), xs)
+    W2 = model[1].weight.detach()
+    # dL/dh = W2^T r with r ~ N(0, I): E[(W2^T r)_i^2] = (W2^T W2)_ii; the last layer gets 1.
+    torch.testing.assert_close(S["0.weight"], (W2.T @ W2).diagonal(), rtol=0.1, atol=0.0)
+    torch.testing.assert_close(S["1.weight"], torch.ones(3), rtol=0.1, atol=0.0)
+    assert model[0].weight.requires_grad is False and model[1].weight.requires_grad is True
