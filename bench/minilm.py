@@ -4,7 +4,9 @@ Sentences are real English: the first sentence of docstrings of a fixed list
 of Python standard-library modules and their public functions, classes and
 methods, filtered to 6-40 words, deduplicated, sorted, then split by a hash
 into disjoint ``"calib"`` and ``"eval"`` sets (deterministic for a given
-Python version). The sentence embedding is mean pooling over tokens followed
+Python version). ``"distill"`` adds the docstrings' later sentences (same
+filter, none equal to an eval sentence) to ``"calib"``: more text for
+fine-tuning. The sentence embedding is mean pooling over tokens followed
 by L2 normalisation.
 """
 from __future__ import annotations
@@ -66,9 +68,22 @@ def _first_sentence(doc: str) -> str | None:
     return s
 
 
+def _sentences_of(doc: str) -> list[str]:
+    """Every prose sentence of a docstring, the first one first."""
+    first = _first_sentence(doc)
+    later = []
+    for para in doc.strip().split("\n\n"):
+        for s in re.findall(r"(.+?[.!?])(?:\s|$)", " ".join(para.split())):
+            t = _first_sentence(s.strip())
+            if t and t != first:
+                later.append(t)
+    return ([first] if first else []) + later
+
+
 @lru_cache(maxsize=1)
-def _all_sentences() -> tuple[str, ...]:
-    found = set()
+def _docstring_sentences() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``(first sentences, later sentences)`` of the modules' docstrings, sorted."""
+    first, later = set(), set()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for modname in _MODULES:
@@ -88,10 +103,12 @@ def _all_sentences() -> tuple[str, ...]:
                     objs.append(obj)
             for obj in objs:
                 doc = obj.__doc__ if isinstance(getattr(obj, "__doc__", None), str) else None
-                s = _first_sentence(doc) if doc else None
-                if s:
-                    found.add(s)
-    return tuple(sorted(found))
+                sents = _sentences_of(doc) if doc else []
+                if sents and sents[0] == _first_sentence(doc):
+                    first.add(sents[0])
+                    sents = sents[1:]
+                later.update(sents)
+    return tuple(sorted(first)), tuple(sorted(later - first))
 
 
 def _hash(s: str) -> int:
@@ -99,15 +116,18 @@ def _hash(s: str) -> int:
 
 
 def sentences(split: str, n: int | None = None) -> list[str]:
-    """Deterministic sentences of ``split`` (``"eval"`` or ``"calib"``, disjoint).
+    """Deterministic sentences of ``split``: ``"eval"``, ``"calib"`` or ``"distill"``.
 
-    A quarter of the pool (by hash) is calibration, the rest evaluation;
-    within a split, sentences are ordered by hash and the first ``n`` taken.
+    A quarter of the first sentences (by hash) is calibration, the rest
+    evaluation; ``"distill"`` is calibration followed by the later sentences.
+    Within a split, sentences are ordered by hash and the first ``n`` taken.
     """
-    if split not in ("eval", "calib"):
-        raise ValueError("split must be 'eval' or 'calib'")
-    pool = [s for s in _all_sentences() if (_hash(s) % 4 == 0) == (split == "calib")]
-    pool.sort(key=_hash)
+    if split not in ("eval", "calib", "distill"):
+        raise ValueError("split must be 'eval', 'calib' or 'distill'")
+    first, later = _docstring_sentences()
+    pool = sorted((s for s in first if (_hash(s) % 4 == 0) == (split != "eval")), key=_hash)
+    if split == "distill":
+        pool += sorted(later, key=_hash)
     if n is not None and n > len(pool):
         raise ValueError(f"only {len(pool)} {split} sentences available, {n} requested")
     return pool[:n]
