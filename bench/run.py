@@ -47,13 +47,13 @@ RESULTS = os.path.join(HERE, "results")
 SETTINGS = {
     "quick": {"eval": 250, "calib": 403, "aqm_bits": (2, 3, 4), "nncodec_qp": (-32, -26, -20, -14),
               "lsq_bits": (2,), "faiss_train": 1 << 14, "utterances": 6, "ft_steps": 100,
-              "ft_lr": 1e-4, "ft_steps_small": 150, "digits_bits": (1, 2, 3, 4),
-              "encoder": {"beam": 4, "iters": 3, "reservoir": 1 << 15},
+              "ft_lr": 1e-3, "ft_steps_small": 150, "digits_bits": (1, 2, 3, 4),
+              "encoder": {},
               "encoder_small": {}},
     "full": {"eval": 500, "calib": 403, "aqm_bits": (2, 3, 4), "nncodec_qp": (-38, -32, -26, -20, -14),
              "lsq_bits": (2, 3, 4), "faiss_train": 1 << 16, "utterances": 12, "ft_steps": 300,
-             "ft_lr": 1e-4, "ft_steps_small": 300, "digits_bits": (1, 2, 3, 4),
-             "encoder": {"beam": 4, "iters": 4, "reservoir": 1 << 15},
+             "ft_lr": 1e-3, "ft_steps_small": 300, "digits_bits": (1, 2, 3, 4),
+             "encoder": {},
              "encoder_small": {}},
 }
 
@@ -221,12 +221,13 @@ def bench_minilm(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
         out = os.path.join(folder, f"minilm_{bits}bit.aqm")
 
         def produce(bits=bits, out=out):
-            s = from_torch(path, out, bits=bits, calib=calib_txt, keep=["embeddings.*"],
-                           progress=False, encoder=enc)
-            return aqm_packed(out, list(orig), _bits_setting(bits, enc), s.seconds)
+            s = from_torch(path, out, bits=bits, allocate=True, codebooks="shared", calib=calib_txt,
+                           keep=["embeddings.*"], progress=False, encoder=enc)
+            setting = _bits_setting(bits, enc).replace("-bit (", "-bit (--allocate, shared codebooks, ")
+            return aqm_packed(out, list(orig), setting, s.seconds)
         p = t.add("aqm", produce, name="aqm")
         if p is not None and cfg["ft_steps"]:
-            t.add("aqm", lambda p=p: _minilm_finetune(p, model, tok, cal, list(orig), cfg, folder),
+            t.add("aqm", lambda p=p: _minilm_finetune(p, model, tok, list(orig), cfg),
                   name="aqm+finetune")
     return {"model": "all-MiniLM-L6-v2", "task": "sentence embeddings",
             "metrics": {"cosine": "mean cosine to original embeddings",
@@ -236,14 +237,15 @@ def bench_minilm(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
             "params": int(sum(w.numel() for w in orig.values())), "rows": t.rows}
 
 
-def _minilm_finetune(p: B.Packed, model, tok, cal: list[str], covered: list[str], cfg: dict[str, Any],
-                     folder: str) -> B.Packed:
-    """Distil the original MiniLM into ``p``'s codebooks on the calibration sentences (16 per step)."""
+def _minilm_finetune(p: B.Packed, model, tok, covered: list[str], cfg: dict[str, Any]) -> B.Packed:
+    """Distil the original MiniLM into ``p``'s codebooks on the "distill" sentences (16 per step)."""
     from aqformat.converters import finetune
+    from bench import minilm
     out = p.path.replace(".aqm", "_ft.aqm")
     t0 = time.perf_counter()
-    items = [dict(tok(cal[i:i + 16], padding=True, truncation=True, max_length=128, return_tensors="pt"))
-             for i in range(0, len(cal), 16)]
+    text = minilm.sentences("distill")
+    items = [dict(tok(text[i:i + 16], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+             for i in range(0, len(text), 16)]
     steps = cfg["ft_steps"]
     finetune(p.path, out, model, items, steps=steps, lr=cfg["ft_lr"], progress=False)
     return aqm_packed(out, covered, f"{p.setting.split(' ')[0]} + distillation ({steps} steps)",
