@@ -92,8 +92,9 @@ def decode_aq(parts: AQParts, shape: Sequence[int], device: torch.device | str =
     """
     if codebooks is None:
         codebooks = _device_codebooks(parts, device)
-    # moved compact (uint8/uint16), widened on the device; int32 indices gather as fast as int64
-    codes = torch.from_numpy(np.ascontiguousarray(parts.codes.T)).to(device).int()  # [M, n]
+    # moved compact (uint8/uint16), widened on the device; int32 indices gather as fast as int64.
+    # A writable copy: with M = 1 the transpose is still the read-only memory map.
+    codes = torch.from_numpy(np.require(parts.codes.T, requirements="CW")).to(device).int()  # [M, n]
     scale = None if parts.scale is None else torch.from_numpy(parts.scale.astype(np.float32)).to(device)
     inv = None if parts.perm is None else torch.from_numpy(np.argsort(parts.perm)).to(device)
     with torch.no_grad():

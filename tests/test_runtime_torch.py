@@ -57,6 +57,7 @@ def _reference(path):
     return ref
 
 
+@pytest.mark.filterwarnings("error")  # read-only memory maps must not reach torch.from_numpy
 def test_torch_decoder_bit_identical_to_numpy(tmp_path):
     rng = np.random.default_rng(0)
     p = str(tmp_path / "dec.aqm")
@@ -64,8 +65,9 @@ def test_torch_decoder_bit_identical_to_numpy(tmp_path):
     with aqformat.Writer(p) as w:
         w.add_codebooks("k512", rng.standard_normal((3, 512, 8)).astype(np.float16))  # 9-bit codes
         w.add_codebooks("k4", rng.standard_normal((1, 4, 5)).astype(np.float32))
+        w.add_codebooks("k256", rng.standard_normal((1, 256, 4)).astype(np.float16))  # byte codes, M = 1
         for i, shape in enumerate(shapes):
-            for g, d, M, K in (("k512", 8, 3, 512), ("k4", 5, 1, 4)):
+            for g, d, M, K in (("k512", 8, 3, 512), ("k4", 5, 1, 4), ("k256", 4, 1, 256)):
                 axes = None if i % 2 == 0 else list(range(len(shape)))[::-1]
                 rows, cols = matrix_shape(shape, axes)
                 codes = rng.integers(0, K, (rows * -(-cols // d), M))
@@ -87,7 +89,7 @@ def test_torch_decoder_bit_identical_to_numpy(tmp_path):
             assert torch.equal(t, torch.from_numpy(ref.copy()).to(torch.bfloat16))
         else:
             assert np.array_equal(t.numpy(), ref) and t.numpy().dtype == ref.dtype, name
-    assert set(cache) == {"k512", "k4"}
+    assert set(cache) == {"k512", "k4", "k256"}
 
 
 def test_eager_load_matches_numpy(net_file):
