@@ -15,11 +15,10 @@ import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import torch
 
 from aqformat.errors import AqmInputError
 
-from .aq import AQConfig, AQTensor, decode_vectors
+from .aq import AQConfig
 
 __all__ = ["aq_tensor_bytes", "allocate"]
 
@@ -112,8 +111,3 @@ def allocate(errors: Mapping[str, Mapping[str, float]], nbytes: Mapping[str, Map
             return choice
         choice[best[0]] = best[1]
 
-
-def _decode_rows(t: AQTensor, C: torch.Tensor, cols: int) -> torch.Tensor:
-    """Decode the matrix view of a row-subset AQTensor (no reshape to the logical shape)."""
-    v = decode_vectors(C.float(), torch.from_numpy(t.codes.astype(np.int64)))
-    return v.reshape(t.scale.shape[0], -1)[:, :cols] * torch.from_numpy(t.scale.astype(np.float32))[:, None]

@@ -30,7 +30,7 @@ from aqformat.layout import from_matrix, to_matrix
 __all__ = [
     "AQConfig", "AQTensor", "TooSmallForAQ", "GroupTrainer", "aq_eligible",
     "beam_search", "icm", "update_codebooks", "kmeans", "train_aq",
-    "decode_vectors", "encode_tensor", "decode_tensor", "row_scales",
+    "decode_vectors", "encode_tensor", "decode_rows", "decode_tensor", "row_scales",
     "output_error", "layer_kind", "group_key", "group_tensors",
     "quantize_weights", "default_device", "as_matrix",
 ]
@@ -613,15 +613,22 @@ def encode_tensor(name: str, w, C: torch.Tensor, cfg: AQConfig, H=None,
                     codes=codes.reshape(-1, cfg.M).cpu().numpy().astype(cdt), d=d, b=cfg.b)
 
 
+def decode_rows(t: AQTensor, C: torch.Tensor, cols: int) -> torch.Tensor:
+    """Scaled rows ``[t.rows, cols]`` of ``t``'s (permuted) matrix view, float32.
+
+    ``cols`` is the matrix view's width; it is given because a row subset coded
+    with ``encode_tensor(rows=...)`` does not know its tensor's full shape.
+    """
+    Ct = torch.as_tensor(C, dtype=torch.float32)
+    codes = torch.from_numpy(t.codes.astype(np.int64)).reshape(t.rows, -1, Ct.shape[0])
+    return _decoded_rows(Ct, codes, cols) * torch.from_numpy(t.scale.astype(np.float32))[:, None]
+
+
 def decode_tensor(t: AQTensor, C: torch.Tensor) -> np.ndarray:
     """Reference decoder (float32, logical shape) following the format's layout."""
-    Ct = torch.as_tensor(C, dtype=torch.float32)
-    v = decode_vectors(Ct, torch.from_numpy(t.codes.astype(np.int64)))
-    rows, cols = t.rows, t.cols
-    W = v.reshape(rows, -1)[:, :cols] * torch.from_numpy(t.scale.astype(np.float32))[:, None]
-    if W.shape[1] != cols or v.numel() != rows * math.ceil(cols / t.d) * t.d:
+    if t.codes.shape[0] != t.rows * math.ceil(t.cols / t.d):
         raise AqmInputError(f"codes of {t.name!r} do not match its shape")
-    return from_matrix(W.numpy(), t.shape, t.axes, t.perm)
+    return from_matrix(decode_rows(t, C, t.cols).numpy(), t.shape, t.axes, t.perm)
 
 
 def output_error(W: torch.Tensor, W_hat: torch.Tensor | float, H=None, row_weights=None) -> float:

@@ -307,7 +307,7 @@ def _allocate(budget: int, configs: dict[str, Any], members: dict[str, list[str]
     import torch
 
     from . import aq
-    from .allocate import _decode_rows, allocate, aq_tensor_bytes
+    from .allocate import allocate, aq_tensor_bytes
     gen = torch.Generator().manual_seed(seed)
     errors: dict[str, dict[str, float]] = {}
     nbytes: dict[str, dict[str, int]] = {}
@@ -323,7 +323,7 @@ def _allocate(budget: int, configs: dict[str, Any], members: dict[str, list[str]
             for g in groups:
                 t = aq.encode_tensor(n, W, books[g], configs[g], H.get(n), axes.get(n), perms.get(n),
                                      rows=sub)
-                Wh = _decode_rows(t, books[g], Wm.shape[1])
+                Wh = aq.decode_rows(t, books[g], Wm.shape[1])
                 errors[n][g] = aq.output_error(Wm[sub], Wh, H.get(n), None if s is None else s[sub]) \
                     * Wm.shape[0] / len(sub)
                 nbytes[n][g] = aq_tensor_bytes(specs[n].shape, configs[g], axes.get(n))
