@@ -61,6 +61,13 @@ def _same_pad(mod: nn.Conv2d) -> tuple[int, int]:
     return tuple(d * (k - 1) // 2 for k, d in zip(mod.kernel_size, mod.dilation))
 
 
+def _layers(model: nn.Module, include: Callable[[str, nn.Module], bool] | None
+            ) -> dict[str, nn.Module]:
+    """The Linear / Conv2d modules that calibration statistics are collected for."""
+    return {name: mod for name, mod in model.named_modules()
+            if isinstance(mod, (nn.Linear, nn.Conv2d)) and (include is None or include(name, mod))}
+
+
 def collect_hessians(model: nn.Module, run: Callable[[nn.Module, object], object],
                      batches: Iterable[object],
                      include: Callable[[str, nn.Module], bool] | None = None,
@@ -85,7 +92,6 @@ def collect_hessians(model: nn.Module, run: Callable[[nn.Module, object], object
     """
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    hooks = []
 
     def hook_for(name: str, mod: nn.Module):
         def hook(_mod, inputs, _out):
@@ -100,9 +106,7 @@ def collect_hessians(model: nn.Module, run: Callable[[nn.Module, object], object
             counts[key] = counts.get(key, 0) + x.shape[0]
         return hook
 
-    for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)) and (include is None or include(name, mod)):
-            hooks.append(mod.register_forward_hook(hook_for(name, mod)))
+    hooks = [mod.register_forward_hook(hook_for(name, mod)) for name, mod in _layers(model, include).items()]
     was_training = model.training
     model.eval()
     try:
@@ -142,8 +146,6 @@ def collect_output_sensitivity(model: nn.Module, run: Callable[[nn.Module, objec
     Weights that do not reach the output get zeros.
     """
     outs: dict[str, list[torch.Tensor]] = {}
-    mods: dict[str, nn.Module] = {}
-    hooks = []
 
     def hook_for(name: str):
         def hook(_mod, _inputs, out):
@@ -151,10 +153,8 @@ def collect_output_sensitivity(model: nn.Module, run: Callable[[nn.Module, objec
                 outs.setdefault(name, []).append(out)
         return hook
 
-    for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, nn.Conv2d)) and (include is None or include(name, mod)):
-            mods[name] = mod
-            hooks.append(mod.register_forward_hook(hook_for(name)))
+    mods = _layers(model, include)
+    hooks = [mod.register_forward_hook(hook_for(name)) for name, mod in mods.items()]
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     was_training = model.training
