@@ -70,8 +70,8 @@ def allocate(errors: Mapping[str, Mapping[str, float]], nbytes: Mapping[str, Map
                     *(total({t: o for t in names}) for o in set.intersection(*map(set, opts.values())))),
                    default=0)
     if budget < smallest:
-        raise AqmInputError(f"size target of {budget} bytes is impossible: the smallest "
-                            f"achievable is {smallest} bytes")
+        raise AqmInputError(f"a budget of {budget:,} bytes is impossible: the smallest "
+                            f"achievable is {smallest:,} bytes")
 
     def lagrangian(lam: float) -> dict[str, str]:
         return {t: min(opts[t], key=lambda o: cost(t, o) + lam * nbytes[t][o]) for t in names}

@@ -379,7 +379,11 @@ def _plan(specs: list[TensorSpec], compress: list[str], *, bits: float, target: 
             raise AqmInputError(f"target size {target:,} bytes is below the smallest reachable "
                                 f"(raw tensors alone take {fixed:,} bytes)")
     else:
-        budget = int(bits * sum(numel[n] for n in members) / 8) - _reserved(len(specs))
+        allowed = int(bits * sum(numel[n] for n in members) / 8)
+        budget = allowed - _reserved(len(specs))
+        if budget <= 0:
+            raise AqmInputError(f"--allocate at {bits} bits/weight gives {allowed:,} bytes, less than the "
+                                f"{_reserved(len(specs)):,} reserved for the header: use more bits or no --allocate")
     books = _sample_and_train(configs, members, weights, H, axes, perms, encoder, seed, numel,
                               progress)
     choice = _allocate(budget, configs, members, books, weights, by_name, H, S, axes, perms or {},

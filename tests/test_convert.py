@@ -465,3 +465,10 @@ def test_allocate_meets_bits_with_every_byte_and_favours_sensitive_layers(tmp_pa
         M = {n: books[i.group].M for n, i in infos.items() if i.codec == "aq"}
     assert os.path.getsize(out) - raw <= 3 * 2 * 256 * 256 / 8
     assert M[f"{loud}.weight"] > M[f"{quiet}.weight"]
+
+
+
+def test_allocate_below_the_header_is_a_clear_error(tmp_path):
+    with pytest.raises(AqmInputError, match="--allocate at 1 bits/weight"):
+        from_torch(Net(), tmp_path / "n.aqm", bits=1, allocate=True, progress=False, encoder=FAST)
+    assert not (tmp_path / "n.aqm").exists()
