@@ -192,4 +192,6 @@ def set_weights(model, weights: dict[str, np.ndarray | torch.Tensor]) -> None:
     """Copy ``weights`` (by parameter name) into ``model`` in place."""
     params = dict(model.named_parameters())
     for n, w in weights.items():
-        params[n].copy_(torch.as_tensor(np.asarray(w), dtype=params[n].dtype))
+        if not isinstance(w, torch.Tensor):  # torch refuses read-only arrays (e.g. a memory map)
+            w = torch.from_numpy(np.require(w, requirements="W"))
+        params[n].copy_(w)
