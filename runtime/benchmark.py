@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -54,18 +55,43 @@ def _open(variant: str, path: str, budget: int | None):
     return onnxruntime.InferenceSession(path)
 
 
-def _worker_load(variant: str, path: str, feeds: dict[str, np.ndarray], budget: int | None) -> dict[str, Any]:
+class _RssSampler:
+    """RSS every ``period`` seconds on a thread, as ``[[seconds since start, bytes], ...]``."""
+
+    def __init__(self, period: float = 0.005) -> None:
+        self.period, self.trace, self._stop = period, [], threading.Event()
+        self._t0 = time.perf_counter()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.trace.append([time.perf_counter() - self._t0, _current_rss()])
+            self._stop.wait(self.period)
+
+    def stop(self, points: int = 400) -> list[list[float]]:
+        self._stop.set()
+        self._thread.join()
+        return self.trace[::max(1, len(self.trace) // points)]
+
+
+def _worker_load(variant: str, path: str, feeds: dict[str, np.ndarray], budget: int | None,
+                 after: int = 5) -> dict[str, Any]:
     import onnxruntime  # noqa: F401 - counted in the interpreter baseline for both variants
     if budget is not None:
         import onnx  # noqa: F401 - streaming imports it; keep it out of the model's share
     base = _current_rss()
+    sampler = _RssSampler()
     t0 = time.perf_counter()
     sess = _open(variant, path, budget)
     t1 = time.perf_counter()
     sess.run(None, feeds)
     t2 = time.perf_counter()
-    return {"load_s": t1 - t0, "first_output_s": t2 - t0, "peak_rss": peak_rss(), "base_rss": base,
-            "rss_after_first_output": _current_rss()}
+    out = {"load_s": t1 - t0, "first_output_s": t2 - t0, "peak_rss": peak_rss(), "base_rss": base,
+           "rss_after_first_output": _current_rss()}
+    for _ in range(after):  # only for the trace: the figures above stop at the first output
+        sess.run(None, feeds)
+    return {**out, "rss_trace": sampler.stop()}
 
 
 def _worker_latency(paths: dict[str, str], feeds: dict[str, np.ndarray], iters: int,
@@ -112,8 +138,9 @@ def compare(aqm_path: str, onnx_path: str, feeds: Mapping[str, np.ndarray], *, r
     -------
     dict
         Per-variant medians (``load_s``, ``first_output_s``, ``steady_s``,
-        ``peak_rss``, ``base_rss``, ``rss_after_first_output``) and ``ratios``
-        of aqm to onnx.
+        ``peak_rss``, ``base_rss``, ``rss_after_first_output``), the first
+        run's ``rss_trace`` (``[seconds, bytes]`` from the start of loading
+        through five runs after the first) and ``ratios`` of aqm to onnx.
     """
     with tempfile.TemporaryDirectory() as tmp:
         feed_path = os.path.join(tmp, "feeds.npz")
@@ -127,7 +154,8 @@ def compare(aqm_path: str, onnx_path: str, feeds: Mapping[str, np.ndarray], *, r
         steady = _spawn(["latency", aqm_path, onnx_path, feed_path, str(iters), *budget])
     result: dict[str, Any] = {}
     for variant, rs in runs.items():
-        result[variant] = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+        result[variant] = {k: statistics.median(r[k] for r in rs) for k in rs[0] if k != "rss_trace"}
+        result[variant]["rss_trace"] = rs[0]["rss_trace"]
         result[variant]["steady_s"] = steady[variant]
     a, o = result["aqm"], result["onnx"]
     result["ratios"] = {k: a[k] / o[k] for k in ("load_s", "first_output_s", "steady_s", "peak_rss",
