@@ -1,4 +1,5 @@
-"""bench/results/*.json -> bench/results/RESULTS.md, one PNG chart per model, README section.
+"""bench/results/*.json -> bench/results/RESULTS.md, PNG charts (one per model, decode throughput,
+memory over time), README section.
 
 Usage: python bench/report.py [--results bench/results] [--readme README.md]
 
@@ -182,7 +183,7 @@ def systems_lines(models: dict[str, dict], other: dict[str, Any]) -> list[str]:
         out += ["", "| file MB | open() ms | RSS delta MB |", "|---|---|---|"]
         out += [f"| {r['file_mb']} | {r['open_s'] * 1e3:.2f} | {r['rss_delta_bytes'] / 1e6:.2f} |"
                 for r in c.get("open", [])]
-        out.append("")
+        out += ["", "![decode throughput](decode.png)", ""] if c.get("decode") else [""]
     rb = other.get("runtime_bench")
     if rb:
         out += [f"### Runtime: .aqm InferenceSession vs fp32 ONNX Runtime ({rb.get('model', '')})", "",
@@ -198,6 +199,8 @@ def systems_lines(models: dict[str, dict], other: dict[str, Any]) -> list[str]:
                 out.append(f"| {mode} {v} | {x['load_s']:.3f} | {x['first_output_s']:.3f} | {x['steady_s']:.3f} | "
                            f"{x['peak_rss'] / 1e6:.0f} | {ratios} |")
         out.append("")
+        if "rss_trace" in rb.get("resident", {}).get("aqm", {}):
+            out += ["![memory over time](memory.png)", ""]
     out += ["### .aqm container overhead (header + alignment padding) per file", "",
             "| model | file | file bytes | overhead |", "|---|---|---|---|"]
     for key, data in models.items():
@@ -249,14 +252,70 @@ def results_md(models: dict[str, dict], other: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------ plots
 
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, folder: str, name: str) -> str:
+    path = os.path.join(folder, f"{name}.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def plot_decode(container: dict, folder: str) -> str | None:
+    """Decode throughput per code layout beside memcpy of the same output (decode.png)."""
+    rows = container.get("decode", [])
+    if not rows:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    labels = [f"M={r['M']} K=2^{r['bits']} d={r['d']}\n{r['M'] * r['bits'] / r['d']:g} bits/weight" for r in rows]
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["decode_GBps"] for r in rows], 0.4, color="crimson", label="AQ decode (numpy)")
+    ax.bar([i + 0.2 for i in x], [r["memcpy_GBps"] for r in rows], 0.4, color="grey", label="memcpy, same output")
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel("GB/s of fp32 output")
+    ax.set_ylim(0, 1.25 * max(r["memcpy_GBps"] for r in rows))
+    ax.set_title("Decode throughput vs memcpy (one thread)")
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, folder, "decode")
+
+
+def plot_memory(runtime_bench: dict, folder: str) -> str | None:
+    """RSS over time from the start of loading through six inferences (memory.png)."""
+    series = [(f"{mode} {v}", runtime_bench[mode][v]) for mode, v in
+              (("resident", "onnx"), ("resident", "aqm"), ("streaming", "aqm"))
+              if "rss_trace" in runtime_bench.get(mode, {}).get(v, {})]
+    if not series:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    styles = {"resident onnx": dict(color="grey"), "resident aqm": dict(color="crimson"),
+              "streaming aqm": dict(color="crimson", ls="--")}
+    for label, r in series:
+        t, rss = zip(*r["rss_trace"])
+        name = label.replace("onnx", "fp32 ONNX Runtime").replace("aqm", ".aqm")
+        ax.plot(t, [(b - r["base_rss"]) / 2**20 for b in rss], label=name, **styles[label])
+    ax.set_xlabel("seconds from the start of loading (load, first inference, five more)")
+    ax.set_ylabel("RSS above the interpreter, MiB")
+    ax.set_title(f"Memory over time: {runtime_bench.get('model', '')}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, folder, "memory")
+
+
 def plot(key: str, data: dict, folder: str) -> str | None:
     """Fidelity (primary and secondary metric) vs bits/weight for every method."""
     rows = [r for r in ok_rows(data) if r["bits_per_weight"] <= 17]
     if not rows:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     mets = [data["primary"], data.get("secondary")]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     by_method: dict[str, list[dict]] = {}
@@ -278,16 +337,18 @@ def plot(key: str, data: dict, folder: str) -> str | None:
         ax.grid(alpha=0.3)
     axes[0].set_title(f"{data['model']}: {data['primary']} vs size")
     axes[0].legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path = os.path.join(folder, f"{key}.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, folder, key)
 
 
 # ------------------------------------------------------------------ README
 
-def readme_section(models: dict[str, dict]) -> str:
+def _readme_image(folder: str, name: str, alt: str) -> list[str]:
+    """The README's embed of ``folder/name.png`` when the plot was drawn."""
+    path = os.path.join(folder, f"{name}.png")
+    return [f"![{alt}]({os.path.relpath(path, ROOT)})", ""] if os.path.exists(path) else []
+
+
+def readme_section(models: dict[str, dict], folder: str) -> str:
     info = next((d["machine"] for d in models.values() if "machine" in d), {})
     out = ["", f"Measured by `make bench` on {machine_line(info)}; full tables, systems figures and plots: "
            "[bench/results/RESULTS.md](bench/results/RESULTS.md). Bits/weight count every byte of the "
@@ -305,7 +366,10 @@ def readme_section(models: dict[str, dict]) -> str:
             out.append(f"| {'**' + _label(r) + '**' if r['method'].startswith('aqm') else _label(r)} | "
                        f"{r['bits_per_weight']:.2f} | {_f(r['metrics'][m])} |" +
                        (f" {_f(r['metrics'].get(s))} |" if s else ""))
-        out += [""] + check_lines(data) + [""]
+        out += [""] + _readme_image(folder, key, f"{data['model']}: fidelity vs bits/weight")
+        out += check_lines(data) + [""]
+    out += _readme_image(folder, "decode", "decode throughput vs memcpy")
+    out += _readme_image(folder, "memory", "memory over time, .aqm vs fp32 ONNX Runtime")
     return "\n".join(out)
 
 
@@ -335,13 +399,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not models:
         print(f"no model results in {args.results}; run bench/run.py first", file=sys.stderr)
         return 1
-    for key, data in models.items():
-        plot(key, data, args.results)
+    plots = [plot(key, data, args.results) for key, data in models.items()]
+    plots += [plot_decode(other.get("container", {}), args.results),
+              plot_memory(other.get("runtime_bench", {}), args.results)]
     md = os.path.join(args.results, "RESULTS.md")
     with open(md, "w") as f:
         f.write(results_md(models, other))
-    print(f"wrote {os.path.relpath(md, ROOT)} and {len(models)} plot(s)")
-    if update_readme(args.readme, readme_section(models)):
+    print(f"wrote {os.path.relpath(md, ROOT)} and {sum(p is not None for p in plots)} plot(s)")
+    if update_readme(args.readme, readme_section(models, args.results)):
         print(f"updated the benchmark section of {os.path.relpath(args.readme, ROOT)}")
     else:
         print(f"{args.readme}: no {BEGIN}/{END} markers; README left unchanged", file=sys.stderr)
