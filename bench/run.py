@@ -365,11 +365,13 @@ def bench_digits(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
 # ------------------------------------------------------------------ systems scripts
 
 # script -> (arguments in --quick mode or None to skip, full-mode arguments, JSON it writes or None).
-# quant_minilm.py is not here: its --mode alloc conversions are the MiniLM .aqm rows above.
+# quant_minilm.py runs only its equal-MSE comparison with faiss: its --mode alloc conversions are
+# the MiniLM .aqm rows above.
 SYSTEM_SCRIPTS: dict[str, tuple[list[str] | None, list[str], str | None]] = {
     "container_bench.py": (["--quick"], [], "container.json"),
     "runtime_bench.py": (["--repeats", "1", "--iters", "10"], [], "runtime_bench.json"),
     "quant_gaussian.py": (None, [], None),
+    "quant_minilm.py": (None, ["--mode", "fixed", "--bits", "4", "--faiss", "--no-calib"], None),
     "convert_stream.py": (None, [], None),
     "finetune_bench.py": (None, [], "finetune.json"),
 }
@@ -409,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="fewer sentences and settings (~16 min on 2 cores; full: over an hour)")
     ap.add_argument("--models", default="minilm,silero,digits",
-                    help="comma-separated subset of minilm, silero, digits")
+                    help="comma-separated subset of minilm, silero, digits ('' for the systems scripts only)")
     ap.add_argument("--no-systems", action="store_true", help="skip the other bench/ scripts")
     ap.add_argument("--workdir", help="keep the compressed files here (default: a temporary folder)")
     args = ap.parse_args(argv)
