@@ -72,7 +72,8 @@ class _RssSampler:
     def stop(self, points: int = 400) -> list[list[float]]:
         self._stop.set()
         self._thread.join()
-        return self.trace[::max(1, len(self.trace) // points)]
+        self.trace.append([time.perf_counter() - self._t0, _current_rss()])  # the trace ends now
+        return [*self.trace[:-1:max(1, len(self.trace) // points)], self.trace[-1]]
 
 
 def _worker_load(variant: str, path: str, feeds: dict[str, np.ndarray], budget: int | None,

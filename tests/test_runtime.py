@@ -336,3 +336,20 @@ def test_cache_thread_safe():
     s = c.stats
     assert s.hits + s.misses == 8000 and len(calls) == s.misses
     assert s.resident_bytes == len(c) * 8 <= 400 and 0 < s.evictions <= s.misses - len(c)
+
+
+def test_benchmark_compare_reports_ratios_and_an_rss_trace(models, tmp_path):
+    from aqformat.runtime.benchmark import compare
+    model, path, feeds = models["mlp"]
+    onnx_path = str(tmp_path / "mlp.onnx")
+    onnx.save(model, onnx_path)
+    r = compare(path, onnx_path, feeds, repeats=1, iters=2)
+    for v in ("aqm", "onnx"):
+        trace = r[v]["rss_trace"]
+        t = [p[0] for p in trace]
+        assert len(trace) >= 2 and t == sorted(t)
+        # the trace spans load and first output (then five more runs); until then it stays under the peak
+        assert t[-1] >= r[v]["first_output_s"]
+        assert all(rss <= r[v]["peak_rss"] for s, rss in trace if s <= r[v]["first_output_s"])
+    assert set(r["ratios"]) == {"load_s", "first_output_s", "steady_s", "peak_rss", "rss_after_first_output"}
+    assert r["ratios"]["steady_s"] == r["aqm"]["steady_s"] / r["onnx"]["steady_s"]
