@@ -64,15 +64,18 @@ class _RssSampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _sample(self) -> None:
+        self.trace.append([time.perf_counter() - self._t0, _current_rss()])
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.trace.append([time.perf_counter() - self._t0, _current_rss()])
+            self._sample()
             self._stop.wait(self.period)
 
     def stop(self, points: int = 400) -> list[list[float]]:
         self._stop.set()
         self._thread.join()
-        self.trace.append([time.perf_counter() - self._t0, _current_rss()])  # the trace ends now
+        self._sample()  # the trace ends now, not at the last tick
         return [*self.trace[:-1:max(1, len(self.trace) // points)], self.trace[-1]]
 
 
