@@ -138,8 +138,8 @@ def digits(bits_list: list[float], steps: int, tmp: str) -> list[dict]:
         row["distill"] = {"top1": top1(load_torch(ft, copy.deepcopy(net), lazy=False))}
         ft = os.path.join(tmp, f"digits{bits}-task.aqm")
         rep = finetune(q, ft, net, batches, steps=steps, lr=1e-3, progress=False,
-                 loss_fn=lambda out, item: torch.nn.functional.cross_entropy(out, item[1]),
-                 forward=lambda m, item: m(item[0]))
+                       loss_fn=lambda out, item: torch.nn.functional.cross_entropy(out, item[1]),
+                       forward=lambda m, item: m(item[0]))
         row["task"] = {"top1": top1(load_torch(ft, copy.deepcopy(net), lazy=False))}
         row["finetune"], row["finetune_s"] = {"steps": steps, "lr": 1e-3}, rep.seconds
         rows.append(row)

@@ -467,7 +467,6 @@ def test_allocate_meets_bits_with_every_byte_and_favours_sensitive_layers(tmp_pa
     assert M[f"{loud}.weight"] > M[f"{quiet}.weight"]
 
 
-
 def test_allocate_below_the_header_is_a_clear_error(tmp_path):
     with pytest.raises(AqmInputError, match="--allocate at 1 bits/weight"):
         from_torch(Net(), tmp_path / "n.aqm", bits=1, allocate=True, progress=False, encoder=FAST)
