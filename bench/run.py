@@ -217,6 +217,7 @@ def bench_minilm(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
     with open(calib_txt, "w") as f:
         f.write("\n".join(cal))
     enc = cfg["encoder"]
+    distill = minilm.batches(tok, minilm.sentences("distill")) if cfg["ft_steps"] else []
     for bits in cfg["aqm_bits"]:
         out = os.path.join(folder, f"minilm_{bits}bit.aqm")
 
@@ -227,7 +228,7 @@ def bench_minilm(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
                               s.seconds)
         p = t.add("aqm", produce, name="aqm")
         if p is not None and cfg["ft_steps"]:
-            t.add("aqm", lambda p=p: _minilm_finetune(p, model, tok, list(orig), cfg),
+            t.add("aqm", lambda p=p: _minilm_finetune(p, model, distill, list(orig), cfg),
                   name="aqm+finetune")
     return {"model": "all-MiniLM-L6-v2", "task": "sentence embeddings",
             "metrics": {"cosine": "mean cosine to original embeddings",
@@ -237,13 +238,11 @@ def bench_minilm(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
             "params": int(sum(w.numel() for w in orig.values())), "rows": t.rows}
 
 
-def _minilm_finetune(p: B.Packed, model, tok, covered: list[str], cfg: dict[str, Any]) -> B.Packed:
-    """Distil the original MiniLM into ``p``'s codebooks on the "distill" sentences (16 per step)."""
+def _minilm_finetune(p: B.Packed, model, items: list[dict], covered: list[str], cfg: dict[str, Any]) -> B.Packed:
+    """Distil the original MiniLM into ``p``'s codebooks on ``items`` (tokenised batches of 16)."""
     from aqformat.converters import finetune
-    from bench import minilm
     out = p.path.replace(".aqm", "_ft.aqm")
     t0 = time.perf_counter()
-    items = minilm.batches(tok, minilm.sentences("distill"))
     steps = cfg["ft_steps"]
     finetune(p.path, out, model, items, steps=steps, lr=cfg["ft_lr"], progress=False)
     return aqm_packed(out, covered, f"{p.setting.split(' ')[0]} + distillation ({steps} steps)",
