@@ -12,7 +12,8 @@ __all__ = ["register"]
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
     encoder = {k: v for k, v in (("beam", args.beam), ("iters", args.iters)) if v is not None}
-    tuning = ({"finetune_steps": args.finetune, "finetune_lr": args.finetune_lr} if args.finetune else {})
+    tuning = ({"finetune_steps": args.finetune, "finetune_lr": args.finetune_lr,
+               "finetune_raw": args.finetune_raw} if args.finetune else {})
     summary = convert(args.source, args.output, bits=args.bits, target_size=args.target_size,
                       allocate=args.allocate, permute=args.permute, codebooks=args.codebooks,
                       calib=args.calib, keep=args.keep or (), seed=args.seed,
@@ -55,6 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="after coding, distil the original model into the codebooks for STEPS steps "
                         "on the --calib inputs (PyTorch modules and Hugging Face folders)")
     p.add_argument("--finetune-lr", type=float, default=1e-3, help="peak learning rate of --finetune")
+    p.add_argument("--finetune-raw", choices=("all", "1d"), default="all",
+                   help="uncompressed tensors --finetune trains: all float ones, e.g. kept embeddings "
+                        "(default), or norms and biases only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--beam", type=int, help="code search beam width (speed/quality)")
     p.add_argument("--iters", type=int, help="codebook training iterations (speed/quality)")

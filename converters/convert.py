@@ -493,7 +493,7 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
                keep: Iterable[str] = (), seed: int = 0, progress: bool = True,
                min_elements: int = DEFAULT_MIN_ELEMENTS,
                encoder: dict[str, Any] | None = None, finetune_steps: int = 0,
-               finetune_lr: float = 1e-3) -> ConversionSummary:
+               finetune_lr: float = 1e-3, finetune_raw: str = "all") -> ConversionSummary:
     """Convert a PyTorch model to .aqm; tensor names are its ``state_dict`` keys.
 
     Parameters
@@ -536,12 +536,15 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
         (permutation search rounds).
     finetune_steps : int
         After coding, distil the original model into the codebooks, scales,
-        norms and biases for this many steps on ``calib`` (needs the model's
+        norms, biases and raw tensors for this many steps on ``calib`` (needs the model's
         code: an ``nn.Module`` or a Hugging Face folder); see
         :func:`aqformat.converters.finetune`. Text calibration is batched
         16 sentences per step.
     finetune_lr : float
         Peak learning rate of that fine-tuning.
+    finetune_raw : {"all", "1d"}
+        Uncompressed tensors it trains: all float ones (e.g. kept embeddings)
+        or norms and biases only (``train_raw`` of :func:`~aqformat.converters.finetune`).
 
     Returns
     -------
@@ -557,14 +560,14 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
                     min_elements, encoder)
     if not finetune_steps:
         return _run(source, out_path, axes=axes, **opts)
-    return _run_and_finetune(source, out_path, axes, opts, finetune_steps, finetune_lr)
+    return _run_and_finetune(source, out_path, axes, opts, finetune_steps, finetune_lr, finetune_raw)
 
 
 _FT_TEXT_BATCH = 16  # sentences per distillation step
 
 
 def _run_and_finetune(source: Source, out_path: str | os.PathLike, axes: dict[str, Any],
-                      opts: dict[str, Any], steps: int, lr: float) -> ConversionSummary:
+                      opts: dict[str, Any], steps: int, lr: float, train_raw: str) -> ConversionSummary:
     """Convert to a hidden sibling file, distil it into ``out_path``, remove the sibling."""
     import tempfile
 
@@ -583,7 +586,7 @@ def _run_and_finetune(source: Source, out_path: str | os.PathLike, axes: dict[st
         summary = _run(source, tmp, axes=axes, **opts)
         t0 = time.monotonic()
         report = finetune(tmp, out_path, module, batches, forward=run, steps=steps, lr=lr,
-                          seed=opts["seed"], progress=opts["progress"])
+                          train_raw=train_raw, seed=opts["seed"], progress=opts["progress"])
     finally:
         os.unlink(tmp)
     summary.path, summary.aqm_bytes, summary.finetune = os.fspath(out_path), os.path.getsize(out_path), report

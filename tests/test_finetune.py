@@ -102,6 +102,21 @@ def test_task_loss_and_determinism(digits_model, tmp_path):
             np.testing.assert_array_equal(fa.read(n), fb.read(n))
 
 
+def test_train_raw_selects_which_uncompressed_tensors_train(digits_model, tmp_path):
+    """The last layer (1,280 weights) is below the compression threshold: a raw matrix."""
+    net, X, _, path = digits_model
+    calib = [X[i:i + 100] for i in range(0, 1400, 100)]
+    for mode in ("all", "1d"):
+        finetune(path, tmp_path / f"{mode}.aqm", net, calib, steps=20, lr=3e-3, train_raw=mode, progress=False)
+    with aqformat.open(path) as g, aqformat.open(tmp_path / "all.aqm") as a, aqformat.open(tmp_path / "1d.aqm") as o:
+        assert g.info("4.weight").codec == "raw"
+        assert not np.array_equal(a.read("4.weight"), g.read("4.weight"))
+        np.testing.assert_array_equal(o.read("4.weight"), g.read("4.weight"))
+        assert not np.array_equal(o.read("4.bias"), g.read("4.bias"))  # 1-D tensors train in both modes
+    with pytest.raises(aqformat.AqmInputError, match="train_raw"):
+        finetune(path, tmp_path / "x.aqm", net, calib, steps=5, train_raw="2d", progress=False)
+
+
 def test_nan_loss_stops_and_keeps_last_good_parameters(digits_model, tmp_path):
     net, X, _, path = digits_model
     calls = {"n": 0}
@@ -153,6 +168,12 @@ def test_convert_with_finetune_distils_into_the_output(tmp_path):
     assert _err(_load(net, tmp_path / "tuned.aqm"), net, held_out) < _err(_load(net, tmp_path / "plain.aqm"), net, held_out)
     with aqformat.open(tmp_path / "tuned.aqm") as f:
         assert f.metadata["finetune"]["objective"] == "distill" and f.metadata["conversion"]["calibrated"]
+        assert f.metadata["finetune"]["train_raw"] == "all"
+    from_torch(net, tmp_path / "norms.aqm", bits=1.5, calib=str(tmp_path / "calib.npy"), progress=False,
+               encoder=enc, finetune_steps=20, finetune_lr=3e-3, finetune_raw="1d")
+    with aqformat.open(tmp_path / "norms.aqm") as f, aqformat.open(tmp_path / "plain.aqm") as g:
+        assert f.info("4.weight").codec == "raw" and f.metadata["finetune"]["train_raw"] == "1d"
+        np.testing.assert_array_equal(f.read("4.weight"), g.read("4.weight"))
 
 
 def test_convert_finetune_needs_calibration_and_model_code(tmp_path):
