@@ -539,7 +539,7 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
         norms, biases and raw tensors for this many steps on ``calib`` (needs the model's
         code: an ``nn.Module`` or a Hugging Face folder); see
         :func:`aqformat.converters.finetune`. Text calibration is batched
-        16 sentences per step.
+        16 sentences of similar length per step.
     finetune_lr : float
         Peak learning rate of that fine-tuning.
     finetune_raw : {"all", "1d"}
@@ -566,6 +566,13 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
 _FT_TEXT_BATCH = 16  # sentences per distillation step
 
 
+def _text_batches(sentences: list[str]) -> list[list[str]]:
+    """Fine-tuning batches of text calibration: up to ``_FT_TEXT_BATCH`` sentences of similar
+    length each, so little of a step is padding (a third fewer tokens on MiniLM's sentences)."""
+    ordered = sorted(sentences, key=len)
+    return [ordered[i:i + _FT_TEXT_BATCH] for i in range(0, len(ordered), _FT_TEXT_BATCH)]
+
+
 def _run_and_finetune(source: Source, out_path: str | os.PathLike, axes: dict[str, Any],
                       opts: dict[str, Any], steps: int, lr: float, train_raw: str) -> ConversionSummary:
     """Convert to a hidden sibling file, distil it into ``out_path``, remove the sibling."""
@@ -578,7 +585,7 @@ def _run_and_finetune(source: Source, out_path: str | os.PathLike, axes: dict[st
         raise AqmInputError(f"finetune steps must be >= 0, got {steps}")
     module, batches, run = opts["calib"]
     if batches and all(isinstance(b, str) for b in batches):
-        batches = [batches[i:i + _FT_TEXT_BATCH] for i in range(0, len(batches), _FT_TEXT_BATCH)]
+        batches = _text_batches(batches)
     out = os.path.abspath(os.fspath(out_path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".coded", dir=os.path.dirname(out))
     os.close(fd)

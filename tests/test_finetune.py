@@ -176,6 +176,15 @@ def test_convert_with_finetune_distils_into_the_output(tmp_path):
         np.testing.assert_array_equal(f.read("4.weight"), g.read("4.weight"))
 
 
+def test_text_calibration_is_batched_by_length():
+    from aqformat.converters.convert import _FT_TEXT_BATCH, _text_batches
+    rng = np.random.default_rng(0)
+    sents = ["w " * int(n) for n in rng.integers(1, 60, 100)]
+    out = _text_batches(sents)
+    assert sorted(s for b in out for s in b) == sorted(sents) and all(len(b) <= _FT_TEXT_BATCH for b in out)
+    assert all(max(map(len, a)) <= min(map(len, b)) for a, b in zip(out, out[1:]))  # no long/short mix
+
+
 def test_convert_finetune_needs_calibration_and_model_code(tmp_path):
     from aqformat.converters import from_torch
     net = _digits_net()[0]
