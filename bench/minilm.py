@@ -4,10 +4,11 @@ Sentences are real English: the first sentence of docstrings of a fixed list
 of Python standard-library modules and their public functions, classes and
 methods, filtered to 6-40 words, deduplicated, sorted, then split by a hash
 into disjoint ``"calib"`` and ``"eval"`` sets (deterministic for a given
-Python version). ``"distill"`` adds the docstrings' later sentences (same
-filter, none equal to an eval sentence) to ``"calib"``: more text for
-fine-tuning. The sentence embedding is mean pooling over tokens followed
-by L2 normalisation.
+Python version). ``"distill"`` adds to ``"calib"`` the docstrings' later
+sentences and every sentence of the other standard-library modules'
+docstrings (same filter, none equal to an eval sentence): more text for
+fine-tuning. The sentence embedding is mean pooling over tokens followed by
+L2 normalisation.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import importlib
 import inspect
 import os
 import re
+import sys
 import warnings
 from functools import lru_cache
 
@@ -38,6 +40,8 @@ _MODULES = (
     "http.server xml.dom.minidom xml.etree.ElementTree email.message multiprocessing.pool lzma "
     "bz2 zlib filecmp stat getopt getpass signal mmap"
 ).split()
+# Not imported for distillation text: they act on import (browser, console, GUI).
+_SIDE_EFFECTS = {"antigravity", "this", "idlelib", "turtledemo", "tkinter", "turtle"}
 _WORD = re.compile(r"[A-Za-z][A-Za-z'-]*")
 
 
@@ -80,13 +84,19 @@ def _sentences_of(doc: str) -> tuple[str | None, list[str]]:
     return first, later
 
 
-@lru_cache(maxsize=1)
-def _docstring_sentences() -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _other_modules() -> tuple[str, ...]:
+    """The public standard-library modules outside ``_MODULES``, sorted."""
+    return tuple(sorted(n for n in sys.stdlib_module_names
+                        if not n.startswith("_") and n not in _MODULES and n not in _SIDE_EFFECTS))
+
+
+@lru_cache(maxsize=2)
+def _docstring_sentences(modules: tuple[str, ...] = tuple(_MODULES)) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """``(first sentences, later sentences)`` of the modules' docstrings, sorted."""
     first, later = set(), set()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for modname in _MODULES:
+        for modname in modules:
             try:
                 mod = importlib.import_module(modname)
             except Exception:  # noqa: BLE001 - platform-dependent modules may be absent
@@ -118,8 +128,9 @@ def sentences(split: str, n: int | None = None) -> list[str]:
     """Deterministic sentences of ``split``: ``"eval"``, ``"calib"`` or ``"distill"``.
 
     A quarter of the first sentences (by hash) is calibration, the rest
-    evaluation; ``"distill"`` is calibration followed by the later sentences.
-    Within a split, sentences are ordered by hash and the first ``n`` taken.
+    evaluation; ``"distill"`` is calibration followed by the later sentences
+    and the other modules' sentences. Within a split (and each part of
+    ``"distill"``), sentences are ordered by hash and the first ``n`` taken.
     """
     if split not in ("eval", "calib", "distill"):
         raise ValueError("split must be 'eval', 'calib' or 'distill'")
@@ -127,6 +138,8 @@ def sentences(split: str, n: int | None = None) -> list[str]:
     pool = sorted((s for s in first if (_hash(s) % 4 == 0) == (split != "eval")), key=_hash)
     if split == "distill":
         pool += sorted(later, key=_hash)
+        other = set().union(*_docstring_sentences(_other_modules())) - set(first) - set(later)
+        pool += sorted(other, key=_hash)
     if n is not None and n > len(pool):
         raise ValueError(f"only {len(pool)} {split} sentences available, {n} requested")
     return pool[:n]
