@@ -348,6 +348,18 @@ def _readme_image(folder: str, name: str, alt: str) -> list[str]:
     return [f"![{alt}]({os.path.relpath(path, ROOT)})", ""] if os.path.exists(path) else []
 
 
+def _finetune_table(folder: str) -> list[str]:
+    """The fine-tuning comparison of ``folder/FINETUNE.md`` (``bench/finetune_bench.py``), if run."""
+    path = os.path.join(folder, "FINETUNE.md")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        table = [line for line in f.read().splitlines() if line.startswith("|")]
+    return [f"**Fine-tuning**: no fine-tuning vs distillation vs task loss, from "
+            f"[{os.path.relpath(path, ROOT)}]({os.path.relpath(path, ROOT)}) "
+            "(`python bench/finetune_bench.py`)", "", *table, ""]
+
+
 def readme_section(models: dict[str, dict], folder: str) -> str:
     info = next((d["machine"] for d in models.values() if "machine" in d), {})
     out = ["", f"Measured by `make bench` on {machine_line(info)}; full tables, systems figures and plots: "
@@ -368,6 +380,7 @@ def readme_section(models: dict[str, dict], folder: str) -> str:
                        (f" {_f(r['metrics'].get(s))} |" if s else ""))
         out += [""] + _readme_image(folder, key, f"{data['model']}: fidelity vs bits/weight")
         out += check_lines(data) + [""]
+    out += _finetune_table(folder)
     out += _readme_image(folder, "decode", "decode throughput vs memcpy")
     out += _readme_image(folder, "memory", "memory over time, .aqm vs fp32 ONNX Runtime")
     return "\n".join(out)
