@@ -41,7 +41,7 @@ from bench import tasks  # noqa: E402
 
 RESULTS = os.path.join(HERE, "results")
 
-# Quick: about 16 minutes on 2 cores; full: about an hour (more settings and steps). "encoder" is the
+# Quick: about 16 minutes on 2 cores; full: about 70 minutes (more settings and steps). "encoder" is the
 # AQ search effort for MiniLM (the encoder's cost dominates there); the small models use the
 # converter's defaults. Calibration: all 403 calibration sentences.
 SETTINGS = {
@@ -408,7 +408,7 @@ def run_systems(quick: bool, timeout: int) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
-                    help="fewer sentences and settings (~16 min on 2 cores; full: about an hour)")
+                    help="fewer sentences and settings (~16 min on 2 cores; full: about 70 min)")
     ap.add_argument("--models", default="minilm,silero,digits",
                     help="comma-separated subset of minilm, silero, digits ('' for the systems scripts only)")
     ap.add_argument("--no-systems", action="store_true", help="skip the other bench/ scripts")
