@@ -66,7 +66,7 @@ def call_model(model, item: Any):
 class _Student:
     """Trainable parameters of an .aqm file and how they rebuild the model's tensors."""
 
-    def __init__(self, f: aqformat.AqmFile, names: set[str], device, train_raw: str):
+    def __init__(self, f: aqformat.AqmFile, names: set[str], params: set[str], device, train_raw: str):
         import torch
         self.f = f
         self.device = device
@@ -94,7 +94,10 @@ class _Student:
                     self.inv_perm[info.name] = torch.as_tensor(np.argsort(p.perm), device=device)
             else:
                 value = torch.as_tensor(np.array(f.read(info.name)), device=device)
-                floating = info.codec == "raw" and info.dtype in ("float32", "float16", "float64")
+                # buffers (e.g. BatchNorm running statistics) stay fixed: the model runs in
+                # eval mode, where they are constants and not differentiable inputs
+                floating = (info.codec == "raw" and info.dtype in ("float32", "float16", "float64")
+                            and info.name in params)
                 if floating and (value.dim() == 1 or (train_raw == "all" and value.dim() > 1)):
                     self.trainable_raw[info.name] = torch.nn.Parameter(value.float())
                 else:
@@ -187,7 +190,9 @@ def finetune(aqm_path: str | os.PathLike, out_path: str | os.PathLike, model, ca
         embeddings (MiniLM at 4 bits, 300 steps: embedding cosine 0.9937 -> 0.9944);
         ``"1d"`` trains norms and biases only (less optimiser memory). Rows
         the calibration never reaches, e.g. unseen tokens' embeddings, keep
-        their values.
+        their values. Only the model's parameters train: buffers such as
+        BatchNorm running statistics keep their values (the student runs in
+        eval mode, BatchNorm's affine weight and bias train).
     seed : int
         Seed of the batch order; the run is deterministic under a seed.
     device : str, optional
@@ -227,8 +232,9 @@ def finetune(aqm_path: str | os.PathLike, out_path: str | os.PathLike, model, ca
                 except (TypeError, ValueError, RuntimeError) as e:
                     raise AqmInputError(f"calibration input does not fit the model: {_first_line(e)}") from None
     names = set(student.state_dict())
+    params = {n for n, _ in student.named_parameters(remove_duplicate=False)}
     with aqformat.open(aqm_path) as f:
-        st = _Student(f, names, dev, train_raw)
+        st = _Student(f, names, params, dev, train_raw)
         params = st.parameters()
         opt = torch.optim.Adam(params, lr=lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))

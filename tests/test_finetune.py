@@ -195,3 +195,47 @@ def test_convert_finetune_needs_calibration_and_model_code(tmp_path):
         from_torch(net.state_dict(), tmp_path / "x.aqm", finetune_steps=5, calib=str(tmp_path / "calib.npy"),
                    progress=False)
     assert sorted(os.listdir(tmp_path)) == ["calib.npy"]
+
+
+def _digits_bn_cnn():
+    """A small CNN with BatchNorm trained on the digits: ``(net, X)`` with ``X`` ``[n, 1, 8, 8]``."""
+    torch.manual_seed(0)
+    X, y = load_digits(return_X_y=True)
+    X = torch.tensor(X / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    y = torch.tensor(y)
+    nn = torch.nn
+    net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(3):
+        for b in torch.randperm(1400).split(100):
+            loss = torch.nn.functional.cross_entropy(net(X[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval(), X
+
+
+@pytest.mark.parametrize("train_raw", ["all", "1d"])
+def test_batchnorm_runs_in_eval_mode_running_stats_fixed_affine_trained(tmp_path, train_raw):
+    """Calibration and fine-tuning of a model with BatchNorm: running statistics are buffers
+    (kept), BatchNorm's weight and bias are parameters (trained)."""
+    from aqformat.converters import from_torch
+    net, X = _digits_bn_cnn()
+    np.save(tmp_path / "calib.npy", X[:256].numpy())
+    enc = {"b": 6, "d": 4, "beam": 2, "iters": 2}
+    kw = dict(bits=1.5, calib=str(tmp_path / "calib.npy"), progress=False, encoder=enc, min_elements=1024)
+    plain = from_torch(net, tmp_path / "plain.aqm", **kw)
+    tuned = from_torch(net, tmp_path / "tuned.aqm", finetune_steps=40, finetune_lr=3e-3,
+                       finetune_raw=train_raw, **kw)
+    assert "3.weight" in plain.compressed and tuned.finetune.steps_done == 40
+    sd = net.state_dict()
+    with aqformat.open(tmp_path / "tuned.aqm") as f:
+        for name in ("1.running_mean", "1.running_var", "4.running_mean", "4.running_var",
+                     "1.num_batches_tracked"):
+            np.testing.assert_array_equal(f.read(name), sd[name].numpy())
+        assert not np.array_equal(f.read("4.weight"), sd["4.weight"].numpy())
+        assert not np.array_equal(f.read("4.bias"), sd["4.bias"].numpy())
+    held_out = X[1400:]
+    assert _err(_load(net, tmp_path / "tuned.aqm"), net, held_out) < _err(_load(net, tmp_path / "plain.aqm"), net, held_out)
