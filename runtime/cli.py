@@ -129,8 +129,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from .benchmark import compare
-    from .onnx_graph import inline_weights
-    from .ort_session import InferenceSession, decode_for_ort
+    from .ort_session import InferenceSession
 
     sess = InferenceSession(args.file)
     feeds = build_feeds(sess.get_inputs(), None if args.random_input else args.input, args.dim)
@@ -138,11 +137,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         onnx_path = args.onnx
         if onnx_path is None:
             # the baseline: the same decoded weights inlined into an ordinary fp32 .onnx file
-            arrays = {name: decode_for_ort(sess._file, stub) for name, stub in sess._stubs.items()}
             onnx_path = os.path.join(tmp, "fp32.onnx")
             with open(onnx_path, "wb") as out:
-                out.write(inline_weights(sess._model_bytes, arrays))
-            del arrays
+                out.write(sess.decoded_model())
         elif not os.path.isfile(onnx_path):
             raise AqmInputError(f"{onnx_path} does not exist")
         sess.close()

@@ -26,8 +26,8 @@ from .. import open as open_aqm
 from ..errors import AqmFormatError, AqmInputError
 from .cache import WeightCache
 from .onnx_graph import (AQM_LOCATION, AQM_TO_ONNX, BFLOAT16, ONNX_DTYPES, PROBE_SIZE, StagePlan,
-                         StageTooLarge, Stub, external_stubs, locate_stubs, plan_stages, probe_model,
-                         stage_model)
+                         StageTooLarge, Stub, external_stubs, inline_weights, locate_stubs, parse_model,
+                         plan_stages, probe_model, stage_model)
 
 # numpy dtype -> ONNX Runtime type string, as NodeArg.type spells it
 _ORT_TYPE = {np.dtype(k): f"tensor({v})" for k, v in {
@@ -103,14 +103,18 @@ def ort_borrows_weights() -> bool:
     reads the array itself, which must then live (unchanged) as long as the
     session; otherwise ORT holds its own copy and the array can be freed.
     """
-    ort = _ort()
     w = np.ones(PROBE_SIZE, np.float32)
-    so = _with_weights(ort.SessionOptions(), [AQM_LOCATION], [w])
-    sess = ort.InferenceSession(locate_stubs(probe_model(), {"W": AQM_LOCATION}), so,
-                                providers=["CPUExecutionProvider"])
-    del so
+    sess = _probe_session(w, None, ["CPUExecutionProvider"])
     w[:] = 2.0
     return bool(np.all(sess.run(None, {"x": np.zeros(PROBE_SIZE, np.float32)})[0] == 2.0))
+
+
+def _probe_session(w: np.ndarray, so: Any, providers: Any, provider_options: Any = None, **kwargs: Any):
+    """A session of the small probe model, its weight read from ``w``, built as sessions are here."""
+    ort = _ort()
+    so = _with_weights(_clone_options(so), [AQM_LOCATION], [w])
+    return ort.InferenceSession(locate_stubs(probe_model(), {"W": AQM_LOCATION}), so, providers,
+                                provider_options, **kwargs)
 
 
 def _clone_options(so):
@@ -129,39 +133,52 @@ def _one_line(e: Exception) -> str:
 class InferenceSession:
     """An ONNX Runtime session over the graph and weights stored in an .aqm file.
 
-    Mirrors ``onnxruntime.InferenceSession``: :meth:`get_inputs`,
-    :meth:`get_outputs` and :meth:`run` behave the same way.
+    A drop-in for ``onnxruntime.InferenceSession``: the same positional order
+    and keywords, the same methods, with the .aqm file (path or bytes) in place
+    of the .onnx model. aqformat's own settings are keyword-only.
 
     Parameters
     ----------
-    path : str or os.PathLike
-        .aqm file holding an ONNX graph (``graph()`` format ``"onnx"``).
+    path_or_bytes : str, os.PathLike or bytes
+        .aqm file holding an ONNX graph (``graph()`` format ``"onnx"``), or its bytes.
+    sess_options : onnxruntime.SessionOptions, optional
+        Settings copied into the sessions built here (the object itself is not
+        modified; session config entries and custom-op libraries are not copied).
     providers : list, optional
-        Execution providers, as for ``onnxruntime.InferenceSession``.
+        Execution providers, names or ``(name, options)`` pairs, as for
+        ``onnxruntime.InferenceSession``.
+    provider_options : list of dict, optional
+        Options of each provider in ``providers``.
     memory_budget : int, optional
         Bytes of decoded weights allowed in memory at once, counting ONNX
         Runtime's own copy (its repacked weights), so a stage may hold
         ``memory_budget / 2`` bytes of weights. If the whole model does not
         fit, the graph runs in stages whose weights are decoded before and
-        released after each stage.
-    sess_options : onnxruntime.SessionOptions, optional
-        Settings copied into the sessions built here (the object itself is not
-        modified; session config entries and custom-op libraries are not copied).
+        released after each stage ("streaming mode").
+    **kwargs
+        Passed on to ``onnxruntime.InferenceSession`` (e.g. ``disabled_optimizers``).
 
     Raises
     ------
     AqmInputError
-        The file has no ONNX graph, or ``memory_budget`` is below what the
-        largest indivisible part of the graph needs (the message gives the size).
+        The file has no ONNX graph, an argument has the wrong type, or
+        ``memory_budget`` is below what the largest indivisible part of the
+        graph needs (the message gives the size).
     AqmFormatError
         The graph's weight stubs do not match the file's tensors.
     """
 
-    def __init__(self, path: str | os.PathLike, providers: Sequence[Any] | None = None,
-                 memory_budget: int | None = None, sess_options: Any = None):
+    def __init__(self, path_or_bytes: str | os.PathLike | bytes, sess_options: Any = None,
+                 providers: Sequence[Any] | None = None, provider_options: Sequence[dict] | None = None,
+                 *, memory_budget: int | None = None, **kwargs: Any):
         if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget <= 0):
             raise AqmInputError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
-        self._file = open_aqm(path)
+        if sess_options is not None and not hasattr(sess_options, "intra_op_num_threads"):
+            raise AqmInputError(f"sess_options must be an onnxruntime.SessionOptions, got "
+                                f"{type(sess_options).__name__} (providers come third, as in onnxruntime, "
+                                f"or as providers=...)")
+        self._sess = None
+        self._file = _open_model(path_or_bytes)
         graph = self._file.graph()
         if graph is None or graph[0] != "onnx":
             raise AqmInputError(f"{self._file.path} stores no ONNX graph"
@@ -174,12 +191,13 @@ class InferenceSession:
         self._files = {name: f"{AQM_LOCATION}.{i}" for i, name in enumerate(self._stubs)}
         self._graph = locate_stubs(self._model_bytes, self._files)
         self._providers = providers
+        self._provider_options = provider_options
         self._sess_options = sess_options
+        self._ort_kwargs = kwargs
         self.memory_budget = memory_budget
         total = sum(s.nbytes for s in self._stubs.values())
         self.streaming = memory_budget is not None and COPIES_PER_WEIGHT * total > memory_budget
         self.cache = WeightCache(memory_budget // COPIES_PER_WEIGHT if self.streaming else None)
-        self._sess = None
         self._plan: StagePlan | None = None
         self._weights: list[np.ndarray] = []
         if self.streaming:
@@ -187,13 +205,9 @@ class InferenceSession:
             self._inputs = [_io_info(v) for v in self._plan.graph_inputs]
             self._outputs = [_io_info(v) for v in self._plan.graph_outputs]
         else:
-            self._sess, arrays = self._session(self._graph, list(self._stubs))
-            self.cache.clear()
-            # ORT reads the arrays in place for as long as the session lives; a copying ORT lets them go
-            self._weights = arrays if ort_borrows_weights() else []
-            del arrays
-            self._inputs = list(self._sess.get_inputs())
-            self._outputs = list(self._sess.get_outputs())
+            self._start_resident()
+            self._inputs = [_node_arg_info(a) for a in self._sess.get_inputs()]
+            self._outputs = [_node_arg_info(a) for a in self._sess.get_outputs()]
 
     # -- construction ----------------------------------------------------------------
     def _check_stubs(self) -> None:
@@ -215,6 +229,13 @@ class InferenceSession:
             raise AqmInputError(f"memory_budget={budget} bytes is too small: {e}; "
                                 f"streaming needs memory_budget >= {COPIES_PER_WEIGHT * e.need} bytes") from None
 
+    def _start_resident(self) -> None:
+        """Build the one session holding every weight (again, after :meth:`set_providers`)."""
+        self._sess, arrays = self._session(self._graph, list(self._stubs))
+        self.cache.clear()
+        # ORT reads the arrays in place for as long as the session lives; a copying ORT lets them go
+        self._weights = arrays if ort_borrows_weights() else []
+
     def _decode(self, name: str) -> np.ndarray:
         return self.cache.get(name, lambda: decode_for_ort(self._file, self._stubs[name]))
 
@@ -224,19 +245,38 @@ class InferenceSession:
         arrays = [self._decode(n) for n in names]
         so = _with_weights(_clone_options(self._sess_options), [self._files[n] for n in names], arrays)
         try:
-            sess = ort.InferenceSession(model, so, providers=self._providers)
+            sess = ort.InferenceSession(model, so, self._providers, self._provider_options, **self._ort_kwargs)
         except _ort_errors() as e:
             raise AqmFormatError(f"ONNX Runtime rejected the stored graph: {_one_line(e)}") from None
         return sess, arrays
 
+    def _open(self) -> None:
+        if self._file is None:
+            raise AqmInputError("this InferenceSession is closed")
+
+    def _resident(self, method: str):
+        """The wrapped ORT session, or a clear error where streaming mode has none."""
+        self._open()
+        if self._sess is None:
+            raise AqmInputError(f"{method}() needs the whole model in one ONNX Runtime session; this one "
+                                f"streams in {self.num_stages} stages (memory_budget={self.memory_budget}): "
+                                f"use run(), or a larger memory_budget")
+        return self._sess
+
     # -- onnxruntime.InferenceSession API ---------------------------------------------
-    def get_inputs(self) -> list[Any]:
-        """Graph inputs (``name``, ``type``, ``shape``), like ``onnxruntime.InferenceSession``."""
+    def get_inputs(self) -> list[IOInfo]:
+        """Graph inputs (``name``, ``type``, ``shape``), like ``onnxruntime.NodeArg`` in both modes."""
+        self._open()
         return list(self._inputs)
 
-    def get_outputs(self) -> list[Any]:
+    def get_outputs(self) -> list[IOInfo]:
         """Graph outputs (``name``, ``type``, ``shape``)."""
+        self._open()
         return list(self._outputs)
+
+    def get_overridable_initializers(self) -> list[IOInfo]:
+        """Initializers a feed may override (resident mode)."""
+        return [_node_arg_info(a) for a in self._resident("get_overridable_initializers").get_overridable_initializers()]
 
     @property
     def num_stages(self) -> int:
@@ -245,9 +285,81 @@ class InferenceSession:
 
     def get_providers(self) -> list[str]:
         """Execution providers in use."""
+        self._open()
         if self._sess is not None:
             return self._sess.get_providers()
-        return list(self._providers or _ort().get_available_providers()[:1])
+        return self._probe_session().get_providers()
+
+    def get_provider_options(self) -> dict[str, dict[str, str]]:
+        """Each execution provider's settings, as ONNX Runtime resolved them."""
+        self._open()
+        if self._sess is not None:
+            return self._sess.get_provider_options()
+        return self._probe_session().get_provider_options()
+
+    def _probe_session(self):
+        """A tiny session with this session's providers and options: what every stage gets."""
+        return _probe_session(np.ones(PROBE_SIZE, np.float32), self._sess_options, self._providers,
+                              self._provider_options, **self._ort_kwargs)
+
+    def set_providers(self, providers: Sequence[Any] | None = None,
+                      provider_options: Sequence[dict] | None = None) -> None:
+        """Use other execution providers from now on (resident mode rebuilds its session)."""
+        self._open()
+        self._providers, self._provider_options = providers, provider_options
+        if self._sess is not None:
+            self._sess = None
+            self._weights = []
+            self._start_resident()
+
+    def get_session_options(self):
+        """The ``onnxruntime.SessionOptions`` in effect (a copy of the ones given)."""
+        self._open()
+        if self._sess is not None:
+            return self._sess.get_session_options()
+        return _clone_options(self._sess_options)
+
+    def get_modelmeta(self):
+        """The model's metadata: ``producer_name``, ``graph_name``, ``custom_metadata_map``..."""
+        self._open()
+        if self._sess is not None:
+            return self._sess.get_modelmeta()
+        return model_metadata(self._model_bytes)
+
+    def end_profiling(self) -> str:
+        """Stop profiling (``SessionOptions.enable_profiling``) and return the trace file's name."""
+        return self._resident("end_profiling").end_profiling()
+
+    def get_profiling_start_time_ns(self) -> int:
+        """When profiling started, in ``time.monotonic_ns()`` terms."""
+        return self._resident("get_profiling_start_time_ns").get_profiling_start_time_ns()
+
+    def io_binding(self):
+        """An ``onnxruntime.IOBinding`` for :meth:`run_with_iobinding`."""
+        return self._resident("io_binding").io_binding()
+
+    def run_with_iobinding(self, iobinding: Any, run_options: Any = None) -> None:
+        """Run with inputs and outputs bound by :meth:`io_binding`."""
+        sess = self._resident("run_with_iobinding")
+        try:
+            sess.run_with_iobinding(iobinding, run_options)
+        except _ort_errors() as e:
+            raise AqmInputError(f"ONNX Runtime: {_one_line(e)}") from None
+
+    def run_with_ort_values(self, output_names: Sequence[str] | None, input_dict_ort_values: Mapping[str, Any],
+                            run_options: Any = None) -> list[Any]:
+        """:meth:`run` on ``onnxruntime.OrtValue`` inputs, returning ``OrtValue`` outputs."""
+        self._open()
+        if self._sess is not None:
+            try:
+                return self._sess.run_with_ort_values(output_names, input_dict_ort_values, run_options)
+            except _ort_errors() as e:
+                raise AqmInputError(f"ONNX Runtime: {_one_line(e)}") from None
+        if not isinstance(input_dict_ort_values, Mapping):
+            raise AqmInputError("input_dict_ort_values must be a dict of input name -> OrtValue")
+        feeds = {n: v.numpy() for n, v in input_dict_ort_values.items()}
+        out = self.run(output_names or None, feeds, run_options)
+        return [_ort().OrtValue.ortvalue_from_numpy(a) for a in out]
 
     def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, Any],
             run_options: Any = None) -> list[np.ndarray]:
@@ -257,8 +369,9 @@ class InferenceSession:
         ------
         AqmInputError
             Unknown or missing input names, wrong dtypes or ranks, or dimensions
-            that contradict the graph's fixed sizes; unknown output names.
+            that contradict the graph's fixed sizes; unknown output names; a closed session.
         """
+        self._open()
         if self._sess is not None:
             # ORT validates feeds itself; on failure, name the problem the way streaming mode does
             try:
@@ -271,6 +384,15 @@ class InferenceSession:
         names = self._check_outputs(output_names)
         return self._run_stages(names, feeds, run_options)
 
+    def decoded_model(self) -> bytes:
+        """The stored graph with every weight decoded and inlined: an ordinary ONNX model.
+
+        Holds every decoded weight in memory at once (it is what a plain
+        ``.onnx`` file of this model would hold).
+        """
+        self._open()
+        arrays = {name: decode_for_ort(self._file, stub) for name, stub in self._stubs.items()}
+        return inline_weights(self._model_bytes, arrays)
     def _check_outputs(self, output_names: Sequence[str] | None) -> list[str]:
         known = [o.name for o in self._outputs]
         names = list(known if output_names is None else output_names)
@@ -332,7 +454,9 @@ class InferenceSession:
         self._sess = None
         self._weights = []
         self.cache.clear()
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def __enter__(self) -> "InferenceSession":
         return self
@@ -341,8 +465,61 @@ class InferenceSession:
         self.close()
 
     def __repr__(self) -> str:
+        if self._file is None:
+            return "<aqformat InferenceSession, closed>"
         mode = f"streaming in {len(self._plan.stages)} stages" if self._plan else "resident"
         return f"<aqformat InferenceSession {self._file.path!r}, {mode}>"
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """The fields of ``onnxruntime.ModelMetadata``, read from the stored graph (streaming mode)."""
+
+    producer_name: str
+    graph_name: str
+    domain: str
+    description: str
+    graph_description: str
+    version: int
+    custom_metadata_map: dict[str, str]
+
+
+def model_metadata(model_bytes: bytes) -> ModelMetadata:
+    """:class:`ModelMetadata` of a serialised ONNX model, as ONNX Runtime reports it."""
+    m = parse_model(model_bytes, "reading a streamed model's metadata")
+    return ModelMetadata(m.producer_name, m.graph.name, m.domain, m.doc_string, m.graph.doc_string,
+                         m.model_version, {p.key: p.value for p in m.metadata_props})
+
+
+def _open_model(path_or_bytes: Any):
+    """The .aqm file from a path, or from its bytes (held in an anonymous in-memory file)."""
+    if isinstance(path_or_bytes, (str, os.PathLike)):
+        return open_aqm(path_or_bytes)
+    if not isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+        raise AqmInputError(f"InferenceSession needs an .aqm path or its bytes, got {type(path_or_bytes).__name__}")
+    # the reader maps a file: an anonymous one holds the bytes, gone once the mapping is closed
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("aqm", getattr(os, "MFD_CLOEXEC", 0))
+        try:
+            with open(fd, "wb", closefd=False) as fh:
+                fh.write(path_or_bytes)
+            f = open_aqm(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+    else:
+        import tempfile
+        with tempfile.NamedTemporaryFile(suffix=".aqm", delete=False) as tmp:
+            tmp.write(path_or_bytes)
+        try:
+            f = open_aqm(tmp.name)
+        finally:
+            os.unlink(tmp.name)
+    f.path = "<bytes>"
+    return f
+
+
+def _node_arg_info(arg) -> IOInfo:
+    return IOInfo(arg.name, arg.type, list(arg.shape) if arg.shape is not None else None)
 
 
 def _io_info(value_info) -> IOInfo:
