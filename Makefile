@@ -20,7 +20,7 @@ test-all: venv  ## also the slow real-model tests (tens of minutes on 2 cores)
 	$(PY) -m pytest -q
 
 demo: venv  ## convert MiniLM to .aqm, run it, print size and fidelity
-	HF_HUB_OFFLINE=1 $(PY) bench/demo.py
+	HF_HUB_OFFLINE=1 $(PY) -m bench.demo
 
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)
@@ -29,13 +29,13 @@ $(BENCH_STAMP): $(STAMP)
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)  ## full benchmark: bench/results/*.json, RESULTS.md, plots
-	HF_HUB_OFFLINE=1 $(PY) bench/run.py
+	HF_HUB_OFFLINE=1 $(PY) -m bench.run
 
 bench-quick: $(BENCH_STAMP)  ## fewer sentences and settings
-	HF_HUB_OFFLINE=1 $(PY) bench/run.py --quick
+	HF_HUB_OFFLINE=1 $(PY) -m bench.run --quick
 
 fuzz: venv  ## long structure-aware fuzzing run of the reader
-	$(PY) fuzz/fuzz_reader.py --examples 20000
+	$(PY) -m fuzz.fuzz_reader --examples 20000
 
 vectors-check: venv  ## the writer still produces the frozen vectors byte for byte
 	$(PY) spec/make_vectors.py --check

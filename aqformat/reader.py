@@ -224,6 +224,10 @@ class AqmFile:
         """Section ``index`` as stored (still compressed), after its checksum is verified."""
         return self._h.sections[index], self._stored(index)
 
+    def section(self, index: int) -> Section:
+        """The header entry of section ``index`` (offset, stored length, size, encoding, CRC-32)."""
+        return self._h.sections[index]
+
     def record(self, name: str) -> TensorRecord:
         """The validated header record of tensor ``name`` (codec fields included)."""
         return self._record(name)

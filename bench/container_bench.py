@@ -4,7 +4,7 @@ Every figure is a ratio to a reference measured in the same run:
 decode GB/s of fp32 output against ``np.copyto`` of the same output size (one
 thread), and ``aqformat.open`` time/RSS on files of growing size.
 
-Usage: python bench/container_bench.py [--quick] [--out bench/results/container.json]
+Usage: python -m bench.container_bench [--quick] [--out bench/results/container.json]
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ cost from what the conversion adds. ``--coded`` tensors are AQ-coded (with a
 cheap encoder setting: on CPU the encoder, not the streaming, sets the time);
 the rest pass through the same two streaming passes and are stored raw.
 
-Run: ``python bench/convert_stream.py [--gb 2.0] [--tensor-mb 32] [--coded 1]``
+Run: ``python -m bench.convert_stream [--gb 2.0] [--tensor-mb 32] [--coded 1]``
 """
 from __future__ import annotations
 

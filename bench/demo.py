@@ -14,14 +14,12 @@ import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.minilm import embed, fidelity, load_minilm, sentences  # noqa: E402
 
 import aqformat  # noqa: E402
 from aqformat.converters import from_torch  # noqa: E402
 from aqformat.inspect import describe  # noqa: E402
 from aqformat.runtime import load_torch  # noqa: E402
+from tests.minilm import embed, fidelity, load_minilm, sentences  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "out")
 

@@ -6,22 +6,18 @@ code bits plus the fp16 codebooks over the coded weights. With ``--faiss``
 the same data is also coded by faiss ResidualQuantizer (beam search) and
 LocalSearchQuantizer (LSQ++), when faiss is installed.
 
-Usage: ``python bench/quant_gaussian.py --n 1048576 --configs 2,8,8 4,8,16 --faiss``
+Usage: ``python -m bench.quant_gaussian --n 1048576 --configs 2,8,8 4,8,16 --faiss``
 """
 from __future__ import annotations
 
 import argparse
 import math
-import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from converters.aq import AQConfig, decode_vectors, train_aq  # noqa: E402
+from aqformat.converters.aq import AQConfig, decode_vectors, train_aq
 
 
 def sqnr_db(x: np.ndarray, xh: np.ndarray) -> float:

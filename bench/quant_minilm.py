@@ -13,25 +13,21 @@ LocalSearchQuantizer with the same ``M, K, d``, the same per-row scales and
 the same number of training vectors, so encoding time is compared at the
 weight SQNR each reaches (use ``--no-calib`` for the equal-objective case).
 
-Usage: ``python bench/quant_minilm.py --bits 2 3 4 --mode alloc fixed [--faiss]``
+Usage: ``python -m bench.quant_minilm --bits 2 3 4 --mode alloc fixed [--faiss]``
 """
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.minilm import (calibration_hessians, embed, fidelity, linear_weights,  # noqa: E402
-                          load_minilm, sentences, set_weights)
-from bench.baselines import faiss_aq, sqnr_db  # noqa: E402
-from bench.run import aqm_packed  # noqa: E402
-from converters.aq import AQConfig, decode_tensor, quantize_weights  # noqa: E402
+from aqformat.converters.aq import AQConfig, decode_tensor, quantize_weights
+from bench.baselines import faiss_aq, sqnr_db
+from bench.run import aqm_packed
+from tests.minilm import calibration_hessians, embed, fidelity, linear_weights, load_minilm, sentences, set_weights
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """bench/results/*.json -> bench/results/RESULTS.md, PNG charts (one per model, decode throughput,
 memory over time), README section.
 
-Usage: python bench/report.py [--results bench/results] [--readme README.md]
+Usage: python -m bench.report [--results bench/results] [--readme README.md]
 
 Everything printed comes from the JSON files written by bench/run.py and
 the other bench scripts; only the text between ``<!-- bench:begin -->`` and
@@ -357,7 +357,7 @@ def _finetune_table(folder: str) -> list[str]:
         table = [line for line in f.read().splitlines() if line.startswith("|")]
     return [f"**Fine-tuning**: no fine-tuning vs distillation vs task loss, from "
             f"[{os.path.relpath(path, ROOT)}]({os.path.relpath(path, ROOT)}) "
-            "(`python bench/finetune_bench.py`)", "", *table, ""]
+            "(`python -m bench.finetune_bench`)", "", *table, ""]
 
 
 def readme_section(models: dict[str, dict], folder: str) -> str:

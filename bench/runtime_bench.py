@@ -7,7 +7,7 @@ dimension 8, i.e. 2 bits/weight; the rest raw), and both are measured by
 steady-state latency alternating both sessions in one process — resident and
 streaming under a memory budget. Run::
 
-    .venv/bin/python bench/runtime_bench.py [--out bench/results/runtime_bench.json]
+    .venv/bin/python -m bench.runtime_bench [--out bench/results/runtime_bench.json]
 
 Targets (ratios to fp32 ORT): first output <= 1.5x, steady latency <= 1.05x,
 peak RSS <= 1.2x; streaming peak RSS above the interpreter's <= .aqm size +
@@ -19,24 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+from tests.minilm import export_minilm_onnx, load_minilm, sentences
+from tests.runtime_fixtures import build_aqm
 
-from minilm import load_minilm, sentences  # noqa: E402
-from runtime_fixtures import build_aqm  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def export_minilm(path: str) -> dict[str, np.ndarray]:
     """Write MiniLM as fp32 ONNX to ``path``; return real tokenized feeds (8 sentences)."""
-    from tasks import export_minilm_onnx
-
     model, tok = load_minilm()
     export_minilm_onnx(model, tok, path)
     enc = tok(sentences("eval", 8), padding=True, return_tensors="np")
@@ -63,7 +58,7 @@ def main() -> None:
               f"(onnx {os.path.getsize(onnx_path) / 2**20:.1f} MiB)")
 
         resident = InferenceSession(aqm_path)
-        weights = sum(s.nbytes for s in resident._stubs.values())
+        weights = resident.weight_bytes
         full = resident.run(None, feeds)
         del resident
         # smallest budget the plan accepts is 2x the embedding table's Gather; use a little more

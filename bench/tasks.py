@@ -1,4 +1,4 @@
-"""Task metrics of the benchmark models (besides MiniLM's, in bench/minilm.py).
+"""Task metrics of the benchmark models (besides MiniLM's, in tests/minilm.py).
 
 - silero-vad: speech probability per 32 ms frame on speech synthesized with
   espeak-ng (several sentences, voices and speeds, separated by silences,
@@ -10,9 +10,6 @@
 - digits: a small CNN trained here on scikit-learn's bundled 8x8 digits
   (real labels, fixed seed, stratified 70/30 split); metric: top-1 test
   accuracy and agreement with the original model's predictions.
-- MiniLM through ONNX: the model exported to ONNX (TorchScript exporter) so
-  ONNX Runtime's quantizers can be compared; embeddings are mean-pooled and
-  normalised exactly like :func:`bench.minilm.embed`.
 """
 from __future__ import annotations
 
@@ -21,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import wave
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -167,54 +164,6 @@ def digits_predict(model, X: np.ndarray) -> np.ndarray:
 def digits_metrics(pred: np.ndarray, ref_pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """Top-1 accuracy and agreement with the original model's predictions."""
     return {"top1": float(np.mean(pred == y)), "agreement": float(np.mean(pred == ref_pred))}
-
-
-# ------------------------------------------------------------------ MiniLM through ONNX
-
-def export_minilm_onnx(model, tokenizer, path: str) -> list[str]:
-    """Export MiniLM to ONNX (``last_hidden_state`` output, dynamic batch and length).
-
-    Returns the initializer names of its Linear weights (2-D MatMul/Gemm
-    weights): the tensors every method compresses.
-    """
-    import onnx
-    import torch
-    enc = tokenizer(["an example sentence for export", "two"], padding=True, return_tensors="pt")
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    dyn = {n: {0: "batch", 1: "seq"} for n in names}
-
-    class Positional(torch.nn.Module):  # the exporter passes inputs positionally
-        def __init__(self):
-            super().__init__()
-            self.bert = model
-
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
-                             token_type_ids=token_type_ids).last_hidden_state
-
-    with torch.no_grad():
-        torch.onnx.export(Positional().eval(), tuple(enc[n] for n in names), path,
-                          input_names=names, output_names=["last_hidden_state"],
-                          dynamic_axes={**dyn, "last_hidden_state": {0: "batch", 1: "seq"}},
-                          opset_version=17, dynamo=False)
-    m = onnx.load(path)
-    inits = {t.name: t for t in m.graph.initializer}
-    used = {n.input[1] for n in m.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1}
-    return sorted(n for n in used if n in inits and len(inits[n].dims) == 2)
-
-
-def onnx_embed(session: Any, tokenizer, sents: Sequence[str], batch: int = 64) -> np.ndarray:
-    """L2-normalised mean-pooled embeddings from an ONNX session (as ``minilm.embed``)."""
-    out = []
-    for i in range(0, len(sents), batch):
-        enc = tokenizer(list(sents[i:i + batch]), padding=True, truncation=True, max_length=128,
-                        return_tensors="np")
-        feeds = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
-        h = session.run(None, feeds)[0]
-        mask = feeds["attention_mask"][:, :, None].astype(np.float32)
-        e = (h * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
-        out.append(e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12))
-    return np.concatenate(out).astype(np.float32)
 
 
 def ort_session(model: Any, threads: int = 2):

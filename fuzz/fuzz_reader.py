@@ -7,7 +7,7 @@ crashes (any exception that is not an AqmError), hangs (inputs past
 ``--hang-seconds``), and peak RSS against the largest input size. Crashing
 and hanging inputs are saved under ``--out`` for replay. Exit code 1 if any.
 
-    python fuzz/fuzz_reader.py --examples 20000 [--seed 0] [--out fuzz/crashes]
+    python -m fuzz.fuzz_reader --examples 20000 [--seed 0] [--out fuzz/crashes]
 """
 from __future__ import annotations
 
@@ -25,11 +25,10 @@ import warnings
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [os.path.join(ROOT, "tests"), ROOT]
+import aqformat
+from tests.craft import mutant, read_everything, write_sample
 
-import aqformat  # noqa: E402
-from craft import mutant, read_everything, write_sample  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Hang(Exception):

@@ -195,7 +195,7 @@ class InferenceSession:
         self._sess_options = sess_options
         self._ort_kwargs = kwargs
         self.memory_budget = memory_budget
-        total = sum(s.nbytes for s in self._stubs.values())
+        total = self.weight_bytes
         self.streaming = memory_budget is not None and COPIES_PER_WEIGHT * total > memory_budget
         self.cache = WeightCache(memory_budget // COPIES_PER_WEIGHT if self.streaming else None)
         self._plan: StagePlan | None = None
@@ -282,6 +282,21 @@ class InferenceSession:
     def num_stages(self) -> int:
         """Sessions one run goes through: 1 when resident, more when streaming."""
         return len(self._plan.stages) if self._plan is not None else 1
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of all the model's decoded weights."""
+        return sum(s.nbytes for s in self._stubs.values())
+
+    @property
+    def stage_weight_bytes(self) -> list[int]:
+        """Decoded weight bytes each stage holds while it runs (``[weight_bytes]`` when resident)."""
+        return [s.weight_bytes for s in self._plan.stages] if self._plan is not None else [self.weight_bytes]
+
+    @property
+    def pinned_weight_bytes(self) -> int:
+        """Bytes of decoded weights kept alive because ONNX Runtime reads them in place (resident mode)."""
+        return sum(a.nbytes for a in self._weights)
 
     def get_providers(self) -> list[str]:
         """Execution providers in use."""

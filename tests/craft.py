@@ -5,10 +5,13 @@ but lets every field be wrong on purpose, and recomputes the CRCs and the
 preamble so that the reader's *structural* checks (not its checksums) are
 what a test exercises. ``split`` turns a valid file back into a header dict
 and section payloads, so mutants can be made structurally and rebuilt.
+``FullDisk`` makes the Writer's file fail like a full disk.
 """
 from __future__ import annotations
 
 import copy
+import errno
+import os
 import random
 import struct
 import zlib
@@ -351,3 +354,19 @@ def read_everything(path) -> None:
             f.read(name)
         f.graph()
         f.verify()
+
+
+class FullDisk:
+    """A file object that accepts ``budget`` bytes, then fails like a full disk."""
+
+    def __init__(self, f, budget: int):
+        self._f, self._budget = f, budget
+
+    def write(self, data):
+        if len(data) > self._budget:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._budget -= len(data)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)

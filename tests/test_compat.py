@@ -10,7 +10,7 @@ import pytest
 
 import aqformat
 from aqformat import AqmUnsupportedError, AqmVersionError
-from craft import Blob, rebuild, repreamble, sample_decoded
+from tests.craft import Blob, rebuild, repreamble, sample_decoded
 
 
 @pytest.fixture(scope="module")

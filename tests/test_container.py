@@ -12,7 +12,7 @@ import pytest
 import aqformat
 from aqformat.bitpack import pack, packed_size, unpack
 from aqformat.layout import from_matrix, to_matrix
-from spec_reference import decode_file
+from tests.spec_reference import decode_file
 
 AQM = [sys.executable, "-m", "aqformat.cli"]
 
@@ -144,7 +144,7 @@ def test_corrupted_section_is_found_lazily_and_named(tmp_path):
         w.add_tensor("good", np.ones(64, np.float32))
         w.add_tensor("bad", np.ones(64, np.float32))
     with aqformat.open(path) as f:
-        off = f._h.sections[1].offset
+        off = f.section(1).offset
     data = bytearray(path.read_bytes())
     data[off + 3] ^= 0x10
     path.write_bytes(bytes(data))

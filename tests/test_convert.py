@@ -6,7 +6,6 @@ Fidelity on real models is in test_convert_models.py.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import pickle
@@ -24,6 +23,7 @@ from aqformat.converters import convert as conv
 from aqformat.converters import onnx_graph, sources
 from aqformat.converters.convert import from_onnx, from_torch, select_tensors
 from aqformat.errors import AqmError, AqmInputError
+from tests.craft import FullDisk
 
 FAST = {"b": 4, "d": 4, "beam": 2, "iters": 1, "reservoir": 512, "perm_iters": 100}
 
@@ -389,17 +389,9 @@ def test_output_in_missing_directory(tmp_path, capsys):
 
 def test_disk_full_leaves_nothing(tmp_path, monkeypatch, capsys):
     torch.save(Net().state_dict(), tmp_path / "net.pt")
-    real_write = aqformat.writer.Writer._write
-    calls = {"n": 0}
-
-    def full_after_some_writes(self, data):
-        calls["n"] += 1
-        if calls["n"] > 3:
-            # What a full disk does to a buffered file object.
-            self._file.write = lambda _d: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device"))
-        return real_write(self, data)
-
-    monkeypatch.setattr(aqformat.writer.Writer, "_write", full_after_some_writes)
+    real_fdopen = os.fdopen
+    # the Writer's file takes the preamble, then the disk is full
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode), 100))
     rc, err = _cli_error(["convert", str(tmp_path / "net.pt"), "-o", str(tmp_path / "o.aqm"),
                           "--keep", "*", "--no-progress"], capsys)
     assert rc == 2 and "disk full" in err

@@ -19,7 +19,7 @@ import pytest
 
 import aqformat
 from aqformat.header import PREAMBLE_SIZE
-from craft import split, write_sample
+from tests.craft import split, write_sample
 
 
 def sections(data: bytes) -> list[dict]:

@@ -19,6 +19,7 @@ import pytest
 
 import aqformat
 from aqformat import AqmError, Writer
+from tests.craft import FullDisk
 
 CONVERT = textwrap.dedent("""
     import sys, numpy as np, aqformat
@@ -77,22 +78,6 @@ def test_sigkill_mid_write_without_previous_file_leaves_no_target(tmp_path):
     child.wait(timeout=60)
     assert not target.exists()
     assert len(temp_files(tmp_path)) == 1  # the temporary file, under its hidden name
-
-
-class FullDisk:
-    """A file object that accepts ``budget`` bytes, then fails like a full disk."""
-
-    def __init__(self, f, budget: int):
-        self._f, self._budget = f, budget
-
-    def write(self, data):
-        if len(data) > self._budget:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self._budget -= len(data)
-        return self._f.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
 
 
 @pytest.mark.parametrize("budget", [0, 100, 5000, 70_000])

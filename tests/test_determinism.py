@@ -6,10 +6,10 @@ import sys
 import numpy as np
 
 import aqformat
-from craft import write_sample
+from tests.craft import write_sample
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
-WRITE = "import sys; sys.path.insert(0, sys.argv[2]); import craft; craft.write_sample(sys.argv[1])"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WRITE = "import sys; from tests.craft import write_sample; write_sample(sys.argv[1])"
 
 
 def test_same_calls_same_bytes_in_one_process(tmp_path):
@@ -24,7 +24,7 @@ def test_same_calls_same_bytes_across_processes_and_hash_seeds(tmp_path):
     for seed in ("0", "1", "4242", "random"):
         out = tmp_path / f"p{seed}.aqm"
         env = dict(os.environ, PYTHONHASHSEED=seed)
-        subprocess.run([sys.executable, "-c", WRITE, str(out), TESTS], env=env, check=True, timeout=120)
+        subprocess.run([sys.executable, "-c", WRITE, str(out)], cwd=ROOT, env=env, check=True, timeout=120)
         assert out.read_bytes() == ref, f"PYTHONHASHSEED={seed} changed the file"
 
 

@@ -11,13 +11,13 @@ from torch import nn
 from aqformat.dither import dither
 from aqformat.errors import AqmInputError
 from aqformat.layout import to_matrix
-from converters.allocate import aq_tensor_bytes, allocate
-from converters.aq import (AQConfig, GroupTrainer, TooSmallForAQ, aq_eligible, beam_search,
+from aqformat.converters.allocate import aq_tensor_bytes, allocate
+from aqformat.converters.aq import (AQConfig, GroupTrainer, TooSmallForAQ, aq_eligible, beam_search,
                            decode_tensor, decode_vectors, encode_tensor, group_tensors, kmeans,
                            output_error, train_aq, update_codebooks)
-from converters.calib import collect_hessians, collect_output_sensitivity
-from converters.lattice import encode_lattice
-from converters.permute import search_permutation, subvector_logdet
+from aqformat.converters.calib import collect_hessians, collect_output_sensitivity
+from aqformat.converters.lattice import encode_lattice
+from aqformat.converters.permute import search_permutation, subvector_logdet
 
 torch.set_num_threads(2)
 

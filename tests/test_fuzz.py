@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import aqformat
-from craft import fix_crcs, mutant, mutate_bytes, read_everything, write_sample
+from tests.craft import fix_crcs, mutant, mutate_bytes, read_everything, write_sample
 
 AQM = [sys.executable, "-m", "aqformat.cli"]
 FUZZ = settings(max_examples=1500, deadline=None, derandomize=True, database=None,

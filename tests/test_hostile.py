@@ -17,7 +17,7 @@ import zstandard
 import aqformat
 from aqformat import AqmError, AqmFormatError, AqmUnsupportedError, AqmVersionError
 from aqformat.header import MAX_HEADER_BYTES, MAX_NDIM, MAX_ZSTD_RATIO
-from craft import Blob, aq_only, build, nested, rebuild, repreamble, split, write_sample, zstd_blob
+from tests.craft import Blob, aq_only, build, nested, rebuild, repreamble, split, write_sample, zstd_blob
 
 
 @pytest.fixture(scope="module")

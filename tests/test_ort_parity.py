@@ -17,7 +17,7 @@ import aqformat
 from aqformat.errors import AqmInputError
 from aqformat.runtime import InferenceSession, IOInfo
 from aqformat.runtime.onnx_graph import external_stubs
-from runtime_fixtures import build_aqm, mlp_model, reference_model, silero_feeds, silero_path
+from tests.runtime_fixtures import build_aqm, mlp_model, reference_model, silero_feeds, silero_path
 
 CPU = ["CPUExecutionProvider"]
 

@@ -17,7 +17,7 @@ from aqformat.runtime.cli import build_feeds
 from aqformat.runtime.onnx_graph import AQM_TO_ONNX, Stub, external_stubs
 from aqformat.runtime.ort_session import decode_for_ort
 
-from runtime_fixtures import (build_aqm, cnn_model, mlp_model, reference_model, silero_feeds, silero_path,
+from tests.runtime_fixtures import (build_aqm, cnn_model, mlp_model, reference_model, silero_feeds, silero_path,
                               stub_graph)
 
 
@@ -52,7 +52,7 @@ def test_session_matches_ort_on_decoded_weights(models, name):
     model, path, feeds = models[name]
     sess = InferenceSession(path)
     assert not sess.streaming and sess.num_stages == 1
-    assert len(sess._weights) == len(sess._stubs)  # ORT reads them in place (probed), so they are kept
+    assert sess.pinned_weight_bytes == sess.weight_bytes  # ORT reads them in place (probed), so they are kept
     assert [i.name for i in sess.get_inputs()] == [i.name for i in model.graph.input
                                                    if i.name not in {t.name for t in model.graph.initializer}]
     assert [o.name for o in sess.get_outputs()] == [o.name for o in model.graph.output]
@@ -107,7 +107,7 @@ def test_streaming_is_identical_and_bounded(models):
     full = InferenceSession(path).run(None, feeds)
     sess = InferenceSession(path, memory_budget=budget)
     assert sess.streaming and sess.num_stages >= 4
-    assert max(s.weight_bytes for s in sess._plan.stages) <= budget // 2
+    assert max(sess.stage_weight_bytes) <= budget // 2
     for _ in range(2):
         out = sess.run(None, feeds)
         assert all(np.array_equal(a, b) for a, b in zip(out, full))
@@ -124,7 +124,7 @@ def test_streaming_control_flow_model(models):
     with pytest.raises(AqmInputError, match=r"control-flow node.*memory_budget >= \d+ bytes"):
         InferenceSession(path, memory_budget=total // 2)
     sess = InferenceSession(path, memory_budget=total)
-    assert sess.streaming and len(sess._plan.stages) >= 2
+    assert sess.streaming and sess.num_stages >= 2
     out = sess.run(None, feeds)
     assert all(np.array_equal(a, b) for a, b in zip(out, InferenceSession(path).run(None, feeds)))
 
@@ -158,8 +158,7 @@ def test_bad_feeds(models, streaming):
 
 def _corrupt_codes(path, name):
     f = aqformat.open(path)
-    rec = f._by_name[name]
-    offset = f._h.sections[rec.fields["codes"]].offset
+    offset = f.section(f.record(name).fields["codes"]).offset
     f.close()
     with open(path, "r+b") as fh:
         fh.seek(offset)

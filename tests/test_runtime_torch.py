@@ -13,7 +13,7 @@ from aqformat.layout import matrix_shape
 from aqformat.runtime import load_torch
 from aqformat.runtime.torch_decode import decode_tensor
 
-from runtime_fixtures import build_torch_aqm
+from tests.runtime_fixtures import build_torch_aqm
 
 
 class Net(torch.nn.Module):
@@ -163,7 +163,7 @@ def test_corruption_raises_at_lazy_decode(net_file, tmp_path):
     bad = tmp_path / "bad.aqm"
     bad.write_bytes(open(net_file, "rb").read())
     f = aqformat.open(str(bad))
-    offset = f._h.sections[f._by_name["fc2.weight"].fields["codes"]].offset
+    offset = f.section(f.record("fc2.weight").fields["codes"]).offset
     f.close()
     with open(bad, "r+b") as fh:
         fh.seek(offset + 3)
@@ -177,7 +177,7 @@ def test_corruption_raises_at_lazy_decode(net_file, tmp_path):
 
 @pytest.mark.slow
 def test_minilm_lazy_and_eager(tmp_path):
-    from bench.minilm import load_minilm
+    from tests.minilm import load_minilm
 
     model, tok = load_minilm()
     path = str(tmp_path / "minilm.aqm")

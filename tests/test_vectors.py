@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import aqformat
-from spec_reference import decode_file
+from tests.spec_reference import decode_file
 
 VEC = os.path.join(os.path.dirname(__file__), "..", "spec", "vectors")
 MANIFEST = json.load(open(os.path.join(VEC, "MANIFEST.json")))

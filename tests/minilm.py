@@ -8,7 +8,8 @@ Python version). ``"distill"`` adds to ``"calib"`` the docstrings' later
 sentences and every sentence of the other standard-library modules'
 docstrings (same filter, none equal to an eval sentence): more text for
 fine-tuning. The sentence embedding is mean pooling over tokens followed by
-L2 normalisation.
+L2 normalisation. The model can also be exported to ONNX (TorchScript
+exporter) and embedded the same way through an ONNX Runtime session.
 """
 from __future__ import annotations
 
@@ -19,13 +20,15 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Sequence
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
 
 __all__ = ["load_minilm", "sentences", "batches", "pooled", "embed", "fidelity", "linear_weights",
-           "calibration_hessians", "set_weights"]
+           "calibration_hessians", "set_weights", "export_minilm_onnx", "onnx_embed"]
 
 _MODULES = (
     "os re json collections itertools functools string textwrap datetime decimal fractions "
@@ -191,7 +194,7 @@ def linear_weights(model) -> dict[str, torch.Tensor]:
 
 def calibration_hessians(model, tokenizer, sents: list[str]) -> dict[str, torch.Tensor]:
     """``H = X^T X / n`` per linear weight, one unpadded sentence at a time."""
-    from converters.calib import collect_hessians
+    from aqformat.converters.calib import collect_hessians
 
     def run(m, s):
         m(**tokenizer([s], truncation=True, max_length=128, return_tensors="pt"))
@@ -208,3 +211,50 @@ def set_weights(model, weights: dict[str, np.ndarray | torch.Tensor]) -> None:
         if not isinstance(w, torch.Tensor):  # torch refuses read-only arrays (e.g. a memory map)
             w = torch.from_numpy(np.require(w, requirements="W"))
         params[n].copy_(w)
+
+
+# ------------------------------------------------------------------ MiniLM through ONNX
+
+def export_minilm_onnx(model, tokenizer, path: str) -> list[str]:
+    """Export MiniLM to ONNX (``last_hidden_state`` output, dynamic batch and length).
+
+    Returns the initializer names of its Linear weights (2-D MatMul/Gemm
+    weights): the tensors every method compresses.
+    """
+    import onnx
+    enc = tokenizer(["an example sentence for export", "two"], padding=True, return_tensors="pt")
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    dyn = {n: {0: "batch", 1: "seq"} for n in names}
+
+    class Positional(torch.nn.Module):  # the exporter passes inputs positionally
+        def __init__(self):
+            super().__init__()
+            self.bert = model
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                             token_type_ids=token_type_ids).last_hidden_state
+
+    with torch.no_grad():
+        torch.onnx.export(Positional().eval(), tuple(enc[n] for n in names), path,
+                          input_names=names, output_names=["last_hidden_state"],
+                          dynamic_axes={**dyn, "last_hidden_state": {0: "batch", 1: "seq"}},
+                          opset_version=17, dynamo=False)
+    m = onnx.load(path)
+    inits = {t.name: t for t in m.graph.initializer}
+    used = {n.input[1] for n in m.graph.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1}
+    return sorted(n for n in used if n in inits and len(inits[n].dims) == 2)
+
+
+def onnx_embed(session: Any, tokenizer, sents: Sequence[str], batch: int = 64) -> np.ndarray:
+    """L2-normalised mean-pooled embeddings from an ONNX session (as :func:`embed`)."""
+    out = []
+    for i in range(0, len(sents), batch):
+        enc = tokenizer(list(sents[i:i + batch]), padding=True, truncation=True, max_length=128,
+                        return_tensors="np")
+        feeds = {k: enc[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")}
+        h = session.run(None, feeds)[0]
+        mask = feeds["attention_mask"][:, :, None].astype(np.float32)
+        e = (h * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+        out.append(e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12))
+    return np.concatenate(out).astype(np.float32)

@@ -1,0 +1,1 @@
+"""Long fuzzing runs: ``python -m fuzz.fuzz_reader`` from the repository root."""
