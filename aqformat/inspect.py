@@ -1,7 +1,9 @@
 """What ``aqm-info`` reports: sizes, bits per weight, codecs and sharing of a file."""
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import asdict
 from typing import Any
 
 from .errors import AqmIntegrityError
@@ -32,6 +34,7 @@ def describe(path: str | os.PathLike, check: bool = True) -> dict[str, Any]:
                 integrity = "corrupted"
                 integrity_error = str(e)
         weight_bytes = sum(t.stored_bytes for t in tensors) + sum(group_bytes.values())
+        sections = f.sections()
         report: dict[str, Any] = {
             "file": os.fspath(path),
             "format_version": f"{f.version[0]}.{f.version[1]}",
@@ -47,16 +50,28 @@ def describe(path: str | os.PathLike, check: bool = True) -> dict[str, Any]:
             "graph": f.graph_format,
             "integrity": integrity,
             "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "codec": t.codec,
-                         "bits_per_weight": round(t.bits_per_weight, 4), "group": t.group}
+                         "bits_per_weight": round(t.bits_per_weight, 4), "stored_bytes": t.stored_bytes,
+                         "offset": min((sections[i].offset for i in f.tensor_sections(t.name)), default=None),
+                         "group": t.group}
                         for t in tensors],
             "codebook_groups": [{"name": g.name, "M": g.M, "K": g.K, "d": g.d, "dtype": g.dtype,
-                                 "bytes": group_bytes[g.name],
+                                 "bytes": group_bytes[g.name], "offset": sections[g.section].offset,
                                  "tensors": [t.name for t in tensors if t.group == g.name]}
                                 for g in groups],
         }
+        if f.graph_format == "onnx":
+            report["graph_io"] = _onnx_io(f)
         if integrity == "corrupted":
             report["integrity_error"] = integrity_error
     return report
+
+
+def _onnx_io(f: Any) -> dict[str, Any]:
+    """The stored ONNX graph's inputs, outputs and the initializers whose data it keeps."""
+    from .runtime.onnx_io import graph_io
+    io = graph_io(f.graph()[1])
+    return {"inputs": [asdict(v) for v in io.inputs], "outputs": [asdict(v) for v in io.outputs],
+            "initializers_in_graph": [asdict(v) for v in io.in_graph]}
 
 
 def _size(n: float) -> str:
@@ -72,33 +87,63 @@ def _safe(v: Any) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(v))
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _shape(shape: list[Any] | None) -> str:
+    if shape is None:
+        return "?"
+    return "x".join("?" if d is None else _safe(d) for d in shape) or "scalar"
+
+
 def render_text(r: dict[str, Any]) -> str:
-    """Human-readable rendering of :func:`describe`'s report."""
+    """Human-readable rendering of :func:`describe`'s report, laid out like gguf-dump.
+
+    Metadata is printed as JSON; every tensor with its stored bytes and file
+    offset; for an ONNX graph, its inputs and outputs and the initializers it
+    keeps ("in graph").
+    """
     src = r["source"].get("framework", "?") if r["source"] else "?"
     lines = [
-        f"file          {r['file']}",
+        f"file          {_safe(r['file'])}",
         f"format        .aqm {r['format_version']}   producer {_safe(r['producer'])}   source {_safe(src)}",
         f"tensors       {r['tensor_count']}   parameters {r['parameters']:,}",
         f"size          {_size(r['file_bytes'])} ({r['file_bytes']:,} bytes)   "
         f"{r['bits_per_weight']:.3f} bits/weight   {r['compression_ratio_fp32']:.2f}x vs fp32",
         f"graph         {r['graph'] or 'none'}",
-        f"integrity     {r['integrity']}" + (f": {r['integrity_error']}" if "integrity_error" in r else ""),
+        f"integrity     {r['integrity']}" + (f": {_safe(r['integrity_error'])}" if "integrity_error" in r else ""),
     ]
-    if r["metadata"]:
-        for k, v in r["metadata"].items():
-            lines.append(f"metadata      {_safe(k)} = {_safe(v)}")
-    names = [_safe(t["name"]) for t in r["tensors"]]
-    width = max([len(n) for n in names] + [4])
+    for title, value in (("source", r["source"]), ("metadata", r["metadata"])):
+        if value:
+            lines.append("")
+            lines.append(title)
+            text = json.dumps(value, indent=2, ensure_ascii=False, sort_keys=True, default=str)
+            lines.extend("  " + _safe(line) for line in text.splitlines())
+    io = r.get("graph_io")
+    if io:
+        lines.append("")
+        for label, values in (("inputs", io["inputs"]), ("outputs", io["outputs"])):
+            lines.append(f"graph {label}")
+            for v in values:
+                lines.append(f"  {_safe(v['name'])}: {_safe(v['type'])} [{_shape(v['shape'])}]")
+    rows = [(_safe(t["name"]), _shape(t["shape"]), t["dtype"], _safe(t["codec"]), f"{t['bits_per_weight']:.3f}",
+             f"{t['stored_bytes']:,}", f"{t['offset']:,}" if t["offset"] is not None else "-",
+             _safe(t["group"] or "-")) for t in r["tensors"]]
+    rows += [(_safe(t["name"]), _shape(t["shape"]), _safe(t["type"]), "in graph", "-", f"{t['stored_bytes']:,}",
+              "-", "-") for t in (io or {}).get("initializers_in_graph", [])]
+    header = ("name", "shape", "dtype", "codec", "bits/w", "bytes", "offset", "group")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    right = {4, 5, 6}
     lines.append("")
-    lines.append(f"{'name':<{width}}  {'shape':<18} {'dtype':<8} {'codec':<8} {'bits/w':>7}  group")
-    for name, t in zip(names, r["tensors"]):
-        shape = "x".join(map(str, t["shape"])) or "scalar"
-        lines.append(f"{name:<{width}}  {shape:<18} {t['dtype']:<8} {_safe(t['codec']):<8} "
-                     f"{t['bits_per_weight']:>7.3f}  {_safe(t['group'] or '-')}")
+    for row in [header, *rows]:
+        lines.append("  ".join(c.rjust(w) if i in right else c.ljust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))).rstrip())
     if r["codebook_groups"]:
         lines.append("")
         lines.append("codebook groups")
         for g in r["codebook_groups"]:
             lines.append(f"  {_safe(g['name'])}: M={g['M']} K={g['K']} d={g['d']} {g['dtype']} "
-                         f"{_size(g['bytes'])}, shared by {len(g['tensors'])} tensors")
+                         f"{_size(g['bytes'])} at offset {g['offset']:,}, "
+                         f"shared by {_plural(len(g['tensors']), 'tensor')}")
     return "\n".join(lines)

@@ -126,7 +126,7 @@ class AqmFile:
     def info(self, name: str) -> TensorInfo:
         """Header information about tensor ``name``."""
         t = self._record(name)
-        secs = [v for k, v in t.fields.items() if k in ("data", "codes", "scale", "perm", "step") and v is not None]
+        secs = [v for k, v in t.fields.items() if k in _SECTION_FIELDS and v is not None]
         group = self._h.codebooks[t.fields["group"]].name if t.codec == "aq" else None
         return TensorInfo(t.name, t.shape, t.dtype, t.codec,
                           sum(self._h.sections[i].length for i in secs), group)
@@ -216,9 +216,30 @@ class AqmFile:
         raise KeyError(f"no codebook group named {name!r}")
 
     def check_checksums(self) -> None:
-        """Verify every section's CRC-32; raise AqmIntegrityError on the first mismatch."""
+        """Verify every section's CRC-32; raise AqmIntegrityError on the first mismatch,
+        naming what the section holds (a tensor, a codebook group, the graph)."""
+        owners = self.section_owners()
         for i in range(len(self._h.sections)):
-            self._stored(i)  # CRCs cover stored bytes: no decompression, and unknown encodings pass
+            try:
+                self._stored(i)  # CRCs cover stored bytes: no decompression, and unknown encodings pass
+            except AqmIntegrityError as e:
+                raise AqmIntegrityError(f"{owners.get(i, 'unreferenced data')}: {e}") from None
+
+    def sections(self) -> list[Section]:
+        """Every section's header entry (offset, stored length, size, encoding, CRC); nothing is read."""
+        return list(self._h.sections)
+
+    def tensor_sections(self, name: str) -> list[int]:
+        """Indices of the sections holding tensor ``name``'s own data (not shared codebooks)."""
+        return [v for k, v in self._record(name).fields.items() if k in _SECTION_FIELDS and v is not None]
+
+    def section_owners(self) -> dict[int, str]:
+        """What each referenced section holds: ``"tensor 'x'"``, ``"codebook group 'g'"`` or ``"graph"``."""
+        owners = {i: f"tensor {t.name!r}" for t in self._h.tensors for i in self.tensor_sections(t.name)}
+        owners.update((g.section, f"codebook group {g.name!r}") for g in self._h.codebooks)
+        if self._h.graph is not None:
+            owners[self._h.graph["section"]] = "graph"
+        return owners
 
     def stored_section(self, index: int) -> tuple[Section, np.ndarray]:
         """Section ``index`` as stored (still compressed), after its checksum is verified."""
@@ -344,6 +365,7 @@ def _is_permutation(p: np.ndarray) -> bool:
 
 
 builtins_open = open
+_SECTION_FIELDS = ("data", "codes", "scale", "perm", "step")  # record fields naming a tensor's own sections
 
 
 def _nonblocking(path: str, flags: int) -> int:

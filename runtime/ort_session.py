@@ -28,15 +28,13 @@ from .cache import WeightCache
 from .onnx_graph import (AQM_LOCATION, AQM_TO_ONNX, BFLOAT16, ONNX_DTYPES, PROBE_SIZE, StagePlan,
                          StageTooLarge, Stub, external_stubs, inline_weights, locate_stubs, parse_model,
                          plan_stages, probe_model, stage_model)
+from .onnx_io import ONNX_TYPE_NAMES
 
 # numpy dtype -> ONNX Runtime type string, as NodeArg.type spells it
 _ORT_TYPE = {np.dtype(k): f"tensor({v})" for k, v in {
     "float32": "float", "float16": "float16", "float64": "double", "int8": "int8", "uint8": "uint8",
     "int16": "int16", "uint16": "uint16", "int32": "int32", "uint32": "uint32", "int64": "int64",
     "uint64": "uint64", "bool": "bool"}.items()}
-_ONNX_TYPE_NAME = {1: "float", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
-                   8: "string", 9: "bool", 10: "float16", 11: "double", 12: "uint32", 13: "uint64",
-                   16: "bfloat16"}
 # SessionOptions settings carried over to the sessions built here (the caller's object is never mutated)
 _OPTION_FIELDS = ("enable_cpu_mem_arena", "enable_mem_pattern", "enable_mem_reuse", "enable_profiling",
                   "execution_mode", "execution_order", "graph_optimization_level",
@@ -218,7 +216,7 @@ class InferenceSession:
             info = f.info(s.name)
             if AQM_TO_ONNX.get(info.dtype) != s.data_type or tuple(info.shape) != s.dims:
                 raise AqmFormatError(
-                    f"graph initializer {s.name!r} is {_ONNX_TYPE_NAME.get(s.data_type, s.data_type)}{list(s.dims)} "
+                    f"graph initializer {s.name!r} is {ONNX_TYPE_NAMES.get(s.data_type, s.data_type)}{list(s.dims)} "
                     f"but the .aqm tensor is {info.dtype}{list(info.shape)}")
 
     def _make_plan(self, budget: int) -> StagePlan:
@@ -542,4 +540,4 @@ def _io_info(value_info) -> IOInfo:
     shape: list[int | str | None] | None = None
     if t.HasField("shape"):
         shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
-    return IOInfo(value_info.name, f"tensor({_ONNX_TYPE_NAME.get(t.elem_type, t.elem_type)})", shape)
+    return IOInfo(value_info.name, f"tensor({ONNX_TYPE_NAMES.get(t.elem_type, t.elem_type)})", shape)
