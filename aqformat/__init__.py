@@ -7,9 +7,9 @@ versioned, memory-mappable container specified in spec/FORMAT.md.
 __version__ = "0.1.0"
 
 from .errors import (AqmError, AqmFormatError, AqmInputError, AqmIntegrityError,  # noqa: E402
-                     AqmUnsupportedError, AqmVersionError)
+                     AqmUnsupportedError, AqmVersionError, AqmWarning)
 from .reader import AqmFile, AQParts, TensorInfo, open  # noqa: E402
 from .writer import Writer  # noqa: E402
 
 __all__ = ["AqmError", "AqmFormatError", "AqmInputError", "AqmIntegrityError", "AqmUnsupportedError",
-           "AqmVersionError", "AqmFile", "AQParts", "TensorInfo", "Writer", "open", "__version__"]
+           "AqmVersionError", "AqmWarning", "AqmFile", "AQParts", "TensorInfo", "Writer", "open", "__version__"]

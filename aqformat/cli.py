@@ -2,7 +2,9 @@
 
 Subcommands that need torch or onnxruntime live in their packages and import
 them only when run. Every user error ends as one line on stderr and a
-non-zero exit code, never a traceback.
+non-zero exit code, never a traceback. Output is quiet by default: aqformat's
+own warnings are shown as ``aqm: warning: ...`` lines, other libraries'
+warnings only with ``-v``; ``-q`` shows errors alone.
 """
 from __future__ import annotations
 
@@ -10,10 +12,11 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 
 from . import __version__
-from .errors import AqmError
+from .errors import AqmError, AqmWarning
 from .inspect import describe, render_text
 
 
@@ -28,19 +31,26 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     with open_aqm(args.file) as f:
         f.verify()
         n = len(f)
-    print(f"{args.file}: OK ({n} tensors decoded, every checksum matches)")
+    if args.verbosity >= 0:
+        print(f"{args.file}: OK ({n} tensors decoded, every checksum matches)")
     return 0
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="describe an .aqm file")
+    p = sub.add_parser("info", help="describe an .aqm file", description=_INFO_DESCRIPTION)
     _info_args(p)
 
 
+_INFO_DESCRIPTION = ("Describe an .aqm file: format, size, bits per weight, source and metadata (JSON), "
+                     "the embedded graph's inputs and outputs, and every tensor with its codec, stored "
+                     "bytes and file offset.")
+
+
 def _info_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help=".aqm file")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--no-verify", action="store_true", help="skip checksum verification")
+    p.add_argument("file", help="the .aqm file to describe")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (default: a text table)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checksum verification (default: every section's checksum is checked)")
     p.set_defaults(func=_cmd_info)
 
 
@@ -48,14 +58,28 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``aqm`` argument parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="aqm", description="Compressed neural-network model files (.aqm)")
     parser.add_argument("--version", action="version", version=f"aqformat {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_info(sub)
-    p = sub.add_parser("verify", help="check every checksum and decode every tensor")
-    p.add_argument("file")
+    p = sub.add_parser("verify", help="check every checksum and decode every tensor",
+                       description="Check every section's checksum, decode every tensor and the graph; "
+                                   "a fault names the tensor (or codebook group) it is in.")
+    p.add_argument("file", help="the .aqm file to verify")
     p.set_defaults(func=_cmd_verify)
     for register in _extensions():
         register(sub)
+    for p in sub.choices.values():
+        _add_verbosity(p)
     return parser
+
+
+def _add_verbosity(p: argparse.ArgumentParser) -> None:
+    """``-q``/``-v`` on a subcommand, and its parser remembered so that its own usage is shown on errors."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
+                   help="print errors only")
+    g.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1,
+                   help="print details (per-tensor results) and other libraries' warnings")
+    p.set_defaults(verbosity=0, parser=p)
 
 
 def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:
@@ -72,9 +96,16 @@ def _extensions() -> list[Callable[[argparse._SubParsersAction], None]]:
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse ``argv`` and run the chosen command, turning errors into one-line messages."""
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    command_parser = getattr(args, "parser", parser)
+    if extra:
+        command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    prog = parser.prog
+    verbosity = getattr(args, "verbosity", 0)
     try:
-        status = args.func(args)
+        with warnings.catch_warnings():
+            _show_warnings(prog, verbosity)
+            status = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return status
     except BrokenPipeError:
@@ -82,14 +113,25 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13  # the shell's status for a process ended by SIGPIPE
     except AqmError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except (OSError, MemoryError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
+
+
+def _show_warnings(prog: str, verbosity: int) -> None:
+    """aqformat's warnings as ``prog: warning: ...`` lines (none with -q); others only with -v."""
+    warnings.filterwarnings("default" if verbosity >= 1 else "ignore")
+    warnings.filterwarnings("ignore" if verbosity < 0 else "always", category=AqmWarning)
+
+    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings' signature
+        where = "" if issubclass(category, AqmWarning) else f" ({category.__name__}, {filename}:{lineno})"
+        print(f"{prog}: warning: {message}{where}", file=sys.stderr)
+    warnings.showwarning = show
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,8 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def info_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``aqm-info`` (same as ``aqm info``)."""
-    parser = argparse.ArgumentParser(prog="aqm-info", description="Describe an .aqm file")
+    parser = argparse.ArgumentParser(prog="aqm-info", description=_INFO_DESCRIPTION)
     _info_args(parser)
+    _add_verbosity(parser)
     return run(parser, argv)
 
 

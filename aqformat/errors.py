@@ -23,3 +23,7 @@ class AqmUnsupportedError(AqmError):
 
 class AqmInputError(AqmError):
     """An argument given to aqformat (a model, a path, a setting) is not usable."""
+
+
+class AqmWarning(UserWarning):
+    """Something a user asked for that works but is probably not what they meant."""

@@ -8,6 +8,7 @@ from typing import Any
 
 from .errors import AqmIntegrityError
 from .reader import open as open_aqm
+from .units import format_size
 
 
 def describe(path: str | os.PathLike, check: bool = True) -> dict[str, Any]:
@@ -70,16 +71,10 @@ def _onnx_io(f: Any) -> dict[str, Any]:
     """The stored ONNX graph's inputs, outputs and the initializers whose data it keeps."""
     from .runtime.onnx_io import graph_io
     io = graph_io(f.graph()[1])
+    # initializers are named in aqformat's dtype terms, like the tensors beside them
+    dtypes = {"float": "float32", "double": "float64"}
     return {"inputs": [asdict(v) for v in io.inputs], "outputs": [asdict(v) for v in io.outputs],
-            "initializers_in_graph": [asdict(v) for v in io.in_graph]}
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return ""
+            "initializers_in_graph": [dict(asdict(v), type=dtypes.get(v.type, v.type)) for v in io.in_graph]}
 
 
 def _safe(v: Any) -> str:
@@ -109,7 +104,7 @@ def render_text(r: dict[str, Any]) -> str:
         f"file          {_safe(r['file'])}",
         f"format        .aqm {r['format_version']}   producer {_safe(r['producer'])}   source {_safe(src)}",
         f"tensors       {r['tensor_count']}   parameters {r['parameters']:,}",
-        f"size          {_size(r['file_bytes'])} ({r['file_bytes']:,} bytes)   "
+        f"size          {format_size(r['file_bytes'])} ({r['file_bytes']:,} bytes)   "
         f"{r['bits_per_weight']:.3f} bits/weight   {r['compression_ratio_fp32']:.2f}x vs fp32",
         f"graph         {r['graph'] or 'none'}",
         f"integrity     {r['integrity']}" + (f": {_safe(r['integrity_error'])}" if "integrity_error" in r else ""),
@@ -144,6 +139,6 @@ def render_text(r: dict[str, Any]) -> str:
         lines.append("codebook groups")
         for g in r["codebook_groups"]:
             lines.append(f"  {_safe(g['name'])}: M={g['M']} K={g['K']} d={g['d']} {g['dtype']} "
-                         f"{_size(g['bytes'])} at offset {g['offset']:,}, "
+                         f"{format_size(g['bytes'])} at offset {g['offset']:,}, "
                          f"shared by {_plural(len(g['tensors']), 'tensor')}")
     return "\n".join(lines)

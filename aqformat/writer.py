@@ -34,6 +34,12 @@ _UMASK = os.umask(0)  # read once: temp files are 0600, finished files get the u
 os.umask(_UMASK)
 
 
+def finished_file_mode() -> int:
+    """Permissions of a finished output file: what ``open()`` would give it under the umask
+    (temporary files are created 0600 and set to this before they are renamed into place)."""
+    return 0o666 & ~_UMASK
+
+
 _NAME_OF = {(np.dtype(code).kind, np.dtype(code).itemsize): name
             for name, (code, _) in DTYPES.items() if name != "bfloat16"}
 
@@ -313,7 +319,7 @@ class Writer:
             self._file.write(pre)
             self._file.flush()
             os.fsync(self._file.fileno())
-            os.fchmod(self._file.fileno(), 0o666 & ~_UMASK)
+            os.fchmod(self._file.fileno(), finished_file_mode())
             self._file.close()
             os.replace(self._tmp, self.path)
         except OSError as e:

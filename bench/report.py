@@ -168,7 +168,8 @@ def check_lines(data: dict) -> list[str]:
 
 
 def machine_line(info: dict) -> str:
-    return (f"{info.get('cpu', '?')}, {info.get('cores', '?')} cores, {info.get('ram_gib', '?')} GiB RAM, "
+    threads = f" ({info['threads']} threads used)" if "threads" in info else ""
+    return (f"{info.get('cpu', '?')}, {info.get('cores', '?')} cores{threads}, {info.get('ram_gib', '?')} GiB RAM, "
             f"Python {info.get('python', '?')}, {info.get('date', '?')}, mode `{info.get('mode', '?')}`")
 
 

@@ -412,13 +412,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="comma-separated subset of minilm, silero, digits ('' for the systems scripts only)")
     ap.add_argument("--no-systems", action="store_true", help="skip the other bench/ scripts")
     ap.add_argument("--workdir", help="keep the compressed files here (default: a temporary folder)")
+    ap.add_argument("--threads", type=int,
+                    help="torch threads for conversion and evaluation (default: every core this process "
+                         "may use, by CPU affinity and cgroup quota); recorded with the results")
     args = ap.parse_args(argv)
     import torch
-    torch.set_num_threads(os.cpu_count() or 1)
+
+    from aqformat.cpus import allowed_cpus
+    torch.set_num_threads(args.threads or allowed_cpus())
     mode = "quick" if args.quick else "full"
     cfg = SETTINGS[mode]
     os.makedirs(RESULTS, exist_ok=True)
-    info = {**machine(), "mode": mode, "settings": {k: v for k, v in cfg.items()}}
+    info = {**machine(), "threads": torch.get_num_threads(), "mode": mode,
+            "settings": {k: v for k, v in cfg.items()}}
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
     t_start = time.perf_counter()
     tmp = None if args.workdir else tempfile.TemporaryDirectory(prefix="aqbench-")

@@ -354,7 +354,10 @@ def as_matrix(name: str, w, axes: Sequence[int] | None = None,
               perm: np.ndarray | None = None) -> torch.Tensor:
     """float32 matrix view of ``w`` (numpy or torch); rejects NaN/Inf naming the tensor."""
     t = w.detach().cpu().numpy() if isinstance(w, torch.Tensor) else np.asarray(w)
-    m = torch.from_numpy(np.ascontiguousarray(to_matrix(t, axes, perm), dtype=np.float32))
+    a = np.ascontiguousarray(to_matrix(t, axes, perm), dtype=np.float32)
+    if not a.flags.writeable:  # e.g. an ONNX initializer viewed in place: torch needs its own copy
+        a = a.copy()
+    m = torch.from_numpy(a)
     if not torch.isfinite(m).all():
         raise AqmInputError(f"tensor {name!r} contains NaN or Inf weights")
     return m

@@ -5,30 +5,80 @@ torch, onnx and the encoder are imported only when a subcommand runs.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import warnings
+
+from aqformat.cpus import default_threads
+from aqformat.errors import AqmInputError, AqmWarning
+from aqformat.units import UNITS_HELP, format_size
 
 __all__ = ["register"]
 
+# AQConfig's search-effort defaults, as the help states them (tests check they agree)
+DEFAULT_BEAM, DEFAULT_ITERS = 8, 6
+
+
+def _check_output(path: str, force: bool) -> bool:
+    """Refuse to replace an existing file without ``--force``; return whether one is replaced."""
+    if os.path.isdir(path):
+        raise AqmInputError(f"{path} is a directory")
+    exists = os.path.lexists(path)
+    if exists and not force:
+        raise AqmInputError(f"{path} exists; pass --force to replace it")
+    return exists
+
+
+def set_threads(n: int | None) -> int:
+    """Use ``n`` threads for torch (default: :func:`aqformat.cpus.default_threads`); return the count."""
+    import torch
+    n = default_threads() if n is None else n
+    if n < 1:
+        raise AqmInputError(f"--threads must be at least 1, got {n}")
+    torch.set_num_threads(n)
+    return n
+
 
 def _cmd_convert(args: argparse.Namespace) -> int:
+    replaced = _check_output(args.output, args.force)
+    if not args.output.lower().endswith(".aqm"):
+        ext = os.path.splitext(args.output)[1] or "no extension"
+        warnings.warn(f"-o {args.output}: an .aqm file is written whatever the name ({ext}); "
+                      f"`aqm export` writes ONNX", AqmWarning, stacklevel=1)
+    threads = set_threads(args.threads)
     from .convert import convert
     encoder = {k: v for k, v in (("beam", args.beam), ("iters", args.iters)) if v is not None}
     tuning = ({"finetune_steps": args.finetune, "finetune_lr": args.finetune_lr,
                "finetune_raw": args.finetune_raw} if args.finetune else {})
+    progress = not args.no_progress and args.verbosity >= 0 and sys.stderr.isatty()
     summary = convert(args.source, args.output, bits=args.bits, target_size=args.target_size,
                       allocate=args.allocate, permute=args.permute, codebooks=args.codebooks,
                       calib=args.calib, keep=args.keep or (), seed=args.seed,
-                      progress=not args.no_progress, encoder=encoder, **tuning)
-    src = (f" (source files {summary.source_file_bytes / 1e6:.2f} MB)"
-           if summary.source_file_bytes else "")
-    print(f"{summary}{src}")
+                      progress=progress, encoder=encoder, **tuning)
+    if args.verbosity < 0:
+        return 0
+    src = f" (source files {format_size(summary.source_file_bytes)})" if summary.source_file_bytes else ""
+    print(f"{summary}{src}" + ("; replaced the existing file" if replaced else ""))
+    if args.verbosity >= 1:
+        print(f"threads: {threads}")
+        group_of = {n: g for g, names in summary.groups.items() for n in names}
+        width = max([len(n) for n in summary.compressed + summary.raw] + [6])
+        print(f"{'tensor':<{width}}  {'stored as':<24} weight SQNR")
+        for n in summary.compressed + summary.raw:
+            sqnr = summary.weight_sqnr_db.get(n)
+            print(f"{n:<{width}}  {group_of.get(n, 'raw'):<24} "
+                  + (f"{sqnr:.1f} dB" if sqnr is not None else "exact"))
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    replaced = _check_output(args.output, args.force)
     from .onnx_graph import export_onnx
     result = export_onnx(args.file, args.output)
-    extra = f" + external data {result['external_data']}" if result["external_data"] else ""
-    print(f"{result['path']}: {result['bytes'] / 1e6:.2f} MB ONNX model{extra}")
+    if args.verbosity >= 0:
+        extra = f" + external data {result['external_data']}" if result["external_data"] else ""
+        print(f"{result['path']}: {format_size(result['bytes'])} ONNX model{extra}"
+              + ("; replaced the existing file" if replaced else ""))
     return 0
 
 
@@ -36,36 +86,56 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``convert`` and ``export`` to the ``aqm`` subcommands."""
     p = sub.add_parser("convert", help="compress a PyTorch or ONNX model into an .aqm file",
                        description="Source type from the path: .pt/.pth/.bin (weights_only), "
-                                   ".safetensors, .onnx, or a Hugging Face model folder.")
+                                   ".safetensors, .onnx, or a Hugging Face model folder. "
+                                   "An existing output is replaced only with --force.")
     p.add_argument("source", help="model file or Hugging Face folder")
     p.add_argument("-o", "--output", required=True, help="the .aqm file to write")
-    p.add_argument("--bits", type=float, default=4.0, help="code bits per compressed weight (default 4)")
-    p.add_argument("--target-size", help="file size budget, e.g. 5MB: bits allocated per tensor to fit")
+    p.add_argument("--force", action="store_true", help="replace the output file if it exists (default: refuse)")
+    p.add_argument("--bits", type=float, default=4.0,
+                   help="code bits per compressed weight (default 4); with --allocate, the budget "
+                        "in bits per weight with every byte counted")
+    p.add_argument("--target-size", metavar="SIZE",
+                   help=f"file size budget, e.g. 250kB or 5MB ({UNITS_HELP}): code bits are allocated "
+                        "per tensor to land just under it, between 1 and 8 bits per weight; a size "
+                        "out of reach is refused before encoding, with the reachable range (default: no budget)")
     p.add_argument("--allocate", action="store_true",
                    help="allocate bits per tensor by predicted output error: --bits per compressed "
-                        "weight, every byte counted")
+                        "weight, every byte counted (default: every tensor gets --bits)")
     p.add_argument("--permute", action="store_true",
-                   help="search a column permutation per tensor (slower, lower error)")
+                   help="search a column permutation per tensor (slower, lower error; default off)")
     p.add_argument("--codebooks", choices=("shared", "per-layer", "by-kind"), default="by-kind",
                    help="codebook sharing across tensors (default by-kind: attention, MLP, conv, other)")
-    p.add_argument("--calib", help="calibration inputs: .npy/.npz arrays or a .txt of sentences "
-                                   "(Hugging Face text models)")
+    p.add_argument("--calib", metavar="FILE",
+                   help="calibration inputs: .npy/.npz arrays or a .txt of sentences "
+                        "(Hugging Face text models); default: none, weight error is minimised")
     p.add_argument("--keep", action="append", metavar="PATTERN",
-                   help="keep tensors matching this fnmatch pattern raw (repeatable)")
+                   help="keep tensors matching this fnmatch pattern raw (repeatable; default: none)")
     p.add_argument("--finetune", type=int, default=0, metavar="STEPS",
                    help="after coding, distil the original model into the codebooks for STEPS steps "
-                        "on the --calib inputs (PyTorch modules and Hugging Face folders)")
-    p.add_argument("--finetune-lr", type=float, default=1e-3, help="peak learning rate of --finetune")
+                        "on the --calib inputs (PyTorch modules and Hugging Face folders; default 0: off)")
+    p.add_argument("--finetune-lr", type=float, default=1e-3, metavar="LR",
+                   help="peak learning rate of --finetune (default 1e-3)")
     p.add_argument("--finetune-raw", choices=("all", "1d"), default="all",
                    help="uncompressed tensors --finetune trains: all float ones, e.g. kept embeddings "
                         "(default), or norms and biases only")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--beam", type=int, help="code search beam width (speed/quality)")
-    p.add_argument("--iters", type=int, help="codebook training iterations (speed/quality)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of sampling and codebook training: same inputs and seed, same file (default 0)")
+    p.add_argument("--beam", type=int, metavar="N",
+                   help=f"code search beam width: larger is slower and more accurate (default {DEFAULT_BEAM})")
+    p.add_argument("--iters", type=int, metavar="N",
+                   help=f"codebook training iterations: more is slower and more accurate (default {DEFAULT_ITERS})")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: the cores this process may use, by CPU affinity and "
+                        "cgroup quota, less those busy by the 1-minute load average; at least 1)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (default: shown when stderr is a terminal, unless -q)")
     p.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("export", help="write a plain ONNX model with the decoded weights")
+    p = sub.add_parser("export", help="write a plain ONNX model with the decoded weights",
+                       description="Write the embedded ONNX graph with every weight decoded: an ordinary "
+                                   ".onnx file (weights over 1 GiB go to FILE.data beside it). An existing "
+                                   "output is replaced only with --force.")
     p.add_argument("file", help=".aqm file holding an ONNX graph")
     p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("--force", action="store_true", help="replace the output file if it exists (default: refuse)")
     p.set_defaults(func=_cmd_export)

@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 
 from aqformat import __version__
-from aqformat.errors import AqmInputError
+from aqformat.errors import AqmInputError, AqmWarning
+from aqformat.units import format_size, parse_size
 from aqformat.writer import Writer
 
 from .progress import Progress
@@ -77,37 +78,11 @@ class ConversionSummary:
     def __str__(self) -> str:
         mean_sqnr = (f", weight SQNR {np.mean(list(self.weight_sqnr_db.values())):.1f} dB mean"
                      if self.weight_sqnr_db else "")
-        return (f"{self.path}: {_mb(self.source_bytes)} -> {_mb(self.aqm_bytes)} "
+        return (f"{self.path}: {format_size(self.source_bytes)} -> {format_size(self.aqm_bytes)} "
                 f"({self.ratio:.2f}x, {self.bits_per_weight:.3f} bits/weight), "
                 f"{len(self.compressed)} tensors coded, {len(self.raw)} raw, "
                 f"{len(self.groups)} codebook group(s){mean_sqnr}, {self.seconds:.1f} s"
                 + (f"; {self.finetune}" if self.finetune is not None else ""))
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.2f} MB"
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes from ``"5MB"``, ``"1.5GiB"``, ``"800k"`` or an int."""
-    if isinstance(text, int):
-        return text
-    s = text.strip().lower().replace(" ", "")
-    units = {"gib": 1 << 30, "mib": 1 << 20, "kib": 1 << 10, "gb": 10**9, "mb": 10**6, "kb": 10**3,
-             "g": 10**9, "m": 10**6, "k": 10**3, "b": 1}
-    for u, mult in units.items():
-        if s.endswith(u):
-            s, factor = s[: -len(u)], mult
-            break
-    else:
-        factor = 1
-    try:
-        value = float(s)
-    except ValueError:
-        raise AqmInputError(f"cannot parse size {text!r} (e.g. 5MB, 1.5GiB)") from None
-    if value <= 0:
-        raise AqmInputError(f"size must be positive, got {text!r}")
-    return int(value * factor)
 
 
 # ------------------------------------------------------------------ selection
@@ -413,6 +388,11 @@ def _run(source: Source, out_path: str | os.PathLike, *, bits: float, target_siz
     encoder = dict(encoder or {})
     _config_for_bits(bits, encoder)  # validate settings before the expensive steps
     target = parse_size(target_size) if target_size is not None else None
+    keep = list(keep)
+    for pattern in keep:
+        if not any(fnmatch.fnmatchcase(s.name, pattern) for s in specs):
+            warnings.warn(f"--keep {pattern!r} matches no tensor (tensor names: aqm-info, or the "
+                          f"model's state_dict keys / ONNX initializer names)", AqmWarning, stacklevel=2)
     compress = select_tensors(specs, keep=keep, min_elements=min_elements)
     H, S = _calibration_stats(calib, compress, sensitivity=target is not None or allocate)
 

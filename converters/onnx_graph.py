@@ -358,6 +358,7 @@ def export_onnx(aqm_path: str | os.PathLike, out_path: str | os.PathLike) -> dic
     dict with ``path``, ``bytes`` and ``external_data`` (path or None).
     """
     from aqformat.reader import open as open_aqm
+    from aqformat.writer import finished_file_mode
     out = os.fspath(out_path)
     directory = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(directory):
@@ -375,6 +376,7 @@ def export_onnx(aqm_path: str | os.PathLike, out_path: str | os.PathLike) -> dic
                     model = restore_model(f, (fh, os.path.basename(data_path)))
                     fh.flush()
                     os.fsync(fh.fileno())
+                    os.fchmod(fh.fileno(), finished_file_mode())
             else:
                 model = restore_model(f)
             fd, tmp_model = tempfile.mkstemp(prefix=".aqm-export.", dir=directory)
@@ -383,6 +385,7 @@ def export_onnx(aqm_path: str | os.PathLike, out_path: str | os.PathLike) -> dic
                 fh.write(model.SerializeToString())
                 fh.flush()
                 os.fsync(fh.fileno())
+                os.fchmod(fh.fileno(), finished_file_mode())
             if data_path is not None:
                 os.replace(tmp_data, data_path)
             os.replace(tmp_model, out)

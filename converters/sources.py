@@ -19,6 +19,7 @@ import glob
 import json
 import math
 import os
+import warnings
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -158,7 +159,10 @@ def _torch_file_source(path: str) -> Source:
     else:
         kwargs = {"mmap": True}
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+        with warnings.catch_warnings():
+            # a checkpoint pickled by something other than torch.save: refused or loaded just the same
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            obj = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         if "weights_only" in str(e) or "Unsupported global" in str(e):

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..cpus import allowed_cpus
 from ..errors import AqmError
 
 
@@ -47,12 +48,15 @@ def _current_rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _open(variant: str, path: str, budget: int | None):
+def _open(variant: str, path: str, budget: int | None, threads: int | None):
+    import onnxruntime
+    so = onnxruntime.SessionOptions()
+    if threads is not None:
+        so.intra_op_num_threads = threads
     if variant == "aqm":
         from . import InferenceSession
-        return InferenceSession(path, memory_budget=budget)
-    import onnxruntime
-    return onnxruntime.InferenceSession(path)
+        return InferenceSession(path, so, memory_budget=budget)
+    return onnxruntime.InferenceSession(path, so)
 
 
 class _RssSampler:
@@ -80,14 +84,14 @@ class _RssSampler:
 
 
 def _worker_load(variant: str, path: str, feeds: dict[str, np.ndarray], budget: int | None,
-                 after: int = 5) -> dict[str, Any]:
+                 threads: int | None, after: int = 5) -> dict[str, Any]:
     import onnxruntime  # noqa: F401 - counted in the interpreter baseline for both variants
     if budget is not None:
         import onnx  # noqa: F401 - streaming imports it; keep it out of the model's share
     base = _current_rss()
     sampler = _RssSampler()
     t0 = time.perf_counter()
-    sess = _open(variant, path, budget)
+    sess = _open(variant, path, budget, threads)
     t1 = time.perf_counter()
     sess.run(None, feeds)
     t2 = time.perf_counter()
@@ -99,8 +103,8 @@ def _worker_load(variant: str, path: str, feeds: dict[str, np.ndarray], budget: 
 
 
 def _worker_latency(paths: dict[str, str], feeds: dict[str, np.ndarray], iters: int,
-                    budget: int | None) -> dict[str, float]:
-    sessions = {v: _open(v, p, budget if v == "aqm" else None) for v, p in paths.items()}
+                    budget: int | None, threads: int | None) -> dict[str, float]:
+    sessions = {v: _open(v, p, budget if v == "aqm" else None, threads) for v, p in paths.items()}
     for s in sessions.values():
         s.run(None, feeds)
     times: dict[str, list[float]] = {v: [] for v in sessions}
@@ -122,7 +126,7 @@ def _spawn(args: list[str]) -> dict[str, Any]:
 
 
 def compare(aqm_path: str, onnx_path: str, feeds: Mapping[str, np.ndarray], *, repeats: int = 3,
-            iters: int = 50, memory_budget: int | None = None) -> dict[str, Any]:
+            iters: int = 50, memory_budget: int | None = None, threads: int | None = None) -> dict[str, Any]:
     """Benchmark ``aqm_path`` against plain ONNX Runtime on ``onnx_path`` with ``feeds``.
 
     Parameters
@@ -137,6 +141,9 @@ def compare(aqm_path: str, onnx_path: str, feeds: Mapping[str, np.ndarray], *, r
         Alternating steady-state runs per variant.
     memory_budget : int, optional
         Passed to the .aqm session (streaming when the model does not fit).
+    threads : int, optional
+        ONNX Runtime intra-op threads of both sessions (default: every core this
+        process may use, :func:`aqformat.cpus.allowed_cpus`).
 
     Returns
     -------
@@ -144,12 +151,15 @@ def compare(aqm_path: str, onnx_path: str, feeds: Mapping[str, np.ndarray], *, r
         Per-variant medians (``load_s``, ``first_output_s``, ``steady_s``,
         ``peak_rss``, ``base_rss``, ``rss_after_first_output``), the first
         run's ``rss_trace`` (``[seconds, bytes]`` from the start of loading
-        through five runs after the first) and ``ratios`` of aqm to onnx.
+        through five runs after the first), ``ratios`` of aqm to onnx and the
+        ``threads`` given.
     """
+    threads = allowed_cpus() if threads is None else threads
     with tempfile.TemporaryDirectory() as tmp:
         feed_path = os.path.join(tmp, "feeds.npz")
         np.savez(feed_path, **{k: np.asarray(v) for k, v in feeds.items()})
         budget = [] if memory_budget is None else ["--budget", str(memory_budget)]
+        budget += ["--threads", str(threads)]
         runs: dict[str, list[dict[str, Any]]] = {"aqm": [], "onnx": []}
         for _ in range(repeats):
             for variant, path in (("onnx", onnx_path), ("aqm", aqm_path)):
@@ -164,24 +174,28 @@ def compare(aqm_path: str, onnx_path: str, feeds: Mapping[str, np.ndarray], *, r
     a, o = result["aqm"], result["onnx"]
     result["ratios"] = {k: a[k] / o[k] for k in ("load_s", "first_output_s", "steady_s", "peak_rss",
                                                  "rss_after_first_output")}
+    result["threads"] = threads
     result["aqm_file_bytes"] = os.path.getsize(aqm_path)
     result["onnx_file_bytes"] = os.path.getsize(onnx_path)
     return result
 
 
 def main(argv: list[str]) -> None:
-    """Subprocess entry: ``load VARIANT PATH FEEDS [--budget B]`` or ``latency AQM ONNX FEEDS ITERS [--budget B]``."""
-    budget = None
-    if "--budget" in argv:
-        i = argv.index("--budget")
-        budget = int(argv[i + 1])
-        argv = argv[:i] + argv[i + 2:]
+    """Subprocess entry: ``load VARIANT PATH FEEDS [--budget B] [--threads N]`` or
+    ``latency AQM ONNX FEEDS ITERS [--budget B] [--threads N]``."""
+    opts: dict[str, int | None] = {"--budget": None, "--threads": None}
+    for flag in opts:
+        if flag in argv:
+            i = argv.index(flag)
+            opts[flag] = int(argv[i + 1])
+            argv = argv[:i] + argv[i + 2:]
+    budget, threads = opts["--budget"], opts["--threads"]
     if argv[0] == "load":
         feeds = dict(np.load(argv[3]))
-        out = _worker_load(argv[1], argv[2], feeds, budget)
+        out = _worker_load(argv[1], argv[2], feeds, budget, threads)
     else:
         feeds = dict(np.load(argv[3]))
-        out = _worker_latency({"aqm": argv[1], "onnx": argv[2]}, feeds, int(argv[4]), budget)
+        out = _worker_latency({"aqm": argv[1], "onnx": argv[2]}, feeds, int(argv[4]), budget, threads)
     print(json.dumps(out))
 
 

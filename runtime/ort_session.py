@@ -24,6 +24,7 @@ import numpy as np
 
 from .. import open as open_aqm
 from ..errors import AqmFormatError, AqmInputError
+from ..units import format_size
 from .cache import WeightCache
 from .onnx_graph import (AQM_LOCATION, AQM_TO_ONNX, BFLOAT16, ONNX_DTYPES, PROBE_SIZE, StagePlan,
                          StageTooLarge, Stub, external_stubs, inline_weights, locate_stubs, parse_model,
@@ -224,8 +225,9 @@ class InferenceSession:
         try:
             return plan_stages(self._graph, {n: s.nbytes for n, s in self._stubs.items()}, limit)
         except StageTooLarge as e:
-            raise AqmInputError(f"memory_budget={budget} bytes is too small: {e}; "
-                                f"streaming needs memory_budget >= {COPIES_PER_WEIGHT * e.need} bytes") from None
+            need = COPIES_PER_WEIGHT * e.need
+            raise AqmInputError(f"memory_budget={budget} bytes ({format_size(budget)}) is too small: {e}; "
+                                f"streaming needs memory_budget >= {need} bytes ({format_size(need)})") from None
 
     def _start_resident(self) -> None:
         """Build the one session holding every weight (again, after :meth:`set_providers`)."""

@@ -411,7 +411,7 @@ def test_ctrl_c_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
                         lambda self, name, *a, **k: interrupted() if name == "conv.weight"
                         else real_add(self, name, *a, **k))
     rc, err = _cli_error(["convert", str(tmp_path / "net.pt"), "-o", str(tmp_path / "o.aqm"),
-                          "--keep", "*", "--no-progress"], capsys)
+                          "--keep", "*", "--no-progress", "--force"], capsys)
     assert rc == 130 and "interrupted" in err
     assert _dir_entries(tmp_path) == ["net.pt", "o.aqm"]
     assert (tmp_path / "o.aqm").read_bytes() == b"previous file"

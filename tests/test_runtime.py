@@ -134,7 +134,7 @@ def test_budget_below_one_node(models):
     with pytest.raises(AqmInputError) as e:
         InferenceSession(path, memory_budget=1000)
     msg = str(e.value)
-    assert "\n" not in msg and "memory_budget=1000 bytes is too small" in msg
+    assert "\n" not in msg and "memory_budget=1000 bytes (1.000 kB) is too small" in msg
     need = int(msg.rsplit(">= ", 1)[1].split()[0])
     InferenceSession(path, memory_budget=need)  # exactly the size named is enough
 
@@ -265,11 +265,14 @@ def test_session_options_copied_not_mutated(models):
 
 def test_build_feeds_random_and_files(models, tmp_path):
     sess = InferenceSession(models["silero"][1])
-    feeds = build_feeds(sess.get_inputs(), None, ["batch_size=3"])
+    feeds = build_feeds(sess.get_inputs(), None, ["batch=3"])
     assert feeds["input"].dtype == np.float32 and feeds["sr"].dtype == np.int64
     np.save(tmp_path / "a.npy", np.ones((1, 512), np.float32))
-    got = build_feeds(sess.get_inputs(), [str(tmp_path / "a.npy"), f"sr={tmp_path / 'a.npy'}"], [])
-    assert set(got) == {"input", "sr"}
+    with pytest.raises(AqmInputError, match=r"no --input for \['state'\].*--random-input"):
+        build_feeds(sess.get_inputs(), [str(tmp_path / "a.npy"), f"sr={tmp_path / 'a.npy'}"], [])
+    # files for some inputs, random values for the others
+    got = build_feeds(sess.get_inputs(), [str(tmp_path / "a.npy")], ["batch=3"], random=True)
+    assert got["input"].shape == (1, 512) and got["state"].shape[1] == 3 and set(got) == {"input", "state", "sr"}
     with pytest.raises(AqmInputError, match="no input 'nope'"):
         build_feeds(sess.get_inputs(), [f"nope={tmp_path / 'a.npy'}"], [])
 
@@ -291,7 +294,7 @@ def test_cli_bench(models, capsys):
     _, path, _ = models["cnn"]
     assert main(["bench", path, "--random-input", "--repeats", "1", "--iters", "3"]) == 0
     out = capsys.readouterr().out
-    assert "steady latency" in out and "peak RSS (MiB)" in out
+    assert "steady latency" in out and "peak RSS (MB)" in out
 
 
 # -- WeightCache ------------------------------------------------------------------------
