@@ -35,7 +35,6 @@ def describe(path: str | os.PathLike, check: bool = True) -> dict[str, Any]:
                 integrity = "corrupted"
                 integrity_error = str(e)
         weight_bytes = sum(t.stored_bytes for t in tensors) + sum(group_bytes.values())
-        sections = f.sections()
         report: dict[str, Any] = {
             "file": os.fspath(path),
             "format_version": f"{f.version[0]}.{f.version[1]}",
@@ -52,11 +51,11 @@ def describe(path: str | os.PathLike, check: bool = True) -> dict[str, Any]:
             "integrity": integrity,
             "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "codec": t.codec,
                          "bits_per_weight": round(t.bits_per_weight, 4), "stored_bytes": t.stored_bytes,
-                         "offset": min((sections[i].offset for i in f.tensor_sections(t.name)), default=None),
+                         "offset": min((f.section(i).offset for i in f.tensor_sections(t.name)), default=None),
                          "group": t.group}
                         for t in tensors],
             "codebook_groups": [{"name": g.name, "M": g.M, "K": g.K, "d": g.d, "dtype": g.dtype,
-                                 "bytes": group_bytes[g.name], "offset": sections[g.section].offset,
+                                 "bytes": group_bytes[g.name], "offset": f.section(g.section).offset,
                                  "tensors": [t.name for t in tensors if t.group == g.name]}
                                 for g in groups],
         }

@@ -225,10 +225,6 @@ class AqmFile:
             except AqmIntegrityError as e:
                 raise AqmIntegrityError(f"{owners.get(i, 'unreferenced data')}: {e}") from None
 
-    def sections(self) -> list[Section]:
-        """Every section's header entry (offset, stored length, size, encoding, CRC); nothing is read."""
-        return list(self._h.sections)
-
     def tensor_sections(self, name: str) -> list[int]:
         """Indices of the sections holding tensor ``name``'s own data (not shared codebooks)."""
         return [v for k, v in self._record(name).fields.items() if k in _SECTION_FIELDS and v is not None]

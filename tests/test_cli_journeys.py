@@ -22,7 +22,7 @@ import torch
 import aqformat
 from aqformat.cli import main as aqm_main
 from aqformat.converters.cli import DEFAULT_BEAM, DEFAULT_ITERS
-from runtime_fixtures import silero_path
+from tests.runtime_fixtures import silero_path
 
 FAST = ["--iters", "2", "--beam", "2"]
 
