@@ -6,7 +6,7 @@ import os
 from dataclasses import asdict
 from typing import Any
 
-from .errors import AqmIntegrityError
+from .errors import AqmError, AqmIntegrityError
 from .reader import open as open_aqm
 from .units import format_size
 
@@ -69,7 +69,10 @@ def describe(path: str | os.PathLike, check: bool = True) -> dict[str, Any]:
 def _onnx_io(f: Any) -> dict[str, Any]:
     """The stored ONNX graph's inputs, outputs and the initializers whose data it keeps."""
     from .runtime.onnx_io import graph_io
-    io = graph_io(f.graph()[1])
+    try:
+        io = graph_io(f.graph()[1])
+    except AqmError as e:  # the tensors are still worth describing
+        return {"error": str(e), "inputs": [], "outputs": [], "initializers_in_graph": []}
     # initializers are named in aqformat's dtype terms, like the tensors beside them
     dtypes = {"float": "float32", "double": "float64"}
     return {"inputs": [asdict(v) for v in io.inputs], "outputs": [asdict(v) for v in io.outputs],
@@ -117,6 +120,8 @@ def render_text(r: dict[str, Any]) -> str:
     io = r.get("graph_io")
     if io:
         lines.append("")
+        if "error" in io:
+            lines.append(f"graph inputs and outputs unreadable: {_safe(io['error'])}")
         for label, values in (("inputs", io["inputs"]), ("outputs", io["outputs"])):
             lines.append(f"graph {label}")
             for v in values:
