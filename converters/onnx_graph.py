@@ -312,11 +312,13 @@ def restore_model(aqm: Any, external: tuple[Any, str] | None = None) -> Any:
         Write tensor data to this file and reference it as external data
         (location relative to the model) instead of inlining it.
     """
+    from aqformat.runtime.onnx_graph import external_stubs
     onnx = _onnx()
     graph = aqm.graph()
     if graph is None or graph[0] != "onnx":
         raise AqmInputError(f"{aqm.path}: holds no ONNX graph (convert from an ONNX model, "
                             "or pass example inputs when converting a PyTorch model)")
+    external_stubs(graph[1])  # refuses external data other than the .aqm's own tensors
     model = onnx.ModelProto()
     try:
         model.ParseFromString(graph[1])

@@ -45,11 +45,45 @@ class Stub:
 
 
 # -- minimal protobuf wire-format reading ------------------------------------------
+# The stored graph is untrusted: the walk below costs time linear in its bytes (each field
+# is read once, none is copied), its memory is bounded by the number of stubs, and every
+# length is checked against the enclosing message before use.
 
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+MAX_NESTING = 64  # message levels (graphs in If/Loop bodies...); protobuf itself stops at 100
+
+# Message kinds and, for each, the fields holding sub-messages that may contain a TensorProto
+# (onnx.proto field numbers). A TensorProto anywhere in these can refer to external data.
+_MODEL, _GRAPH, _NODE, _ATTR, _TENSOR, _SPARSE, _FUNCTION, _TRAINING = range(8)
+_CHILDREN: dict[int, dict[int, int]] = {
+    _MODEL: {7: _GRAPH, 20: _TRAINING, 25: _FUNCTION},
+    _GRAPH: {1: _NODE, 5: _TENSOR, 15: _SPARSE},
+    _NODE: {5: _ATTR},
+    _ATTR: {5: _TENSOR, 6: _GRAPH, 10: _TENSOR, 11: _GRAPH, 22: _SPARSE, 23: _SPARSE},
+    _FUNCTION: {7: _NODE, 11: _ATTR},
+    _TRAINING: {1: _GRAPH, 2: _GRAPH},
+    _SPARSE: {1: _TENSOR, 2: _TENSOR},
+    _TENSOR: {},
+}
+
+
+def _tag(num: int) -> bytes:
+    """First byte of the key of length-delimited field ``num``."""
+    return bytes([(num << 3 | 2) & 0x7F | (0x80 if num > 15 else 0)])
+
+
+# A message none of whose child tags occurs anywhere in its bytes holds no tensor, so it is
+# skipped at the speed of bytes.find; most nodes (no attributes) and tensors (inline data) are.
+_TAGS = {kind: tuple(_tag(n) for n in fields) for kind, fields in _CHILDREN.items()}
+_EXTERNAL_TAGS = (_tag(13), bytes([14 << 3]))  # TensorProto.external_data, .data_location
+_MAX_DIMS = 8  # the .aqm limit: a stub with more dimensions cannot match any tensor
+_MAX_TEXT = 1024  # bytes of a stub's name or of an external_data key or value
+
+
+def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    """The varint at ``buf[pos]`` (inside ``[pos, end)``) and the position after it."""
     result = shift = 0
     while True:
-        if pos >= len(buf):
+        if pos >= end:
             raise AqmFormatError("stored ONNX graph is truncated")
         b = buf[pos]
         pos += 1
@@ -61,58 +95,176 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
             raise AqmFormatError("stored ONNX graph has a malformed varint")
 
 
-def _spans(buf: memoryview) -> Iterator[tuple[int, int, Any, memoryview]]:
-    """Yield ``(field_number, wire_type, value, encoded_field)``; LEN values are memoryviews."""
-    pos = 0
-    while pos < len(buf):
-        start = pos
-        key, pos = _varint(buf, pos)
+def _fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """Fields of the message ``buf[start:end]`` as ``(number, wire_type, value, value_end, field_start)``.
+
+    For a length-delimited field (wire type 2) ``value`` is where its bytes start;
+    for a varint it is the number. Nothing is copied.
+    """
+    pos = start
+    while pos < end:
+        field_start = pos
+        b = buf[pos]
+        if b < 0x80:
+            key, pos = b, pos + 1
+        else:
+            key, pos = _varint(buf, pos, end)
         num, wt = key >> 3, key & 7
-        if wt == 0:
-            val, pos = _varint(buf, pos)
-        elif wt == 2:
-            n, pos = _varint(buf, pos)
-            if pos + n > len(buf):
-                raise AqmFormatError("stored ONNX graph is truncated")
-            val, pos = buf[pos: pos + n], pos + n
+        if wt == 2:
+            n, pos = _varint(buf, pos, end)
+            if n > end - pos:
+                raise AqmFormatError("stored ONNX graph is truncated (a length runs past its message)")
+            yield num, 2, pos, pos + n, field_start
+            pos += n
+        elif wt == 0:
+            val, pos = _varint(buf, pos, end)
+            yield num, 0, val, pos, field_start
         elif wt in (1, 5):
-            n = 8 if wt == 1 else 4
-            val, pos = bytes(buf[pos: pos + n]), pos + n
+            pos += 8 if wt == 1 else 4
+            if pos > end:
+                raise AqmFormatError("stored ONNX graph is truncated")
         else:
             raise AqmFormatError(f"stored ONNX graph uses protobuf wire type {wt}")
-        yield num, wt, val, buf[start: pos]
 
 
-def _fields(buf: memoryview) -> Iterator[tuple[int, int, Any]]:
-    """Yield ``(field_number, wire_type, value)``; LEN values are memoryviews."""
-    for num, wt, val, _ in _spans(buf):
-        yield num, wt, val
+def _text(buf: bytes, start: int, end: int, what: str) -> str:
+    if end - start > _MAX_TEXT:
+        raise AqmFormatError(f"stored ONNX graph: {what} is longer than {_MAX_TEXT} bytes")
+    try:
+        return buf[start:end].decode("utf-8")
+    except UnicodeDecodeError:
+        raise AqmFormatError(f"stored ONNX graph: {what} is not valid UTF-8") from None
 
 
-def _stub_of(tensor: memoryview) -> Stub | None:
-    name, data_type, dims, external, location = "", 0, [], False, None
-    for num, wt, val in _fields(tensor):
-        if num == 1:  # dims: packed or one varint per entry
-            if wt == 2:
-                p = 0
-                while p < len(val):
-                    d, p = _varint(val, p)
-                    dims.append(d)
-            else:
-                dims.append(val)
-        elif num == 2:
+def _safe(text: str) -> str:
+    """``text`` quoted, cut short and with control characters escaped (it comes from the file)."""
+    return repr(text[:80] + ("..." if len(text) > 80 else ""))
+
+
+def _tensor(buf: bytes, start: int, end: int, main_initializer: bool) -> Stub | None:
+    """The stub of TensorProto ``buf[start:end]``, None if it holds its own data.
+
+    Raises AqmFormatError for any other reference to external data: only the
+    main graph's initializers may be stubs, and a stub refers to the .aqm alone.
+    """
+    if all(buf.find(t, start, end) < 0 for t in _EXTERNAL_TAGS):
+        return None
+    name = (start, start)
+    data_type = location_kind = 0
+    dims: list[tuple[int, int, int]] = []  # (wire type, value or start, end)
+    entries: list[tuple[int, int]] = []
+    for num, wt, val, vend, _ in _fields(buf, start, end):
+        if num == 1 and wt in (0, 2):
+            dims.append((wt, val, vend))
+        elif num == 2 and wt == 0:
             data_type = val
-        elif num == 8:
-            name = bytes(val).decode("utf-8")
-        elif num == 14:
-            external = val == 1
-        elif num == 13:
-            entry = {k: bytes(v).decode("utf-8") for k, _, v in _fields(val)}
-            if entry.get(1) == "location":
-                location = entry.get(2)
-    if external and location == AQM_LOCATION:
-        return Stub(name, data_type, tuple(dims))
-    return None
+        elif num == 8 and wt == 2:
+            name = (val, vend)
+        elif num == 13 and wt == 2:
+            entries.append((val, vend))
+        elif num == 14 and wt == 0:
+            location_kind = val
+        elif num in (2, 8, 13, 14):
+            raise AqmFormatError(f"stored ONNX graph: tensor field {num} has protobuf wire type {wt}")
+    if location_kind == 0 and not entries:
+        return None
+    label = _safe(_text(buf, *name, "a tensor name"))
+    pairs = [_entry(buf, s, e) for s, e in entries]
+    if not main_initializer or location_kind != 1 or pairs != [("location", AQM_LOCATION)]:
+        where = next((v for k, v in pairs if k == "location"), None)
+        raise AqmFormatError(
+            f"stored ONNX graph: tensor {label} refers to external data"
+            + (f" at {_safe(where)}" if where is not None else "")
+            + "; a stored graph may only refer to the .aqm file's own tensors "
+              "(main-graph initializers with the one external_data entry location='aqm')")
+    return Stub(_text(buf, *name, "a tensor name"), data_type, _dims(buf, dims, label))
+
+
+def _entry(buf: bytes, start: int, end: int) -> tuple[str, str]:
+    key = value = ""
+    for num, wt, val, vend, _ in _fields(buf, start, end):
+        if wt != 2 or num not in (1, 2):
+            raise AqmFormatError("stored ONNX graph: an external_data entry is malformed")
+        text = _text(buf, val, vend, "an external_data entry")
+        key, value = (text, value) if num == 1 else (key, text)
+    return key, value
+
+
+def _dims(buf: bytes, fields: list[tuple[int, int, int]], label: str) -> tuple[int, ...]:
+    dims: list[int] = []
+    for wt, val, vend in fields:
+        if wt == 0:
+            dims.append(val)
+        else:
+            p = val
+            while p < vend and len(dims) <= _MAX_DIMS:
+                d, p = _varint(buf, p, vend)
+                dims.append(d)
+        if len(dims) > _MAX_DIMS:
+            raise AqmFormatError(f"stored ONNX graph: stub {label} has more than {_MAX_DIMS} dimensions")
+    return tuple(dims)
+
+
+@dataclass(frozen=True)
+class GraphScan:
+    """Where the weight stubs of a serialized ModelProto are.
+
+    ``graphs`` has one entry per occurrence of ``ModelProto.graph`` (protobuf merges
+    repeated occurrences): ``(field_start, value_start, value_end, stubs)`` with
+    ``stubs`` a list of ``(field_start, value_start, value_end, Stub)`` of its initializers.
+    """
+
+    stubs: list[Stub]
+    graphs: list[tuple[int, int, int, list[tuple[int, int, int, Stub]]]]
+
+
+def scan_model(model_bytes: bytes) -> GraphScan:
+    """Find the weight stubs of a serialized ModelProto; refuse any other external reference.
+
+    Every TensorProto the model holds (initializers of the main graph and of
+    subgraphs, sparse initializers, tensor attributes of nodes and functions,
+    training graphs) is inspected.
+
+    Raises
+    ------
+    AqmFormatError
+        The bytes are not protobuf, nest deeper than ``MAX_NESTING``, or a
+        tensor refers to external data other than as a main-graph stub.
+    """
+    buf = bytes(model_bytes)
+    stubs: list[Stub] = []
+    graphs: list[tuple[int, int, int, list[tuple[int, int, int, Stub]]]] = []
+    # depth-first over the messages that may hold tensors: memory grows with nesting, not size
+    stack = [(_CHILDREN[_MODEL], _fields(buf, 0, len(buf)), -1)]
+    while stack:
+        children, fields, main = stack[-1]
+        for num, wt, val, vend, fstart in fields:
+            child = children.get(num)
+            if child is None or wt != 2:
+                continue
+            if child == _TENSOR:
+                stub = _tensor(buf, val, vend, main >= 0)
+                if stub is not None:
+                    stubs.append(stub)
+                    graphs[main][3].append((fstart, val, vend, stub))
+                continue
+            if all(buf.find(t, val, vend) < 0 for t in _TAGS[child]):
+                continue
+            if len(stack) >= MAX_NESTING:
+                raise AqmFormatError(f"stored ONNX graph nests messages deeper than {MAX_NESTING} levels")
+            if len(stack) == 1 and num == 7:  # ModelProto.graph: the main graph
+                graphs.append((fstart, val, vend, []))
+                stack.append((_CHILDREN[_GRAPH], _fields(buf, val, vend), len(graphs) - 1))
+            else:
+                stack.append((_CHILDREN[child], _fields(buf, val, vend), -1))
+            break
+        else:
+            stack.pop()
+    names = [s.name for s in stubs]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise AqmFormatError(f"stored ONNX graph has two weight stubs named {_safe(dup)}")
+    return GraphScan(stubs, graphs)
 
 
 def external_stubs(model_bytes: bytes) -> list[Stub]:
@@ -127,17 +279,13 @@ def external_stubs(model_bytes: bytes) -> list[Stub]:
     -------
     list of Stub
         In graph order.
+
+    Raises
+    ------
+    AqmFormatError
+        See :func:`scan_model`.
     """
-    stubs = []
-    buf = memoryview(model_bytes)
-    for num, wt, graph in _fields(buf):
-        if num == 7 and wt == 2:  # ModelProto.graph
-            for gnum, gwt, init in _fields(graph):
-                if gnum == 5 and gwt == 2:  # GraphProto.initializer
-                    stub = _stub_of(init)
-                    if stub is not None:
-                        stubs.append(stub)
-    return stubs
+    return scan_model(model_bytes).stubs
 
 
 def _pb(num: int, value: int | bytes | str) -> bytes:
@@ -159,22 +307,33 @@ def locate_stubs(model_bytes: bytes, files: Mapping[str, str]) -> bytes:
     """Serialized model whose stubs named in ``files`` read their data from external file ``files[name]``.
 
     Each such stub's ``external_data`` becomes just that ``location`` (offset 0,
-    the whole file); everything else is copied unchanged. ONNX Runtime is then
-    given the files' contents with
+    the whole file); everything else is copied unchanged, in slices between the
+    stubs. ONNX Runtime is then given the files' contents with
     ``SessionOptions.add_external_initializers_from_files_in_memory``.
     """
-    def tensor(t: memoryview) -> bytes:
-        stub = _stub_of(t)
-        if stub is None or stub.name not in files:
-            return bytes(t)
-        kept = b"".join(raw for num, _, _, raw in _spans(t) if num != 13)
-        return kept + _pb(13, _pb(1, "location") + _pb(2, files[stub.name]))
-
-    def graph(g: memoryview) -> bytes:
-        return b"".join(_pb(5, tensor(v)) if num == 5 and wt == 2 else raw for num, wt, v, raw in _spans(g))
-
-    return b"".join(_pb(7, graph(v)) if num == 7 and wt == 2 else raw
-                    for num, wt, v, raw in _spans(memoryview(model_bytes)))
+    buf = bytes(model_bytes)
+    pieces: list[bytes] = []
+    pos = 0
+    for gstart, vstart, vend, stubs in scan_model(buf).graphs:
+        graph: list[bytes] = []
+        gpos = vstart
+        for fstart, tstart, tend, stub in stubs:
+            if stub.name not in files:
+                continue
+            kept, tpos = [], tstart
+            for num, _, _, fend, f0 in _fields(buf, tstart, tend):
+                if num == 13:
+                    kept.append(buf[tpos:f0])
+                    tpos = fend
+            kept.append(buf[tpos:tend])
+            location = _pb(13, _pb(1, "location") + _pb(2, files[stub.name]))
+            graph += [buf[gpos:fstart], _pb(5, b"".join(kept) + location)]
+            gpos = tend
+        graph.append(buf[gpos:vend])
+        pieces += [buf[pos:gstart], _pb(7, b"".join(graph))]
+        pos = vend
+    pieces.append(buf[pos:])
+    return b"".join(pieces)
 
 
 PROBE_SIZE = 1024  # elements: ONNX Runtime copies tiny initializers whatever it is asked
