@@ -10,20 +10,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import __version__
 from .errors import AqmError, AqmWarning
 from .inspect import describe, render_text
+from .terminal import printable
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
     report = describe(args.file, check=not args.no_verify)
-    print(json.dumps(report, indent=2) if args.json else render_text(report))
+    print(json.dumps(_finite(report), indent=2, allow_nan=False) if args.json else render_text(report))
     return 0 if report["integrity"] != "corrupted" else 1
+
+
+def _finite(v: Any) -> Any:
+    """``v`` with NaN and infinities (metadata may hold them) as the strings JSON readers know."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "NaN" if v != v else ("Infinity" if v > 0 else "-Infinity")
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -113,7 +127,7 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13  # the shell's status for a process ended by SIGPIPE
     except AqmError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {printable(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -9,6 +9,7 @@ from typing import Any
 from .errors import AqmError, AqmIntegrityError
 from .reader import open as open_aqm
 from .units import format_size
+from .terminal import printable
 
 
 def describe(path: str | os.PathLike, check: bool = True) -> dict[str, Any]:
@@ -79,9 +80,7 @@ def _onnx_io(f: Any) -> dict[str, Any]:
             "initializers_in_graph": [dict(asdict(v), type=dtypes.get(v.type, v.type)) for v in io.in_graph]}
 
 
-def _safe(v: Any) -> str:
-    """Text from the file with control characters escaped, so it cannot drive the terminal."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(v))
+_safe = printable  # text from the file, with control characters escaped
 
 
 def _plural(n: int, word: str) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
 import zlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -18,7 +17,7 @@ import msgpack
 import numpy as np
 import zstandard
 
-from . import __version__
+from . import __version__, tempfiles
 from .bitpack import pack
 from .errors import AqmError, AqmInputError
 from .header import (ALIGNMENT, DTYPES, FLOAT_DTYPES, MAX_HEADER_BYTES, MINOR, PREAMBLE_SIZE, pack_preamble,
@@ -85,8 +84,7 @@ class Writer:
         self._tensors: list[dict[str, Any]] = []
         self._names: set[str] = set()
         self._graph: dict[str, Any] | None = None
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{os.path.basename(self.path)}.", suffix=".tmp",
-                                         dir=directory)
+        fd, self._tmp = tempfiles.create(self.path)
         self._file = os.fdopen(fd, "wb")
         self._pos = 0
         self._closed = False
@@ -325,6 +323,7 @@ class Writer:
         except OSError as e:
             self.abort()
             raise AqmError(f"cannot write {self.path}: {e.strerror}") from None
+        tempfiles.release(self._tmp)
         self._closed = True
         _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
 
@@ -339,6 +338,7 @@ class Writer:
             os.unlink(self._tmp)
         except FileNotFoundError:
             pass
+        tempfiles.release(self._tmp)
 
     def __enter__(self) -> "Writer":
         return self

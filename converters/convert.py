@@ -23,11 +23,12 @@ dtype, so it round-trips bit-exactly.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import io
 import os
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,6 +84,43 @@ class ConversionSummary:
                 f"{len(self.compressed)} tensors coded, {len(self.raw)} raw, "
                 f"{len(self.groups)} codebook group(s){mean_sqnr}, {self.seconds:.1f} s"
                 + (f"; {self.finetune}" if self.finetune is not None else ""))
+
+
+def check_output(source: Source, out_path: str | os.PathLike) -> None:
+    """Refuse, before any work, an output whose directory is missing or that is one of the source's files.
+
+    The output is compared by device and inode, so another spelling of the
+    path or a hard link to the input is caught too: the atomic rename that
+    finishes the .aqm file would otherwise replace the input.
+    """
+    out = os.path.abspath(os.fspath(out_path))
+    directory = os.path.dirname(out)
+    if not os.path.isdir(directory):
+        raise AqmInputError(f"output directory {directory} does not exist")
+    if os.path.isdir(out):
+        raise AqmInputError(f"output {out} is a directory")
+    for f in _source_files(source):
+        try:
+            same = os.path.samefile(out, f)
+        except OSError:  # the output does not exist yet, or an input went away
+            continue
+        if same:
+            raise AqmInputError(f"output {os.fspath(out_path)} is the input file {f}: writing it would "
+                                "replace the model being converted; choose another output path")
+
+
+def _source_files(source: Source) -> list[str]:
+    """The files a source reads: a folder's files, a model file and its external data."""
+    if source.path is None:
+        return []
+    if os.path.isdir(source.path):
+        return [e.path for e in os.scandir(source.path) if e.is_file()]
+    files = [source.path]
+    if source.onnx_model is not None:
+        base = os.path.dirname(os.path.abspath(source.path))
+        files += [os.path.join(base, e.value) for t in source.onnx_model.graph.initializer
+                  for e in t.external_data if e.key == "location"]
+    return files
 
 
 # ------------------------------------------------------------------ selection
@@ -216,6 +254,8 @@ def _config_for_bits(bits: float, encoder: dict[str, Any]):
     (defaults of :class:`aqformat.converters.aq.AQConfig`).
     """
     from .aq import AQConfig
+    if isinstance(bits, (bool, str)) or not isinstance(bits, (int, float, np.number)) or not 0 < bits <= 64:
+        raise AqmInputError(f"bits must be a number of bits per weight in (0, 64], got {bits!r}")
     unknown = set(encoder) - set(_ENCODER_KEYS)
     if unknown:
         raise AqmInputError(f"unknown encoder option(s) {sorted(unknown)} (known: {', '.join(_ENCODER_KEYS)})")
@@ -453,9 +493,18 @@ def _run(source: Source, out_path: str | os.PathLike, *, bits: float, target_siz
 
 
 def _sqnr_db(W: np.ndarray, W_hat: np.ndarray) -> float:
-    w, e = W.ravel(), (W - W_hat).ravel()  # one temporary the size of the tensor
+    """Signal-to-quantisation-noise ratio; +inf only when the decoded tensor is exact.
+
+    Both are divided by the largest magnitude first: squares of weights near
+    1e-30 underflow float32 to 0, which used to report "inf dB" for a tensor
+    decoded to zeros.
+    """
+    peak = float(np.max(np.abs(W))) if W.size else 0.0
+    if peak == 0.0 or not np.isfinite(peak):
+        return float("inf") if np.array_equal(W, W_hat) else float("-inf")
+    w, e = (W.ravel() / peak), ((W - W_hat).ravel() / peak)  # two temporaries the size of the tensor
     err, sig = float(np.dot(e, e)), float(np.dot(w, w))
-    return 10 * np.log10(sig / err) if err > 0 and sig > 0 else float("inf")
+    return 10 * np.log10(sig / err) if err > 0 else float("inf")
 
 
 def _options(bits: float, target_size: Any, allocate: bool, permute: bool, codebooks: str,
@@ -467,6 +516,19 @@ def _options(bits: float, target_size: Any, allocate: bool, permute: bool, codeb
             "encoder": encoder}
 
 
+def _memory_errors_as_aqm(fn: Callable[..., ConversionSummary]) -> Callable[..., ConversionSummary]:
+    """``fn`` raising AqmInputError where numpy or torch run out of memory (a huge tensor, a bad shape)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> ConversionSummary:
+        try:
+            return fn(*args, **kwargs)
+        except MemoryError as e:
+            detail = f" ({str(e)[:160]})" if str(e) else ""
+            raise AqmInputError(f"out of memory while converting the model{detail}") from None
+    return wrapper
+
+
+@_memory_errors_as_aqm
 def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
                target_size: int | str | None = None, allocate: bool = False,
                permute: bool = False, codebooks: str = "by-kind", calib: Any = None,
@@ -533,6 +595,7 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     source = open_source(model)
     if source.framework != "pytorch":
         raise AqmInputError("from_torch was given an ONNX model; use from_onnx")
+    check_output(source, out_path)
     axes = _torch_axes(source.module) if source.module is not None else {}
     # resolved once: fine-tuning runs the same model (loaded once for a Hugging Face folder)
     resolved = _calibration_batches(calib, source) if calib is not None else None
@@ -581,6 +644,7 @@ def _run_and_finetune(source: Source, out_path: str | os.PathLike, axes: dict[st
     return summary
 
 
+@_memory_errors_as_aqm
 def from_onnx(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
               target_size: int | str | None = None, allocate: bool = False,
               permute: bool = False, codebooks: str = "by-kind", keep: Iterable[str] = (), seed: int = 0, progress: bool = True,
@@ -598,6 +662,7 @@ def from_onnx(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     source = open_source(model)
     if source.framework != "onnx":
         raise AqmInputError("from_onnx needs an .onnx file or an onnx.ModelProto")
+    check_output(source, out_path)
     return _run(source, out_path, axes=weight_axes(source.onnx_model), graph_model=source.onnx_model,
                 **_options(bits, target_size, allocate, permute, codebooks, None, keep, seed, progress, min_elements,
                            encoder))

@@ -10,6 +10,7 @@ values), so their data can live in the .aqm too.
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from typing import Any
@@ -214,6 +215,14 @@ def dtype_name(t: Any) -> str | None:
     return _DTYPES.get(t.data_type)
 
 
+def _external_int(info: dict[str, str], key: str, name: str) -> int:
+    """External-data field ``key`` (default 0) as a non-negative integer below 2**63."""
+    text = info.get(key, "0")
+    if not (text.isascii() and text.isdigit()) or len(text) > 18:
+        raise AqmInputError(f"initializer {name!r}: external data {key} {text[:40]!r} is not a byte count")
+    return int(text)
+
+
 def tensor_array(t: Any, base_dir: str) -> np.ndarray:
     """Data of initializer ``t`` (bfloat16 as uint16 bits); external data read lazily from disk."""
     onnx = _onnx()
@@ -226,8 +235,8 @@ def tensor_array(t: Any, base_dir: str) -> np.ndarray:
         if not loc or os.path.isabs(loc) or ".." in loc.replace("\\", "/").split("/"):
             raise AqmInputError(f"initializer {t.name!r}: unsafe external data location {loc!r}")
         file = os.path.join(base_dir, loc)
-        offset, count = int(info.get("offset", 0)), int(np.prod(shape))
-        if "length" in info and int(info["length"]) != count * dt.itemsize:
+        offset, count = _external_int(info, "offset", t.name), math.prod(shape)
+        if "length" in info and _external_int(info, "length", t.name) != count * dt.itemsize:
             raise AqmInputError(f"initializer {t.name!r}: external data length does not match its shape")
         try:
             arr = np.fromfile(file, dtype=dt, count=count, offset=offset)
@@ -365,6 +374,9 @@ def export_onnx(aqm_path: str | os.PathLike, out_path: str | os.PathLike) -> dic
     directory = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(directory):
         raise AqmInputError(f"output directory {directory} does not exist")
+    for target in (out, out + ".data"):
+        if os.path.exists(target) and os.path.exists(aqm_path) and os.path.samefile(target, aqm_path):
+            raise AqmInputError(f"output {target} is the input file {os.fspath(aqm_path)}; choose another output path")
     with open_aqm(aqm_path) as f:
         total = sum(t.numel * np.dtype(_NUMPY.get(t.dtype, "<f4")).itemsize for t in f.tensors())
         tmps: list[str] = []

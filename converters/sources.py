@@ -125,15 +125,35 @@ def torch_source(obj: Any, *, name: str | None = None) -> Source:
         raise AqmInputError("expected an nn.Module or a non-empty state_dict of tensors")
     bad = [k for k, v in tensors.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise AqmInputError(f"state_dict entry {bad[0]!r} is not a tensor")
+        raise AqmInputError(f"state_dict entry {_short(bad[0])} is not a tensor")
     specs = []
     for k, t in tensors.items():
+        if not isinstance(k, str):  # .aqm tensor names are strings; str(k) would not find it again
+            raise AqmInputError(f"state_dict key {_short(k)} is a {type(k).__name__}, not a string")
         if t.is_sparse or t.is_quantized:
             raise AqmInputError(f"tensor {k!r} is sparse or quantized; only dense tensors are supported")
-        specs.append(TensorSpec(str(k), tuple(int(s) for s in t.shape), _torch_dtype_name(t)))
+        if t.is_meta:
+            raise AqmInputError(f"tensor {k!r} is on the meta device: it has no values to convert")
+        specs.append(TensorSpec(k, tuple(int(s) for s in t.shape), _torch_dtype_name(t)))
     return Source(specs, lambda n: _torch_to_numpy(tensors[n]), "pytorch",
                   name or (type(module).__name__ if module is not None else "state_dict"),
                   module=module)
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut short: it names a user's key in a one-line message."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object that names no key twice (readers differ on which duplicate wins)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {_short(dup)} appears twice")
+    return out
 
 
 def _unwrap_checkpoint(obj: Any, path: str) -> Mapping:
@@ -194,11 +214,13 @@ def _safetensors_index(path: str) -> dict[str, tuple[TensorSpec, str, int]]:
             n = int.from_bytes(fh.read(8), "little")
             if size < 8 or not 2 <= n <= min(_ST_MAX_HEADER, size - 8):
                 raise ValueError("bad header length")
-            header = json.loads(fh.read(n))
+            header = json.loads(fh.read(n), object_pairs_hook=_unique_keys)
     except OSError as e:
         raise AqmInputError(f"{path}: cannot read ({e.strerror})") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise AqmInputError(f"{path}: not a safetensors file ({e})") from None
+        raise AqmInputError(f"{path}: not a safetensors file ({str(e)[:200]})") from None
+    except RecursionError:
+        raise AqmInputError(f"{path}: not a safetensors file (its header nests too deeply)") from None
     if not isinstance(header, dict):
         raise AqmInputError(f"{path}: not a safetensors file (header is not a JSON object)")
     out = {}
@@ -207,15 +229,22 @@ def _safetensors_index(path: str) -> dict[str, tuple[TensorSpec, str, int]]:
             continue
         try:
             dt, code = _ST_DTYPES[rec["dtype"]]
-            shape = tuple(int(x) for x in rec["shape"])
-            begin, end = (int(x) for x in rec["data_offsets"])
+            shape = tuple(_json_count(x) for x in rec["shape"])
+            begin, end = (_json_count(x) for x in rec["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise AqmInputError(f"{path}: tensor {name!r} has an invalid or unsupported entry") from None
+            raise AqmInputError(f"{path}: tensor {_short(name)} has an invalid or unsupported entry") from None
         spec = TensorSpec(name, shape, dt)
-        if min(shape, default=0) < 0 or end - begin != spec.nbytes or begin < 0 or 8 + n + end > size:
-            raise AqmInputError(f"{path}: tensor {name!r} lies outside the file or has the wrong size")
+        if end - begin != spec.nbytes or 8 + n + end > size:
+            raise AqmInputError(f"{path}: tensor {_short(name)} lies outside the file or has the wrong size")
         out[name] = (spec, code, 8 + n + begin)
     return out
+
+
+def _json_count(x: Any) -> int:
+    """A JSON integer in [0, 2**63): a shape or offset (``1e400``, ``2.5``, ``true`` are refused)."""
+    if not isinstance(x, int) or isinstance(x, bool) or not 0 <= x < 1 << 63:
+        raise ValueError(x)
+    return x
 
 
 def safetensors_source(paths: str | list[str], *, name: str | None = None) -> Source:
@@ -252,9 +281,13 @@ def hf_folder_source(folder: str) -> Source:
         raise AqmInputError(f"{folder}: not a Hugging Face model folder (no config.json)")
     try:
         with open(cfg_path, encoding="utf-8") as fh:
-            config = json.load(fh)
+            config = json.load(fh, object_pairs_hook=_unique_keys)
     except (OSError, ValueError) as e:
-        raise AqmInputError(f"{cfg_path}: unreadable config ({e})") from None
+        raise AqmInputError(f"{cfg_path}: unreadable config ({str(e)[:200]})") from None
+    except RecursionError:
+        raise AqmInputError(f"{cfg_path}: unreadable config (it nests too deeply)") from None
+    if not isinstance(config, dict):
+        raise AqmInputError(f"{cfg_path}: unreadable config (not a JSON object)")
     name = config.get("_name_or_path") or os.path.basename(os.path.normpath(folder))
     shards = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if shards:

@@ -13,6 +13,7 @@ import numpy as np
 from ..cpus import default_threads
 from ..errors import AqmInputError
 from ..units import UNITS_HELP, format_size, parse_size
+from ..terminal import printable
 
 _NUMPY_OF = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
              "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(int16)": np.int16,
@@ -206,7 +207,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.verbosity < 0:
         return 0
     for spec, out in zip(specs, outputs):
-        print(f"{spec.name}: shape {list(out.shape)} {out.dtype}")
+        print(f"{printable(spec.name)}: shape {list(out.shape)} {out.dtype}")
         if args.print_values:
             print(np.array2string(out, threshold=50, edgeitems=3, precision=5))
     mode = f"streaming, {sess.num_stages} stages" if sess.streaming else "resident"

@@ -125,8 +125,10 @@ def _clone_options(so):
     return new
 
 
-def _one_line(e: Exception) -> str:
-    return " ".join(str(e).split())
+def _one_line(e: Exception, limit: int = 300) -> str:
+    """ONNX Runtime's message on one line, cut short: pybind errors repeat the whole call, arrays included."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class InferenceSession:
@@ -387,6 +389,7 @@ class InferenceSession:
             that contradict the graph's fixed sizes; unknown output names; a closed session.
         """
         self._open()
+        _check_run_args(output_names, input_feed)
         if self._sess is not None:
             # ORT validates feeds itself; on failure, name the problem the way streaming mode does
             try:
@@ -504,6 +507,15 @@ def model_metadata(model_bytes: bytes) -> ModelMetadata:
     m = parse_model(model_bytes, "reading a streamed model's metadata")
     return ModelMetadata(m.producer_name, m.graph.name, m.domain, m.doc_string, m.graph.doc_string,
                          m.model_version, {p.key: p.value for p in m.metadata_props})
+
+
+def _check_run_args(output_names: Any, input_feed: Any) -> None:
+    """Refuse argument types that ONNX Runtime would meet with AttributeError or TypeError."""
+    if not isinstance(input_feed, Mapping):
+        raise AqmInputError(f"input_feed must be a dict of input name -> array, got {type(input_feed).__name__}")
+    if output_names is not None and (isinstance(output_names, (str, bytes)) or not isinstance(output_names, Sequence)
+                                     or not all(isinstance(n, str) for n in output_names)):
+        raise AqmInputError(f"output_names must be None or a list of output names, got {type(output_names).__name__}")
 
 
 def _open_model(path_or_bytes: Any):

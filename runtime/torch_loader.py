@@ -76,7 +76,9 @@ def load_torch(path: str | os.PathLike, model: torch.nn.Module | None = None, de
         hint = "; for ONNX use aqformat.runtime.InferenceSession" if stored == "onnx" else ""
         raise AqmInputError(f"{f.path} stores {what}, only weights for PyTorch: pass model= "
                             f"(an nn.Module of the original architecture){hint}")
-    device = torch.device(device)
+    if not isinstance(model, torch.nn.Module):
+        raise AqmInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    device = _usable_device(device)
     targets = model.state_dict(keep_vars=True)
     names = f.names()
     missing = [k for k in targets if k not in f]
@@ -141,6 +143,17 @@ def load_torch(path: str | os.PathLike, model: torch.nn.Module | None = None, de
         _install_hooks(modules[mod_name], keys, cache, bound, decode)
     model.aqm_cache = cache
     return model
+
+
+def _usable_device(device: Any) -> torch.device:
+    """``device`` as a torch.device on which a tensor can be made, else AqmInputError."""
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, TypeError, ValueError, AssertionError) as e:  # AssertionError: torch built without CUDA
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise AqmInputError(f"device {device!r} is not usable here: {first}") from None
+    return dev
 
 
 def _rebind(model: torch.nn.Module, wanted: set[int], device: torch.device) -> None:
