@@ -8,7 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .onnx_graph import _fields, _stub_of, _varint
+from ..errors import AqmFormatError
+from .onnx_graph import _MAX_TEXT, _fields, _tensor, _varint, scan_model
+
+MAX_LISTED = 1 << 16  # inputs, outputs and in-graph initializers described, and dimensions of each
 
 # ONNX TensorProto.DataType -> the name ONNX Runtime's NodeArg.type uses
 ONNX_TYPE_NAMES = {1: "float", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
@@ -48,81 +51,91 @@ def _type_name(code: int) -> str:
     return ONNX_TYPE_NAMES.get(code, f"type {code}")
 
 
-def _ints(wt: int, val: Any) -> list[int]:
-    """A repeated int64 field entry: packed (LEN) or one varint."""
-    if wt != 2:
-        return [val]
-    out, p = [], 0
-    while p < len(val):
-        d, p = _varint(val, p)
-        out.append(d)
-    return out
+def _name(buf: bytes, start: int, end: int) -> str:
+    return buf[start:min(end, start + _MAX_TEXT)].decode("utf-8", "replace")
 
 
-def _value(info: memoryview) -> GraphValue:
+def _value(buf: bytes, start: int, end: int) -> GraphValue:
     name, elem, shape = "", 0, None
-    for num, wt, val in _fields(info):
+    for num, wt, val, vend, _ in _fields(buf, start, end):
         if num == 1 and wt == 2:
-            name = bytes(val).decode("utf-8", "replace")
+            name = _name(buf, val, vend)
         elif num == 2 and wt == 2:  # TypeProto
-            for tnum, twt, tensor in _fields(val):
+            for tnum, twt, tval, tend, _ in _fields(buf, val, vend):
                 if tnum != 1 or twt != 2:  # only tensor_type is described
                     continue
-                for fnum, fwt, fval in _fields(tensor):
+                for fnum, fwt, fval, fend, _ in _fields(buf, tval, tend):
                     if fnum == 1 and fwt == 0:
                         elem = fval
                     elif fnum == 2 and fwt == 2:
-                        shape = [_dim(d) for dnum, dwt, d in _fields(fval) if dnum == 1 and dwt == 2]
+                        shape = [_dim(buf, d, dend) for dnum, dwt, d, dend, _ in _fields(buf, fval, fend)
+                                 if dnum == 1 and dwt == 2]
+                        if len(shape) > MAX_LISTED:
+                            raise AqmFormatError(f"stored ONNX graph: a value has more than {MAX_LISTED} dimensions")
     return GraphValue(name, f"tensor({_type_name(elem)})", shape)
 
 
-def _dim(dim: memoryview) -> int | str | None:
-    for num, wt, val in _fields(dim):
+def _dim(buf: bytes, start: int, end: int) -> int | str | None:
+    for num, wt, val, vend, _ in _fields(buf, start, end):
         if num == 1 and wt == 0:
             return val
         if num == 2 and wt == 2:
-            return bytes(val).decode("utf-8", "replace")
+            return _name(buf, val, vend)
     return None
 
 
-def _initializer(tensor: memoryview) -> GraphInitializer:
+def _initializer(buf: bytes, start: int, end: int) -> GraphInitializer:
     name, code, dims = "", 0, []
-    for num, wt, val in _fields(tensor):
-        if num == 1:
-            dims.extend(_ints(wt, val))
+    for num, wt, val, vend, _ in _fields(buf, start, end):
+        if num == 1 and wt == 0:
+            dims.append(val)
+        elif num == 1 and wt == 2:
+            p = val
+            while p < vend and len(dims) <= MAX_LISTED:
+                d, p = _varint(buf, p, vend)
+                dims.append(d)
         elif num == 2 and wt == 0:
             code = val
         elif num == 8 and wt == 2:
-            name = bytes(val).decode("utf-8", "replace")
-    return GraphInitializer(name, _type_name(code), dims, len(tensor))
+            name = _name(buf, val, vend)
+        if len(dims) > MAX_LISTED:
+            raise AqmFormatError(f"stored ONNX graph: an initializer has more than {MAX_LISTED} dimensions")
+    return GraphInitializer(name, _type_name(code), dims, end - start)
 
 
 def graph_io(model_bytes: bytes) -> GraphIO:
     """The main graph's inputs (initializers excluded), outputs and the initializers kept in it.
 
+    At most ``MAX_LISTED`` of each are read: a hostile graph of millions of
+    tiny entries would otherwise cost far more memory than its bytes.
+
     Raises
     ------
     AqmFormatError
-        The bytes are not a well-formed protobuf message.
+        The bytes are not a well-formed protobuf message, list more than
+        ``MAX_LISTED`` entries, or refer to external data outside the .aqm.
     """
-    inputs, outputs, inits = [], [], []
-    for num, wt, graph in _fields(memoryview(model_bytes)):
+    buf = bytes(model_bytes)
+    scan_model(buf)  # the reference rule, and every length checked
+    inputs: list[GraphValue] = []
+    outputs: list[GraphValue] = []
+    in_graph: list[GraphInitializer] = []
+    init_names = set()
+    for num, wt, gval, gend, _ in _fields(buf, 0, len(buf)):
         if num != 7 or wt != 2:  # ModelProto.graph
             continue
-        for gnum, gwt, val in _fields(graph):
-            if gwt != 2:
+        for gnum, gwt, val, vend, _ in _fields(buf, gval, gend):
+            if gwt != 2 or gnum not in (5, 11, 12):
                 continue
+            if len(inputs) + len(outputs) + len(in_graph) >= MAX_LISTED:
+                raise AqmFormatError(f"stored ONNX graph lists more than {MAX_LISTED} inputs, outputs and initializers")
             if gnum == 11:
-                inputs.append(_value(val))
+                inputs.append(_value(buf, val, vend))
             elif gnum == 12:
-                outputs.append(_value(val))
-            elif gnum == 5:
-                inits.append(val)
-    init_names = set()
-    in_graph = []
-    for t in inits:
-        info = _initializer(t)
-        init_names.add(info.name)
-        if _stub_of(t) is None:
-            in_graph.append(info)
+                outputs.append(_value(buf, val, vend))
+            else:
+                info = _initializer(buf, val, vend)
+                init_names.add(info.name)
+                if _tensor(buf, val, vend, True) is None:
+                    in_graph.append(info)
     return GraphIO([v for v in inputs if v.name not in init_names], outputs, in_graph)
