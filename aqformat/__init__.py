@@ -6,10 +6,11 @@ versioned, memory-mappable container specified in spec/FORMAT.md.
 """
 __version__ = "0.1.0"
 
-from .errors import (AqmError, AqmFormatError, AqmInputError, AqmIntegrityError,  # noqa: E402
-                     AqmUnsupportedError, AqmVersionError, AqmWarning)
+from .errors import (AqmError, AqmFormatError, AqmInputError, AqmIntegrityError, AqmIOError,  # noqa: E402
+                     AqmUnsupportedError, AqmVersionError, AqmWarning, StageTooLarge, TooSmallForAQ)
 from .reader import AqmFile, AQParts, TensorInfo, open  # noqa: E402
 from .writer import Writer  # noqa: E402
 
-__all__ = ["AqmError", "AqmFormatError", "AqmInputError", "AqmIntegrityError", "AqmUnsupportedError",
-           "AqmVersionError", "AqmWarning", "AqmFile", "AQParts", "TensorInfo", "Writer", "open", "__version__"]
+__all__ = ["AqmError", "AqmFormatError", "AqmInputError", "AqmIntegrityError", "AqmIOError", "AqmUnsupportedError",
+           "AqmVersionError", "AqmWarning", "StageTooLarge", "TooSmallForAQ", "AqmFile", "AQParts", "TensorInfo",
+           "Writer", "open", "__version__"]

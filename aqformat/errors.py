@@ -1,4 +1,12 @@
-"""Exceptions raised by aqformat. Every failure a user can cause is an ``AqmError``."""
+"""Every exception aqformat raises. Every failure a user can cause is an ``AqmError``.
+
+One class per fault, whichever part of the package meets it: a stored graph
+that does not parse is an :class:`AqmFormatError` in the runtime and in the
+converters alike.
+"""
+
+__all__ = ["AqmError", "AqmFormatError", "AqmVersionError", "AqmIntegrityError", "AqmUnsupportedError",
+           "AqmInputError", "AqmIOError", "TooSmallForAQ", "StageTooLarge", "AqmWarning"]
 
 
 class AqmError(Exception):
@@ -6,7 +14,7 @@ class AqmError(Exception):
 
 
 class AqmFormatError(AqmError):
-    """The file is not a well-formed .aqm file (bad magic, header, bounds...)."""
+    """The file is not a well-formed .aqm file (bad magic, header, bounds, stored graph...)."""
 
 
 class AqmVersionError(AqmFormatError):
@@ -18,11 +26,36 @@ class AqmIntegrityError(AqmError):
 
 
 class AqmUnsupportedError(AqmError):
-    """The file is valid but uses a feature (e.g. a codec) this reader lacks."""
+    """The input is valid but uses a feature aqformat lacks (a codec, a section encoding, a layer kind)."""
 
 
 class AqmInputError(AqmError):
     """An argument given to aqformat (a model, a path, a setting) is not usable."""
+
+
+class AqmIOError(AqmError):
+    """The operating system refused a read or a write (disk full, I/O error); nothing half-written is left."""
+
+
+class TooSmallForAQ(AqmInputError):
+    """The tensor has fewer elements than one vector, or fewer vectors than ``K``.
+
+    Callers keep such a tensor raw (fp16/fp32) instead of coding it.
+    """
+
+
+class StageTooLarge(AqmInputError):
+    """One graph node needs more weight bytes at once than a streaming stage may hold.
+
+    Attributes
+    ----------
+    need : int
+        The bytes of weights the node needs at once.
+    """
+
+    def __init__(self, node: str, op: str, need: int, kind: str):
+        super().__init__(f"node {node!r} ({op}) needs {need} bytes of weights at once, {kind}")
+        self.need = need
 
 
 class AqmWarning(UserWarning):

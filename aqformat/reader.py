@@ -22,7 +22,7 @@ import zstandard
 from .bitpack import packed_size, unpack
 from .codecs.aq import decode_aq
 from .codecs.lattice import decode_lattice
-from .errors import AqmError, AqmFormatError, AqmInputError, AqmIntegrityError, AqmUnsupportedError
+from .errors import AqmFormatError, AqmInputError, AqmIntegrityError, AqmIOError, AqmUnsupportedError
 from .header import (DTYPES, ENCODINGS, PREAMBLE_SIZE, CodebookGroup, Header, Section, TensorRecord,
                      parse_header, parse_preamble)
 from .layout import matrix_shape
@@ -71,19 +71,19 @@ class AqmFile:
             with builtins_open(self.path, "rb", opener=_nonblocking) as f:
                 st = os.fstat(f.fileno())
                 if not stat.S_ISREG(st.st_mode):
-                    raise AqmError(f"{self.path} is not a regular file")
+                    raise AqmInputError(f"{self.path} is not a regular file")
                 size = st.st_size
                 if size < PREAMBLE_SIZE:
                     raise AqmFormatError(f"file is {size} bytes, too small to be an .aqm file")
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except FileNotFoundError:
-            raise AqmError(f"no such file: {self.path}") from None
+            raise AqmInputError(f"no such file: {self.path}") from None
         except IsADirectoryError:
-            raise AqmError(f"{self.path} is a directory, not an .aqm file") from None
+            raise AqmInputError(f"{self.path} is a directory, not an .aqm file") from None
         except PermissionError:
-            raise AqmError(f"permission denied: {self.path}") from None
+            raise AqmInputError(f"permission denied: {self.path}") from None
         except OSError as e:  # e.g. ELOOP, ENAMETOOLONG, EIO
-            raise AqmError(f"cannot open {self.path}: {e.strerror or e}") from None
+            raise AqmIOError(f"cannot open {self.path}: {e.strerror or e}") from None
         self.size = size
         pre = parse_preamble(self._mm[:PREAMBLE_SIZE], size)
         self.version = (pre.major, pre.minor)

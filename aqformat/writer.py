@@ -19,7 +19,7 @@ import zstandard
 
 from . import __version__, tempfiles
 from .bitpack import pack
-from .errors import AqmError, AqmInputError
+from .errors import AqmInputError, AqmIOError
 from .header import (ALIGNMENT, DTYPES, FLOAT_DTYPES, MAX_HEADER_BYTES, MINOR, PREAMBLE_SIZE, pack_preamble,
                      plain_value_problem)
 from .layout import matrix_shape
@@ -97,8 +97,8 @@ class Writer:
         except OSError as e:
             self.abort()
             if e.errno == errno.ENOSPC:
-                raise AqmError(f"disk full while writing {self.path}; nothing was written") from None
-            raise AqmError(f"cannot write {self.path}: {e.strerror}") from None
+                raise AqmIOError(f"disk full while writing {self.path}; nothing was written") from None
+            raise AqmIOError(f"cannot write {self.path}: {e.strerror}") from None
         self._pos += len(data)
 
     def _section(self, data: bytes | np.ndarray, compress: bool = False) -> int:
@@ -322,7 +322,7 @@ class Writer:
             os.replace(self._tmp, self.path)
         except OSError as e:
             self.abort()
-            raise AqmError(f"cannot write {self.path}: {e.strerror}") from None
+            raise AqmIOError(f"cannot write {self.path}: {e.strerror}") from None
         tempfiles.release(self._tmp)
         self._closed = True
         _fsync_dir(os.path.dirname(os.path.abspath(self.path)))

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from aqformat.errors import AqmInputError
+from aqformat.errors import AqmInputError, TooSmallForAQ
 from aqformat.layout import from_matrix, to_matrix
 
 __all__ = [
-    "AQConfig", "AQTensor", "TooSmallForAQ", "GroupTrainer", "aq_eligible",
+    "AQConfig", "AQTensor", "GroupTrainer", "aq_eligible",
     "beam_search", "icm", "update_codebooks", "kmeans", "train_aq",
     "decode_vectors", "encode_tensor", "decode_rows", "decode_tensor", "row_scales",
     "output_error", "layer_kind", "group_key", "group_tensors",
@@ -97,13 +97,6 @@ class AQConfig:
     def codebook_bytes(self) -> int:
         """Bytes of the group's fp16 codebooks."""
         return 2 * self.M * self.K * self.d
-
-
-class TooSmallForAQ(AqmInputError):
-    """The tensor has fewer elements than one vector, or fewer vectors than ``K``.
-
-    Callers keep such a tensor raw (fp16/fp32) instead of coding it.
-    """
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from aqformat.errors import AqmInputError
+from aqformat.errors import AqmInputError, AqmUnsupportedError
 
 __all__ = ["collect_hessians", "collect_output_sensitivity", "model_output"]
 
@@ -44,7 +44,7 @@ def model_output(out: Any) -> torch.Tensor:
 def _conv_patches(mod: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """im2col of a conv input: ``[n_patches * groups, in/groups * kh * kw]``."""
     if mod.padding_mode != "zeros":
-        raise NotImplementedError("only zero-padded convolutions are supported")
+        raise AqmUnsupportedError(f"calibration of {mod.padding_mode}-padded convolutions is not supported")
     pad = mod.padding if not isinstance(mod.padding, str) else _same_pad(mod)
     cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=pad, stride=mod.stride)
     g = mod.groups
@@ -57,7 +57,7 @@ def _same_pad(mod: nn.Conv2d) -> tuple[int, int]:
     if mod.padding == "valid":
         return (0, 0)
     if any(s != 1 for s in mod.stride):
-        raise NotImplementedError("padding='same' needs stride 1")
+        raise AqmUnsupportedError("calibration of padding='same' convolutions needs stride 1")
     return tuple(d * (k - 1) // 2 for k, d in zip(mod.kernel_size, mod.dilation))
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from aqformat.errors import AqmError, AqmInputError
+from aqformat.errors import AqmFormatError, AqmInputError, AqmIOError
 
 __all__ = ["AQM_LOCATION", "CONSTANT_MIN_ELEMENTS", "load_model", "lift_constants", "prune_unused", "internalize", "dtype_name",
            "tensor_array", "weight_axes", "make_stub", "is_stub", "export_onnx", "restore_model",
@@ -332,13 +332,13 @@ def restore_model(aqm: Any, external: tuple[Any, str] | None = None) -> Any:
     try:
         model.ParseFromString(graph[1])
     except Exception as e:  # noqa: BLE001 - protobuf raises several types on bad bytes
-        raise AqmInputError(f"{aqm.path}: stored ONNX graph is corrupt ({_first_line(e)})") from None
+        raise AqmFormatError(f"{aqm.path}: stored ONNX graph is corrupt ({_first_line(e)})") from None
     offset = 0
     for t in model.graph.initializer:
         if not is_stub(t):
             continue
         if t.name not in aqm:
-            raise AqmInputError(f"{aqm.path}: initializer {t.name!r} has no tensor in the file")
+            raise AqmFormatError(f"{aqm.path}: initializer {t.name!r} has no tensor in the file")
         data = _to_onnx_bytes(aqm.read(t.name), t.data_type)
         if external is None:
             t.ClearField("external_data")
@@ -405,7 +405,7 @@ def export_onnx(aqm_path: str | os.PathLike, out_path: str | os.PathLike) -> dic
             os.replace(tmp_model, out)
             tmps.clear()
         except OSError as e:
-            raise AqmError(f"cannot write {out}: {e.strerror or e}") from None
+            raise AqmIOError(f"cannot write {out}: {e.strerror or e}") from None
         finally:
             for p in tmps:
                 try:

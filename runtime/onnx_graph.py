@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AqmFormatError, AqmInputError
+from ..errors import AqmFormatError, AqmInputError, StageTooLarge
 
 AQM_LOCATION = "aqm"
 
@@ -481,14 +481,6 @@ def plan_stages(model_bytes: bytes, weight_bytes: Mapping[str, int], limit: int)
         s.weight_bytes = sum(weight_bytes[k] for k in s.weights)
     del model.graph.node[:]
     return StagePlan(stages, list(g.input), list(g.output), last_use, model)
-
-
-class StageTooLarge(AqmInputError):
-    """One node needs more weight bytes than a stage may hold (``need``)."""
-
-    def __init__(self, node: str, op: str, need: int, kind: str):
-        super().__init__(f"node {node!r} ({op}) needs {need} bytes of weights at once, {kind}")
-        self.need = need
 
 
 def stage_model(plan: StagePlan, index: int, feeds: Mapping[str, np.ndarray]) -> bytes:

@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 
 from .. import open as open_aqm
-from ..errors import AqmFormatError, AqmInputError
+from ..errors import AqmFormatError, AqmInputError, StageTooLarge
 from ..units import format_size
 from .cache import WeightCache
-from .onnx_graph import (AQM_LOCATION, AQM_TO_ONNX, BFLOAT16, ONNX_DTYPES, PROBE_SIZE, StagePlan,
-                         StageTooLarge, Stub, external_stubs, inline_weights, locate_stubs, parse_model,
-                         plan_stages, probe_model, stage_model)
+from .onnx_graph import (AQM_LOCATION, AQM_TO_ONNX, BFLOAT16, ONNX_DTYPES, PROBE_SIZE, StagePlan, Stub,
+                         external_stubs, inline_weights, locate_stubs, parse_model, plan_stages, probe_model,
+                         stage_model)
 from .onnx_io import ONNX_TYPE_NAMES
 
 # numpy dtype -> ONNX Runtime type string, as NodeArg.type spells it

@@ -9,15 +9,15 @@ import torch
 from torch import nn
 
 from aqformat.dither import dither
-from aqformat.errors import AqmInputError
-from aqformat.layout import to_matrix
 from aqformat.converters.allocate import aq_tensor_bytes, allocate
-from aqformat.converters.aq import (AQConfig, GroupTrainer, TooSmallForAQ, aq_eligible, beam_search,
-                           decode_tensor, decode_vectors, encode_tensor, group_tensors, kmeans,
-                           output_error, train_aq, update_codebooks)
+from aqformat.converters.aq import (AQConfig, GroupTrainer, aq_eligible, beam_search, decode_tensor,
+                                    decode_vectors, encode_tensor, group_tensors, kmeans, output_error, train_aq,
+                                    update_codebooks)
 from aqformat.converters.calib import collect_hessians, collect_output_sensitivity
 from aqformat.converters.lattice import encode_lattice
 from aqformat.converters.permute import search_permutation, subvector_logdet
+from aqformat.errors import AqmInputError, TooSmallForAQ
+from aqformat.layout import to_matrix
 
 torch.set_num_threads(2)
 
