@@ -8,7 +8,8 @@ __version__ = "0.1.0"
 
 from .errors import (AqmError, AqmFormatError, AqmInputError, AqmIntegrityError, AqmIOError,  # noqa: E402
                      AqmUnsupportedError, AqmVersionError, AqmWarning, StageTooLarge, TooSmallForAQ)
-from .reader import AqmFile, AQParts, TensorInfo, open  # noqa: E402
+from .codecs.aq import AQParts  # noqa: E402
+from .reader import AqmFile, TensorInfo, open  # noqa: E402
 from .writer import Writer  # noqa: E402
 
 __all__ = ["AqmError", "AqmFormatError", "AqmInputError", "AqmIntegrityError", "AqmIOError", "AqmUnsupportedError",

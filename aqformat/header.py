@@ -14,6 +14,8 @@ from typing import Any
 
 import msgpack
 
+from . import codecs
+from .dtypes import DTYPES, FLOAT_DTYPES
 from .errors import AqmFormatError, AqmIntegrityError, AqmVersionError
 
 MAGIC = b"\x89AQM\r\n\x1a\n"
@@ -35,17 +37,8 @@ MAX_CODEBOOKS_PER_GROUP = 64
 MAX_ZSTD_RATIO = 1 << 15
 MAX_DEPTH = 32  # nesting of source/metadata values, so printing them never hits the recursion limit
 
-DTYPES = {  # name -> (numpy dtype string, itemsize)
-    "float32": ("<f4", 4), "float16": ("<f2", 2), "bfloat16": ("<u2", 2), "float64": ("<f8", 8),
-    "int8": ("i1", 1), "uint8": ("u1", 1), "int16": ("<i2", 2), "uint16": ("<u2", 2),
-    "int32": ("<i4", 4), "uint32": ("<u4", 4), "int64": ("<i8", 8), "uint64": ("<u8", 8),
-    "bool": ("?", 1),
-}
-FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
-SCALE_DTYPES = ("float16", "float32")
-LATTICE_INDEX_DTYPES = ("int8", "int16", "int32")
 ENCODINGS = ("raw", "zstd")
-CODECS = ("raw", "aq", "lattice")
+CODEBOOK_DTYPES = ("float16", "float32")
 
 
 def pack_preamble(minor: int, header_offset: int, header_length: int, header_crc: int,
@@ -223,7 +216,7 @@ def parse_header(raw: bytes, pre: Preamble) -> Header:
     _check_no_overlap(sections, pre.header_offset)
     n = len(sections)
     groups = [_parse_group(g, i, n) for i, g in enumerate(_list(doc.get("codebooks", []), "codebooks", MAX_TENSORS))]
-    tensors = [_parse_tensor(t, i, n, groups) for i, t in enumerate(_list(_get(doc, "tensors", "header"), "tensors", MAX_TENSORS))]
+    tensors = [parse_tensor(t, i, n, groups) for i, t in enumerate(_list(_get(doc, "tensors", "header"), "tensors", MAX_TENSORS))]
     names = set()
     for t in tensors:
         if t.name in names:
@@ -285,11 +278,54 @@ def _parse_group(g: Any, i: int, n_sections: int) -> CodebookGroup:
         name=_str(_get(g, "name", what), f"{what} name"),
         M=_int(_get(g, "M", what), f"{what} M", 1, MAX_CODEBOOKS_PER_GROUP), K=K,
         d=_int(_get(g, "d", what), f"{what} d", 1, MAX_VECTOR_DIM),
-        dtype=_str(_get(g, "dtype", what), f"{what} dtype", SCALE_DTYPES),
+        dtype=_str(_get(g, "dtype", what), f"{what} dtype", CODEBOOK_DTYPES),
         section=_index(_get(g, "section", what), f"{what} section", n_sections))
 
 
-def _parse_tensor(t: Any, i: int, n_sections: int, groups: list[CodebookGroup]) -> TensorRecord:
+class RecordFields:
+    """Bounds-checked access to the codec fields of one tensor record, for codecs' ``parse``.
+
+    Every getter validates the value it returns and raises AqmFormatError
+    (naming the tensor and the field) otherwise.
+    """
+
+    def __init__(self, raw: dict, name: str, shape: tuple[int, ...], dtype: str, n_sections: int,
+                 groups: list[CodebookGroup]):
+        self._raw, self.what = raw, f"tensor {name!r}"
+        self.shape, self.dtype = shape, dtype
+        self._n_sections, self._groups = n_sections, groups
+
+    def section(self, key: str, optional: bool = False) -> int | None:
+        """A section index (None when ``optional`` and absent or nil)."""
+        v = self._raw.get(key) if optional else _get(self._raw, key, self.what)
+        return _index(v, f"{self.what} {key}", self._n_sections, optional)
+
+    def group(self, key: str = "group") -> int:
+        """An index into the codebook groups."""
+        return _index(_get(self._raw, key, self.what), f"{self.what} {key}", len(self._groups))
+
+    def integer(self, key: str, lo: int = 0, hi: int = (1 << 64) - 1) -> int:
+        """An integer in ``[lo, hi]``."""
+        return _int(_get(self._raw, key, self.what), f"{self.what} {key}", lo, hi)
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str | None = None) -> str:
+        """One of ``choices`` (``default`` when absent, if given)."""
+        v = self._raw.get(key, default) if default is not None else _get(self._raw, key, self.what)
+        return _str(v, f"{self.what} {key}", choices)
+
+    def axes(self, key: str = "axes") -> list[int] | None:
+        """An optional permutation of the tensor's dimensions."""
+        axes = self._raw.get(key)
+        if axes is None:
+            return None
+        axes = [_int(a, f"{self.what} axis", 0, MAX_NDIM) for a in _list(axes, f"{self.what} {key}", MAX_NDIM)]
+        if sorted(axes) != list(range(len(self.shape))):
+            raise _fail(f"{self.what} {key} {axes} are not a permutation of its dimensions")
+        return axes
+
+
+def parse_tensor(t: Any, i: int, n_sections: int, groups: list[CodebookGroup]) -> TensorRecord:
+    """Validate tensor record ``t`` (the ``i``-th) against ``n_sections`` sections and ``groups``."""
     t = _map(t, f"tensor {i}")
     name = _str(_get(t, "name", f"tensor {i}"), f"tensor {i} name")
     what = f"tensor {name!r}"
@@ -302,31 +338,13 @@ def _parse_tensor(t: Any, i: int, n_sections: int, groups: list[CodebookGroup]) 
             raise _fail(f"{what} shape {list(shape)} spans more than 2**48 elements")
     numel = math.prod(shape)
     dtype = _str(_get(t, "dtype", what), f"{what} dtype", tuple(DTYPES))
-    codec = _str(_get(t, "codec", what), f"{what} codec")
-    fields: dict[str, Any] = {}
-    if codec == "raw":
-        fields["data"] = _index(_get(t, "data", what), f"{what} data", n_sections)
-    elif codec in ("aq", "lattice"):
+    codec_name = _str(_get(t, "codec", what), f"{what} codec")
+    codec = codecs.get(codec_name)
+    if codec is None:  # kept: listing still works, reading raises AqmUnsupportedError
+        return TensorRecord(name, shape, dtype, codec_name, {})
+    if codec.float_only:
         if dtype not in FLOAT_DTYPES:
-            raise _fail(f"{what} uses codec {codec} but has non-float dtype {dtype}")
+            raise _fail(f"{what} uses codec {codec_name} but has non-float dtype {dtype}")
         if not shape or numel == 0:
-            raise _fail(f"{what} uses codec {codec} but is empty or a scalar")
-        axes = t.get("axes")
-        if axes is not None:
-            axes = [_int(a, f"{what} axis", 0, MAX_NDIM) for a in _list(axes, f"{what} axes", MAX_NDIM)]
-            if sorted(axes) != list(range(len(shape))):
-                raise _fail(f"{what} axes {axes} are not a permutation of its dimensions")
-        fields["axes"] = axes
-        if codec == "aq":
-            fields["group"] = _index(_get(t, "group", what), f"{what} group", len(groups))
-            fields["codes"] = _index(_get(t, "codes", what), f"{what} codes", n_sections)
-            fields["scale"] = _index(t.get("scale"), f"{what} scale", n_sections, optional=True)
-            fields["scale_dtype"] = _str(t.get("scale_dtype", "float16"), f"{what} scale_dtype", SCALE_DTYPES)
-            fields["perm"] = _index(t.get("perm"), f"{what} perm", n_sections, optional=True)
-        else:
-            fields["data"] = _index(_get(t, "data", what), f"{what} data", n_sections)
-            fields["index_dtype"] = _str(_get(t, "index_dtype", what), f"{what} index_dtype", LATTICE_INDEX_DTYPES)
-            fields["step"] = _index(_get(t, "step", what), f"{what} step", n_sections)
-            fields["seed"] = _int(_get(t, "seed", what), f"{what} seed")
-    # Unknown codecs are kept: listing still works, reading raises AqmUnsupportedError.
-    return TensorRecord(name, shape, dtype, codec, fields)
+            raise _fail(f"{what} uses codec {codec_name} but is empty or a scalar")
+    return TensorRecord(name, shape, dtype, codec_name, codec.parse(RecordFields(t, name, shape, dtype, n_sections, groups)))

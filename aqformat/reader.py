@@ -12,33 +12,17 @@ import os
 import stat
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zstandard
 
-from .bitpack import packed_size, unpack
-from .codecs.aq import decode_aq
-from .codecs.lattice import decode_lattice
+from . import codecs
+from .dtypes import itemsize
 from .errors import AqmFormatError, AqmInputError, AqmIntegrityError, AqmIOError, AqmUnsupportedError
-from .header import (DTYPES, ENCODINGS, PREAMBLE_SIZE, CodebookGroup, Header, Section, TensorRecord,
-                     parse_header, parse_preamble)
-from .layout import matrix_shape
-
-
-@dataclass(frozen=True)
-class AQParts:
-    """The compressed pieces of an AQ tensor, for decoders on other devices."""
-
-    codes: np.ndarray          # [n_vectors, M] uint8/uint16
-    codebooks: np.ndarray      # [M, K, d] float16/float32 as stored
-    scale: np.ndarray | None   # [rows]
-    perm: np.ndarray | None    # [cols] uint32
-    axes: list[int] | None
-    rows: int
-    cols: int
+from .header import ENCODINGS, PREAMBLE_SIZE, CodebookGroup, Header, Section, TensorRecord, parse_header, parse_preamble
 
 
 @dataclass(frozen=True)
@@ -50,7 +34,7 @@ class TensorInfo:
     dtype: str
     codec: str
     stored_bytes: int          # bytes of this tensor's own sections (not shared codebooks)
-    group: str | None          # codebook group name for AQ tensors
+    group: str | None          # name of the codebook group it uses, if any
 
     @property
     def numel(self) -> int:
@@ -126,10 +110,9 @@ class AqmFile:
     def info(self, name: str) -> TensorInfo:
         """Header information about tensor ``name``."""
         t = self._record(name)
-        secs = [v for k, v in t.fields.items() if k in _SECTION_FIELDS and v is not None]
-        group = self._h.codebooks[t.fields["group"]].name if t.codec == "aq" else None
+        group = self._h.codebooks[t.fields["group"]].name if "group" in t.fields else None
         return TensorInfo(t.name, t.shape, t.dtype, t.codec,
-                          sum(self._h.sections[i].length for i in secs), group)
+                          sum(self._h.sections[i].length for i in self.tensor_sections(name)), group)
 
     def tensors(self) -> list[TensorInfo]:
         """Information about every tensor, in file order."""
@@ -150,45 +133,28 @@ class AqmFile:
             A section of this tensor fails its checksum.
         """
         t = self._record(name)
-        try:
-            if t.codec == "raw":
-                arr = self._array(t.fields["data"], DTYPES[t.dtype][0], t.shape)
-                return _bf16_to_f32(arr) if t.dtype == "bfloat16" else arr
-            if t.codec == "aq":
-                p = self.aq_parts(name)
-                cb = self._h.codebooks[t.fields["group"]]
-                w = decode_aq(p.codes.reshape(-1, cb.M), p.codebooks.astype(np.float32), t.shape,
-                              p.scale, p.perm, p.axes, p.rows, p.cols)
-            elif t.codec == "lattice":
-                rows, cols = matrix_shape(t.shape, t.fields["axes"])
-                q = self._array(t.fields["data"], DTYPES[t.fields["index_dtype"]][0], (rows, cols))
-                step = self._array(t.fields["step"], "<f4", (rows,))
-                w = decode_lattice(q, step, t.fields["seed"], t.shape, t.fields["axes"], rows, cols)
-            else:
-                raise AqmUnsupportedError(
-                    f"tensor {name!r} uses codec {t.codec!r}, unknown to this reader (format {self.version[0]}.{self.version[1]})")
-        except AqmIntegrityError as e:
-            raise AqmIntegrityError(f"tensor {name!r}: {e}") from None
-        return w.astype(np.float16) if t.dtype == "float16" else w
+        w = self._decode(t, lambda codec: codec.decode(t, self))
+        # float codecs may decode to float32; a float16 tensor is returned as float16
+        return w.astype(np.float16, copy=False) if t.dtype == "float16" else w
 
-    def aq_parts(self, name: str) -> AQParts:
-        """Codes, codebooks, scale and permutation of AQ tensor ``name``, undecoded."""
-        t = self._record(name)
-        if t.codec != "aq":
-            raise AqmInputError(f"tensor {name!r} is not additive-quantized")
-        f = t.fields
-        g = self._h.codebooks[f["group"]]
-        rows, cols = matrix_shape(t.shape, f["axes"])
-        count = rows * (-(-cols // g.d)) * g.M
-        codes = unpack(self._bytes(f["codes"], packed_size(count, g.bits)), count, g.bits)
-        cb = self._array(g.section, DTYPES[g.dtype][0], (g.M, g.K, g.d))
-        scale = self._array(f["scale"], DTYPES[f["scale_dtype"]][0], (rows,)) if f["scale"] is not None else None
-        perm = None
-        if f["perm"] is not None:
-            perm = self._array(f["perm"], "<u4", (cols,))
-            if not _is_permutation(perm):
-                raise AqmFormatError(f"tensor {name!r}: stored column permutation is not a permutation")
-        return AQParts(codes.reshape(-1, g.M), cb, scale, perm, f["axes"], rows, cols)
+    def decode_with(self, name: str, decode: Callable[[codecs.Codec], Any]) -> Any:
+        """``decode(codec)`` for tensor ``name``'s codec, with the reader's error handling.
+
+        Unknown codecs raise AqmUnsupportedError, and checksum failures name the
+        tensor. The torch runtime decodes through this with the codec's torch decoder.
+        """
+        return self._decode(self._record(name), decode)
+
+    def _decode(self, t: TensorRecord, decode: Callable[[codecs.Codec], Any]) -> Any:
+        codec = codecs.get(t.codec)
+        if codec is None:
+            raise AqmUnsupportedError(f"tensor {t.name!r} uses codec {t.codec!r}, unknown to this reader "
+                                      f"(format {self.version[0]}.{self.version[1]})")
+        try:
+            return decode(codec)
+        except AqmIntegrityError as e:
+            msg = str(e)
+            raise AqmIntegrityError(msg if repr(t.name) in msg else f"tensor {t.name!r}: {msg}") from None
 
     @property
     def graph_format(self) -> str | None:
@@ -206,7 +172,7 @@ class AqmFile:
         g = self._h.graph
         if g is None:
             return None
-        return g["format"], bytes(self._bytes(g["section"]))
+        return g["format"], bytes(self.section_bytes(g["section"]))
 
     def group_bytes(self, name: str) -> int:
         """Stored bytes of codebook group ``name``."""
@@ -227,7 +193,9 @@ class AqmFile:
 
     def tensor_sections(self, name: str) -> list[int]:
         """Indices of the sections holding tensor ``name``'s own data (not shared codebooks)."""
-        return [v for k, v in self._record(name).fields.items() if k in _SECTION_FIELDS and v is not None]
+        t = self._record(name)
+        codec = codecs.get(t.codec)
+        return [t.fields[k] for k in codec.section_fields(t, self._h.codebooks)] if codec is not None else []
 
     def section_owners(self) -> dict[int, str]:
         """What each referenced section holds: ``"tensor 'x'"``, ``"codebook group 'g'"`` or ``"graph"``."""
@@ -274,8 +242,11 @@ class AqmFile:
                 self._verified.add(index)
         return stored
 
-    def _bytes(self, index: int, expect: int | None = None) -> np.ndarray:
-        """Decoded bytes of section ``index`` as a uint8 array (a view when not compressed)."""
+    def section_bytes(self, index: int, expect: int | None = None) -> np.ndarray:
+        """Decoded bytes of section ``index`` as a uint8 array (a view when not compressed).
+
+        The section's checksum is verified on first use; ``expect`` is the size it must have.
+        """
         s: Section = self._h.sections[index]
         if expect is not None and s.size != expect:
             raise AqmFormatError(f"section {index} holds {s.size} bytes, expected {expect}")
@@ -299,32 +270,22 @@ class AqmFile:
             raise AqmFormatError(f"section {index} decompresses to {len(out)} bytes, expected {s.size}")
         return np.frombuffer(out, dtype=np.uint8)
 
-    def _array(self, index: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    def section_array(self, index: int, dtype: np.dtype | str, shape: tuple[int, ...]) -> np.ndarray:
+        """Section ``index`` as an array of ``dtype`` and ``shape`` (read-only; its size is checked)."""
         dt = np.dtype(dtype)
-        count = math.prod(shape)
-        data = self._bytes(index, count * dt.itemsize)
+        data = self.section_bytes(index, math.prod(shape) * dt.itemsize)
         return data.view(dt).reshape(shape)
 
     def _check_tensor_sizes(self) -> None:
         """Every section a tensor uses must hold exactly the bytes its record implies."""
         for t in self._h.tensors:
-            f, owner = t.fields, f"tensor {t.name!r}"
-            if t.codec == "raw":
-                self._expect(f["data"], t.numel * DTYPES[t.dtype][1], owner)
-            elif t.codec == "aq":
-                g = self._h.codebooks[f["group"]]
-                rows, cols = matrix_shape(t.shape, f["axes"])
-                self._expect(f["codes"], packed_size(rows * (-(-cols // g.d)) * g.M, g.bits), owner)
-                if f["scale"] is not None:
-                    self._expect(f["scale"], rows * DTYPES[f["scale_dtype"]][1], owner)
-                if f["perm"] is not None:
-                    self._expect(f["perm"], cols * 4, owner)
-            elif t.codec == "lattice":
-                rows, cols = matrix_shape(t.shape, f["axes"])
-                self._expect(f["data"], rows * cols * DTYPES[f["index_dtype"]][1], owner)
-                self._expect(f["step"], rows * 4, owner)
+            codec = codecs.get(t.codec)
+            if codec is None:
+                continue
+            for key, size in codec.section_fields(t, self._h.codebooks).items():
+                self._expect(t.fields[key], size, f"tensor {t.name!r}")
         for g in self._h.codebooks:
-            self._expect(g.section, g.M * g.K * g.d * DTYPES[g.dtype][1], f"codebook group {g.name!r}")
+            self._expect(g.section, g.M * g.K * g.d * itemsize(g.dtype), f"codebook group {g.name!r}")
 
     def _expect(self, index: int, size: int, owner: str) -> None:
         if self._h.sections[index].size != size:
@@ -348,20 +309,7 @@ class AqmFile:
         return f"<AqmFile {self.path!r} v{self.version[0]}.{self.version[1]}, {len(self)} tensors>"
 
 
-def _bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
-
-
-def _is_permutation(p: np.ndarray) -> bool:
-    seen = np.zeros(p.size, dtype=bool)
-    if p.size and int(p.max()) >= p.size:
-        return False
-    seen[p] = True
-    return bool(seen.all())
-
-
 builtins_open = open
-_SECTION_FIELDS = ("data", "codes", "scale", "perm", "step")  # record fields naming a tensor's own sections
 
 
 def _nonblocking(path: str, flags: int) -> int:

@@ -10,19 +10,19 @@ from __future__ import annotations
 import errno
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgpack
 import numpy as np
 import zstandard
 
-from . import __version__, tempfiles
-from .bitpack import pack
-from .errors import AqmInputError, AqmIOError
-from .header import (ALIGNMENT, DTYPES, FLOAT_DTYPES, MAX_HEADER_BYTES, MINOR, PREAMBLE_SIZE, pack_preamble,
-                     plain_value_problem)
-from .layout import matrix_shape
+from . import __version__, codecs, tempfiles
+from .codecs import aq, lattice, raw
+from .dtypes import dtype_name, numpy_dtype
+from .errors import AqmFormatError, AqmInputError, AqmIOError
+from .header import (ALIGNMENT, CODEBOOK_DTYPES, MAX_HEADER_BYTES, MINOR, PREAMBLE_SIZE, CodebookGroup,
+                     pack_preamble, parse_tensor, plain_value_problem)
 
 if TYPE_CHECKING:
     from .header import Section
@@ -37,17 +37,6 @@ def finished_file_mode() -> int:
     """Permissions of a finished output file: what ``open()`` would give it under the umask
     (temporary files are created 0600 and set to this before they are renamed into place)."""
     return 0o666 & ~_UMASK
-
-
-_NAME_OF = {(np.dtype(code).kind, np.dtype(code).itemsize): name
-            for name, (code, _) in DTYPES.items() if name != "bfloat16"}
-
-
-def _dtype_name(arr: np.ndarray) -> str:
-    try:
-        return _NAME_OF[(arr.dtype.kind, arr.dtype.itemsize)]
-    except KeyError:
-        raise AqmInputError(f"unsupported array dtype {arr.dtype}") from None
 
 
 class Writer:
@@ -81,6 +70,7 @@ class Writer:
         self._metadata = _plain("metadata", dict(metadata or {}))
         self._sections: list[dict[str, Any]] = []
         self._groups: list[dict[str, Any]] = []
+        self._group_records: list[CodebookGroup] = []  # the same groups, as a reader sees them
         self._tensors: list[dict[str, Any]] = []
         self._names: set[str] = set()
         self._graph: dict[str, Any] | None = None
@@ -124,14 +114,68 @@ class Writer:
         self._write(stored)
         return len(self._sections) - 1
 
-    def _claim(self, name: str) -> None:
+    def _check_name(self, name: str) -> None:
         if not isinstance(name, str) or not name:
             raise AqmInputError("tensor names must be non-empty strings")
         if name in self._names:
             raise AqmInputError(f"duplicate tensor name {name!r}")
-        self._names.add(name)
 
     # -- public API ----------------------------------------------------------------
+    def add_encoded(self, name: str, codec: str, shape: Sequence[int], fields: Mapping[str, Any], *,
+                    dtype: str = "float32", compress: Collection[str] = ()) -> None:
+        """Add a tensor already encoded by ``codec``: the one way every tensor is added.
+
+        The record is checked by the codec's own header rules and section
+        sizes (:mod:`aqformat.codecs`), exactly as a reader will check it, so
+        the writer cannot produce a file its reader refuses.
+
+        Parameters
+        ----------
+        name : str
+            Unique tensor name.
+        codec : str
+            A registered codec's name.
+        shape : sequence of int
+            Logical shape of the decoded tensor.
+        fields : mapping
+            The record's codec fields, in the order they are written. A
+            ``numpy.ndarray`` or ``bytes`` value is a section payload: it is
+            appended and its index stored under its key. None values are left out.
+        dtype : str
+            Decoded dtype (see spec, "Data types").
+        compress : collection of str
+            Keys of the sections to zstd-compress (where that makes them smaller).
+        """
+        spec = codecs.get(codec)
+        if spec is None:
+            raise AqmInputError(f"{name}: unknown codec {codec!r} (registered: {', '.join(codecs.names())})")
+        self._check_name(name)
+        shape = [int(x) for x in shape]
+        rec: dict[str, Any] = {"name": name, "shape": shape, "dtype": dtype, "codec": codec}
+        payloads: dict[str, memoryview] = {}
+        for key, value in fields.items():
+            if isinstance(value, np.ndarray):
+                value = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
+            if isinstance(value, (np.ndarray, bytes, bytearray, memoryview)):
+                payloads[key] = memoryview(value)
+                rec[key] = len(self._sections) + len(payloads) - 1  # the index it will get
+            elif value is not None:
+                rec[key] = value
+        try:
+            parsed = parse_tensor(rec, len(self._tensors), len(self._sections) + len(payloads), self._group_records)
+        except AqmFormatError as e:
+            raise AqmInputError(f"{name}: {str(e).removeprefix('invalid header: ')}") from None
+        expected = spec.section_fields(parsed, self._group_records)
+        if set(expected) != set(payloads):
+            raise AqmInputError(f"{name}: codec {codec} stores sections {sorted(expected)}, got {sorted(payloads)}")
+        for key, size in expected.items():
+            if payloads[key].nbytes != size:
+                raise AqmInputError(f"{name}: section {key!r} must hold {size} bytes, got {payloads[key].nbytes}")
+        self._names.add(name)
+        for key, data in payloads.items():
+            self._section(data, key in compress)
+        self._tensors.append(rec)
+
     def add_tensor(self, name: str, array: np.ndarray, *, dtype: str | None = None,
                    compress: bool = False) -> None:
         """Store ``array`` as is (codec ``raw``).
@@ -152,31 +196,33 @@ class Writer:
             if array.dtype != np.uint16:
                 raise AqmInputError("bfloat16 tensors are given as their uint16 bit patterns")
         else:
-            dtype = _dtype_name(array)
-        self._claim(name)
-        data = array.astype(DTYPES[dtype][0], copy=False)
-        self._tensors.append({"name": name, "shape": list(array.shape), "dtype": dtype,
-                              "codec": "raw", "data": self._section(data, compress)})
+            dtype = dtype_name(array.dtype)
+            if dtype is None:
+                raise AqmInputError(f"unsupported array dtype {array.dtype}")
+        self.add_encoded(name, raw.NAME, array.shape, raw.fields(array, dtype), dtype=dtype,
+                         compress=("data",) if compress else ())
 
     def add_codebooks(self, name: str, codebooks: np.ndarray, *, dtype: str = "float16") -> int:
         """Add a codebook group ``[M, K, d]`` shared by AQ tensors; returns its index."""
         cb = np.asarray(codebooks)
         if cb.ndim != 3 or cb.shape[1] < 2 or cb.shape[1] & (cb.shape[1] - 1):
             raise AqmInputError(f"codebooks must be [M, K, d] with K a power of two, got {cb.shape}")
-        if dtype not in ("float16", "float32") or not np.all(np.isfinite(cb)):
+        if dtype not in CODEBOOK_DTYPES or not np.all(np.isfinite(cb)):
             raise AqmInputError(f"codebook group {name!r} must be finite float16/float32")
         if any(g["name"] == name for g in self._groups):
             raise AqmInputError(f"duplicate codebook group {name!r}")
         M, K, d = cb.shape
-        self._groups.append({"name": name, "M": M, "K": K, "d": d, "dtype": dtype,
-                             "section": self._section(cb.astype(DTYPES[dtype][0]))})
+        g = {"name": name, "M": M, "K": K, "d": d, "dtype": dtype,
+             "section": self._section(cb.astype(numpy_dtype(dtype)))}
+        self._groups.append(g)
+        self._group_records.append(CodebookGroup(**g))
         return len(self._groups) - 1
 
     def add_aq(self, name: str, shape: Sequence[int], codes: np.ndarray, *, group: int | str,
                dtype: str = "float32", scale: np.ndarray | None = None,
                scale_dtype: str = "float16", perm: np.ndarray | None = None,
                axes: Sequence[int] | None = None) -> None:
-        """Add an additive-quantized tensor (codec ``aq``).
+        """Add an additive-quantized tensor (codec ``aq``, fields from :func:`aqformat.codecs.aq.fields`).
 
         Parameters
         ----------
@@ -197,68 +243,38 @@ class Writer:
         axes : sequence of int, optional
             Transpose applied to the tensor before it is viewed as a matrix.
         """
-        g = self._group(group)
-        shape = [int(x) for x in shape]
-        rows, cols = matrix_shape(shape, axes)
-        n_vec = rows * (-(-cols // g["d"]))
-        codes = np.asarray(codes)
-        if codes.shape != (n_vec, g["M"]):
-            raise AqmInputError(f"{name}: codes must have shape ({n_vec}, {g['M']}), got {codes.shape}")
-        if dtype not in FLOAT_DTYPES:
-            raise AqmInputError(f"{name}: AQ tensors decode to a float dtype, not {dtype}")
-        self._claim(name)
-        rec: dict[str, Any] = {"name": name, "shape": shape, "dtype": dtype, "codec": "aq",
-                               "group": self._groups.index(g)}
-        if axes is not None:
-            rec["axes"] = [int(a) for a in axes]
-        rec["codes"] = self._section(pack(codes, g["K"].bit_length() - 1))
-        if scale is not None:
-            scale = np.asarray(scale).reshape(-1)
-            if scale.shape != (rows,) or not np.all(np.isfinite(scale)):
-                raise AqmInputError(f"{name}: scale must be {rows} finite values")
-            rec["scale"] = self._section(scale.astype(DTYPES[scale_dtype][0]))
-            rec["scale_dtype"] = scale_dtype
-        if perm is not None:
-            perm = np.asarray(perm).reshape(-1)
-            if perm.shape != (cols,) or not np.array_equal(np.sort(perm), np.arange(cols)):
-                raise AqmInputError(f"{name}: perm must be a permutation of {cols} columns")
-            rec["perm"] = self._section(perm.astype("<u4"))
-        self._tensors.append(rec)
+        index = self._group(group)
+        fields = aq.fields(name, shape, codes, index, self._group_records[index], dtype=dtype, scale=scale,
+                           scale_dtype=scale_dtype, perm=perm, axes=axes)
+        self.add_encoded(name, aq.NAME, shape, fields, dtype=dtype)
 
     def add_lattice(self, name: str, shape: Sequence[int], q: np.ndarray, step: np.ndarray,
                     seed: int, *, dtype: str = "float32", axes: Sequence[int] | None = None) -> None:
-        """Add a dithered-lattice tensor (codec ``lattice``); indices are zstd-coded.
+        """Add a dithered-lattice tensor (codec ``lattice``, fields from
+        :func:`aqformat.codecs.lattice.fields`); indices are zstd-coded.
 
         ``q`` holds the integer lattice indices of the matrix view (``[rows, cols]``),
         ``step`` the per-row step, ``seed`` the dither seed (see spec, "Dither").
         """
-        shape = [int(x) for x in shape]
-        rows, cols = matrix_shape(shape, axes)
-        q = np.asarray(q)
-        step = np.asarray(step, dtype=np.float32).reshape(-1)
-        if q.size != rows * cols or step.shape != (rows,) or not (0 <= int(seed) < 1 << 64):
-            raise AqmInputError(f"{name}: lattice indices/steps do not match shape {shape}")
-        lo, hi = (int(q.min()), int(q.max())) if q.size else (0, 0)
-        index_dtype = next(t for t in ("int8", "int16", "int32")
-                           if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max)
-        self._claim(name)
-        rec: dict[str, Any] = {"name": name, "shape": shape, "dtype": dtype, "codec": "lattice"}
-        if axes is not None:
-            rec["axes"] = [int(a) for a in axes]
-        rec.update({"data": self._section(q.astype(DTYPES[index_dtype][0]), compress=True),
-                    "index_dtype": index_dtype, "step": self._section(step.astype("<f4")),
-                    "seed": int(seed)})
-        self._tensors.append(rec)
+        self.add_encoded(name, lattice.NAME, shape, lattice.fields(name, shape, q, step, seed, axes),
+                         dtype=dtype, compress=("data",))
 
     def copy_tensor(self, src: AqmFile, name: str) -> None:
-        """Copy a raw or lattice tensor from an open file verbatim (stored bytes, no re-encoding)."""
+        """Copy a tensor from an open file verbatim (stored bytes, no re-encoding).
+
+        Tensors that use a codebook group are not copied: the group is not.
+        """
         rec = src.record(name)
-        if rec.codec not in ("raw", "lattice"):
-            raise AqmInputError(f"{name}: only raw and lattice tensors are copied verbatim, not {rec.codec}")
-        self._claim(name)
+        codec = codecs.get(rec.codec)
+        if codec is None or "group" in rec.fields:
+            raise AqmInputError(f"{name}: only tensors of a known codec without a codebook group are "
+                                f"copied verbatim, not {rec.codec}")
+        owned = codec.section_fields(rec, src.codebook_groups)
+        self._check_name(name)
+        self._names.add(name)
         out: dict[str, Any] = {"name": name, "shape": list(rec.shape), "dtype": rec.dtype, "codec": rec.codec}
         for key, value in rec.fields.items():
-            if key in ("data", "step"):
+            if key in owned:
                 value = self._copy_section(*src.stored_section(value))
             if value is not None:
                 out[key] = value
@@ -275,13 +291,13 @@ class Writer:
         """Add or replace model metadata entries."""
         self._metadata.update(_plain("metadata", items))
 
-    def _group(self, group: int | str) -> dict[str, Any]:
+    def _group(self, group: int | str) -> int:
         if isinstance(group, str):
-            for g in self._groups:
+            for i, g in enumerate(self._groups):
                 if g["name"] == group:
-                    return g
+                    return i
         elif isinstance(group, int) and 0 <= group < len(self._groups):
-            return self._groups[group]
+            return group
         raise AqmInputError(f"unknown codebook group {group!r}")
 
     def close(self) -> None:

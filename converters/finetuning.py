@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 
 import aqformat
+from aqformat import codecs
+from aqformat.codecs import aq
+from aqformat.codecs.aq import assemble_aq
 from aqformat.errors import AqmInputError
-from aqformat.runtime.torch_decode import assemble_aq
 
 from .calib import model_output
 
@@ -77,12 +79,13 @@ class _Student:
         self.trainable_raw: dict[str, torch.nn.Parameter] = {}
         self.fixed: dict[str, torch.Tensor] = {}
         for info in f.tensors():
+            # tensors decoded through a shared codebook group train that group and their row scales
             if info.name not in names:
-                if info.codec == "aq":
+                if info.group is not None:
                     raise AqmInputError(f"quantized tensor {info.name!r} of the .aqm is not in the model")
                 continue  # e.g. a buffer older library versions saved; copied to the output as is
-            if info.codec == "aq":
-                p = f.aq_parts(info.name)
+            if info.group is not None:
+                p = aq.parts(f, info.name)
                 if info.group not in self.groups:
                     self.groups[info.group] = torch.nn.Parameter(
                         torch.tensor(np.asarray(p.codebooks, np.float32), device=device))
@@ -96,7 +99,8 @@ class _Student:
                 value = torch.as_tensor(np.array(f.read(info.name)), device=device)
                 # buffers (e.g. BatchNorm running statistics) stay fixed: the model runs in
                 # eval mode, where they are constants and not differentiable inputs
-                floating = (info.codec == "raw" and info.dtype in ("float32", "float16", "float64")
+                codec = codecs.get(info.codec)
+                floating = (codec is not None and codec.verbatim and info.dtype in ("float32", "float16", "float64")
                             and info.name in params)
                 if floating and (value.dim() == 1 or (train_raw == "all" and value.dim() > 1)):
                     self.trainable_raw[info.name] = torch.nn.Parameter(value.float())
@@ -287,8 +291,8 @@ def _write(f: aqformat.AqmFile, out_path, st: _Student, report: FinetuneReport) 
         for name, p in st.groups.items():
             w.add_codebooks(name, p.detach().cpu().numpy(), dtype=groups[name].dtype)
         for info in f.tensors():
-            if info.codec == "aq":
-                parts = f.aq_parts(info.name)
+            if info.group is not None:
+                parts = aq.parts(f, info.name)
                 codes = st.aq[info.name][1].T.cpu().numpy().astype(parts.codes.dtype)  # refreshed or not
                 w.add_aq(info.name, info.shape, codes, group=info.group, dtype=info.dtype,
                          scale=st.scales[info.name].detach().cpu().numpy(),

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from aqformat.errors import AqmInputError
-from aqformat.reader import _bf16_to_f32
+from aqformat.dtypes import bf16_to_f32
 
 __all__ = ["TensorSpec", "Source", "open_source", "torch_source", "safetensors_source",
            "hf_folder_source", "onnx_source", "to_float32"]
@@ -92,7 +92,7 @@ class Source:
 
 def to_float32(array: np.ndarray, dtype: str) -> np.ndarray:
     """Float32 values of a tensor loaded from a :class:`Source` (bfloat16 bits decoded)."""
-    return _bf16_to_f32(array) if dtype == "bfloat16" else np.asarray(array, dtype=np.float32)
+    return bf16_to_f32(array) if dtype == "bfloat16" else np.asarray(array, dtype=np.float32)
 
 
 # ------------------------------------------------------------------ PyTorch

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import aqformat
+from aqformat.codecs.aq import parts as aq_parts
 from aqformat.bitpack import pack, packed_size, unpack
 from aqformat.layout import from_matrix, to_matrix
 from tests.spec_reference import decode_file
@@ -78,7 +79,7 @@ def test_aq_roundtrip(tmp_path, shape, axes, M, K, d, perm, scale):
         got = f.read("t")
         assert got.shape == tuple(shape) and got.dtype == np.float32
         np.testing.assert_array_equal(got, expected)
-        parts = f.aq_parts("t")
+        parts = aq_parts(f, "t")
         np.testing.assert_array_equal(parts.codes, codes)
     np.testing.assert_array_equal(decode_file(str(path))["t"], expected)
 

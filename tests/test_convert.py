@@ -18,6 +18,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import aqformat
+from aqformat.codecs.aq import parts as aq_parts
 from aqformat.cli import main as aqm_main
 from aqformat.converters import convert as conv
 from aqformat.converters import onnx_graph, sources
@@ -82,7 +83,7 @@ def test_permutation_is_stored_and_decodes(tmp_path):
     out = tmp_path / "p.aqm"
     summary = from_torch(net, out, bits=2, permute=True, keep=["emb.*"], progress=False, encoder=FAST)
     with aqformat.open(out) as f:
-        perm = f.aq_parts("fc1.weight").perm
+        perm = aq_parts(f, "fc1.weight").perm
         assert f.metadata["conversion"]["permuted"] == (["fc1.weight"] if perm is not None else [])
         w = net.fc1.weight.detach().numpy()
         err = np.sum((f.read("fc1.weight") - w) ** 2) / np.sum(w ** 2)
@@ -207,8 +208,8 @@ def test_onnx_contract_axes_and_export(tmp_path, variant):
     with aqformat.open(out) as f:
         assert f.source["framework"] == "onnx"
         assert sorted(f.names()) == ["b2", "w1", "w2"]     # "shape" (2 elements) stays inline
-        assert f.aq_parts("w1").axes == [1, 0] and f.aq_parts("w1").rows == 128  # MatMul B [in, out]
-        assert f.aq_parts("w2").axes is None and f.aq_parts("w2").rows == 96     # Gemm transB=1
+        assert aq_parts(f, "w1").axes == [1, 0] and aq_parts(f, "w1").rows == 128  # MatMul B [in, out]
+        assert aq_parts(f, "w2").axes is None and aq_parts(f, "w2").rows == 96     # Gemm transB=1
         np.testing.assert_array_equal(f.read("b2"), weights["b2"])
         fmt, data = f.graph()
         decoded = {n: np.ascontiguousarray(f.read(n)) for n in f.names()}  # axes views are F-ordered

@@ -8,6 +8,7 @@ torch = pytest.importorskip("torch")
 from sklearn.datasets import load_digits  # noqa: E402
 
 import aqformat  # noqa: E402
+from aqformat.codecs.aq import parts as aq_parts  # noqa: E402
 from aqformat.converters.aq import AQConfig, quantize_weights  # noqa: E402
 from aqformat.converters import finetune  # noqa: E402
 
@@ -76,7 +77,7 @@ def test_distillation_reduces_output_error_and_records_itself(digits_model, tmp_
         with aqformat.open(path) as g:  # codes are unchanged, only codebooks/scales/biases move
             for name in g.names():
                 if g.info(name).codec == "aq":
-                    np.testing.assert_array_equal(f.aq_parts(name).codes, g.aq_parts(name).codes)
+                    np.testing.assert_array_equal(aq_parts(f, name).codes, aq_parts(g, name).codes)
     assert "finetune" in __import__("aqformat.inspect").inspect.render_text(
         __import__("aqformat.inspect").inspect.describe(tmp_path / "ft.aqm"))
 
@@ -146,7 +147,7 @@ def test_code_refresh_moves_codes_and_keeps_improving(digits_model, tmp_path):
     with aqformat.open(tmp_path / "r.aqm") as f, aqformat.open(path) as g:
         assert f.metadata["finetune"]["refreshes"] == 2
         changed = [n for n in g.names() if g.info(n).codec == "aq"
-                   and not np.array_equal(f.aq_parts(n).codes, g.aq_parts(n).codes)]
+                   and not np.array_equal(aq_parts(f, n).codes, aq_parts(g, n).codes)]
         assert changed, "a refresh re-ran the code search but no code changed"
     held_out = X[1400:]
     assert _err(_load(net, tmp_path / "r.aqm"), net, held_out) < 0.8 * _err(_load(net, path), net, held_out)

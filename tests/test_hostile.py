@@ -46,7 +46,7 @@ def reject(tmp_path, data: bytes, match: str, exc: type = AqmFormatError) -> Aqm
 
 
 def raw_doc(shape, dtype="float32", n=None) -> tuple[dict, list[Blob]]:
-    itemsize = np.dtype(aqformat.header.DTYPES[dtype][0]).itemsize
+    itemsize = aqformat.dtypes.itemsize(dtype)
     n = int(np.prod(shape)) * itemsize if n is None else n
     return ({"tensors": [{"name": "t", "shape": list(shape), "dtype": dtype, "codec": "raw", "data": 0}]},
             [Blob(b"\1" * n)])

@@ -1,12 +1,34 @@
-"""Dithered uniform-lattice decoder (spec/FORMAT.md, codec "lattice")."""
+"""Codec ``lattice`` (spec/FORMAT.md 4.3, 5.3): dithered uniform-lattice indices and per-row steps."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..dither import dither
-from ..layout import from_matrix
+from ..dtypes import itemsize, numpy_dtype
+from ..errors import AqmInputError
+from ..layout import from_matrix, matrix_shape
+from . import Codec, register
+
+if TYPE_CHECKING:
+    from ..header import RecordFields, TensorRecord
+    from ..reader import AqmFile
+
+NAME = "lattice"
+INDEX_DTYPES = ("int8", "int16", "int32")
+
+
+def parse(fields: RecordFields) -> dict[str, Any]:
+    return {"axes": fields.axes(), "data": fields.section("data"),
+            "index_dtype": fields.choice("index_dtype", INDEX_DTYPES), "step": fields.section("step"),
+            "seed": fields.integer("seed")}
+
+
+def sizes(t: TensorRecord, groups: Any) -> dict[str, int]:
+    rows, cols = matrix_shape(t.shape, t.fields["axes"])
+    return {"data": rows * cols * itemsize(t.fields["index_dtype"]), "step": rows * 4}
 
 
 def decode_lattice(q: np.ndarray, step: np.ndarray, seed: int, shape: Sequence[int],
@@ -15,3 +37,34 @@ def decode_lattice(q: np.ndarray, step: np.ndarray, seed: int, shape: Sequence[i
     u = dither(seed, rows * cols).reshape(rows, cols)
     w = ((q.reshape(rows, cols) - u) * step.astype(np.float64)[:, None]).astype(np.float32)
     return from_matrix(w, shape, axes, None)
+
+
+def decode(t: TensorRecord, f: AqmFile) -> np.ndarray:
+    fl = t.fields
+    rows, cols = matrix_shape(t.shape, fl["axes"])
+    q = f.section_array(fl["data"], numpy_dtype(fl["index_dtype"]), (rows, cols))
+    step = f.section_array(fl["step"], np.dtype("<f4"), (rows,))
+    return decode_lattice(q, step, fl["seed"], t.shape, fl["axes"], rows, cols)
+
+
+def fields(name: str, shape: Sequence[int], q: np.ndarray, step: np.ndarray, seed: int,
+           axes: Sequence[int] | None = None) -> dict[str, Any]:
+    """The record fields for ``Writer.add_encoded``, indices in the narrowest dtype that holds them.
+
+    ``q`` holds the integer lattice indices of the matrix view (``[rows, cols]``),
+    ``step`` the per-row step, ``seed`` the dither seed (see spec, "Dither").
+    """
+    rows, cols = matrix_shape([int(x) for x in shape], axes)
+    q = np.asarray(q)
+    step = np.asarray(step, dtype=np.float32).reshape(-1)
+    if q.size != rows * cols or step.shape != (rows,) or not (0 <= int(seed) < 1 << 64):
+        raise AqmInputError(f"{name}: lattice indices/steps do not match shape {list(shape)}")
+    lo, hi = (int(q.min()), int(q.max())) if q.size else (0, 0)
+    index_dtype = next((t for t in INDEX_DTYPES if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max), None)
+    if index_dtype is None:
+        raise AqmInputError(f"{name}: lattice indices exceed int32")
+    return {"axes": None if axes is None else [int(a) for a in axes], "data": q.astype(numpy_dtype(index_dtype)),
+            "index_dtype": index_dtype, "step": step.astype("<f4"), "seed": int(seed)}
+
+
+CODEC = register(Codec(NAME, parse, sizes, decode))
