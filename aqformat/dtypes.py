@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DTYPES", "FLOAT_DTYPES", "numpy_dtype", "itemsize", "dtype_name",
-           "bf16_to_f32", "f32_to_bf16"]
+__all__ = ["DTYPES", "FLOAT_DTYPES", "ONNX_TYPES", "ONNX_DTYPE_NAMES", "ORT_TYPE_NAMES", "numpy_dtype",
+           "itemsize", "dtype_name", "bf16_to_f32", "f32_to_bf16"]
 
 DTYPES = {  # name -> (little-endian numpy dtype string of the stored elements, itemsize)
     "float32": ("<f4", 4), "float16": ("<f2", 2), "bfloat16": ("<u2", 2), "float64": ("<f8", 8),
@@ -17,6 +17,15 @@ DTYPES = {  # name -> (little-endian numpy dtype string of the stored elements, 
     "bool": ("?", 1),
 }
 FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+# name -> ONNX TensorProto.DataType, and back
+ONNX_TYPES = {"float32": 1, "uint8": 2, "int8": 3, "uint16": 4, "int16": 5, "int32": 6, "int64": 7,
+              "bool": 9, "float16": 10, "float64": 11, "uint32": 12, "uint64": 13, "bfloat16": 16}
+ONNX_DTYPE_NAMES = {code: name for name, code in ONNX_TYPES.items()}
+# ONNX TensorProto.DataType -> the element name ONNX Runtime's NodeArg.type uses (``tensor(<name>)``),
+# including the types .aqm files do not store
+ORT_TYPE_NAMES = {1: "float", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
+                  8: "string", 9: "bool", 10: "float16", 11: "double", 12: "uint32", 13: "uint64",
+                  14: "complex64", 15: "complex128", 16: "bfloat16"}
 
 _NAME_OF = {(np.dtype(code).kind, np.dtype(code).itemsize): name
             for name, (code, _) in DTYPES.items() if name != "bfloat16"}

@@ -14,8 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-import numpy as np
-
+from aqformat.codecs.aq import stored_bytes
 from aqformat.errors import AqmInputError
 
 from .aq import AQConfig
@@ -23,12 +22,11 @@ from .aq import AQConfig
 __all__ = ["aq_tensor_bytes", "allocate"]
 
 
-def aq_tensor_bytes(shape: Sequence[int], cfg: AQConfig, axes: Sequence[int] | None = None) -> int:
-    """Bytes of one AQ-coded tensor: bit-packed codes (padding included) + fp16 scales."""
-    n = int(np.prod(shape))
-    rows = shape[axes[0]] if axes is not None else shape[0]
-    n_vec = rows * math.ceil((n // rows) / cfg.d)
-    return math.ceil(n_vec * cfg.M * cfg.b / 8) + 2 * rows
+def aq_tensor_bytes(shape: Sequence[int], cfg: AQConfig, axes: Sequence[int] | None = None,
+                    perm: bool = False) -> int:
+    """Bytes of one AQ-coded tensor in the file: bit-packed codes (padding included), fp16 scales
+    and the column permutation if it has one (:func:`aqformat.codecs.aq.stored_bytes`)."""
+    return stored_bytes(shape, axes, M=cfg.M, bits=cfg.b, d=cfg.d, perm=perm)
 
 
 def allocate(errors: Mapping[str, Mapping[str, float]], nbytes: Mapping[str, Mapping[str, int]],

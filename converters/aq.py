@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from aqformat.codecs.aq import stored_bytes, vector_count
 from aqformat.errors import AqmInputError, TooSmallForAQ
 from aqformat.layout import from_matrix, to_matrix
 
@@ -125,10 +126,9 @@ class AQTensor:
         return int(np.prod(self.shape)) // self.rows
 
     def nbytes(self) -> int:
-        """Bytes of codes (bit-packed at ``b`` bits), fp16 scales and the permutation."""
-        code_bits = self.codes.size * self.b
-        perm_bytes = 0 if self.perm is None else self.cols * (2 if self.cols < 65536 else 4)
-        return math.ceil(code_bits / 8) + 2 * self.rows + perm_bytes
+        """Bytes in the file: codes (bit-packed at ``b`` bits), fp16 scales and the permutation."""
+        return stored_bytes(self.shape, self.axes, M=self.codes.shape[1], bits=self.b, d=self.d,
+                            perm=self.perm is not None)
 
 
 # ---------------------------------------------------------------- vector level
@@ -359,11 +359,7 @@ def as_matrix(name: str, w, axes: Sequence[int] | None = None,
 def aq_eligible(shape: Sequence[int], cfg: AQConfig, axes: Sequence[int] | None = None) -> bool:
     """True when a tensor can be AQ-coded: at least one vector and at least ``K`` vectors."""
     n = int(np.prod(shape)) if len(shape) else 1
-    if n < cfg.d:
-        return False
-    rows = shape[axes[0]] if axes is not None else (shape[0] if len(shape) else 1)
-    cols = n // max(1, rows)
-    return rows * math.ceil(cols / cfg.d) >= cfg.K
+    return n >= cfg.d and vector_count(shape, axes, cfg.d) >= cfg.K
 
 
 def row_scales(W: torch.Tensor) -> torch.Tensor:

@@ -341,7 +341,7 @@ def _allocate(budget: int, configs: dict[str, Any], members: dict[str, list[str]
                 Wh = aq.decode_rows(t, books[g], Wm.shape[1])
                 errors[n][g] = aq.output_error(Wm[sub], Wh, H.get(n), None if s is None else s[sub]) \
                     * Wm.shape[0] / len(sub)
-                nbytes[n][g] = aq_tensor_bytes(specs[n].shape, configs[g], axes.get(n))
+                nbytes[n][g] = aq_tensor_bytes(specs[n].shape, configs[g], axes.get(n), perms.get(n) is not None)
             bar.update(specs[n].numel, n)
     weighted = [energy[n] for n in members if n in S]
     ref = float(np.median(weighted)) if weighted else 1.0

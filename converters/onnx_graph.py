@@ -1,10 +1,8 @@
 """ONNX graphs in .aqm files: lift constants, find weights, strip and restore initializers.
 
-Contract (shared with :mod:`aqformat.runtime`): the stored graph is the
-``ModelProto`` in which every initializer whose data lives in the .aqm is a
-``TensorProto`` with the same name, data_type and dims, no data,
-``data_location=EXTERNAL`` and ``external_data=[{"key": "location", "value":
-"aqm"}]``. Large Constant nodes, in the main graph or in If/Loop subgraphs,
+The stored graph follows the contract shared with the runtime
+(:mod:`aqformat.onnx_stubs`): every initializer whose data lives in the .aqm
+is a data-less stub. Large Constant nodes, in the main graph or in If/Loop subgraphs,
 are first turned into main-graph initializers (subgraphs see outer-scope
 values), so their data can live in the .aqm too.
 """
@@ -17,13 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from aqformat.dtypes import ONNX_DTYPE_NAMES, itemsize, numpy_dtype
 from aqformat.errors import AqmFormatError, AqmInputError, AqmIOError
+from aqformat.onnx_stubs import AQM_LOCATION, all_graphs, fill_stub, is_stub, make_stub, stub_array, subgraphs
 
 __all__ = ["AQM_LOCATION", "CONSTANT_MIN_ELEMENTS", "load_model", "lift_constants", "prune_unused", "internalize", "dtype_name",
            "tensor_array", "weight_axes", "make_stub", "is_stub", "export_onnx", "restore_model",
            "model_file_bytes"]
 
-AQM_LOCATION = "aqm"
 #: Constant nodes and initializers with at least this many elements live in the
 #: .aqm; smaller ones (shapes, axes, scalars) stay inline in the graph, where
 #: ONNX Runtime needs their values for shape inference and constant folding.
@@ -32,12 +31,6 @@ CONSTANT_MIN_ELEMENTS = 64
 #: (protobuf messages are limited to 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 
-# TensorProto.DataType -> aqformat dtype name (types aqformat can store).
-_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
-           9: "bool", 10: "float16", 11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16"}
-_NUMPY = {"float32": "<f4", "uint8": "u1", "int8": "i1", "uint16": "<u2", "int16": "<i2",
-          "int32": "<i4", "int64": "<i8", "bool": "?", "float16": "<f2", "float64": "<f8",
-          "uint32": "<u4", "uint64": "<u8", "bfloat16": "<u2"}
 
 # op_type -> {input index: axes of the matrix view (rows = output channels)}.
 _WEIGHT_INPUTS: dict[str, dict[int, tuple[int, ...] | None]] = {
@@ -92,32 +85,13 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _subgraphs(node: Any) -> list[Any]:
-    onnx = _onnx()
-    out = []
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            out.append(a.g)
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            out.extend(a.graphs)
-    return out
-
-
-def _all_graphs(graph: Any) -> list[Any]:
-    graphs = [graph]
-    for node in graph.node:
-        for sub in _subgraphs(node):
-            graphs.extend(_all_graphs(sub))
-    return graphs
-
-
 def _rename_uses(graph: Any, old: str, new: str) -> None:
     """Rename references to ``old`` in ``graph`` and its nested subgraphs."""
     for node in graph.node:
         for i, x in enumerate(node.input):
             if x == old:
                 node.input[i] = new
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             _rename_uses(sub, old, new)
     for o in graph.output:
         if o.name == old:
@@ -133,7 +107,7 @@ def lift_constants(model: Any, min_elements: int = CONSTANT_MIN_ELEMENTS) -> int
     """
     main = model.graph
     defined: dict[str, int] = {}
-    for g in _all_graphs(main):
+    for g in all_graphs(main):
         for n in [i.name for i in g.input] + [t.name for t in g.initializer] + [o for nd in g.node for o in nd.output]:
             defined[n] = defined.get(n, 0) + 1
     taken = set(defined)
@@ -148,7 +122,7 @@ def lift_constants(model: Any, min_elements: int = CONSTANT_MIN_ELEMENTS) -> int
         taken.add(f"{name}__{k}")
         return f"{name}__{k}"
 
-    for g in _all_graphs(main):
+    for g in all_graphs(main):
         moved = []
         if g is not main:
             moved = list(g.initializer)
@@ -157,7 +131,7 @@ def lift_constants(model: Any, min_elements: int = CONSTANT_MIN_ELEMENTS) -> int
         for node in g.node:
             value = next((a.t for a in node.attribute if a.name == "value" and a.type == 4), None)
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and value is not None \
-                    and int(np.prod(value.dims)) >= min_elements and value.data_type in _DTYPES:
+                    and int(np.prod(value.dims)) >= min_elements and value.data_type in ONNX_DTYPE_NAMES:
                 t = type(value)()
                 t.CopyFrom(value)
                 t.name = node.output[0]
@@ -181,7 +155,7 @@ def prune_unused(model: Any) -> list[str]:
     """Drop main-graph initializers no node or graph output uses (ORT would drop them too,
     and then reject them as external initializers). Returns the dropped names."""
     used = {o.name for o in model.graph.output}
-    for g in _all_graphs(model.graph):
+    for g in all_graphs(model.graph):
         used.update(x for node in g.node for x in node.input)
         used.update(o.name for o in g.output)
     dropped = [t.name for t in model.graph.initializer if t.name not in used]
@@ -212,7 +186,7 @@ def internalize(model: Any, keep_external: set[str], base_dir: str) -> None:
 
 def dtype_name(t: Any) -> str | None:
     """aqformat dtype name of a ``TensorProto``, or None when aqformat cannot store it."""
-    return _DTYPES.get(t.data_type)
+    return ONNX_DTYPE_NAMES.get(t.data_type)
 
 
 def _external_int(info: dict[str, str], key: str, name: str) -> int:
@@ -228,7 +202,7 @@ def tensor_array(t: Any, base_dir: str) -> np.ndarray:
     onnx = _onnx()
     name = dtype_name(t)
     shape = tuple(int(d) for d in t.dims)
-    dt = np.dtype(_NUMPY[name])
+    dt = numpy_dtype(name)
     if t.data_location == onnx.TensorProto.EXTERNAL:
         info = {e.key: e.value for e in t.external_data}
         loc = info.get("location", "")
@@ -262,7 +236,7 @@ def weight_axes(model: Any) -> dict[str, tuple[int, ...] | None]:
     """
     inits = {t.name: len(t.dims) for t in model.graph.initializer}
     found: dict[str, tuple[int, ...] | None] = {}
-    for g in _all_graphs(model.graph):
+    for g in all_graphs(model.graph):
         for node in g.node:
             slots = dict(_WEIGHT_INPUTS.get(node.op_type, {}))
             if node.op_type == "Gemm":
@@ -281,33 +255,6 @@ def weight_axes(model: Any) -> dict[str, tuple[int, ...] | None]:
                     axes = (ndim - 1, *range(ndim - 1))
                 found[node.input[i]] = axes
     return found
-
-
-def make_stub(t: Any) -> None:
-    """Turn initializer ``t`` into the contract's external stub in place (drops its data)."""
-    onnx = _onnx()
-    data_type, dims, name = t.data_type, list(t.dims), t.name
-    t.Clear()
-    t.name, t.data_type = name, data_type
-    t.dims.extend(dims)
-    t.data_location = onnx.TensorProto.EXTERNAL
-    e = t.external_data.add()
-    e.key, e.value = "location", AQM_LOCATION
-
-
-def is_stub(t: Any) -> bool:
-    """True for an initializer whose data lives in the .aqm."""
-    return t.data_location == 1 and any(e.key == "location" and e.value == AQM_LOCATION
-                                        for e in t.external_data)
-
-
-def _to_onnx_bytes(arr: np.ndarray, data_type: int) -> bytes:
-    """Little-endian bytes of ``arr`` as ONNX ``data_type`` (float32 -> bfloat16 rounds to nearest even)."""
-    name = _DTYPES[data_type]
-    if name == "bfloat16" and arr.dtype != np.uint16:
-        bits = np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32)
-        arr = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
-    return np.ascontiguousarray(arr, dtype=_NUMPY[name]).tobytes()
 
 
 def restore_model(aqm: Any, external: tuple[Any, str] | None = None) -> Any:
@@ -339,11 +286,9 @@ def restore_model(aqm: Any, external: tuple[Any, str] | None = None) -> Any:
             continue
         if t.name not in aqm:
             raise AqmFormatError(f"{aqm.path}: initializer {t.name!r} has no tensor in the file")
-        data = _to_onnx_bytes(aqm.read(t.name), t.data_type)
+        data = stub_array(aqm.read(t.name), t.data_type).tobytes()
         if external is None:
-            t.ClearField("external_data")
-            t.data_location = onnx.TensorProto.DEFAULT
-            t.raw_data = data
+            fill_stub(t, data)
             continue
         fh, location = external
         pad = -offset % 4096  # page-align tensors so ORT can mmap them
@@ -378,7 +323,7 @@ def export_onnx(aqm_path: str | os.PathLike, out_path: str | os.PathLike) -> dic
         if os.path.exists(target) and os.path.exists(aqm_path) and os.path.samefile(target, aqm_path):
             raise AqmInputError(f"output {target} is the input file {os.fspath(aqm_path)}; choose another output path")
     with open_aqm(aqm_path) as f:
-        total = sum(t.numel * np.dtype(_NUMPY.get(t.dtype, "<f4")).itemsize for t in f.tensors())
+        total = sum(t.numel * itemsize(t.dtype) for t in f.tensors())
         tmps: list[str] = []
         try:
             data_path = None

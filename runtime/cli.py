@@ -11,13 +11,14 @@ from typing import Any
 import numpy as np
 
 from ..cpus import default_threads
+from ..dtypes import ONNX_TYPES, ORT_TYPE_NAMES, numpy_dtype
 from ..errors import AqmInputError
 from ..units import UNITS_HELP, format_size, parse_size
 from ..terminal import printable
 
-_NUMPY_OF = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-             "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(int16)": np.int16,
-             "tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(bool)": np.bool_}
+# ONNX Runtime's input type strings -> numpy dtype (bfloat16 inputs cannot be made from numpy)
+_NUMPY_OF = {f"tensor({ORT_TYPE_NAMES[code]})": numpy_dtype(name) for name, code in ONNX_TYPES.items()
+             if name != "bfloat16"}
 _DIM_HELP = ("size of a dynamic dimension: NAME=N for a named (symbolic) one, INPUT:AXIS=N for any, "
              "e.g. --dim batch=4 --dim input:1=512 (repeatable; default 1)")
 

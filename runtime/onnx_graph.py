@@ -14,21 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from ..dtypes import ONNX_TYPES, dtype_name
 from ..errors import AqmFormatError, AqmInputError, StageTooLarge
-
-AQM_LOCATION = "aqm"
-
-# ONNX TensorProto.DataType -> numpy dtype (BFLOAT16 is carried as its uint16 bits)
-ONNX_DTYPES: dict[int, np.dtype] = {
-    1: np.dtype("float32"), 2: np.dtype("uint8"), 3: np.dtype("int8"), 4: np.dtype("uint16"),
-    5: np.dtype("int16"), 6: np.dtype("int32"), 7: np.dtype("int64"), 9: np.dtype("bool"),
-    10: np.dtype("float16"), 11: np.dtype("float64"), 12: np.dtype("uint32"), 13: np.dtype("uint64"),
-    16: np.dtype("uint16"),
-}
-BFLOAT16 = 16
-# .aqm dtype name -> ONNX data type
-AQM_TO_ONNX = {"float32": 1, "uint8": 2, "int8": 3, "uint16": 4, "int16": 5, "int32": 6, "int64": 7,
-               "bool": 9, "float16": 10, "float64": 11, "uint32": 12, "uint64": 13, "bfloat16": 16}
+from ..onnx_stubs import AQM_LOCATION, fill_stub, onnx_numpy_dtype, subgraphs
 
 
 @dataclass(frozen=True)
@@ -41,7 +29,7 @@ class Stub:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.dims, dtype=np.int64)) * ONNX_DTYPES[self.data_type].itemsize
+        return int(np.prod(self.dims, dtype=np.int64)) * onnx_numpy_dtype(self.data_type).itemsize
 
 
 # -- minimal protobuf wire-format reading ------------------------------------------
@@ -376,29 +364,25 @@ def inline_weights(model_bytes: bytes, arrays: Mapping[str, np.ndarray]) -> byte
     Used to run the decoded model with plain ONNX Runtime (``aqm bench``) or to
     save it as an ordinary ``.onnx`` file. bfloat16 arrays are given as uint16 bits.
     """
-    onnx = require_onnx("exporting an fp32 ONNX model")
     model = parse_model(model_bytes, "exporting an fp32 ONNX model")
     for init in model.graph.initializer:
         arr = arrays.get(init.name)
         if arr is None:
             continue
-        t = onnx.TensorProto(name=init.name, data_type=init.data_type, dims=list(init.dims))
-        t.raw_data = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-        init.CopyFrom(t)
+        fill_stub(init, np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
     return model.SerializeToString()
 
 
 def _used_names(node) -> set[str]:
     """Inputs of ``node`` including outer-scope names read inside its subgraphs."""
     names = {n for n in node.input if n}
-    for attr in node.attribute:
-        for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-            local = {i.name for i in g.input} | {t.name for t in g.initializer}
-            inner: set[str] = set()
-            for sub in g.node:
-                inner |= _used_names(sub)
-                local |= set(sub.output)
-            names |= inner - local
+    for g in subgraphs(node):
+        local = {i.name for i in g.input} | {t.name for t in g.initializer}
+        inner: set[str] = set()
+        for sub in g.node:
+            inner |= _used_names(sub)
+            local |= set(sub.output)
+        names |= inner - local
     return names
 
 
@@ -492,8 +476,7 @@ def stage_model(plan: StagePlan, index: int, feeds: Mapping[str, np.ndarray]) ->
     if cached is not None:
         return cached
     t = plan.template
-    elem = {v: k for k, v in ONNX_DTYPES.items() if k != BFLOAT16}
-    inputs = [onnx.helper.make_tensor_value_info(n, elem[feeds[n].dtype], [None] * feeds[n].ndim)
+    inputs = [onnx.helper.make_tensor_value_info(n, ONNX_TYPES[dtype_name(feeds[n].dtype)], [None] * feeds[n].ndim)
               for n in s.inputs]
     outputs = [onnx.helper.make_value_info(n, onnx.TypeProto()) for n in s.outputs]
     needed = set(s.weights) | {n for node in s.nodes for n in _used_names(node)}

@@ -8,15 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..dtypes import ORT_TYPE_NAMES
 from ..errors import AqmFormatError
 from .onnx_graph import _MAX_TEXT, _fields, _tensor, _varint, scan_model
 
 MAX_LISTED = 1 << 16  # inputs, outputs and in-graph initializers described, and dimensions of each
 
-# ONNX TensorProto.DataType -> the name ONNX Runtime's NodeArg.type uses
-ONNX_TYPE_NAMES = {1: "float", 2: "uint8", 3: "int8", 4: "uint16", 5: "int16", 6: "int32", 7: "int64",
-                   8: "string", 9: "bool", 10: "float16", 11: "double", 12: "uint32", 13: "uint64",
-                   14: "complex64", 15: "complex128", 16: "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -48,7 +45,7 @@ class GraphIO:
 
 
 def _type_name(code: int) -> str:
-    return ONNX_TYPE_NAMES.get(code, f"type {code}")
+    return ORT_TYPE_NAMES.get(code, f"type {code}")
 
 
 def _name(buf: bytes, start: int, end: int) -> str:

@@ -26,16 +26,11 @@ from .. import open as open_aqm
 from ..errors import AqmFormatError, AqmInputError, StageTooLarge
 from ..units import format_size
 from .cache import WeightCache
-from .onnx_graph import (AQM_LOCATION, AQM_TO_ONNX, BFLOAT16, ONNX_DTYPES, PROBE_SIZE, StagePlan, Stub,
-                         external_stubs, inline_weights, locate_stubs, parse_model, plan_stages, probe_model,
-                         stage_model)
-from .onnx_io import ONNX_TYPE_NAMES
+from ..dtypes import ONNX_TYPES, ORT_TYPE_NAMES, dtype_name
+from ..onnx_stubs import AQM_LOCATION, stub_array
+from .onnx_graph import (PROBE_SIZE, StagePlan, Stub, external_stubs, inline_weights, locate_stubs, parse_model,
+                         plan_stages, probe_model, stage_model)
 
-# numpy dtype -> ONNX Runtime type string, as NodeArg.type spells it
-_ORT_TYPE = {np.dtype(k): f"tensor({v})" for k, v in {
-    "float32": "float", "float16": "float16", "float64": "double", "int8": "int8", "uint8": "uint8",
-    "int16": "int16", "uint16": "uint16", "int32": "int32", "uint32": "uint32", "int64": "int64",
-    "uint64": "uint64", "bool": "bool"}.items()}
 # SessionOptions settings carried over to the sessions built here (the caller's object is never mutated)
 _OPTION_FIELDS = ("enable_cpu_mem_arena", "enable_mem_pattern", "enable_mem_reuse", "enable_profiling",
                   "execution_mode", "execution_order", "graph_optimization_level",
@@ -59,17 +54,18 @@ class IOInfo:
     shape: list[int | str | None]
 
 
+def _ort_type(dtype: np.dtype) -> str:
+    """The type of numpy ``dtype`` as ONNX Runtime's NodeArg.type spells it."""
+    name = dtype_name(dtype)
+    return f"tensor({ORT_TYPE_NAMES[ONNX_TYPES[name]]})" if name is not None else f"numpy {dtype}"
+
+
 def decode_for_ort(f, stub: Stub) -> np.ndarray:
     """Decode the .aqm tensor of ``stub`` to a contiguous array of the graph's dtype.
 
     bfloat16 is returned as its uint16 bit patterns (rounded to nearest even).
     """
-    arr = f.read(stub.name)
-    if stub.data_type == BFLOAT16:
-        bits = np.ascontiguousarray(arr, dtype=np.float32).view(np.uint32)
-        rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-        return rounded.astype(np.uint16)
-    return np.ascontiguousarray(arr, dtype=ONNX_DTYPES[stub.data_type])
+    return stub_array(f.read(stub.name), stub.data_type)
 
 
 def _ort():
@@ -217,9 +213,9 @@ class InferenceSession:
             if s.name not in f:
                 raise AqmFormatError(f"graph initializer {s.name!r} is stored in the .aqm file, but no tensor has that name")
             info = f.info(s.name)
-            if AQM_TO_ONNX.get(info.dtype) != s.data_type or tuple(info.shape) != s.dims:
+            if ONNX_TYPES.get(info.dtype) != s.data_type or tuple(info.shape) != s.dims:
                 raise AqmFormatError(
-                    f"graph initializer {s.name!r} is {ONNX_TYPE_NAMES.get(s.data_type, s.data_type)}{list(s.dims)} "
+                    f"graph initializer {s.name!r} is {ORT_TYPE_NAMES.get(s.data_type, s.data_type)}{list(s.dims)} "
                     f"but the .aqm tensor is {info.dtype}{list(info.shape)}")
 
     def _make_plan(self, budget: int) -> StagePlan:
@@ -433,7 +429,7 @@ class InferenceSession:
         for name, value in input_feed.items():
             arr = np.asarray(value)
             spec = expected[name]
-            got = _ORT_TYPE.get(arr.dtype, f"numpy {arr.dtype}")
+            got = _ort_type(arr.dtype)
             if got != spec.type:
                 raise AqmInputError(f"input {name!r}: unexpected data type {got}, expected {spec.type}")
             if spec.shape is not None:
@@ -554,4 +550,4 @@ def _io_info(value_info) -> IOInfo:
     shape: list[int | str | None] | None = None
     if t.HasField("shape"):
         shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
-    return IOInfo(value_info.name, f"tensor({ONNX_TYPE_NAMES.get(t.elem_type, t.elem_type)})", shape)
+    return IOInfo(value_info.name, f"tensor({ORT_TYPE_NAMES.get(t.elem_type, t.elem_type)})", shape)

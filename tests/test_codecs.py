@@ -123,3 +123,47 @@ def test_every_builtin_codec_is_registered_once_with_its_module():
         assert codec.name == name and callable(codec.parse) and callable(codec.sizes) and callable(codec.decode)
     with pytest.raises(ValueError, match="already registered"):
         codecs.register(Codec("aq", _parse, _sizes, _decode))
+
+
+@pytest.mark.parametrize("shape,axes,permute", [((24, 40), None, False), ((300,), None, False),
+                                                ((6, 4, 5, 3), (1, 0, 2, 3), True), ((33, 17), (1, 0), True)])
+def test_predicted_aq_bytes_are_the_bytes_on_disk(tmp_path, shape, axes, permute):
+    """The allocator's, the encoder's and the codec's byte counts are the file's."""
+    torch = pytest.importorskip("torch")
+    from aqformat.codecs import aq
+    from aqformat.converters.allocate import aq_tensor_bytes
+    from aqformat.converters.aq import AQConfig, aq_eligible, encode_tensor
+    from aqformat.layout import matrix_shape
+
+    cfg = AQConfig(M=2, b=4, d=4, beam=2)
+    assert aq_eligible(shape, cfg, axes)
+    rng = np.random.default_rng(0)
+    W = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+    C = torch.from_numpy(rng.standard_normal((cfg.M, cfg.K, cfg.d)).astype(np.float16).astype(np.float32))
+    cols = matrix_shape(shape, axes)[1]
+    t = encode_tensor("w", W, C, cfg, axes=axes, perm=rng.permutation(cols) if permute else None, device="cpu")
+    path = tmp_path / "w.aqm"
+    with aqformat.Writer(path) as w:
+        w.add_codebooks("g", C.numpy())
+        w.add_aq("w", shape, t.codes, group="g", scale=t.scale, perm=t.perm, axes=axes)
+    with aqformat.open(path) as f:
+        on_disk = f.info("w").stored_bytes
+        assert on_disk == sum(f.section(i).length for i in f.tensor_sections("w"))
+    assert on_disk == t.nbytes() == aq_tensor_bytes(shape, cfg, axes, permute)
+    assert on_disk == aq.stored_bytes(shape, axes, M=cfg.M, bits=cfg.b, d=cfg.d, perm=permute)
+
+
+def test_predicted_section_sizes_are_the_sizes_in_the_file(tmp_path):
+    """Every codec's ``sizes`` is what the writer stores, raw and lattice included."""
+    from aqformat.codecs import lattice, raw
+    rng = np.random.default_rng(1)
+    path = tmp_path / "m.aqm"
+    with aqformat.Writer(path) as w:
+        w.add_tensor("r", rng.standard_normal((7, 5)).astype(np.float16))
+        w.add_tensor("b", rng.integers(0, 2**16, 9).astype(np.uint16), dtype="bfloat16")
+        w.add_lattice("l", (6, 10), rng.integers(-300, 300, (10, 6)), np.full(10, 0.1), seed=3, axes=(1, 0))
+    with aqformat.open(path) as f:
+        for name, codec in (("r", raw), ("b", raw), ("l", lattice)):
+            rec = f.record(name)
+            want = codec.sizes(rec, f.codebook_groups)
+            assert {k: f.section(rec.fields[k]).size for k in want} == want, name

@@ -17,7 +17,8 @@ def test_every_error_class_is_in_errors_and_exported():
     classes = [c for _, c in inspect.getmembers(errors, inspect.isclass) if c.__module__ == errors.__name__]
     assert {c.__name__ for c in classes} == set(errors.__all__)
     for c in classes:
-        assert issubclass(c, aqformat.AqmError) and getattr(aqformat, c.__name__) is c
+        assert getattr(aqformat, c.__name__) is c
+        assert issubclass(c, aqformat.AqmError) or c is aqformat.AqmWarning
 
 
 def test_no_exception_class_is_defined_outside_errors():
@@ -27,7 +28,7 @@ def test_no_exception_class_is_defined_outside_errors():
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ClassDef) and any(
-                    isinstance(b, ast.Name) and (b.id.endswith(("Error", "Exception")) or b.id in errors.__all__)
+                    isinstance(b, ast.Name) and (b.id.endswith(("Error", "Exception", "Warning")) or b.id in errors.__all__)
                     for b in node.bases):
                 stray.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
     assert stray == []

@@ -19,7 +19,7 @@ import aqformat
 from aqformat import AqmInputError
 from aqformat.cli import main as aqm
 from aqformat.runtime import InferenceSession, load_torch
-from aqformat.runtime.onnx_graph import AQM_LOCATION
+from aqformat.onnx_stubs import AQM_LOCATION
 
 ESC_NAME = "y\x1b[2J\x1b]0;owned\x07\r"
 

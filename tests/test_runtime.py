@@ -14,7 +14,8 @@ import aqformat
 from aqformat.errors import AqmFormatError, AqmInputError, AqmIntegrityError
 from aqformat.runtime import InferenceSession, WeightCache
 from aqformat.runtime.cli import build_feeds
-from aqformat.runtime.onnx_graph import AQM_TO_ONNX, Stub, external_stubs
+from aqformat.dtypes import ONNX_TYPES
+from aqformat.runtime.onnx_graph import Stub, external_stubs
 from aqformat.runtime.ort_session import decode_for_ort
 
 from tests.runtime_fixtures import (build_aqm, cnn_model, mlp_model, reference_model, silero_feeds, silero_path,
@@ -242,7 +243,7 @@ def test_decode_for_ort_dtypes(tmp_path):
     f = aqformat.open(p)
     for name in f.names():
         info = f.info(name)
-        arr = decode_for_ort(f, Stub(name, AQM_TO_ONNX[info.dtype], info.shape))
+        arr = decode_for_ort(f, Stub(name, ONNX_TYPES[info.dtype], info.shape))
         ref = np.asarray(f.read(name))
         assert arr.flags.c_contiguous and arr.shape == info.shape
         if info.dtype == "bfloat16":

@@ -102,11 +102,36 @@ def parse(fields: RecordFields) -> dict[str, Any]:
             "perm": fields.section("perm", optional=True)}
 
 
+def vector_count(shape: Sequence[int], axes: Sequence[int] | None, d: int) -> int:
+    """Number of ``d``-vectors of a tensor's matrix view (each row zero-padded to a multiple of ``d``)."""
+    rows, cols = matrix_shape(shape, axes)
+    return rows * (-(-cols // d))
+
+
+def section_sizes(shape: Sequence[int], axes: Sequence[int] | None, *, M: int, bits: int, d: int,
+                  scale_dtype: str | None = "float16", perm: bool = False) -> dict[str, int]:
+    """Bytes of each section an AQ tensor owns: bit-packed codes, row scales (unless
+    ``scale_dtype`` is None) and the column permutation (if ``perm``). Shared codebooks are
+    not counted. The one byte count of the reader, the writer, the allocator and the encoder."""
+    rows, cols = matrix_shape(shape, axes)
+    out = {"codes": packed_size(vector_count(shape, axes, d) * M, bits)}
+    if scale_dtype is not None:
+        out["scale"] = rows * itemsize(scale_dtype)
+    if perm:
+        out["perm"] = cols * 4
+    return out
+
+
+def stored_bytes(shape: Sequence[int], axes: Sequence[int] | None, *, M: int, bits: int, d: int,
+                 scale_dtype: str | None = "float16", perm: bool = False) -> int:
+    """Total bytes an AQ tensor's own sections take in the file (see :func:`section_sizes`)."""
+    return sum(section_sizes(shape, axes, M=M, bits=bits, d=d, scale_dtype=scale_dtype, perm=perm).values())
+
+
 def sizes(t: TensorRecord, groups: Sequence[CodebookGroup]) -> dict[str, int]:
     g = groups[t.fields["group"]]
-    rows, cols = matrix_shape(t.shape, t.fields["axes"])
-    return {"codes": packed_size(rows * (-(-cols // g.d)) * g.M, g.bits),
-            "scale": rows * itemsize(t.fields["scale_dtype"]), "perm": cols * 4}
+    return section_sizes(t.shape, t.fields["axes"], M=g.M, bits=g.bits, d=g.d, scale_dtype=t.fields["scale_dtype"],
+                         perm=True)
 
 
 def parts(f: AqmFile, t: TensorRecord | str) -> AQParts:
