@@ -111,16 +111,24 @@ class CodebookGroup:
 
 
 @dataclass(frozen=True)
-class TensorRecord:
+class TensorHead:
+    """Name, shape, decoded dtype and codec of one tensor."""
+
     name: str
     shape: tuple[int, ...]
     dtype: str
     codec: str
-    fields: dict[str, Any] = field(default_factory=dict)
 
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class TensorRecord(TensorHead):
+    """A validated tensor record: the head and its codec's fields."""
+
+    fields: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

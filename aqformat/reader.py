@@ -22,23 +22,16 @@ import zstandard
 from . import codecs
 from .dtypes import itemsize
 from .errors import AqmFormatError, AqmInputError, AqmIntegrityError, AqmIOError, AqmUnsupportedError
-from .header import ENCODINGS, PREAMBLE_SIZE, CodebookGroup, Header, Section, TensorRecord, parse_header, parse_preamble
+from .header import (ENCODINGS, PREAMBLE_SIZE, CodebookGroup, Header, Section, TensorHead, TensorRecord, parse_header,
+                     parse_preamble)
 
 
 @dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(TensorHead):
     """What the header says about one tensor."""
 
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    codec: str
     stored_bytes: int          # bytes of this tensor's own sections (not shared codebooks)
     group: str | None          # name of the codebook group it uses, if any
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
 
     @property
     def bits_per_weight(self) -> float:
