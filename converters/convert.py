@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from aqformat import __version__
+from aqformat.dtypes import FLOAT_DTYPES
 from aqformat.errors import AqmInputError, AqmWarning
 from aqformat.units import format_size, parse_size
 from aqformat.writer import Writer
@@ -46,7 +47,6 @@ __all__ = ["ConversionSummary", "DEFAULT_MIN_ELEMENTS", "convert", "from_torch",
            "from_torch_via_onnx", "select_tensors", "parse_size"]
 
 DEFAULT_MIN_ELEMENTS = 4096
-_FLOATS = ("float32", "float16", "bfloat16", "float64")
 _GROUPINGS = ("shared", "per-layer", "by-kind")
 
 
@@ -140,7 +140,7 @@ def select_tensors(specs: Sequence[TensorSpec], *, keep: Iterable[str] = (),
     """
     keep = list(keep)
     return [s.name for s in specs
-            if s.dtype in _FLOATS and len(s.shape) >= 2 and s.numel >= min_elements
+            if s.dtype in FLOAT_DTYPES and len(s.shape) >= 2 and s.numel >= min_elements
             and not any(fnmatch.fnmatchcase(s.name, p) for p in keep)]
 
 

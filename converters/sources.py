@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from aqformat.errors import AqmInputError
-from aqformat.dtypes import bf16_to_f32
+from aqformat.dtypes import bf16_to_f32, itemsize, numpy_dtype
 
 __all__ = ["TensorSpec", "Source", "open_source", "torch_source", "safetensors_source",
            "hf_folder_source", "onnx_source", "to_float32"]
@@ -48,11 +48,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * _ITEMSIZE[self.dtype]
-
-
-_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "uint64": 8,
-             "int32": 4, "uint32": 4, "int16": 2, "uint16": 2, "int8": 1, "uint8": 1, "bool": 1}
+        return self.numel * itemsize(self.dtype)
 
 
 @dataclass
@@ -99,9 +95,8 @@ def to_float32(array: np.ndarray, dtype: str) -> np.ndarray:
 
 def _torch_dtype_name(t) -> str:
     import torch
-    names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16",
-             torch.float64: "float64", torch.int64: "int64", torch.int32: "int32",
-             torch.int16: "int16", torch.int8: "int8", torch.uint8: "uint8", torch.bool: "bool"}
+    names = {getattr(torch, n): n for n in ("float32", "float16", "bfloat16", "float64", "int64", "int32",
+                                            "int16", "int8", "uint8", "bool")}
     try:
         return names[t.dtype]
     except KeyError:
@@ -199,10 +194,10 @@ def _torch_file_source(path: str) -> Source:
 
 # ------------------------------------------------------------------ safetensors
 
-_ST_DTYPES = {"F64": ("float64", "<f8"), "F32": ("float32", "<f4"), "F16": ("float16", "<f2"),
-              "BF16": ("bfloat16", "<u2"), "I64": ("int64", "<i8"), "I32": ("int32", "<i4"),
-              "I16": ("int16", "<i2"), "I8": ("int8", "i1"), "U8": ("uint8", "u1"),
-              "BOOL": ("bool", "?")}
+# safetensors dtype -> (aqformat dtype name, stored numpy dtype)
+_ST_DTYPES = {st: (name, numpy_dtype(name)) for st, name in (
+    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
+    ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"))}
 _ST_MAX_HEADER = 100 << 20
 
 

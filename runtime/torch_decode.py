@@ -13,12 +13,11 @@ import numpy as np
 import torch
 
 from ..codecs import Codec
+from ..dtypes import DTYPES
 from ..reader import AqmFile
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                "float64": torch.float64, "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16,
-                "uint16": torch.uint16, "int32": torch.int32, "uint32": torch.uint32, "int64": torch.int64,
-                "uint64": torch.uint64, "bool": torch.bool}
+# every .aqm dtype has the torch dtype of the same name
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 
 def decode_tensor(f: AqmFile, name: str, device: torch.device | str = "cpu",
