@@ -10,6 +10,7 @@ vectors. Encoders use :func:`to_matrix`; decoders use :func:`from_matrix`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -36,11 +37,20 @@ def to_matrix(t: np.ndarray, axes: Sequence[int] | None = None,
 def from_matrix(w: np.ndarray, shape: Sequence[int], axes: Sequence[int] | None = None,
                 perm: np.ndarray | None = None) -> np.ndarray:
     """Inverse of :func:`to_matrix`: rebuild the tensor of ``shape`` from ``W``."""
-    if perm is not None:
-        out = np.empty_like(w)
-        out[:, perm] = w
-        w = out
+    return unview(w, shape, axes, None if perm is None else np.argsort(perm))
+
+
+def unview(w: Any, shape: Sequence[int], axes: Sequence[int] | None = None, inv_perm: Any = None) -> Any:
+    """:func:`from_matrix` given the inverse permutation, for numpy arrays and torch tensors alike.
+
+    Columns are gathered by ``inv_perm`` (``argsort(perm)``, computed once by callers that
+    rebuild a tensor repeatedly), then the matrix is reshaped and its axes transposed back.
+    On torch tensors every step is differentiable.
+    """
+    if inv_perm is not None:
+        w = w[:, inv_perm]
     if axes is None:
-        return w.reshape(shape)
+        return w.reshape(tuple(shape))
     u = w.reshape([shape[a] for a in axes])
-    return np.transpose(u, np.argsort(axes))
+    order = tuple(int(i) for i in np.argsort(axes))
+    return u.permute(order) if hasattr(u, "permute") else u.transpose(order)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from aqformat.codecs.aq import stored_bytes, vector_count
+from aqformat.codecs.aq import codeword_sum, stored_bytes, vector_count
 from aqformat.errors import AqmInputError, TooSmallForAQ
 from aqformat.layout import from_matrix, to_matrix
 
@@ -135,10 +135,7 @@ class AQTensor:
 
 def decode_vectors(C: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Sum of the selected codewords: ``C[M, K, d]``, ``codes[N, M]`` -> ``[N, d]``."""
-    out = C[0][codes[:, 0]]
-    for m in range(1, C.shape[0]):
-        out = out + C[m][codes[:, m]]
-    return out
+    return codeword_sum(C, codes.T)
 
 
 def _metric(G: torch.Tensor | None, d: int, x: torch.Tensor) -> torch.Tensor:

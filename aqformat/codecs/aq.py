@@ -18,7 +18,7 @@ import numpy as np
 from ..bitpack import pack, packed_size, unpack
 from ..dtypes import FLOAT_DTYPES, itemsize, numpy_dtype
 from ..errors import AqmFormatError, AqmInputError
-from ..layout import from_matrix, matrix_shape
+from ..layout import from_matrix, matrix_shape, unview
 from . import Codec, register
 
 if TYPE_CHECKING:
@@ -232,18 +232,23 @@ def assemble_aq(codes: torch.Tensor, codebooks: torch.Tensor, scale: torch.Tenso
     torch.Tensor
         Of ``shape``, contiguous.
     """
+    w = codeword_sum(codebooks, codes).reshape(rows, -1)[:, :cols]
+    if scale is not None:
+        w = w * scale[:, None]
+    return unview(w, shape, axes, inv_perm).contiguous()
+
+
+def codeword_sum(codebooks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The torch codeword sum: ``codebooks[M, K, d]`` and ``codes[M, n]`` give ``[n, d]``.
+
+    One gathered codeword per codebook, added in codebook order (the float32
+    additions of :func:`decode_vectors`, so results are bit-identical);
+    differentiable in the codebooks.
+    """
     w = codebooks[0].index_select(0, codes[0])
     for m in range(1, codebooks.shape[0]):
         w = w + codebooks[m].index_select(0, codes[m])
-    w = w.reshape(rows, -1)[:, :cols]
-    if scale is not None:
-        w = w * scale[:, None]
-    if inv_perm is not None:
-        w = w.index_select(1, inv_perm)
-    if axes is None:
-        return w.reshape(tuple(shape)).contiguous()
-    u = w.reshape([shape[a] for a in axes])
-    return u.permute(tuple(int(i) for i in np.argsort(axes))).contiguous()
+    return w
 
 
 def _torch_parts(p: AQParts, device: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
