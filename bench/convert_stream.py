@@ -26,14 +26,14 @@ import numpy as np
 
 CHILD_CONVERT = """
 import json, sys, time
-from aqformat.converters.convert import convert
+from aqformat.converters import convert
 t = time.monotonic()
 s = convert(sys.argv[1], sys.argv[2], bits=2, keep=json.loads(sys.argv[3]), progress=False,
             encoder={"b": 8, "d": 8, "beam": 2, "iters": 1, "reservoir": 8192})
 print(json.dumps({"seconds": time.monotonic() - t, "aqm_bytes": s.aqm_bytes,
                   "coded": s.compressed, "source_bytes": s.source_bytes}))
 """
-CHILD_IMPORT = "import torch, safetensors, aqformat.converters.convert, aqformat.converters.aq"
+CHILD_IMPORT = "import torch, safetensors, aqformat.converters.api, aqformat.converters.aq_encode"
 
 
 def write_safetensors(path: str, n: int, rows: int, cols: int, seed: int = 0) -> list[str]:

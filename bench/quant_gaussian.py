@@ -17,7 +17,8 @@ import time
 import numpy as np
 import torch
 
-from aqformat.converters.aq import AQConfig, decode_vectors, train_aq
+from aqformat.converters.aq_search import decode_vectors, train_aq
+from aqformat.converters.options import AQConfig
 
 
 def sqnr_db(x: np.ndarray, xh: np.ndarray) -> float:

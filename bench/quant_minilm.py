@@ -24,7 +24,9 @@ import time
 
 import torch
 
-from aqformat.converters.aq import AQConfig, decode_tensor, quantize_weights
+from aqformat.converters.aq_encode import decode_tensor
+from aqformat.converters.grouping import quantize_weights
+from aqformat.converters.options import AQConfig
 from bench.baselines import faiss_aq, sqnr_db
 from bench.run import aqm_packed
 from tests.minilm import calibration_hessians, embed, fidelity, linear_weights, load_minilm, sentences, set_weights

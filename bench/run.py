@@ -254,7 +254,7 @@ def bench_silero(cfg: dict[str, Any], folder: str, audio: np.ndarray, variant: s
     import silero_vad
 
     from aqformat.converters import from_onnx
-    from aqformat.converters.convert import select_tensors
+    from aqformat.converters.planning import select_tensors
     from aqformat.converters.onnx_graph import weight_axes
     from aqformat.converters.sources import open_source
     from aqformat.runtime import InferenceSession
@@ -307,7 +307,7 @@ def bench_digits(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
     import torch
 
     from aqformat.converters import from_torch
-    from aqformat.converters.convert import select_tensors
+    from aqformat.converters.planning import select_tensors
     from aqformat.converters.sources import open_source
     Xtr, ytr, Xte, yte = tasks.digits_data()
     model = tasks.train_digits(Xtr, ytr)

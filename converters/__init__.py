@@ -10,8 +10,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "convert": "convert", "from_torch": "convert", "from_onnx": "convert",
-    "from_torch_via_onnx": "convert", "ConversionSummary": "convert",
+    "convert": "api", "from_torch": "api", "from_onnx": "api", "from_torch_via_onnx": "api",
+    "ConversionSummary": "pipeline",
     "export_onnx": "onnx_graph",
     "finetune": "finetuning", "FinetuneReport": "finetuning",
 }

@@ -3,7 +3,7 @@
 Each candidate setting is one codebook group (one ``(M, K, d)``, codebooks
 shared by every tensor assigned to it), e.g. a 3-, 4- and 5-bit group, plus
 keeping a tensor raw. The conversion pipeline predicts each choice's error
-(see ``convert._allocate``); :func:`allocate` then picks one option per
+(see ``planning._allocate``); :func:`allocate` then picks one option per
 tensor: a Lagrangian relaxation gives a starting point, then greedy
 upgrades (best error decrease per byte) spend the remaining budget. All
 bytes count: bit-packed codes, fp16 scales and each used group's fp16
@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from aqformat.codecs.aq import stored_bytes
 from aqformat.errors import AqmInputError
 
-from .aq import AQConfig
+from .options import AQConfig
 
 __all__ = ["aq_tensor_bytes", "allocate"]
 
@@ -108,4 +108,3 @@ def allocate(errors: Mapping[str, Mapping[str, float]], nbytes: Mapping[str, Map
         if best is None:
             return choice
         choice[best[0]] = best[1]
-

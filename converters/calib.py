@@ -13,14 +13,18 @@ bit allocation multiplies into each row's predicted error.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import os
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from aqformat.errors import AqmInputError, AqmUnsupportedError
+
+from .sources import Source
 
 __all__ = ["collect_hessians", "collect_output_sensitivity", "model_output"]
 
@@ -185,3 +189,85 @@ def collect_output_sensitivity(model: nn.Module, run: Callable[[nn.Module, objec
             p.requires_grad_(f)
         model.train(was_training)
     return {f"{n}.weight": (s / max(n_batches, 1)).float() for n, s in sums.items()}
+
+
+def _calibration_batches(calib: Any, source: Source) -> tuple[Any, Any, Any]:
+    """``(module, batches, run)`` for ``collect_hessians`` from a ``calib`` argument.
+
+    ``calib`` is a path (``.npy``: one input array, rows are samples; ``.npz``:
+    arrays named after the model's forward arguments; ``.txt``: one sentence
+    per line, for Hugging Face text models) or an iterable of batches (tensors,
+    tuples or dicts of forward arguments).
+    """
+    import torch
+    module = source.module
+    tokenizer = None
+    if module is None and source.info.get("hf_config") is not None and source.path:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoModel
+        module = AutoModel.from_pretrained(source.path).float().eval()
+    if module is None:
+        raise AqmInputError("calibration needs the model's code: pass an nn.Module or a "
+                            "Hugging Face folder (a bare state_dict cannot be run)")
+    if isinstance(calib, (str, os.PathLike)):
+        path = os.fspath(calib)
+        if not os.path.isfile(path):
+            raise AqmInputError(f"no such calibration file: {path}")
+        ext = os.path.splitext(path)[1].lower()
+        if ext == ".npy":
+            arr = np.load(path, allow_pickle=False)
+            batches: Any = [torch.from_numpy(arr[i:i + 1]) for i in range(len(arr))]
+        elif ext == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+            n = min(len(v) for v in data.values())
+            batches = [{k: torch.from_numpy(v[i:i + 1]) for k, v in data.items()} for i in range(n)]
+        elif ext in (".txt", ".text"):
+            with open(path, encoding="utf-8") as fh:
+                batches = [line.strip() for line in fh if line.strip()]
+        else:
+            raise AqmInputError(f"{path}: calibration data must be .npy, .npz or .txt")
+        if not batches:
+            raise AqmInputError(f"{path}: no calibration samples")
+    else:
+        batches = list(calib)
+    if tokenizer is None and any(isinstance(b, str) for b in batches):
+        if source.info.get("hf_config") is None or not source.path:
+            raise AqmInputError("text calibration needs a Hugging Face model folder (for its tokenizer)")
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+
+    def run(m: Any, batch: Any) -> Any:
+        if isinstance(batch, str):  # one unpadded sentence: padding would bias H
+            batch = tokenizer([batch], truncation=True, max_length=512, return_tensors="pt")
+        elif isinstance(batch, list) and batch and all(isinstance(b, str) for b in batch):
+            batch = tokenizer(batch, padding=True, truncation=True, max_length=512, return_tensors="pt")
+        if isinstance(batch, dict) or hasattr(batch, "keys"):
+            return m(**batch)
+        if isinstance(batch, (tuple, list)):
+            return m(*batch)
+        return m(batch)
+
+    return module, batches, run
+
+
+def _calibration_stats(calib: tuple[Any, Any, Any] | None, names: Sequence[str],
+                       sensitivity: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``H`` per weight in ``names`` and, if ``sensitivity``, each weight's output-channel
+    sensitivity (:func:`~aqformat.converters.calib.collect_output_sensitivity`), from
+    resolved ``(module, batches, run)`` calibration."""
+    if calib is None:
+        return {}, {}
+    module, batches, run = calib
+    wanted = set(names)
+
+    def include(n: str, _m: Any) -> bool:
+        return f"{n}.weight" in wanted
+    try:
+        H = collect_hessians(module, run, batches, include=include)
+        S = collect_output_sensitivity(module, run, batches, include=include) if sensitivity else {}
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise AqmInputError(f"calibration forward pass failed: {str(e).splitlines()[0]}") from None
+    if not H:
+        raise AqmInputError("calibration found no Linear/Conv2d weight among the tensors to compress")
+    return H, S

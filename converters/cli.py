@@ -46,7 +46,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         warnings.warn(f"-o {args.output}: an .aqm file is written whatever the name ({ext}); "
                       f"`aqm export` writes ONNX", AqmWarning, stacklevel=1)
     threads = set_threads(args.threads)
-    from .convert import convert
+    from .api import convert
     encoder = {k: v for k, v in (("beam", args.beam), ("iters", args.iters)) if v is not None}
     tuning = ({"finetune_steps": args.finetune, "finetune_lr": args.finetune_lr,
                "finetune_raw": args.finetune_raw} if args.finetune else {})

@@ -128,7 +128,8 @@ class _Student:
         """
         import torch
 
-        from .aq import AQConfig, encode_tensor
+        from .aq_encode import encode_tensor
+        from .options import AQConfig
         for name, (group, _codes, perm, axes, shape, rows, cols) in self.aq.items():
             C = self.groups[group].detach()
             M, K, d = C.shape

@@ -195,7 +195,7 @@ def test_help_and_usage(capsys):
                           ("--finetune-lr", "1e-3")):
         text = " ".join(convert.split(flag, 2)[-1].split())
         assert f"default {default}" in text[:400], flag
-    from aqformat.converters.aq import AQConfig
+    from aqformat.converters.options import AQConfig
     assert (AQConfig.beam, AQConfig.iters) == (DEFAULT_BEAM, DEFAULT_ITERS)
     # an unknown flag shows the subcommand's usage, not the top-level one
     proc = shell("verify", "x.aqm", "--frobnicate")

@@ -132,7 +132,8 @@ def test_predicted_aq_bytes_are_the_bytes_on_disk(tmp_path, shape, axes, permute
     torch = pytest.importorskip("torch")
     from aqformat.codecs import aq
     from aqformat.converters.allocate import aq_tensor_bytes
-    from aqformat.converters.aq import AQConfig, aq_eligible, encode_tensor
+    from aqformat.converters.aq_encode import aq_eligible, encode_tensor
+    from aqformat.converters.options import AQConfig
     from aqformat.layout import matrix_shape
 
     cfg = AQConfig(M=2, b=4, d=4, beam=2)

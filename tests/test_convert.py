@@ -20,9 +20,8 @@ from onnx import TensorProto, helper, numpy_helper
 import aqformat
 from aqformat.codecs.aq import parts as aq_parts
 from aqformat.cli import main as aqm_main
-from aqformat.converters import convert as conv
-from aqformat.converters import onnx_graph, sources
-from aqformat.converters.convert import from_onnx, from_torch, select_tensors
+from aqformat.converters import from_onnx, from_torch, from_torch_via_onnx, onnx_graph, sources
+from aqformat.converters.planning import select_tensors
 from aqformat.errors import AqmError, AqmInputError
 from tests.craft import FullDisk
 
@@ -275,8 +274,8 @@ def test_torch_to_onnx_in_one_step(tmp_path):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8))
     out = tmp_path / "seq.aqm"
-    conv.from_torch_via_onnx(net, torch.randn(1, 32), out, input_names=["x"], bits=2,
-                             progress=False, encoder=FAST)
+    from_torch_via_onnx(net, torch.randn(1, 32), out, input_names=["x"], bits=2,
+                        progress=False, encoder=FAST)
     with aqformat.open(out) as f:
         assert f.graph_format == "onnx" and {"0.weight", "2.weight"} <= set(f.names())
     aqm_main(["export", str(out), "-o", str(tmp_path / "seq.onnx")])

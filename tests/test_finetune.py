@@ -9,7 +9,8 @@ from sklearn.datasets import load_digits  # noqa: E402
 
 import aqformat  # noqa: E402
 from aqformat.codecs.aq import parts as aq_parts  # noqa: E402
-from aqformat.converters.aq import AQConfig, quantize_weights  # noqa: E402
+from aqformat.converters.grouping import quantize_weights  # noqa: E402
+from aqformat.converters.options import AQConfig  # noqa: E402
 from aqformat.converters import finetune  # noqa: E402
 
 
@@ -178,7 +179,7 @@ def test_convert_with_finetune_distils_into_the_output(tmp_path):
 
 
 def test_text_calibration_is_batched_by_length():
-    from aqformat.converters.convert import _FT_TEXT_BATCH, _text_batches
+    from aqformat.converters.pipeline import _FT_TEXT_BATCH, _text_batches
     rng = np.random.default_rng(0)
     sents = ["w " * int(n) for n in rng.integers(1, 60, 100)]
     out = _text_batches(sents)

@@ -19,9 +19,8 @@ import torch
 import aqformat
 from aqformat import AqmError, AqmInputError
 from aqformat.cli import main as aqm
-from aqformat.converters import from_onnx, from_torch
-from aqformat.converters.convert import convert
-from aqformat.converters.convert import _sqnr_db
+from aqformat.converters import convert, from_onnx, from_torch
+from aqformat.converters.pipeline import _sqnr_db
 from aqformat.units import parse_size
 
 
@@ -199,9 +198,9 @@ def test_memory_error_becomes_an_aqm_error(tmp_path, monkeypatch):
 # -- class 10: the output directory, and SQNR of tiny weights ------------------------------
 
 def test_missing_output_directory_is_found_before_encoding(tmp_path, monkeypatch):
-    from aqformat.converters import convert as pipeline
+    from aqformat.converters.grouping import GroupTrainer
     called = []
-    monkeypatch.setattr(pipeline, "_plan", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(GroupTrainer, "add", lambda *a, **k: called.append(1))
     with pytest.raises(AqmInputError, match="output directory .* does not exist"):
         from_torch(small_state(), tmp_path / "no" / "o.aqm", progress=False)
     assert not called  # codebooks are not trained for an output that cannot be written

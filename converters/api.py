@@ -1,0 +1,230 @@
+"""Converting PyTorch and ONNX models to .aqm: the public entry points."""
+from __future__ import annotations
+
+import functools
+import io
+import os
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from aqformat.errors import AqmInputError
+
+from .pipeline import ConversionSummary, _run, _run_and_finetune
+from .planning import DEFAULT_MIN_ELEMENTS
+from .sources import Source, open_source
+
+__all__ = ["convert", "from_torch", "from_onnx", "from_torch_via_onnx", "check_output"]
+
+
+def check_output(source: Source, out_path: str | os.PathLike) -> None:
+    """Refuse, before any work, an output whose directory is missing or that is one of the source's files.
+
+    The output is compared by device and inode, so another spelling of the
+    path or a hard link to the input is caught too: the atomic rename that
+    finishes the .aqm file would otherwise replace the input.
+    """
+    out = os.path.abspath(os.fspath(out_path))
+    directory = os.path.dirname(out)
+    if not os.path.isdir(directory):
+        raise AqmInputError(f"output directory {directory} does not exist")
+    if os.path.isdir(out):
+        raise AqmInputError(f"output {out} is a directory")
+    for f in _source_files(source):
+        try:
+            same = os.path.samefile(out, f)
+        except OSError:  # the output does not exist yet, or an input went away
+            continue
+        if same:
+            raise AqmInputError(f"output {os.fspath(out_path)} is the input file {f}: writing it would "
+                                "replace the model being converted; choose another output path")
+
+
+def _source_files(source: Source) -> list[str]:
+    """The files a source reads: a folder's files, a model file and its external data."""
+    if source.path is None:
+        return []
+    if os.path.isdir(source.path):
+        return [e.path for e in os.scandir(source.path) if e.is_file()]
+    files = [source.path]
+    if source.onnx_model is not None:
+        base = os.path.dirname(os.path.abspath(source.path))
+        files += [os.path.join(base, e.value) for t in source.onnx_model.graph.initializer
+                  for e in t.external_data if e.key == "location"]
+    return files
+
+
+def _torch_axes(module: Any) -> dict[str, tuple[int, ...]]:
+    """Matrix-view axes of weights whose rows are not dim 0 (ConvTranspose: [in, out, k...])."""
+    import torch
+    out = {}
+    for name, mod in module.named_modules():
+        if isinstance(mod, torch.nn.modules.conv._ConvTransposeNd):
+            ndim = mod.weight.dim()
+            out[f"{name}.weight" if name else "weight"] = (1, 0, *range(2, ndim))
+    return out
+
+
+def _options(bits: float, target_size: Any, allocate: bool, permute: bool, codebooks: str,
+             calib: Any, keep: Iterable[str], seed: int, progress: bool, min_elements: int,
+             encoder: Any) -> dict[str, Any]:
+    return {"bits": bits, "target_size": target_size, "allocate": allocate, "permute": permute,
+            "codebooks": codebooks, "calib": calib,
+            "keep": tuple(keep), "seed": seed, "progress": progress, "min_elements": min_elements,
+            "encoder": encoder}
+
+
+def _memory_errors_as_aqm(fn: Callable[..., ConversionSummary]) -> Callable[..., ConversionSummary]:
+    """``fn`` raising AqmInputError where numpy or torch run out of memory (a huge tensor, a bad shape)."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> ConversionSummary:
+        try:
+            return fn(*args, **kwargs)
+        except MemoryError as e:
+            detail = f" ({str(e)[:160]})" if str(e) else ""
+            raise AqmInputError(f"out of memory while converting the model{detail}") from None
+    return wrapper
+
+
+@_memory_errors_as_aqm
+def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
+               target_size: int | str | None = None, allocate: bool = False,
+               permute: bool = False, codebooks: str = "by-kind", calib: Any = None,
+               keep: Iterable[str] = (), seed: int = 0, progress: bool = True,
+               min_elements: int = DEFAULT_MIN_ELEMENTS,
+               encoder: dict[str, Any] | None = None, finetune_steps: int = 0,
+               finetune_lr: float = 1e-3, finetune_raw: str = "all") -> ConversionSummary:
+    """Convert a PyTorch model to .aqm; tensor names are its ``state_dict`` keys.
+
+    Parameters
+    ----------
+    model : nn.Module, mapping, or path
+        A module, a ``state_dict``, a ``.pt``/``.pth``/``.bin`` checkpoint
+        (loaded with ``weights_only=True``), a ``.safetensors`` file or a
+        Hugging Face model folder.
+    out_path : str or os.PathLike
+        The .aqm file to write (replaced atomically; nothing is left on failure).
+    bits : float
+        Code bits per compressed weight (M 256-entry codebooks over 8-vectors: M = bits).
+    target_size : int or str, optional
+        File size budget (e.g. ``"5MB"``): bits are allocated per tensor to fit it.
+    allocate : bool
+        Allocate bits per tensor (candidates ``bits - 1``, ``bits``, ``bits + 1``) so that
+        the compressed tensors take ``bits`` per weight with every byte counted (codes,
+        scales, codebooks), by predicted error; with ``calib``, each layer's error is
+        weighted by how much it moves the model's output.
+    permute : bool
+        Search a column permutation per tensor (PQF) so correlated weights share
+        vectors; stored with the tensor. Costs a search per tensor.
+    codebooks : {"shared", "per-layer", "by-kind"}
+        One codebook group for the model, one per tensor, or one per layer kind.
+    calib : path or iterable, optional
+        Calibration inputs (see :func:`aqformat.converters.calib._calibration_batches`); the encoder then
+        minimises each layer's output error instead of its weight error.
+    keep : iterable of str
+        fnmatch patterns of tensors stored raw.
+    seed : int
+        Seed of sampling and codebook training (same inputs, same file).
+    progress : bool
+        Show progress bars on stderr.
+    min_elements : int
+        Smallest tensor compressed.
+    encoder : dict, optional
+        Encoder settings: ``b``, ``d`` (code bits, vector length), ``beam``,
+        ``iters``, ``feedback``, ``damp`` (search effort) and ``reservoir``
+        (training vectors sampled per codebook group), ``perm_iters``
+        (permutation search rounds).
+    finetune_steps : int
+        After coding, distil the original model into the codebooks, scales,
+        norms, biases and raw tensors for this many steps on ``calib`` (needs the model's
+        code: an ``nn.Module`` or a Hugging Face folder); see
+        :func:`aqformat.converters.finetune`. Text calibration is batched
+        16 sentences of similar length per step.
+    finetune_lr : float
+        Peak learning rate of that fine-tuning.
+    finetune_raw : {"all", "1d"}
+        Uncompressed tensors it trains: all float ones (e.g. kept embeddings)
+        or norms and biases only (``train_raw`` of :func:`~aqformat.converters.finetune`).
+
+    Returns
+    -------
+    ConversionSummary
+    """
+    source = open_source(model)
+    if source.framework != "pytorch":
+        raise AqmInputError("from_torch was given an ONNX model; use from_onnx")
+    check_output(source, out_path)
+    from .calib import _calibration_batches
+    axes = _torch_axes(source.module) if source.module is not None else {}
+    # resolved once: fine-tuning runs the same model (loaded once for a Hugging Face folder)
+    resolved = _calibration_batches(calib, source) if calib is not None else None
+    opts = _options(bits, target_size, allocate, permute, codebooks, resolved, keep, seed, progress,
+                    min_elements, encoder)
+    if not finetune_steps:
+        return _run(source, out_path, axes=axes, **opts)
+    return _run_and_finetune(source, out_path, axes, opts, finetune_steps, finetune_lr, finetune_raw)
+
+
+@_memory_errors_as_aqm
+def from_onnx(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
+              target_size: int | str | None = None, allocate: bool = False,
+              permute: bool = False, codebooks: str = "by-kind", keep: Iterable[str] = (), seed: int = 0, progress: bool = True,
+              min_elements: int = DEFAULT_MIN_ELEMENTS,
+              encoder: dict[str, Any] | None = None) -> ConversionSummary:
+    """Convert an ONNX model (path or ``ModelProto``) to .aqm with its graph embedded.
+
+    Initializers (and large Constant nodes) become .aqm tensors of the same
+    name; weights of MatMul/Gemm/Conv/ConvTranspose/Gather/LSTM/GRU/RNN are
+    viewed with output channels as rows. The stored graph follows the
+    contract of :mod:`aqformat.converters.onnx_graph`. Other arguments as in
+    :func:`from_torch` (calibration is not supported for ONNX sources yet).
+    """
+    from .onnx_graph import weight_axes
+    source = open_source(model)
+    if source.framework != "onnx":
+        raise AqmInputError("from_onnx needs an .onnx file or an onnx.ModelProto")
+    check_output(source, out_path)
+    return _run(source, out_path, axes=weight_axes(source.onnx_model), graph_model=source.onnx_model,
+                **_options(bits, target_size, allocate, permute, codebooks, None, keep, seed, progress, min_elements,
+                           encoder))
+
+
+def from_torch_via_onnx(model: Any, example_inputs: Any, out_path: str | os.PathLike, *,
+                        input_names: Sequence[str] | None = None,
+                        output_names: Sequence[str] | None = None,
+                        dynamic_axes: dict[str, Any] | None = None, opset: int = 17,
+                        **kwargs: Any) -> ConversionSummary:
+    """Export an ``nn.Module`` to ONNX with ``example_inputs`` and convert it in one step.
+
+    The model is traced with the TorchScript exporter (``dynamo=False``, no
+    extra dependency) into memory; parameters keep their ``state_dict`` names
+    where the exporter preserves them. Other keyword arguments go to
+    :func:`from_onnx`.
+    """
+    import onnx
+    import torch
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model.eval(), args, buf, dynamo=False, input_names=input_names,
+                              output_names=output_names, dynamic_axes=dynamic_axes,
+                              opset_version=opset)
+    except Exception as e:  # noqa: BLE001 - the exporter raises many unrelated types
+        raise AqmInputError(f"torch.onnx.export failed: {str(e).strip().splitlines()[0]}") from None
+    return from_onnx(onnx.load_from_string(buf.getvalue()), out_path, **kwargs)
+
+
+def convert(src: Any, out_path: str | os.PathLike, **kwargs: Any) -> ConversionSummary:
+    """Convert any supported source (path type from its extension) to .aqm.
+
+    ``.onnx`` files go to :func:`from_onnx` (which takes no ``calib``),
+    everything else to :func:`from_torch`. Keyword arguments as in :func:`from_torch`.
+    """
+    source = open_source(src)
+    if source.framework == "onnx":
+        if kwargs.pop("calib", None) is not None:
+            raise AqmInputError("calibration is supported for PyTorch sources only")
+        return from_onnx(source, out_path, **kwargs)
+    return from_torch(source, out_path, **kwargs)
