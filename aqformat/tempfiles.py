@@ -80,7 +80,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _on_signal(signum: int, frame: Any) -> None:
+def on_signal(signum: int, frame: Any) -> None:
+    """The SIGTERM/SIGHUP handler while a Writer holds temporary files: remove them, then die of the signal."""
     for tmp in list(_live):
         try:
             os.unlink(tmp)
@@ -95,14 +96,14 @@ def _install() -> None:
         return  # only the main thread may set handlers; the sweep covers the rest
     for sig in _SIGNALS:
         if sig not in _installed and signal.getsignal(sig) is signal.SIG_DFL:
-            signal.signal(sig, _on_signal)
-            _installed[sig] = _on_signal
+            signal.signal(sig, on_signal)
+            _installed[sig] = on_signal
 
 
 def _uninstall() -> None:
     if threading.current_thread() is not threading.main_thread():
         return
     for sig in list(_installed):
-        if signal.getsignal(sig) is _on_signal:
+        if signal.getsignal(sig) is on_signal:
             signal.signal(sig, signal.SIG_DFL)
         del _installed[sig]

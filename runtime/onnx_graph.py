@@ -276,7 +276,7 @@ def external_stubs(model_bytes: bytes) -> list[Stub]:
     return scan_model(model_bytes).stubs
 
 
-def _pb(num: int, value: int | bytes | str) -> bytes:
+def pb_field(num: int, value: int | bytes | str) -> bytes:
     """One protobuf field: a varint for ints, length-delimited for bytes/str."""
     def varint(n: int) -> bytes:
         out = bytearray()
@@ -314,11 +314,11 @@ def locate_stubs(model_bytes: bytes, files: Mapping[str, str]) -> bytes:
                     kept.append(buf[tpos:f0])
                     tpos = fend
             kept.append(buf[tpos:tend])
-            location = _pb(13, _pb(1, "location") + _pb(2, files[stub.name]))
-            graph += [buf[gpos:fstart], _pb(5, b"".join(kept) + location)]
+            location = pb_field(13, pb_field(1, "location") + pb_field(2, files[stub.name]))
+            graph += [buf[gpos:fstart], pb_field(5, b"".join(kept) + location)]
             gpos = tend
         graph.append(buf[gpos:vend])
-        pieces += [buf[pos:gstart], _pb(7, b"".join(graph))]
+        pieces += [buf[pos:gstart], pb_field(7, b"".join(graph))]
         pos = vend
     pieces.append(buf[pos:])
     return b"".join(pieces)
@@ -329,12 +329,12 @@ PROBE_SIZE = 1024  # elements: ONNX Runtime copies tiny initializers whatever it
 
 def probe_model() -> bytes:
     """Serialized ONNX model ``y = x + W`` (float32[PROBE_SIZE]) with ``W`` an 'aqm' stub, built without onnx."""
-    stub = (_pb(1, PROBE_SIZE) + _pb(2, 1) + _pb(8, "W")
-            + _pb(13, _pb(1, "location") + _pb(2, AQM_LOCATION)) + _pb(14, 1))
-    vec = _pb(2, _pb(1, _pb(1, 1) + _pb(2, _pb(1, _pb(1, PROBE_SIZE)))))  # ValueInfo.type: float[PROBE_SIZE]
-    graph = (_pb(1, _pb(1, "x") + _pb(1, "W") + _pb(2, "y") + _pb(4, "Add")) + _pb(2, "probe")
-             + _pb(5, stub) + _pb(11, _pb(1, "x") + vec) + _pb(12, _pb(1, "y") + vec))
-    return _pb(1, 8) + _pb(8, _pb(2, 17)) + _pb(7, graph)
+    stub = (pb_field(1, PROBE_SIZE) + pb_field(2, 1) + pb_field(8, "W")
+            + pb_field(13, pb_field(1, "location") + pb_field(2, AQM_LOCATION)) + pb_field(14, 1))
+    vec = pb_field(2, pb_field(1, pb_field(1, 1) + pb_field(2, pb_field(1, pb_field(1, PROBE_SIZE)))))  # ValueInfo.type: float[PROBE_SIZE]
+    graph = (pb_field(1, pb_field(1, "x") + pb_field(1, "W") + pb_field(2, "y") + pb_field(4, "Add")) + pb_field(2, "probe")
+             + pb_field(5, stub) + pb_field(11, pb_field(1, "x") + vec) + pb_field(12, pb_field(1, "y") + vec))
+    return pb_field(1, 8) + pb_field(8, pb_field(2, 17)) + pb_field(7, graph)
 
 
 # -- editing with the onnx package -------------------------------------------------

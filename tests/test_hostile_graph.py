@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 import aqformat
 from aqformat import AqmFormatError
 from aqformat.runtime import InferenceSession
-from aqformat.runtime.onnx_graph import MAX_NESTING, _pb, external_stubs, locate_stubs
+from aqformat.runtime.onnx_graph import MAX_NESTING, external_stubs, locate_stubs, pb_field
 
 SECRET = b"PRIVATE KEY material that must never reach an output" * 4
 
@@ -28,14 +28,14 @@ def stub_tensor(name: str | bytes = "W", dims=(4,), data_type: int = 1, entries=
                 location_kind: int = 1) -> bytes:
     """TensorProto bytes written by hand, so that any field can be wrong."""
     raw_name = name if isinstance(name, bytes) else name.encode()
-    out = b"".join(_pb(1, d) for d in dims) + _pb(2, data_type) + _pb(8, raw_name)
-    out += b"".join(_pb(13, _pb(1, k) + _pb(2, v)) for k, v in entries)
-    return out + (_pb(14, location_kind) if location_kind is not None else b"")
+    out = b"".join(pb_field(1, d) for d in dims) + pb_field(2, data_type) + pb_field(8, raw_name)
+    out += b"".join(pb_field(13, pb_field(1, k) + pb_field(2, v)) for k, v in entries)
+    return out + (pb_field(14, location_kind) if location_kind is not None else b"")
 
 
 def model_with(initializers: list[bytes], nodes: bytes = b"") -> bytes:
-    graph = nodes + _pb(2, "g") + b"".join(_pb(5, t) for t in initializers)
-    return _pb(1, 8) + _pb(8, _pb(2, 17)) + _pb(7, graph)
+    graph = nodes + pb_field(2, "g") + b"".join(pb_field(5, t) for t in initializers)
+    return pb_field(1, 8) + pb_field(8, pb_field(2, 17)) + pb_field(7, graph)
 
 
 def aqm_with_graph(path, graph: bytes, tensors: dict[str, np.ndarray] | None = None):
@@ -54,7 +54,7 @@ def test_a_valid_stub_is_found():
 
 def test_length_written_as_a_varint_number_allocates_nothing():
     """A name field given wire type 0 used to reach bytes(n): 1 GB, or MemoryError at 2**40."""
-    bad = _pb(8, 1 << 40) + _pb(14, 1) + _pb(13, _pb(1, "location") + _pb(2, "aqm"))
+    bad = pb_field(8, 1 << 40) + pb_field(14, 1) + pb_field(13, pb_field(1, "location") + pb_field(2, "aqm"))
     tracemalloc.start()
     try:
         with pytest.raises(AqmFormatError, match="wire type"):
@@ -63,7 +63,7 @@ def test_length_written_as_a_varint_number_allocates_nothing():
     finally:
         tracemalloc.stop()
     with pytest.raises(AqmFormatError, match="external_data entry is malformed"):
-        external_stubs(model_with([_pb(8, "W") + _pb(14, 1) + _pb(13, _pb(2, 1 << 30))]))
+        external_stubs(model_with([pb_field(8, "W") + pb_field(14, 1) + pb_field(13, pb_field(2, 1 << 30))]))
 
 
 @pytest.mark.parametrize("name", [b"\xff\xfe", b"W\xc3", b"\xed\xa0\x80"])
@@ -73,7 +73,7 @@ def test_non_utf8_stub_name(name):
 
 
 @pytest.mark.parametrize("graph,match", [
-    (_pb(7, b"\x2a\xff\xff\xff\xff\x0f"), "truncated"),          # a length past the message's end
+    (pb_field(7, b"\x2a\xff\xff\xff\xff\x0f"), "truncated"),          # a length past the message's end
     (b"\x3a\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01", "malformed varint|truncated"),
     (b"\x3b", "wire type 3"),                                    # protobuf groups: not ONNX
     (b"\x09\x00\x00", "truncated"),                              # a fixed64 cut short
@@ -85,7 +85,7 @@ def test_malformed_protobuf(graph, match):
 
 def test_packed_dims_are_not_materialised():
     """1 MiB of packed dims used to become a million Python ints; stubs have at most 8 dimensions."""
-    t = _pb(1, b"\x01" * (1 << 20)) + _pb(2, 1) + _pb(8, "W") + _pb(13, _pb(1, "location") + _pb(2, "aqm")) + _pb(14, 1)
+    t = pb_field(1, b"\x01" * (1 << 20)) + pb_field(2, 1) + pb_field(8, "W") + pb_field(13, pb_field(1, "location") + pb_field(2, "aqm")) + pb_field(14, 1)
     t0 = time.perf_counter()
     with pytest.raises(AqmFormatError, match="more than 8 dimensions"):
         external_stubs(model_with([t]))
@@ -94,16 +94,16 @@ def test_packed_dims_are_not_materialised():
 
 def test_nesting_is_bounded():
     """Subgraphs nested past MAX_NESTING are refused, without recursion."""
-    inner = _pb(2, "leaf")
+    inner = pb_field(2, "leaf")
     for _ in range(MAX_NESTING):
-        inner = _pb(1, _pb(4, "If") + _pb(5, _pb(1, "then_branch") + _pb(6, inner)))  # node.attribute.g
+        inner = pb_field(1, pb_field(4, "If") + pb_field(5, pb_field(1, "then_branch") + pb_field(6, inner)))  # node.attribute.g
     with pytest.raises(AqmFormatError, match="deeper than"):
-        external_stubs(_pb(7, inner))
+        external_stubs(pb_field(7, inner))
 
 
 def test_scan_and_relocation_cost_is_linear_and_copies_nothing_per_field():
     """Rewriting the stubs of a graph of 2**16 nodes allocates about the graph's size, not 145x it."""
-    node = _pb(1, _pb(1, "x") + _pb(2, "y") + _pb(4, "Relu") + _pb(5, _pb(1, "alpha") + _pb(20, 1)))
+    node = pb_field(1, pb_field(1, "x") + pb_field(2, "y") + pb_field(4, "Relu") + pb_field(5, pb_field(1, "alpha") + pb_field(20, 1)))
     graphs = {n: model_with([stub_tensor()], node * n) for n in (1 << 14, 1 << 16)}
     seconds = {}
     for n, g in graphs.items():

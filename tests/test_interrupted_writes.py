@@ -72,7 +72,7 @@ def test_the_next_writer_sweeps_what_sigkill_left(tmp_path):
 def test_handlers_are_installed_only_while_writing_and_never_replace_the_programs_own(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     with aqformat.Writer(tmp_path / "a.aqm") as w:
-        assert signal.getsignal(signal.SIGTERM) is tempfiles._on_signal
+        assert signal.getsignal(signal.SIGTERM) is tempfiles.on_signal
         w.add_tensor("t", np.zeros(3, np.float32))
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
