@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from aqformat.errors import AqmInputError
 from aqformat.dtypes import bf16_to_f32, itemsize, numpy_dtype
+from aqformat.errors import AqmInputError
 
 __all__ = ["TensorSpec", "Source", "open_source", "torch_source", "safetensors_source",
            "hf_folder_source", "onnx_source", "to_float32"]
@@ -207,17 +207,12 @@ def _safetensors_index(path: str) -> dict[str, tuple[TensorSpec, str, int]]:
         with open(path, "rb") as fh:
             size = os.fstat(fh.fileno()).st_size
             n = int.from_bytes(fh.read(8), "little")
-            if size < 8 or not 2 <= n <= min(_ST_MAX_HEADER, size - 8):
-                raise ValueError("bad header length")
-            header = json.loads(fh.read(n), object_pairs_hook=_unique_keys)
+            raw = fh.read(n) if size >= 8 and 2 <= n <= min(_ST_MAX_HEADER, size - 8) else None
     except OSError as e:
         raise AqmInputError(f"{path}: cannot read ({e.strerror})") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise AqmInputError(f"{path}: not a safetensors file ({str(e)[:200]})") from None
-    except RecursionError:
-        raise AqmInputError(f"{path}: not a safetensors file (its header nests too deeply)") from None
-    if not isinstance(header, dict):
-        raise AqmInputError(f"{path}: not a safetensors file (header is not a JSON object)")
+    if raw is None:
+        raise AqmInputError(f"{path}: not a safetensors file (bad header length)")
+    header = _json_object(raw, path, "not a safetensors file")
     out = {}
     for name, rec in header.items():
         if name == "__metadata__":
@@ -269,20 +264,31 @@ def safetensors_source(paths: str | list[str], *, name: str | None = None) -> So
                   file_bytes=sum(os.path.getsize(p) for p in paths), path=paths[0])
 
 
+def _json_object(raw: bytes, path: str, what: str) -> dict[str, Any]:
+    """The JSON object in ``raw`` (duplicate keys refused); invalid or deeply nested JSON
+    and non-objects are one-line AqmInputErrors ``"<path>: <what> (<why>)"``."""
+    try:
+        value = json.loads(raw, object_pairs_hook=_unique_keys)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AqmInputError(f"{path}: {what} ({str(e)[:200]})") from None
+    except RecursionError:
+        raise AqmInputError(f"{path}: {what} (it nests too deeply)") from None
+    if not isinstance(value, dict):
+        raise AqmInputError(f"{path}: {what} (not a JSON object)")
+    return value
+
+
 def hf_folder_source(folder: str) -> Source:
     """Source over a Hugging Face model folder (``config.json`` + weights)."""
     cfg_path = os.path.join(folder, "config.json")
     if not os.path.isfile(cfg_path):
         raise AqmInputError(f"{folder}: not a Hugging Face model folder (no config.json)")
     try:
-        with open(cfg_path, encoding="utf-8") as fh:
-            config = json.load(fh, object_pairs_hook=_unique_keys)
-    except (OSError, ValueError) as e:
-        raise AqmInputError(f"{cfg_path}: unreadable config ({str(e)[:200]})") from None
-    except RecursionError:
-        raise AqmInputError(f"{cfg_path}: unreadable config (it nests too deeply)") from None
-    if not isinstance(config, dict):
-        raise AqmInputError(f"{cfg_path}: unreadable config (not a JSON object)")
+        with open(cfg_path, "rb") as fh:
+            raw = fh.read()
+    except OSError as e:
+        raise AqmInputError(f"{cfg_path}: unreadable config ({e.strerror})") from None
+    config = _json_object(raw, cfg_path, "unreadable config")
     name = config.get("_name_or_path") or os.path.basename(os.path.normpath(folder))
     shards = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if shards:
