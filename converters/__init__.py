@@ -14,6 +14,8 @@ _EXPORTS = {
     "ConversionSummary": "pipeline",
     "export_onnx": "onnx_graph",
     "finetune": "finetuning", "FinetuneReport": "finetuning",
+    "ConvertOptions": "options", "EncoderOptions": "options", "FinetuneOptions": "options",
+    "SearchEffort": "options", "AQConfig": "options",
 }
 
 __all__ = sorted(_EXPORTS)

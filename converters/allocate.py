@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from aqformat.codecs.aq import stored_bytes
 from aqformat.errors import AqmInputError
@@ -52,55 +53,73 @@ def allocate(errors: Mapping[str, Mapping[str, float]], nbytes: Mapping[str, Map
     """
     if not errors:
         return {}
-    group_bytes = dict(group_bytes or {})
-    sens = {t: (sensitivity or {}).get(t, 1.0) for t in errors}
-    names = list(errors)
-    opts = {t: sorted(errors[t], key=lambda o: nbytes[t][o]) for t in names}
-
-    def total(choice: Mapping[str, str]) -> int:
-        used = set(choice.values())
-        return sum(nbytes[t][o] for t, o in choice.items()) + sum(group_bytes.get(o, 0) for o in used)
-
-    def cost(t: str, o: str) -> float:
-        return sens[t] * errors[t][o]
-
-    smallest = min((total({t: opts[t][0] for t in names}),
-                    *(total({t: o for t in names}) for o in set.intersection(*map(set, opts.values())))),
+    p = _Problem(errors, nbytes, dict(group_bytes or {}),
+                 {t: (sensitivity or {}).get(t, 1.0) for t in errors})
+    smallest = min((p.total({t: p.opts[t][0] for t in p.names}),
+                    *(p.total({t: o for t in p.names}) for o in set.intersection(*map(set, p.opts.values())))),
                    default=0)
     if budget < smallest:
         raise AqmInputError(f"a budget of {budget:,} bytes is impossible: the smallest "
                             f"achievable is {smallest:,} bytes")
+    return _upgrade(p, _relax(p, budget), budget)
 
-    def lagrangian(lam: float) -> dict[str, str]:
-        return {t: min(opts[t], key=lambda o: cost(t, o) + lam * nbytes[t][o]) for t in names}
 
+@dataclass
+class _Problem:
+    """One allocation: options per tensor (smallest first), their errors and bytes."""
+
+    errors: Mapping[str, Mapping[str, float]]
+    nbytes: Mapping[str, Mapping[str, int]]
+    group_bytes: dict[str, int]
+    sens: dict[str, float]
+
+    def __post_init__(self) -> None:
+        self.names = list(self.errors)
+        self.opts = {t: sorted(self.errors[t], key=lambda o: self.nbytes[t][o]) for t in self.names}
+
+    def total(self, choice: Mapping[str, str]) -> int:
+        """Bytes of a choice, each used group's fixed cost counted once."""
+        used = set(choice.values())
+        return sum(self.nbytes[t][o] for t, o in choice.items()) + sum(self.group_bytes.get(o, 0) for o in used)
+
+    def cost(self, t: str, o: str) -> float:
+        return self.sens[t] * self.errors[t][o]
+
+    def lagrangian(self, lam: float) -> dict[str, str]:
+        return {t: min(self.opts[t], key=lambda o: self.cost(t, o) + lam * self.nbytes[t][o]) for t in self.names}
+
+
+def _relax(p: _Problem, budget: int) -> dict[str, str]:
+    """The Lagrangian relaxation's best choice within ``budget`` (bisection on the multiplier)."""
     lo, hi = 0.0, 1.0
-    while total(lagrangian(hi)) > budget and hi < 1e30:
+    while p.total(p.lagrangian(hi)) > budget and hi < 1e30:
         hi *= 10.0
-    choice = lagrangian(hi)
-    if total(choice) > budget:  # group overheads defeat the relaxation: start from the smallest
-        choice = {t: opts[t][0] for t in names}
-    else:
-        for _ in range(60):
-            mid = math.sqrt(max(lo, 1e-300) * hi) if lo > 0 else hi / 1e6
-            c = lagrangian(mid)
-            if total(c) <= budget:
-                hi, choice = mid, c
-            else:
-                lo = mid
-            if hi / max(lo, 1e-300) < 1.0001:
-                break
-    # Greedy upgrades: best error decrease per extra byte that still fits.
+    choice = p.lagrangian(hi)
+    if p.total(choice) > budget:  # group overheads defeat the relaxation: start from the smallest
+        return {t: p.opts[t][0] for t in p.names}
+    for _ in range(60):
+        mid = math.sqrt(max(lo, 1e-300) * hi) if lo > 0 else hi / 1e6
+        c = p.lagrangian(mid)
+        if p.total(c) <= budget:
+            hi, choice = mid, c
+        else:
+            lo = mid
+        if hi / max(lo, 1e-300) < 1.0001:
+            break
+    return choice
+
+
+def _upgrade(p: _Problem, choice: dict[str, str], budget: int) -> dict[str, str]:
+    """Greedy upgrades: best error decrease per extra byte that still fits."""
     while True:
-        spent = total(choice)
+        spent = p.total(choice)
         best, best_gain = None, 0.0
-        for t in names:
-            for o in opts[t]:
+        for t in p.names:
+            for o in p.opts[t]:
                 if o == choice[t]:
                     continue
-                trial = dict(choice, **{t: o})
-                extra = total(trial) - spent
-                gain = cost(t, choice[t]) - cost(t, o)
+                extra = p.total(dict(choice, **{t: o})) - spent
+                gain = p.cost(t, choice[t]) - p.cost(t, o)
                 if gain > 0 and spent + extra <= budget:
                     ratio = gain / max(extra, 1e-9)
                     if ratio > best_gain:

@@ -5,13 +5,13 @@ import functools
 import io
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from aqformat.errors import AqmInputError
 
-from .pipeline import ConversionSummary, _run, _run_and_finetune
-from .planning import DEFAULT_MIN_ELEMENTS
+from .options import DEFAULT_CODEC, DEFAULT_MIN_ELEMENTS, ConvertOptions, EncoderOptions, FinetuneOptions
+from .pipeline import ConversionSummary, run, run_and_finetune
 from .sources import Source, open_source
 
 __all__ = ["convert", "from_torch", "from_onnx", "from_torch_via_onnx", "check_output"]
@@ -65,15 +65,6 @@ def _torch_axes(module: Any) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _options(bits: float, target_size: Any, allocate: bool, permute: bool, codebooks: str,
-             calib: Any, keep: Iterable[str], seed: int, progress: bool, min_elements: int,
-             encoder: Any) -> dict[str, Any]:
-    return {"bits": bits, "target_size": target_size, "allocate": allocate, "permute": permute,
-            "codebooks": codebooks, "calib": calib,
-            "keep": tuple(keep), "seed": seed, "progress": progress, "min_elements": min_elements,
-            "encoder": encoder}
-
-
 def _memory_errors_as_aqm(fn: Callable[..., ConversionSummary]) -> Callable[..., ConversionSummary]:
     """``fn`` raising AqmInputError where numpy or torch run out of memory (a huge tensor, a bad shape)."""
     @functools.wraps(fn)
@@ -89,10 +80,10 @@ def _memory_errors_as_aqm(fn: Callable[..., ConversionSummary]) -> Callable[...,
 @_memory_errors_as_aqm
 def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
                target_size: int | str | None = None, allocate: bool = False,
-               permute: bool = False, codebooks: str = "by-kind", calib: Any = None,
+               permute: bool = False, grouping: str = "by-kind", calib: Any = None,
                keep: Iterable[str] = (), seed: int = 0, progress: bool = True,
-               min_elements: int = DEFAULT_MIN_ELEMENTS,
-               encoder: dict[str, Any] | None = None, finetune_steps: int = 0,
+               min_elements: int = DEFAULT_MIN_ELEMENTS, codec: str = DEFAULT_CODEC,
+               encoder: EncoderOptions | Mapping[str, Any] | None = None, finetune_steps: int = 0,
                finetune_lr: float = 1e-3, finetune_raw: str = "all") -> ConversionSummary:
     """Convert a PyTorch model to .aqm; tensor names are its ``state_dict`` keys.
 
@@ -105,7 +96,9 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     out_path : str or os.PathLike
         The .aqm file to write (replaced atomically; nothing is left on failure).
     bits : float
-        Code bits per compressed weight (M 256-entry codebooks over 8-vectors: M = bits).
+        Code bits per compressed weight (AQ: ``M = bits * d / bits_per_code`` codebooks,
+        with the default encoder M 256-entry codebooks over 8-vectors, M = bits; lattice:
+        the quantizer's entropy per weight).
     target_size : int or str, optional
         File size budget (e.g. ``"5MB"``): bits are allocated per tensor to fit it.
     allocate : bool
@@ -116,24 +109,31 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     permute : bool
         Search a column permutation per tensor (PQF) so correlated weights share
         vectors; stored with the tensor. Costs a search per tensor.
-    codebooks : {"shared", "per-layer", "by-kind"}
-        One codebook group for the model, one per tensor, or one per layer kind.
+    grouping : {"shared", "per-layer", "by-kind"}
+        Codebook sharing: one codebook group for the model, one per tensor, or
+        one per layer kind.
     calib : path or iterable, optional
-        Calibration inputs (see :func:`aqformat.converters.calib._calibration_batches`); the encoder then
-        minimises each layer's output error instead of its weight error.
+        Calibration inputs (see :func:`aqformat.converters.calib.calibration_batches`); the
+        AQ encoder then minimises each layer's output error instead of its weight error.
     keep : iterable of str
         fnmatch patterns of tensors stored raw.
     seed : int
-        Seed of sampling and codebook training (same inputs, same file).
+        Seed of sampling, codebook training and dithers (same inputs, same file).
     progress : bool
         Show progress bars on stderr.
     min_elements : int
         Smallest tensor compressed.
-    encoder : dict, optional
-        Encoder settings: ``b``, ``d`` (code bits, vector length), ``beam``,
-        ``iters``, ``feedback``, ``damp`` (search effort) and ``reservoir``
-        (training vectors sampled per codebook group), ``perm_iters``
-        (permutation search rounds).
+    codec : {"aq", "lattice"}
+        ``"aq"``: additive quantization in shared codebooks (everything above
+        applies); ``"lattice"``: dithered uniform scalar quantization with
+        entropy-coded indices, every tensor at ``bits`` (no target size,
+        allocation or permutation; calibration only feeds fine-tuning).
+    encoder : EncoderOptions or mapping, optional
+        AQ encoder settings (:class:`~aqformat.converters.options.EncoderOptions`,
+        or a mapping of its field names): ``bits_per_code``, ``d`` (code width,
+        vector length), ``beam``, ``iters``, ``feedback``, ``damp`` (search
+        effort), ``reservoir`` (training vectors sampled per codebook group) and
+        ``perm_iters`` (permutation search rounds).
     finetune_steps : int
         After coding, distil the original model into the codebooks, scales,
         norms, biases and raw tensors for this many steps on ``calib`` (needs the model's
@@ -150,27 +150,31 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     -------
     ConversionSummary
     """
+    opts = ConvertOptions.build(bits=bits, target_size=target_size, allocate=allocate, permute=permute,
+                                grouping=grouping, keep=keep, seed=seed, progress=progress,
+                                min_elements=min_elements, codec=codec, encoder=encoder)
+    tuning = FinetuneOptions(steps=finetune_steps, lr=finetune_lr, train_raw=finetune_raw, seed=seed,
+                             progress=progress)
     source = open_source(model)
     if source.framework != "pytorch":
         raise AqmInputError("from_torch was given an ONNX model; use from_onnx")
     check_output(source, out_path)
-    from .calib import _calibration_batches
+    from .calib import calibration_batches
     axes = _torch_axes(source.module) if source.module is not None else {}
     # resolved once: fine-tuning runs the same model (loaded once for a Hugging Face folder)
-    resolved = _calibration_batches(calib, source) if calib is not None else None
-    opts = _options(bits, target_size, allocate, permute, codebooks, resolved, keep, seed, progress,
-                    min_elements, encoder)
-    if not finetune_steps:
-        return _run(source, out_path, axes=axes, **opts)
-    return _run_and_finetune(source, out_path, axes, opts, finetune_steps, finetune_lr, finetune_raw)
+    resolved = calibration_batches(calib, source) if calib is not None else None
+    if not tuning.steps:
+        return run(source, out_path, opts, axes, calib=resolved)
+    return run_and_finetune(source, out_path, opts, axes, resolved, tuning)
 
 
 @_memory_errors_as_aqm
 def from_onnx(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
               target_size: int | str | None = None, allocate: bool = False,
-              permute: bool = False, codebooks: str = "by-kind", keep: Iterable[str] = (), seed: int = 0, progress: bool = True,
-              min_elements: int = DEFAULT_MIN_ELEMENTS,
-              encoder: dict[str, Any] | None = None) -> ConversionSummary:
+              permute: bool = False, grouping: str = "by-kind", keep: Iterable[str] = (),
+              seed: int = 0, progress: bool = True, min_elements: int = DEFAULT_MIN_ELEMENTS,
+              codec: str = DEFAULT_CODEC, encoder: EncoderOptions | Mapping[str, Any] | None = None,
+              ) -> ConversionSummary:
     """Convert an ONNX model (path or ``ModelProto``) to .aqm with its graph embedded.
 
     Initializers (and large Constant nodes) become .aqm tensors of the same
@@ -180,13 +184,14 @@ def from_onnx(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     :func:`from_torch` (calibration is not supported for ONNX sources yet).
     """
     from .onnx_graph import weight_axes
+    opts = ConvertOptions.build(bits=bits, target_size=target_size, allocate=allocate, permute=permute,
+                                grouping=grouping, keep=keep, seed=seed, progress=progress,
+                                min_elements=min_elements, codec=codec, encoder=encoder)
     source = open_source(model)
     if source.framework != "onnx":
         raise AqmInputError("from_onnx needs an .onnx file or an onnx.ModelProto")
     check_output(source, out_path)
-    return _run(source, out_path, axes=weight_axes(source.onnx_model), graph_model=source.onnx_model,
-                **_options(bits, target_size, allocate, permute, codebooks, None, keep, seed, progress, min_elements,
-                           encoder))
+    return run(source, out_path, opts, weight_axes(source.onnx_model), graph_model=source.onnx_model)
 
 
 def from_torch_via_onnx(model: Any, example_inputs: Any, out_path: str | os.PathLike, *,

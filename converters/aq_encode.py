@@ -16,19 +16,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from aqformat.codecs import aq as aq_codec
 from aqformat.codecs.aq import stored_bytes, vector_count
 from aqformat.errors import AqmInputError, TooSmallForAQ
 from aqformat.layout import from_matrix, to_matrix
 
 from .aq_search import _fp16, beam_search, decode_vectors, default_device
-from .options import AQConfig
+from .options import AQConfig, ConvertOptions
+from .planning import ModelTensors, Plan, plan
 
-__all__ = ["AQTensor", "as_matrix", "aq_eligible", "row_scales", "encode_tensor", "decode_rows",
+__all__ = ["AQEncoder", "AQTensor", "as_matrix", "aq_eligible", "row_scales", "encode_tensor", "decode_rows",
            "decode_tensor", "output_error"]
 
 
@@ -205,7 +208,7 @@ def _code_with_metric(W: torch.Tensor, Wn: torch.Tensor, s: torch.Tensor, Hp: to
 
 
 def encode_tensor(name: str, w, C: torch.Tensor, cfg: AQConfig, H=None,
-                  axes: Sequence[int] | None = None, perm: np.ndarray | None = None,
+                  axes: Sequence[int] | None = None, perm: np.ndarray | None = None, *,
                   rows: torch.Tensor | None = None,
                   device: torch.device | str | None = None) -> AQTensor:
     """Code one tensor against fixed codebooks ``C`` minimising ``tr(E H E^T)``.
@@ -284,3 +287,62 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor | float, H=None, row_weigh
     if row_weights is not None:
         rows = rows * torch.as_tensor(row_weights).double()
     return float(rows.sum())
+
+
+class AQEncoder:
+    """The AQ encoder of a conversion (:class:`~aqformat.converters.encoders.TensorEncoder`).
+
+    ``train`` plans the codebook groups (and, with a target size or
+    ``allocate``, each tensor's rate) and trains their codebooks
+    (:func:`aqformat.converters.planning.plan`); tensors are then coded
+    against their group's codebooks under their calibration metric.
+    """
+
+    codec = aq_codec.NAME
+    calibrated = True
+
+    def __init__(self, opts: ConvertOptions) -> None:
+        self.opts = opts
+        self.tensors = ModelTensors([], lambda name: np.empty(0))
+        self.plan = Plan({}, {}, {})
+
+    def train(self, tensors: ModelTensors, names: list[str]) -> None:
+        self.tensors = tensors
+        self.plan = plan(tensors, names, self.opts)
+
+    @property
+    def coded(self) -> list[str]:
+        return list(self.plan.group_of)
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for n, g in self.plan.group_of.items():
+            out.setdefault(g, []).append(n)
+        return out
+
+    def compute_codes(self, name: str, w: np.ndarray) -> AQTensor:
+        g, t = self.plan.group_of[name], self.tensors
+        return encode_tensor(name, w, self.plan.books[g], self.plan.configs[g], t.H.get(name),
+                             t.axes.get(name), t.perms.get(name))
+
+    def decode(self, encoded: AQTensor) -> np.ndarray:
+        return decode_tensor(encoded, self.plan.books[self.plan.group_of[encoded.name]])
+
+    def write_shared(self, writer) -> None:
+        for g in sorted(self.plan.books):
+            writer.add_codebooks(g, self.plan.books[g].numpy(), dtype="float16")
+
+    def write(self, writer, encoded: AQTensor, dtype: str) -> None:
+        writer.add_aq(encoded.name, encoded.shape, encoded.codes, group=self.plan.group_of[encoded.name],
+                      dtype=dtype, scale=encoded.scale, perm=encoded.perm, axes=encoded.axes)
+
+    def metadata(self) -> dict[str, Any]:
+        o, enc = self.opts, self.opts.encoder
+        return {"bits": o.bits_per_weight, "target_size": o.target_size,
+                "allocated": bool(o.target_size is not None or o.allocate),
+                "permuted": sorted(n for n, p in self.tensors.perms.items() if p is not None),
+                "groups": {g: {"M": c.M, "b": c.b, "d": c.d} for g, c in sorted(self.plan.configs.items())},
+                "codebooks": o.grouping, "calibrated": bool(self.tensors.H), "seed": o.seed,
+                "min_elements": o.min_elements, "keep": list(o.keep), "beam": enc.beam,
+                "iters": enc.iters, "reservoir": int(enc.reservoir)}

@@ -10,6 +10,11 @@ How much a layer's output error moves the *model's* output differs by layer
 and by output channel; :func:`collect_output_sensitivity` measures that
 weight (the Gauss-Newton diagonal over each layer's output channels), which
 bit allocation multiplies into each row's predicted error.
+
+:func:`calibration_batches` turns the ``calib`` argument of a conversion
+(``.npy``/``.npz``/``.txt`` files or batches) into ``(module, batches, run)``,
+and :func:`calibration_stats` collects both statistics for the tensors a
+conversion codes.
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ from aqformat.errors import AqmInputError, AqmUnsupportedError
 
 from .sources import Source
 
-__all__ = ["collect_hessians", "collect_output_sensitivity", "model_output"]
+__all__ = ["collect_hessians", "collect_output_sensitivity", "model_output", "calibration_batches",
+           "calibration_stats"]
 
 
 def model_output(out: Any) -> torch.Tensor:
@@ -191,7 +197,7 @@ def collect_output_sensitivity(model: nn.Module, run: Callable[[nn.Module, objec
     return {f"{n}.weight": (s / max(n_batches, 1)).float() for n, s in sums.items()}
 
 
-def _calibration_batches(calib: Any, source: Source) -> tuple[Any, Any, Any]:
+def calibration_batches(calib: Any, source: Source) -> tuple[Any, Any, Any]:
     """``(module, batches, run)`` for ``collect_hessians`` from a ``calib`` argument.
 
     ``calib`` is a path (``.npy``: one input array, rows are samples; ``.npz``:
@@ -251,8 +257,8 @@ def _calibration_batches(calib: Any, source: Source) -> tuple[Any, Any, Any]:
     return module, batches, run
 
 
-def _calibration_stats(calib: tuple[Any, Any, Any] | None, names: Sequence[str],
-                       sensitivity: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+def calibration_stats(calib: tuple[Any, Any, Any] | None, names: Sequence[str],
+                      sensitivity: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """``H`` per weight in ``names`` and, if ``sensitivity``, each weight's output-channel
     sensitivity (:func:`~aqformat.converters.calib.collect_output_sensitivity`), from
     resolved ``(module, batches, run)`` calibration."""

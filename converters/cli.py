@@ -13,9 +13,11 @@ from aqformat.cpus import default_threads
 from aqformat.errors import AqmInputError, AqmWarning
 from aqformat.units import UNITS_HELP, format_size
 
+from .options import CODECS, DEFAULT_CODEC, GROUPINGS
+
 __all__ = ["register"]
 
-# AQConfig's search-effort defaults, as the help states them (tests check they agree)
+# SearchEffort's defaults, as the help states them (tests check they agree)
 DEFAULT_BEAM, DEFAULT_ITERS = 8, 6
 
 
@@ -52,8 +54,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                "finetune_raw": args.finetune_raw} if args.finetune else {})
     progress = not args.no_progress and args.verbosity >= 0 and sys.stderr.isatty()
     summary = convert(args.source, args.output, bits=args.bits, target_size=args.target_size,
-                      allocate=args.allocate, permute=args.permute, codebooks=args.codebooks,
-                      calib=args.calib, keep=args.keep or (), seed=args.seed,
+                      allocate=args.allocate, permute=args.permute, grouping=args.grouping,
+                      calib=args.calib, keep=args.keep or (), seed=args.seed, codec=args.codec,
                       progress=progress, encoder=encoder, **tuning)
     if args.verbosity < 0:
         return 0
@@ -91,6 +93,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", help="model file or Hugging Face folder")
     p.add_argument("-o", "--output", required=True, help="the .aqm file to write")
     p.add_argument("--force", action="store_true", help="replace the output file if it exists (default: refuse)")
+    p.add_argument("--codec", choices=CODECS, default=DEFAULT_CODEC,
+                   help="aq: additive quantization in shared codebooks (default); lattice: dithered "
+                        "scalar quantization with entropy-coded indices, every tensor at --bits")
     p.add_argument("--bits", type=float, default=4.0,
                    help="code bits per compressed weight (default 4); with --allocate, the budget "
                         "in bits per weight with every byte counted")
@@ -103,7 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "weight, every byte counted (default: every tensor gets --bits)")
     p.add_argument("--permute", action="store_true",
                    help="search a column permutation per tensor (slower, lower error; default off)")
-    p.add_argument("--codebooks", choices=("shared", "per-layer", "by-kind"), default="by-kind",
+    p.add_argument("--grouping", choices=GROUPINGS, default="by-kind",
                    help="codebook sharing across tensors (default by-kind: attention, MLP, conv, other)")
     p.add_argument("--calib", metavar="FILE",
                    help="calibration inputs: .npy/.npz arrays or a .txt of sentences "

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,7 @@ from aqformat.codecs.aq import assemble_aq
 from aqformat.errors import AqmInputError
 
 from .calib import model_output
+from .options import FinetuneOptions
 
 _REFRESH_BEAM = 4  # code search width of a refresh
 
@@ -211,77 +212,103 @@ def finetune(aqm_path: str | os.PathLike, out_path: str | os.PathLike, model, ca
         Also recorded in the output file's metadata under ``"finetune"``.
     """
     import torch
-    from torch.func import functional_call
 
-    calib = list(calib)
-    forward = forward or call_model
-    if not calib:
+    opts = FinetuneOptions(steps=steps, lr=lr, train_raw=train_raw, refresh_every=refresh_every, seed=seed,
+                           device=device, progress=progress)
+    task = _Task(list(calib), forward or call_model, loss_fn)
+    if not task.calib:
         raise AqmInputError("calibration set is empty")
     if steps < 1:
         raise AqmInputError("steps must be at least 1")
-    if refresh_every < 0:
-        raise AqmInputError("refresh_every must be >= 0")
-    if train_raw not in ("all", "1d"):
-        raise AqmInputError(f"train_raw must be 'all' or '1d', got {train_raw!r}")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     teacher = model.to(dev).eval()
     student = copy.deepcopy(teacher)
-    objective = "task" if loss_fn is not None else "distill"
-    targets = []
     if loss_fn is None:
-        with torch.no_grad():
-            for item in calib:
-                try:
-                    targets.append(model_output(forward(teacher, _to(item, dev))).detach())
-                except (TypeError, ValueError, RuntimeError) as e:
-                    raise AqmInputError(f"calibration input does not fit the model: {_first_line(e)}") from None
+        task.targets = _teacher_outputs(teacher, task, dev)
     names = set(student.state_dict())
     params = {n for n, _ in student.named_parameters(remove_duplicate=False)}
     with aqformat.open(aqm_path) as f:
         st = _Student(f, names, params, dev, train_raw)
-        params = st.parameters()
-        opt = torch.optim.Adam(params, lr=lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
-        order = np.random.default_rng(seed).permutation(np.resize(np.arange(len(calib)), steps))
-        first = last = float("nan")
-        good, stopped, done, refreshes = st.state(), None, 0, 0
         originals = teacher.state_dict() if refresh_every else {}
-        t0 = time.perf_counter()
-        bar = _bar(steps, progress)
-        for step, i in enumerate(order):
-            item = _to(calib[i], dev)
-            try:
-                out = forward(lambda *a, **k: functional_call(student, st.tensors(), a, k), item)
-            except (TypeError, ValueError, RuntimeError) as e:
-                raise AqmInputError(f"calibration input does not fit the model: {_first_line(e)}") from None
-            if loss_fn is None:
-                y, t = model_output(out), targets[i]
-                loss = torch.mean((y - t) ** 2) / t.var().clamp_min(1e-12)
-            else:
-                loss = loss_fn(out, item)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                st.restore(good)
-                stopped = f"non-finite loss at step {step}; kept the parameters of step {done}"
-                break
-            good = st.state()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            first = value if step == 0 else first
-            last, done = value, step + 1
-            if refresh_every and done % refresh_every == 0 and done < steps:
-                st.refresh_codes(originals, _REFRESH_BEAM)
-                refreshes += 1
-            bar.set_postfix(loss=f"{value:.4g}", refresh=False)
-            bar.update(1)
-        bar.close()
-        report = FinetuneReport(objective, steps, done, first, last, time.perf_counter() - t0,
-                                len(st.aq) + len(st.trainable_raw), stopped, refreshes, train_raw)
+        report = _train(st, student, task, opts, originals, dev)
         _write(f, out_path, st, report)
     return report
+
+
+@dataclass
+class _Task:
+    """The training data and objective: items, how to run the model on one, and the loss."""
+
+    calib: list[Any]
+    forward: Callable[[Any, Any], Any]
+    loss_fn: Callable[[Any, Any], Any] | None
+    targets: list[Any] = field(default_factory=list)  # the teacher's outputs, for distillation
+
+    def loss(self, out: Any, i: int, item: Any) -> Any:
+        """The task loss, or the distillation loss: MSE to the teacher relative to its variance."""
+        import torch
+        if self.loss_fn is not None:
+            return self.loss_fn(out, item)
+        y, t = model_output(out), self.targets[i]
+        return torch.mean((y - t) ** 2) / t.var().clamp_min(1e-12)
+
+
+def _teacher_outputs(teacher: Any, task: _Task, dev: Any) -> list[Any]:
+    """The original model's output on every calibration item (the distillation targets)."""
+    import torch
+    out = []
+    with torch.no_grad():
+        for item in task.calib:
+            try:
+                out.append(model_output(task.forward(teacher, _to(item, dev))).detach())
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise AqmInputError(f"calibration input does not fit the model: {_first_line(e)}") from None
+    return out
+
+
+def _train(st: _Student, student: Any, task: _Task, opts: FinetuneOptions, originals: dict[str, Any],
+           dev: Any) -> FinetuneReport:
+    """Adam with a cosine-decayed rate over ``opts.steps`` items; stops at a non-finite loss."""
+    import torch
+    from torch.func import functional_call
+
+    steps = opts.steps
+    opt = torch.optim.Adam(st.parameters(), lr=opts.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
+    order = np.random.default_rng(opts.seed).permutation(np.resize(np.arange(len(task.calib)), steps))
+    first = last = float("nan")
+    good, stopped, done, refreshes = st.state(), None, 0, 0
+    t0 = time.perf_counter()
+    bar = _bar(steps, opts.progress)
+    for step, i in enumerate(order):
+        item = _to(task.calib[i], dev)
+        try:
+            out = task.forward(lambda *a, **k: functional_call(student, st.tensors(), a, k), item)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise AqmInputError(f"calibration input does not fit the model: {_first_line(e)}") from None
+        loss = task.loss(out, i, item)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            st.restore(good)
+            stopped = f"non-finite loss at step {step}; kept the parameters of step {done}"
+            break
+        good = st.state()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        first = value if step == 0 else first
+        last, done = value, step + 1
+        if opts.refresh_every and done % opts.refresh_every == 0 and done < steps:
+            st.refresh_codes(originals, _REFRESH_BEAM)
+            refreshes += 1
+        bar.set_postfix(loss=f"{value:.4g}", refresh=False)
+        bar.update(1)
+    bar.close()
+    return FinetuneReport("task" if task.loss_fn is not None else "distill", steps, done, first, last,
+                          time.perf_counter() - t0, len(st.aq) + len(st.trainable_raw), stopped, refreshes,
+                          opts.train_raw)
 
 
 def _write(f: aqformat.AqmFile, out_path, st: _Student, report: FinetuneReport) -> None:

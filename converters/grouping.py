@@ -9,11 +9,11 @@ import torch
 
 from aqformat.errors import AqmInputError, TooSmallForAQ
 
-from .aq_encode import AQTensor, _block_metrics, _prepare, aq_eligible, encode_tensor
+from .aq_encode import _block_metrics, _prepare
 from .aq_search import default_device, train_aq
 from .options import AQConfig
 
-__all__ = ["GroupTrainer", "layer_kind", "group_key", "group_tensors", "quantize_weights"]
+__all__ = ["GroupTrainer", "layer_kind", "group_key", "group_tensors"]
 
 
 class GroupTrainer:
@@ -119,39 +119,3 @@ def group_tensors(names: Iterable[str], mode: str = "shared",
     for n in names:
         groups.setdefault(group_key(n, mode, None if shapes is None else shapes.get(n)), []).append(n)
     return groups
-
-
-def quantize_weights(weights: Mapping[str, object], cfg: AQConfig,
-                     hessians: Mapping[str, object] | None = None, grouping: str = "shared",
-                     axes: Mapping[str, Sequence[int] | None] | None = None,
-                     reservoir: int = 1 << 16, seed: int = 0,
-                     device: torch.device | str | None = None,
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, AQTensor], dict[str, str], list[str]]:
-    """Train group codebooks, then code every tensor (two streaming passes).
-
-    Returns
-    -------
-    codebooks : dict group -> C[M, K, d]
-    coded : dict name -> AQTensor
-    group_of : dict name -> group of coded tensors
-    raw : names kept raw because they are too small (:class:`TooSmallForAQ`)
-    """
-    hessians = hessians or {}
-    axes = axes or {}
-    shapes = {n: tuple(np.shape(w)) for n, w in weights.items()}
-    raw = [n for n in weights if not aq_eligible(shapes[n], cfg, axes.get(n))]
-    names = [n for n in weights if n not in raw]
-    groups = group_tensors(names, grouping, shapes)
-    codebooks: dict[str, torch.Tensor] = {}
-    for g, members in groups.items():
-        tr = GroupTrainer(cfg, reservoir, seed)
-        for n in members:
-            tr.add(n, weights[n], hessians.get(n), axes.get(n))
-        codebooks[g] = tr.train(device)
-    coded, group_of = {}, {}
-    for g, members in groups.items():
-        for n in members:
-            coded[n] = encode_tensor(n, weights[n], codebooks[g], cfg, hessians.get(n),
-                                     axes.get(n), device=device)
-            group_of[n] = g
-    return codebooks, coded, group_of, raw

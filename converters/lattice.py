@@ -6,19 +6,31 @@ per-row step ``step[rows]`` (float32) and a uint64 seed. With the dither
 ``[rows, cols]``, the integers are ``q = round(W / step + u)`` and the decoder
 returns ``(q - u) * step``: the error is uniform in ``[-step/2, step/2]``
 whatever the weight distribution. The writer entropy-codes ``q``.
+
+:class:`LatticeEncoder` is this codec's encoder of a conversion
+(``aqm convert --codec lattice``): every selected tensor at one rate, each
+with its own dither seed derived from the conversion seed and its name.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from aqformat.codecs import lattice as lattice_codec
+from aqformat.codecs.lattice import decode_lattice
 from aqformat.dither import dither
 from aqformat.errors import AqmInputError
-from aqformat.layout import to_matrix
+from aqformat.layout import matrix_shape, to_matrix
 
-__all__ = ["encode_lattice", "decode_lattice", "lattice_step"]
+from .options import ConvertOptions
+from .planning import ModelTensors
+
+__all__ = ["LatticeEncoder", "LatticeTensor", "encode_lattice", "lattice_step"]
 
 _INT32_MAX = 2**31 - 1
 _ZERO_ROW_STEP = np.float32(1e-30)  # all-zero rows: any step works, a tiny one decodes ~0
@@ -81,8 +93,62 @@ def encode_lattice(w, bits_or_step: float | Sequence[float] | np.ndarray, seed: 
     return x.astype(np.int32), step
 
 
-def decode_lattice(q: np.ndarray, step: np.ndarray, seed: int) -> np.ndarray:
-    """Reference decoder of the matrix view: ``(q - u) * step`` (float32)."""
-    rows, cols = q.shape
-    u = dither(int(seed), rows * cols).reshape(rows, cols)
-    return ((q - u) * step.astype(np.float64)[:, None]).astype(np.float32)
+@dataclass
+class LatticeTensor:
+    """One lattice-coded tensor: indices ``q[rows, cols]`` of its matrix view, per-row steps, seed."""
+
+    name: str
+    shape: tuple[int, ...]
+    axes: tuple[int, ...] | None
+    q: np.ndarray
+    step: np.ndarray
+    seed: int
+
+
+class LatticeEncoder:
+    """The lattice encoder of a conversion (:class:`~aqformat.converters.encoders.TensorEncoder`).
+
+    Nothing is trained: every candidate tensor is coded at ``bits_per_weight``
+    (an entropy target, :func:`lattice_step`). Calibration statistics are not
+    used.
+    """
+
+    codec = lattice_codec.NAME
+    calibrated = False
+
+    def __init__(self, opts: ConvertOptions) -> None:
+        self.opts = opts
+        self.axes: dict[str, tuple[int, ...]] = {}
+        self.coded: list[str] = []
+        self.groups: dict[str, list[str]] = {}
+
+    def train(self, tensors: ModelTensors, names: list[str]) -> None:
+        self.axes, self.coded = tensors.axes, list(names)
+
+    def tensor_seed(self, name: str) -> int:
+        """The dither seed of tensor ``name``: a hash of the conversion seed and the name."""
+        digest = hashlib.blake2b(f"{self.opts.seed}:{name}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little")
+
+    def compute_codes(self, name: str, w: np.ndarray) -> LatticeTensor:
+        axes, seed = self.axes.get(name), self.tensor_seed(name)
+        q, step = encode_lattice(w, float(self.opts.bits_per_weight), seed, axes, name)
+        return LatticeTensor(name, tuple(int(v) for v in np.shape(w)), axes, q, step, seed)
+
+    def decode(self, encoded: LatticeTensor) -> np.ndarray:
+        rows, cols = matrix_shape(encoded.shape, encoded.axes)
+        return decode_lattice(encoded.q, encoded.step, encoded.seed, encoded.shape, encoded.axes, rows, cols)
+
+    def write_shared(self, writer) -> None:
+        """Nothing is shared between lattice tensors."""
+
+    def write(self, writer, encoded: LatticeTensor, dtype: str) -> None:
+        fields = lattice_codec.fields(encoded.name, encoded.shape, encoded.q, encoded.step, encoded.seed,
+                                      encoded.axes)
+        writer.add_encoded(encoded.name, lattice_codec.NAME, encoded.shape, fields, dtype=dtype,
+                           compress=("data",))
+
+    def metadata(self) -> dict[str, Any]:
+        o = self.opts
+        return {"codec": self.codec, "bits": o.bits_per_weight, "seed": o.seed,
+                "min_elements": o.min_elements, "keep": list(o.keep), "calibrated": False}

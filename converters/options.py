@@ -1,22 +1,47 @@
-"""Typed settings of a conversion: the AQ configuration of one codebook group."""
+"""Typed settings of a conversion.
+
+The public functions (:func:`aqformat.converters.from_torch`, ``from_onnx``,
+``convert``, ``finetune``) take readable keyword arguments and build these
+frozen dataclasses once; the pipeline passes them on whole.
+
+* :class:`ConvertOptions`: what is compressed, at what rate, by which codec;
+* :class:`EncoderOptions`: the AQ encoder's codebook shape and search effort;
+* :class:`FinetuneOptions`: distillation after coding;
+* :class:`AQConfig`: the resolved setting of one AQ codebook group.
+
+Rates are named for their unit: ``bits_per_weight`` is the code rate of a
+compressed tensor, ``bits_per_code`` the width of one AQ code (``K = 2**b``).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import numbers
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
+from aqformat.codecs import aq as aq_codec
+from aqformat.codecs import lattice as lattice_codec
 from aqformat.errors import AqmInputError
+from aqformat.units import parse_size
 
-__all__ = ["AQConfig"]
+__all__ = ["SearchEffort", "AQConfig", "EncoderOptions", "ConvertOptions", "FinetuneOptions", "GROUPINGS", "CODECS",
+           "ENCODERS", "DEFAULT_CODEC", "DEFAULT_MIN_ELEMENTS"]
+
+GROUPINGS = ("shared", "per-layer", "by-kind")  # codebook sharing across tensors
+# The encoders a conversion can use: codec name -> "module:class" in aqformat.converters
+# (the interface is aqformat.converters.encoders.TensorEncoder).
+ENCODERS = {aq_codec.NAME: "aq_encode:AQEncoder", lattice_codec.NAME: "lattice:LatticeEncoder"}
+CODECS = tuple(ENCODERS)
+DEFAULT_CODEC = aq_codec.NAME
+DEFAULT_MIN_ELEMENTS = 4096
 
 
 @dataclass(frozen=True)
-class AQConfig:
-    """Settings of one codebook group and of its encoder.
+class SearchEffort:
+    """How hard the AQ encoder searches (speed against quality).
 
     Parameters
     ----------
-    M, b, d : int
-        Codebooks per vector, bits per code (``K = 2**b``), vector length.
-        These are the format parameters shared by every tensor of a group.
     beam : int
         Beam width of the code search.
     iters : int
@@ -36,13 +61,26 @@ class AQConfig:
         Relative damping added to ``diag(H)`` before inverting it.
     """
 
-    M: int = 2
-    b: int = 8
-    d: int = 8
     beam: int = 8
     iters: int = 6
     feedback: bool | str = "auto"
     damp: float = 0.01
+
+
+@dataclass(frozen=True)
+class AQConfig(SearchEffort):
+    """Settings of one codebook group and of its encoder (the search effort of :class:`SearchEffort`).
+
+    Parameters
+    ----------
+    M, b, d : int
+        Codebooks per vector, bits per code (``K = 2**b``), vector length.
+        These are the format parameters shared by every tensor of a group.
+    """
+
+    M: int = 2
+    b: int = 8
+    d: int = 8
 
     def __post_init__(self) -> None:
         if not (1 <= self.b <= 16 and self.M >= 1 and self.d >= 1 and self.beam >= 1
@@ -62,3 +100,143 @@ class AQConfig:
     def codebook_bytes(self) -> int:
         """Bytes of the group's fp16 codebooks."""
         return 2 * self.M * self.K * self.d
+
+
+@dataclass(frozen=True)
+class EncoderOptions(SearchEffort):
+    """Settings of the AQ encoder shared by every codebook group of a conversion.
+
+    Parameters
+    ----------
+    beam, iters, feedback, damp
+        Search effort (:class:`SearchEffort`).
+    bits_per_code : int
+        Bits of one code (``K = 2**bits_per_code`` codewords per codebook).
+    d : int
+        Vector length.
+    reservoir : int
+        Training vectors sampled per codebook group.
+    perm_iters : int
+        Rounds of the column permutation search (``permute``).
+    """
+
+    bits_per_code: int = 8
+    d: int = 8
+    reservoir: int = 1 << 16
+    perm_iters: int = 2000
+
+    @classmethod
+    def of(cls, value: EncoderOptions | Mapping[str, Any] | None) -> EncoderOptions:
+        """``value`` itself, the defaults for ``None``, or the options a mapping names."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise AqmInputError(f"encoder must be EncoderOptions or a mapping, not {type(value).__name__}")
+        known = [f.name for f in fields(cls)]
+        unknown = set(value) - set(known)
+        if unknown:
+            raise AqmInputError(f"unknown encoder option(s) {sorted(unknown)} (known: {', '.join(known)})")
+        return cls(**value)
+
+    def config(self, bits_per_weight: float) -> AQConfig:
+        """The group setting of about ``bits_per_weight`` code bits: ``M = bits * d / b``."""
+        b, d = int(self.bits_per_code), int(self.d)
+        M = int(round(bits_per_weight * d / b))
+        if not 1 <= M <= 64:
+            raise AqmInputError(f"bits={bits_per_weight} gives {M} codebooks of {b} bits over {d}-vectors "
+                                "(1..64 allowed)")
+        return AQConfig(M=M, b=b, d=d, beam=self.beam, iters=self.iters, feedback=self.feedback,
+                        damp=self.damp)
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What a conversion compresses, at which rate and with which codec.
+
+    Parameters
+    ----------
+    bits_per_weight : float
+        Code bits per compressed weight (AQ: ``M = bits * d / b``; lattice:
+        the entropy target of the dithered quantizer).
+    target_size : int, optional
+        File size budget in bytes (AQ): bits are allocated per tensor to fit it.
+    allocate : bool
+        Allocate bits per tensor at ``bits_per_weight`` with every byte counted (AQ).
+    permute : bool
+        Search a column permutation per tensor (AQ).
+    grouping : {"shared", "per-layer", "by-kind"}
+        Codebook sharing across tensors (AQ).
+    keep : tuple of str
+        fnmatch patterns of tensors stored raw.
+    min_elements : int
+        Smallest tensor compressed.
+    seed : int
+        Seed of sampling, training and dithers (same inputs, same file).
+    progress : bool
+        Show progress bars on stderr.
+    codec : {"aq", "lattice"}
+        The encoder of the compressed tensors.
+    encoder : EncoderOptions
+        AQ encoder settings.
+    """
+
+    bits_per_weight: float = 4.0
+    target_size: int | None = None
+    allocate: bool = False
+    permute: bool = False
+    grouping: str = "by-kind"
+    keep: tuple[str, ...] = ()
+    min_elements: int = DEFAULT_MIN_ELEMENTS
+    seed: int = 0
+    progress: bool = True
+    codec: str = DEFAULT_CODEC
+    encoder: EncoderOptions = field(default_factory=EncoderOptions)
+
+    def __post_init__(self) -> None:
+        bits = self.bits_per_weight
+        if isinstance(bits, bool) or not isinstance(bits, numbers.Real) or not 0 < bits <= 64:
+            raise AqmInputError(f"bits must be a number of bits per weight in (0, 64], got {bits!r}")
+        if self.grouping not in GROUPINGS:
+            raise AqmInputError(f"grouping must be one of {', '.join(GROUPINGS)}, not {self.grouping!r}")
+        if self.codec not in CODECS:
+            raise AqmInputError(f"codec must be one of {', '.join(CODECS)}, not {self.codec!r}")
+        if self.codec == aq_codec.NAME:
+            self.encoder.config(self.bits_per_weight)  # invalid settings fail before any work
+        elif self.target_size is not None or self.allocate or self.permute:
+            raise AqmInputError("the lattice codec codes every tensor at one rate: "
+                                "target size, allocation and permutation are AQ options")
+        elif not 0 < self.bits_per_weight < 32:
+            raise AqmInputError(f"lattice bits must be in (0, 32), got {self.bits_per_weight}")
+
+    @classmethod
+    def build(cls, *, bits: float, target_size: int | str | None, keep: Iterable[str],
+              encoder: EncoderOptions | Mapping[str, Any] | None, **rest: Any) -> ConvertOptions:
+        """From the public keyword arguments: ``target_size`` parsed, ``encoder`` typed."""
+        return cls(bits_per_weight=bits, keep=tuple(keep), encoder=EncoderOptions.of(encoder),
+                   target_size=parse_size(target_size) if target_size is not None else None, **rest)
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """Distillation of a coded file (see :func:`aqformat.converters.finetune`).
+
+    ``steps`` 0 means no fine-tuning; the other fields are as in ``finetune``.
+    """
+
+    steps: int = 0
+    lr: float = 1e-3
+    train_raw: str = "all"
+    refresh_every: int = 0
+    seed: int = 0
+    device: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise AqmInputError(f"finetune steps must be >= 0, got {self.steps}")
+        if self.refresh_every < 0:
+            raise AqmInputError("refresh_every must be >= 0")
+        if self.train_raw not in ("all", "1d"):
+            raise AqmInputError(f"train_raw must be 'all' or '1d', got {self.train_raw!r}")

@@ -2,13 +2,15 @@
 
 Two streaming passes over the source:
 
-1. *sample*: every tensor chosen for compression is read once and a bounded
+1. *train*: the encoder of the chosen codec
+   (:mod:`aqformat.converters.encoders`) learns what its tensors share. For
+   AQ, every tensor chosen for compression is read once and a bounded
    reservoir of its (scaled, calibration-weighted) vectors is added to its
    codebook group; then each group's codebooks are trained
-   (:mod:`aqformat.converters.planning` chooses the groups);
-2. *encode*: tensors are read again one at a time, coded against their
-   group's codebooks (or kept raw) and appended to the :class:`aqformat.Writer`.
-
+   (:mod:`aqformat.converters.planning` chooses the groups). The lattice
+   codec has nothing to learn;
+2. *encode*: tensors are read again one at a time, coded by the encoder (or
+   kept raw) and appended to the :class:`aqformat.Writer`.
 
 Peak memory is about the largest tensor, the codebook reservoirs and the
 calibration statistics, whatever the model size, when the source reads lazily.
@@ -19,7 +21,7 @@ import fnmatch
 import os
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,14 +29,16 @@ import numpy as np
 
 from aqformat import __version__
 from aqformat.errors import AqmInputError, AqmWarning
-from aqformat.units import format_size, parse_size
+from aqformat.units import format_size
 from aqformat.writer import Writer
 
-from .planning import _GROUPINGS, _config_for_bits, _plan, select_tensors
+from .encoders import TensorEncoder
+from .options import AQConfig, ConvertOptions, EncoderOptions, FinetuneOptions
+from .planning import ModelTensors, select_tensors
 from .progress import Progress
-from .sources import Source, to_float32
+from .sources import Source, TensorSpec, to_float32
 
-__all__ = ["ConversionSummary"]
+__all__ = ["ConversionSummary", "run", "run_and_finetune", "quantize_weights"]
 
 
 @dataclass
@@ -73,86 +77,81 @@ class ConversionSummary:
                 + (f"; {self.finetune}" if self.finetune is not None else ""))
 
 
-def _run(source: Source, out_path: str | os.PathLike, *, bits: float, target_size: int | str | None,
-         allocate: bool, permute: bool, codebooks: str, calib: tuple[Any, Any, Any] | None,
-         keep: Iterable[str], seed: int,
-         progress: bool, min_elements: int, encoder: dict[str, Any] | None, axes: dict[str, Any],
-         graph_model: Any = None) -> ConversionSummary:
+def run(source: Source, out_path: str | os.PathLike, opts: ConvertOptions, axes: dict[str, Any], *,
+        calib: tuple[Any, Any, Any] | None = None, graph_model: Any = None) -> ConversionSummary:
+    """Convert ``source`` to ``out_path``: train the encoder of ``opts.codec``, then code tensor by tensor.
+
+    ``axes`` are the matrix views whose rows are not dim 0; ``calib`` is the
+    resolved ``(module, batches, run)`` calibration
+    (:func:`aqformat.converters.calib.calibration_batches`); ``graph_model``
+    an ONNX model to embed, its initializers turned into stubs.
+    """
     import torch
 
-    from . import onnx_graph
-    from .aq_encode import decode_tensor, encode_tensor
-    from .calib import _calibration_stats
+    from .encoders import make_encoder
     t0 = time.monotonic()
-    if codebooks not in _GROUPINGS:
-        raise AqmInputError(f"--codebooks must be one of {', '.join(_GROUPINGS)}, not {codebooks!r}")
-    specs = source.specs
-    by_name = {s.name: s for s in specs}
-    encoder = dict(encoder or {})
-    _config_for_bits(bits, encoder)  # validate settings before the expensive steps
-    target = parse_size(target_size) if target_size is not None else None
-    keep = list(keep)
-    for pattern in keep:
-        if not any(fnmatch.fnmatchcase(s.name, pattern) for s in specs):
-            warnings.warn(f"--keep {pattern!r} matches no tensor (tensor names: aqm-info, or the "
-                          f"model's state_dict keys / ONNX initializer names)", AqmWarning, stacklevel=2)
-    compress = select_tensors(specs, keep=keep, min_elements=min_elements)
-    H, S = _calibration_stats(calib, compress, sensitivity=target is not None or allocate)
-
-    def weights(name: str) -> np.ndarray:
-        return to_float32(source.load(name), by_name[name].dtype)
-
-    torch.manual_seed(seed)
-    perms: dict[str, Any] | None = {} if permute else None
-    configs, group_of, books = _plan(specs, compress, bits=bits, target=target, allocate=allocate,
-                                     codebooks=codebooks, encoder=encoder, axes=axes, H=H, S=S,
-                                     perms=perms, weights=weights, seed=seed, progress=progress)
-    perms = perms or {}
-    sqnr: dict[str, float] = {}
+    encoder = make_encoder(opts)
+    tensors, compress = _model_tensors(source, opts, axes, calib if encoder.calibrated else None)
+    torch.manual_seed(opts.seed)
+    encoder.train(tensors, compress)
     source_info = {"framework": source.framework, "name": source.name, **source.info}
     with Writer(out_path, producer=f"aqformat {__version__} (aqformat.converters)",
                 source=source_info) as w:
-        for g in sorted(books):
-            w.add_codebooks(g, books[g].numpy(), dtype="float16")
-        inits = ({t.name: t for t in graph_model.graph.initializer}
-                 if graph_model is not None else {})
-        with Progress("encode", sum(s.numel for s in specs), len(specs), progress) as bar:
-            for s in specs:
-                arr = source.load(s.name)
-                g = group_of.get(s.name)
-                if g is not None:
-                    W = to_float32(arr, s.dtype)
-                    t = encode_tensor(s.name, W, books[g], configs[g], H.get(s.name),
-                                      axes.get(s.name), perms.get(s.name))
-                    w.add_aq(s.name, s.shape, t.codes, group=g, dtype=s.dtype,
-                             scale=t.scale, perm=t.perm, axes=axes.get(s.name))
-                    sqnr[s.name] = _sqnr_db(W, decode_tensor(t, books[g]))
-                else:
-                    w.add_tensor(s.name, arr, dtype="bfloat16" if s.dtype == "bfloat16" else None)
-                if s.name in inits:  # its data now lives in the .aqm
-                    onnx_graph.make_stub(inits[s.name])
-                del arr
-                bar.update(s.numel, s.name)
+        encoder.write_shared(w)
+        sqnr = _encode_all(w, source, encoder, graph_model, opts.progress)
         if graph_model is not None:
             w.set_graph(graph_model.SerializeToString(), format="onnx")
-        any_cfg = next(iter(configs.values()), _config_for_bits(bits, encoder))
-        w.update_metadata(conversion={
-            "bits": bits, "target_size": target, "allocated": bool(target is not None or allocate),
-            "permuted": sorted(n for n, p in perms.items() if p is not None),
-            "groups": {g: {"M": c.M, "b": c.b, "d": c.d} for g, c in sorted(configs.items())},
-            "codebooks": codebooks, "calibrated": bool(H), "seed": seed,
-            "min_elements": min_elements, "keep": list(keep), "beam": any_cfg.beam,
-            "iters": any_cfg.iters, "reservoir": int(encoder.get("reservoir", 1 << 16))})
-    size = os.path.getsize(out_path)
-    groups: dict[str, list[str]] = {}
-    for n, g in group_of.items():
-        groups.setdefault(g, []).append(n)
+        w.update_metadata(conversion=encoder.metadata())
+    specs = source.specs
     return ConversionSummary(
         path=os.fspath(out_path), source_bytes=sum(s.nbytes for s in specs),
-        source_file_bytes=source.file_bytes, aqm_bytes=size,
-        parameters=sum(s.numel for s in specs), compressed=list(group_of),
-        raw=[s.name for s in specs if s.name not in group_of], groups=groups,
+        source_file_bytes=source.file_bytes, aqm_bytes=os.path.getsize(out_path),
+        parameters=sum(s.numel for s in specs), compressed=encoder.coded,
+        raw=[s.name for s in specs if s.name not in set(encoder.coded)], groups=encoder.groups,
         seconds=time.monotonic() - t0, weight_sqnr_db=sqnr)
+
+
+def _model_tensors(source: Source, opts: ConvertOptions, axes: dict[str, Any],
+                   calib: tuple[Any, Any, Any] | None) -> tuple[ModelTensors, list[str]]:
+    """The source's tensors with their calibration statistics, and the names chosen for compression."""
+    from .calib import calibration_stats
+    specs = source.specs
+    by_name = {s.name: s for s in specs}
+    for pattern in opts.keep:
+        if not any(fnmatch.fnmatchcase(s.name, pattern) for s in specs):
+            warnings.warn(f"--keep {pattern!r} matches no tensor (tensor names: aqm-info, or the "
+                          f"model's state_dict keys / ONNX initializer names)", AqmWarning, stacklevel=2)
+    compress = select_tensors(specs, keep=opts.keep, min_elements=opts.min_elements)
+    H, S = calibration_stats(calib, compress, sensitivity=opts.target_size is not None or opts.allocate)
+
+    def load(name: str) -> np.ndarray:
+        return to_float32(source.load(name), by_name[name].dtype)
+
+    return ModelTensors(specs, load, axes, H, S), compress
+
+
+def _encode_all(w: Writer, source: Source, encoder: TensorEncoder, graph_model: Any,
+                progress: bool) -> dict[str, float]:
+    """Pass 2: code (or copy raw) every tensor in source order; each coded tensor's SQNR in dB."""
+    from . import onnx_graph
+    inits = {t.name: t for t in graph_model.graph.initializer} if graph_model is not None else {}
+    coded = set(encoder.coded)
+    sqnr: dict[str, float] = {}
+    with Progress("encode", sum(s.numel for s in source.specs), len(source.specs), progress) as bar:
+        for s in source.specs:
+            arr = source.load(s.name)
+            if s.name in coded:
+                W = to_float32(arr, s.dtype)
+                t = encoder.compute_codes(s.name, W)
+                encoder.write(w, t, s.dtype)
+                sqnr[s.name] = _sqnr_db(W, encoder.decode(t))
+            else:
+                w.add_tensor(s.name, arr, dtype="bfloat16" if s.dtype == "bfloat16" else None)
+            if s.name in inits:  # its data now lives in the .aqm
+                onnx_graph.make_stub(inits[s.name])
+            del arr
+            bar.update(s.numel, s.name)
+    return sqnr
 
 
 def _sqnr_db(W: np.ndarray, W_hat: np.ndarray) -> float:
@@ -180,29 +179,55 @@ def _text_batches(sentences: list[str]) -> list[list[str]]:
     return [ordered[i:i + _FT_TEXT_BATCH] for i in range(0, len(ordered), _FT_TEXT_BATCH)]
 
 
-def _run_and_finetune(source: Source, out_path: str | os.PathLike, axes: dict[str, Any],
-                      opts: dict[str, Any], steps: int, lr: float, train_raw: str) -> ConversionSummary:
+def run_and_finetune(source: Source, out_path: str | os.PathLike, opts: ConvertOptions, axes: dict[str, Any],
+                     calib: tuple[Any, Any, Any] | None, tuning: FinetuneOptions) -> ConversionSummary:
     """Convert to a hidden sibling file, distil it into ``out_path``, remove the sibling."""
     import tempfile
 
     from .finetuning import finetune
-    if opts["calib"] is None:
+    if calib is None:
         raise AqmInputError("fine-tuning needs calibration inputs (--calib)")
-    if steps < 0:
-        raise AqmInputError(f"finetune steps must be >= 0, got {steps}")
-    module, batches, run = opts["calib"]
+    module, batches, forward = calib
     if batches and all(isinstance(b, str) for b in batches):
         batches = _text_batches(batches)
     out = os.path.abspath(os.fspath(out_path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".coded", dir=os.path.dirname(out))
     os.close(fd)
     try:
-        summary = _run(source, tmp, axes=axes, **opts)
+        summary = run(source, tmp, opts, axes, calib=calib)
         t0 = time.monotonic()
-        report = finetune(tmp, out_path, module, batches, forward=run, steps=steps, lr=lr,
-                          train_raw=train_raw, seed=opts["seed"], progress=opts["progress"])
+        report = finetune(tmp, out_path, module, batches, forward=forward, steps=tuning.steps, lr=tuning.lr,
+                          train_raw=tuning.train_raw, seed=tuning.seed, progress=tuning.progress)
     finally:
         os.unlink(tmp)
     summary.path, summary.aqm_bytes, summary.finetune = os.fspath(out_path), os.path.getsize(out_path), report
     summary.seconds += time.monotonic() - t0
     return summary
+
+
+def quantize_weights(weights: Mapping[str, Any], cfg: AQConfig, hessians: Mapping[str, Any] | None = None,
+                     grouping: str = "shared", axes: Mapping[str, Sequence[int] | None] | None = None, *,
+                     reservoir: int = 1 << 16, seed: int = 0,
+                     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, str], list[str]]:
+    """Code a mapping of weights in memory at one AQ setting, with the pipeline's planning and encoder.
+
+    Returns
+    -------
+    codebooks : dict group -> C[M, K, d]
+    coded : dict name -> :class:`~aqformat.converters.aq_encode.AQTensor`
+    group_of : dict name -> group of coded tensors
+    raw : names too small for ``cfg`` (left uncoded)
+    """
+    from .aq_encode import AQEncoder
+    arrays = {n: np.asarray(w.detach().cpu() if hasattr(w, "detach") else w, dtype=np.float32)
+              for n, w in weights.items()}
+    specs = [TensorSpec(n, tuple(a.shape), "float32") for n, a in arrays.items()]
+    tensors = ModelTensors(specs, arrays.__getitem__, {n: tuple(a) for n, a in (axes or {}).items() if a is not None},
+                           dict(hessians or {}))
+    encoder = EncoderOptions(bits_per_code=cfg.b, d=cfg.d, beam=cfg.beam, iters=cfg.iters, feedback=cfg.feedback,
+                             damp=cfg.damp, reservoir=reservoir)
+    aq = AQEncoder(ConvertOptions(bits_per_weight=cfg.M * cfg.b / cfg.d, grouping=grouping, seed=seed,
+                                  progress=False, encoder=encoder))
+    aq.train(tensors, list(arrays))
+    coded = {n: aq.compute_codes(n, arrays[n]) for n in aq.coded}
+    return aq.plan.books, coded, dict(aq.plan.group_of), [n for n in arrays if n not in coded]

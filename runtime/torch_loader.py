@@ -80,27 +80,9 @@ def load_torch(path: str | os.PathLike, model: torch.nn.Module | None = None, de
         raise AqmInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     device = _usable_device(device)
     targets = model.state_dict(keep_vars=True)
-    names = f.names()
-    missing = [k for k in targets if k not in f]
-    unexpected = [n for n in names if n not in targets]
-    if strict and (missing or unexpected):
-        parts = ([f"missing key(s) in the file: {_listing(missing)}"] if missing else []) + \
-                ([f"unexpected key(s) in the file: {_listing(unexpected)}"] if unexpected else [])
-        raise AqmInputError(f"cannot load {f.path} into {type(model).__name__}: " + "; ".join(parts))
-    present = [k for k in targets if k in f]
-    for k in present:
-        file_shape, model_shape = tuple(f.info(k).shape), tuple(targets[k].shape)
-        if file_shape != model_shape:
-            raise AqmInputError(f"size mismatch for {k!r}: the file has {list(file_shape)}, the model {list(model_shape)}")
-
-    sizes = {k: targets[k].numel() * targets[k].element_size() for k in present}
+    present = _matching_keys(f, model, targets, strict)
     if lazy and budget_bytes is not None:
-        owned = _keys_by_module(model, _first_keys(targets, present))
-        per_module = {name: sum(sizes[k] for k in keys) for name, keys in owned.items()}
-        worst = max(per_module, key=per_module.get, default=None)
-        if worst is not None and per_module[worst] > budget_bytes:
-            raise AqmInputError(f"budget_bytes={budget_bytes} is smaller than module {worst or type(model).__name__!r}'s "
-                                f"weights; lazy loading needs budget_bytes >= {per_module[worst]}")
+        _check_budget(model, targets, present, budget_bytes)
     _rebind(model, {id(targets[k]) for k in present}, device)
     targets = model.state_dict(keep_vars=True)
     key_of = _first_keys(targets, present)
@@ -154,6 +136,34 @@ def _usable_device(device: Any) -> torch.device:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise AqmInputError(f"device {device!r} is not usable here: {first}") from None
     return dev
+
+
+def _matching_keys(f, model: torch.nn.Module, targets: dict[str, torch.Tensor], strict: bool) -> list[str]:
+    """The ``state_dict`` keys the file holds, with equal shapes; all of them when ``strict``."""
+    missing = [k for k in targets if k not in f]
+    unexpected = [n for n in f.names() if n not in targets]
+    if strict and (missing or unexpected):
+        parts = ([f"missing key(s) in the file: {_listing(missing)}"] if missing else []) + \
+                ([f"unexpected key(s) in the file: {_listing(unexpected)}"] if unexpected else [])
+        raise AqmInputError(f"cannot load {f.path} into {type(model).__name__}: " + "; ".join(parts))
+    present = [k for k in targets if k in f]
+    for k in present:
+        file_shape, model_shape = tuple(f.info(k).shape), tuple(targets[k].shape)
+        if file_shape != model_shape:
+            raise AqmInputError(f"size mismatch for {k!r}: the file has {list(file_shape)}, the model {list(model_shape)}")
+    return present
+
+
+def _check_budget(model: torch.nn.Module, targets: dict[str, torch.Tensor], present: list[str],
+                  budget_bytes: int) -> None:
+    """Refuse a lazy-loading budget smaller than one module's weights (naming the size needed)."""
+    sizes = {k: targets[k].numel() * targets[k].element_size() for k in present}
+    owned = _keys_by_module(model, _first_keys(targets, present))
+    per_module = {name: sum(sizes[k] for k in keys) for name, keys in owned.items()}
+    worst = max(per_module, key=per_module.get, default=None)
+    if worst is not None and per_module[worst] > budget_bytes:
+        raise AqmInputError(f"budget_bytes={budget_bytes} is smaller than module {worst or type(model).__name__!r}'s "
+                            f"weights; lazy loading needs budget_bytes >= {per_module[worst]}")
 
 
 def _rebind(model: torch.nn.Module, wanted: set[int], device: torch.device) -> None:

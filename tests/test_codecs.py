@@ -110,7 +110,7 @@ def test_only_the_registry_and_the_encoders_name_codecs():
     """Header, reader, writer, aqm-info, the runtimes and the pipeline dispatch through the registry."""
     builtin = set(codecs.names()) - {"raw"}
     assert builtin == {"aq", "lattice"}
-    encoders = {ROOT / "converters" / "aq.py", ROOT / "converters" / "lattice.py"}
+    encoders = {ROOT / "converters" / "aq_encode.py", ROOT / "converters" / "lattice.py"}
     files = [p for d in ("aqformat", "runtime", "converters") for p in sorted((ROOT / d).rglob("*.py"))
              if (ROOT / "aqformat" / "codecs") not in p.parents]
     uses = [u for p in files for u in _codec_name_uses(p, set() if p in encoders else builtin)]

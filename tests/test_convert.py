@@ -25,7 +25,7 @@ from aqformat.converters.planning import select_tensors
 from aqformat.errors import AqmError, AqmInputError
 from tests.craft import FullDisk
 
-FAST = {"b": 4, "d": 4, "beam": 2, "iters": 1, "reservoir": 512, "perm_iters": 100}
+FAST = {"bits_per_code": 4, "d": 4, "beam": 2, "iters": 1, "reservoir": 512, "perm_iters": 100}
 
 
 class Net(torch.nn.Module):
@@ -141,7 +141,7 @@ def test_file_sources_match_the_module(tmp_path):
 def test_target_size_allocates_bits_per_tensor(tmp_path):
     net = Net()
     out = tmp_path / "t.aqm"
-    summary = from_torch(net, out, bits=2, target_size="8kB", progress=False, encoder=FAST, codebooks="shared")
+    summary = from_torch(net, out, bits=2, target_size="8kB", progress=False, encoder=FAST, grouping="shared")
     assert os.path.getsize(out) <= 8000
     with aqformat.open(out) as f:
         meta = f.metadata["conversion"]
@@ -297,6 +297,53 @@ def test_cli_convert_prints_summary(tmp_path, capsys):
         assert {t.codec for t in f.tensors()} == {"raw"}
 
 
+def test_cli_lattice_codec_writes_a_file_that_reads_back_and_runs(tmp_path, capsys):
+    net = Net()
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    out = tmp_path / "lat.aqm"
+    assert aqm_main(["convert", str(tmp_path / "net.pt"), "-o", str(out), "--codec", "lattice",
+                     "--bits", "5", "--no-progress"]) == 0
+    assert "2 tensors coded" in capsys.readouterr().out
+    with aqformat.open(out) as f:
+        codecs = {t.name: t.codec for t in f.tensors()}
+        assert {n for n, c in codecs.items() if c == "lattice"} == {"emb.weight", "fc1.weight"}
+        assert f.metadata["conversion"]["codec"] == "lattice" and not f.codebook_groups
+        loaded = {k: torch.from_numpy(np.array(f.read(k))) for k in f.names()}
+    for n in ("emb.weight", "fc1.weight"):  # uniform error of step D: SQNR ~ 6.02 * 5 - 1.5 dB
+        w = net.state_dict()[n].numpy()
+        assert 24 < 10 * np.log10(np.sum(w ** 2) / np.sum((loaded[n].numpy() - w) ** 2)) < 33
+    fresh = Net()
+    fresh.load_state_dict(loaded, strict=True)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, got = net(ids), fresh(ids)
+    assert 0 < float((got - ref).norm() / ref.norm()) < 0.1
+    again = tmp_path / "again.aqm"
+    from_torch(str(tmp_path / "net.pt"), again, bits=5.0, codec="lattice", progress=False)
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_lattice_onnx_model_runs_in_the_runtime(tmp_path):
+    from aqformat.runtime import InferenceSession
+    path, weights = _onnx_mlp(tmp_path)
+    out = tmp_path / "mlp.aqm"
+    summary = from_onnx(path, out, bits=6, codec="lattice", progress=False)
+    assert set(summary.compressed) == {"w1", "w2"} and not summary.groups
+    x = np.random.default_rng(1).standard_normal((1, 32)).astype(np.float32)
+    got = InferenceSession(str(out)).run(None, {"x": x})[0]
+    original = np.maximum(x @ weights["w1"], 0) @ weights["w2"].T + weights["b2"]
+    assert np.linalg.norm(got - original) < 0.05 * np.linalg.norm(original)
+
+
+def test_lattice_refuses_the_aq_only_options(tmp_path):
+    for bad in ({"target_size": "8kB"}, {"allocate": True}, {"permute": True}, {"bits": 40}):
+        with pytest.raises(AqmInputError, match="lattice"):
+            from_torch(Net(), tmp_path / "x.aqm", codec="lattice", progress=False, **bad)
+    with pytest.raises(AqmInputError, match="codec must be one of"):
+        from_torch(Net(), tmp_path / "x.aqm", codec="zip", progress=False)
+    assert not (tmp_path / "x.aqm").exists()
+
+
 def test_progress_fallback_without_tqdm(monkeypatch, capsys):
     import builtins
     from aqformat.converters.progress import Progress
@@ -418,8 +465,8 @@ def test_ctrl_c_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
 
 
 def test_api_errors_are_aqm_errors(tmp_path):
-    with pytest.raises(AqmInputError, match="codebooks"):
-        from_torch(Net(), tmp_path / "a.aqm", codebooks="everywhere", progress=False)
+    with pytest.raises(AqmInputError, match="grouping"):
+        from_torch(Net(), tmp_path / "a.aqm", grouping="everywhere", progress=False)
     with pytest.raises(AqmInputError, match="from_onnx"):
         from_onnx(Net(), tmp_path / "a.aqm", progress=False)
     with pytest.raises(AqmInputError, match="unknown encoder option"):
@@ -448,7 +495,7 @@ class TwoHeads(torch.nn.Module):
 def test_allocate_meets_bits_with_every_byte_and_favours_sensitive_layers(tmp_path, quiet, loud):
     calib = [torch.randn(4, 256) for _ in range(8)]
     out = tmp_path / "a.aqm"
-    from_torch(TwoHeads(quiet), out, bits=3, allocate=True, calib=calib, codebooks="shared",
+    from_torch(TwoHeads(quiet), out, bits=3, allocate=True, calib=calib, grouping="shared",
                progress=False, encoder=FAST)
     with aqformat.open(out) as f:
         infos = {i.name: i for i in f.tensors()}

@@ -9,7 +9,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 
 import aqformat  # noqa: E402
 from aqformat.codecs.aq import parts as aq_parts  # noqa: E402
-from aqformat.converters.grouping import quantize_weights  # noqa: E402
+from aqformat.converters.pipeline import quantize_weights  # noqa: E402
 from aqformat.converters.options import AQConfig  # noqa: E402
 from aqformat.converters import finetune  # noqa: E402
 
@@ -159,7 +159,7 @@ def test_convert_with_finetune_distils_into_the_output(tmp_path):
     from aqformat.converters import from_torch
     net, X, _, _ = _digits_net()
     np.save(tmp_path / "calib.npy", X[:256].numpy())
-    enc = {"b": 6, "d": 4, "beam": 2, "iters": 2}
+    enc = {"bits_per_code": 6, "d": 4, "beam": 2, "iters": 2}
     plain = from_torch(net, tmp_path / "plain.aqm", bits=1.5, calib=str(tmp_path / "calib.npy"),
                        progress=False, encoder=enc)
     tuned = from_torch(net, tmp_path / "tuned.aqm", bits=1.5, calib=str(tmp_path / "calib.npy"),
@@ -226,7 +226,7 @@ def test_batchnorm_runs_in_eval_mode_running_stats_fixed_affine_trained(tmp_path
     from aqformat.converters import from_torch
     net, X = _digits_bn_cnn()
     np.save(tmp_path / "calib.npy", X[:256].numpy())
-    enc = {"b": 6, "d": 4, "beam": 2, "iters": 2}
+    enc = {"bits_per_code": 6, "d": 4, "beam": 2, "iters": 2}
     kw = dict(bits=1.5, calib=str(tmp_path / "calib.npy"), progress=False, encoder=enc, min_elements=1024)
     plain = from_torch(net, tmp_path / "plain.aqm", **kw)
     tuned = from_torch(net, tmp_path / "tuned.aqm", finetune_steps=40, finetune_lr=3e-3,
