@@ -5,6 +5,8 @@ here and every size it prints is formatted here, so the two always agree.
 """
 from __future__ import annotations
 
+import math
+
 from .errors import AqmInputError
 
 __all__ = ["UNITS_HELP", "format_size", "parse_size"]
@@ -41,19 +43,28 @@ def parse_size(text: str | int) -> int:
     return int(value * factor)
 
 
-def format_size(n: float, like: str | None = None) -> str:
+def format_size(n: float, like: str | None = None, rounding: str = "nearest") -> str:
     """``n`` bytes for reading: in the unit of ``like`` (a size the user typed) when given,
-    else in decimal units (kB, MB, GB)."""
+    else in decimal units (kB, MB, GB); about four significant digits, rounded to the
+    nearest, or ``"down"``/``"up"`` (a size to type back that stays under or over ``n``)."""
+    scale = 1
+    label = "B"
     if like is not None:
         s = str(like).strip().lower().replace(" ", "")
         for unit, mult in _UNITS.items():
             if s.endswith(unit) and unit != "b":
+                scale = mult
                 label = {"k": "kB", "kb": "kB", "m": "MB", "g": "GB"}.get(unit, unit.upper().replace("I", "i"))
-                return f"{n / mult:.{_digits(n / mult)}f} {label}"
-    for label, mult in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
-        if n >= mult:
-            return f"{n / mult:.{_digits(n / mult)}f} {label}"
-    return f"{n:.0f} B"
+                break
+    else:
+        for label, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3), ("B", 1)):
+            if n >= scale:
+                break
+    v = n / scale
+    digits = _digits(v) if scale > 1 else 0
+    step = 10.0 ** digits
+    v = {"down": math.floor, "up": math.ceil}.get(rounding, round)(v * step) / step
+    return f"{v:.{digits}f} {label}"
 
 
 def _digits(v: float) -> int:

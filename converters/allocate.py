@@ -32,7 +32,8 @@ def aq_tensor_bytes(shape: Sequence[int], cfg: AQConfig, axes: Sequence[int] | N
 
 def allocate(errors: Mapping[str, Mapping[str, float]], nbytes: Mapping[str, Mapping[str, int]],
              budget: int, group_bytes: Mapping[str, int] | None = None,
-             sensitivity: Mapping[str, float] | None = None) -> dict[str, str]:
+             sensitivity: Mapping[str, float] | None = None, floor: int = 0,
+             fallback: Mapping[str, str] | None = None) -> dict[str, str]:
     """Choose one option per tensor minimising total weighted error within ``budget`` bytes.
 
     Parameters
@@ -45,6 +46,12 @@ def allocate(errors: Mapping[str, Mapping[str, float]], nbytes: Mapping[str, Map
         Fixed cost paid once if any tensor uses the option (shared codebooks).
     sensitivity : dict tensor -> weight, optional
         Multiplies the tensor's errors (default 1).
+    floor : int
+        Fewest bytes wanted (a size target lands just under its budget): when the
+        error-driven choice spends less, pairs of changes that spend more are made,
+        else ``fallback`` (a fuller choice) is improved without spending less.
+    fallback : dict tensor -> option, optional
+        See ``floor``.
 
     Returns
     -------
@@ -61,7 +68,13 @@ def allocate(errors: Mapping[str, Mapping[str, float]], nbytes: Mapping[str, Map
     if budget < smallest:
         raise AqmInputError(f"a budget of {budget:,} bytes is impossible: the smallest "
                             f"achievable is {smallest:,} bytes")
-    return _upgrade(p, _relax(p, budget), budget)
+    choice = _upgrade(p, _relax(p, budget), budget)
+    if p.total(choice) < floor:
+        _fill_in_pairs(p, choice, budget, floor)
+    if p.total(choice) < floor and fallback is not None and p.total(choice) < p.total(fallback) <= budget:
+        choice = dict(fallback)
+        _improve_within(p, choice, min(floor, p.total(fallback)), budget)
+    return choice
 
 
 @dataclass
@@ -126,4 +139,49 @@ def _upgrade(p: _Problem, choice: dict[str, str], budget: int) -> dict[str, str]
                         best, best_gain = (t, o), ratio
         if best is None:
             return choice
+        choice[best[0]] = best[1]
+
+
+def _fill_in_pairs(p: _Problem, choice: dict[str, str], budget: int, floor: int, rounds: int = 16) -> None:
+    """Spend more of ``budget`` (up to ``floor``) by changing two tensors at once (moving into a
+    group whose codebooks are not yet paid for often needs another tensor to give bytes back):
+    each round takes the change that adds the most bytes per unit of error it adds."""
+    moves = [(t, o) for t in p.opts for o in p.opts[t]]
+    for _ in range(rounds):
+        spent = p.total(choice)
+        if spent >= floor:
+            return
+        best, best_score = None, -math.inf
+        for i, (t1, o1) in enumerate(moves):
+            if o1 == choice[t1]:
+                continue
+            for t2, o2 in moves[i:]:
+                if t2 == t1 and o2 != o1 or o2 == choice[t2]:
+                    continue
+                trial = dict(choice, **{t1: o1, t2: o2})
+                added = p.total(trial) - spent
+                if added <= 0 or spent + added > budget:
+                    continue
+                worse = p.cost(t1, o1) - p.cost(t1, choice[t1]) + (p.cost(t2, o2) - p.cost(t2, choice[t2]) if t2 != t1 else 0)
+                score = added / max(worse, 1e-30) if worse > 0 else math.inf
+                if score > best_score or (score == best_score and best is not None and added > best[2]):
+                    best, best_score = (t1, o1, added, t2, o2), score
+        if best is None:
+            return
+        choice[best[0]], choice[best[3]] = best[1], best[4]
+
+
+def _improve_within(p: _Problem, choice: dict[str, str], floor: int, budget: int) -> None:
+    """Lower the error of ``choice`` by single changes that keep its bytes in ``floor..budget``."""
+    while True:
+        best, best_gain = None, 0.0
+        for t in p.opts:
+            for o in p.opts[t]:
+                if o == choice[t]:
+                    continue
+                gain = p.cost(t, choice[t]) - p.cost(t, o)
+                if gain > best_gain and floor <= p.total(dict(choice, **{t: o})) <= budget:
+                    best, best_gain = (t, o), gain
+        if best is None:
+            return
         choice[best[0]] = best[1]

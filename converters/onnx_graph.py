@@ -257,6 +257,41 @@ def weight_axes(model: Any) -> dict[str, tuple[int, ...] | None]:
     return found
 
 
+def stored_graph_bytes(model: Any, names: set[str]) -> int:
+    """Bytes the graph of ``model`` takes in an .aqm file once its initializers ``names`` are
+    stubs, compressed as the writer stores it: a size budget counts them before any encoding.
+
+    Only the graph's structure is copied, not the initializers' data.
+    """
+    import zstandard
+
+    from aqformat.writer import ZSTD_LEVEL
+    onnx = _onnx()
+    m = onnx.ModelProto()
+    _copy_fields(model, m, skip="graph")
+    _copy_fields(model.graph, m.graph, skip="initializer")
+    for t in model.graph.initializer:
+        if t.name in names:
+            make_stub(m.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims))
+        else:
+            m.graph.initializer.add().CopyFrom(t)
+    raw = m.SerializeToString()
+    return min(len(raw), len(zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False).compress(raw)))
+
+
+def _copy_fields(src: Any, dst: Any, skip: str) -> None:
+    """Copy every set field of protobuf message ``src`` into ``dst`` but ``skip``."""
+    for field, value in src.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(dst, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(dst, field.name).CopyFrom(value)
+        else:
+            setattr(dst, field.name, value)
+
+
 def restore_model(aqm: Any, external: tuple[Any, str] | None = None) -> Any:
     """The stored graph with every stub filled from the .aqm's decoded tensors.
 

@@ -162,6 +162,8 @@ class ConvertOptions:
         the entropy target of the dithered quantizer).
     target_size : int, optional
         File size budget in bytes (AQ): bits are allocated per tensor to fit it.
+    target_text : str, optional
+        The budget as the user wrote it (e.g. ``"250kB"``): messages use its units.
     allocate : bool
         Allocate bits per tensor at ``bits_per_weight`` with every byte counted (AQ).
     permute : bool
@@ -184,6 +186,7 @@ class ConvertOptions:
 
     bits_per_weight: float = 4.0
     target_size: int | None = None
+    target_text: str | None = None
     allocate: bool = False
     permute: bool = False
     grouping: str = "by-kind"
@@ -215,7 +218,8 @@ class ConvertOptions:
               encoder: EncoderOptions | Mapping[str, Any] | None, **rest: Any) -> ConvertOptions:
         """From the public keyword arguments: ``target_size`` parsed, ``encoder`` typed."""
         return cls(bits_per_weight=bits, keep=tuple(keep), encoder=EncoderOptions.of(encoder),
-                   target_size=parse_size(target_size) if target_size is not None else None, **rest)
+                   target_size=parse_size(target_size) if target_size is not None else None,
+                   target_text=None if target_size is None else str(target_size), **rest)
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,12 @@ import numpy as np
 
 from aqformat import __version__
 from aqformat.errors import AqmInputError, AqmWarning
-from aqformat.units import format_size
+from aqformat.units import format_size, parse_size
 from aqformat.writer import Writer
 
 from .encoders import TensorEncoder
 from .options import AQConfig, ConvertOptions, EncoderOptions, FinetuneOptions
-from .planning import ModelTensors, select_tensors
+from .planning import ModelTensors, select_tensors, size_budget
 from .progress import Progress
 from .sources import Source, TensorSpec, to_float32
 
@@ -56,6 +56,7 @@ class ConversionSummary:
     seconds: float
     weight_sqnr_db: dict[str, float] = field(default_factory=dict)
     finetune: Any = None         # FinetuneReport when the file was fine-tuned
+    target_size: Any = None      # the file size budget as given (e.g. "250kB"), if any
 
     @property
     def ratio(self) -> float:
@@ -74,7 +75,18 @@ class ConversionSummary:
                 f"({self.ratio:.2f}x, {self.bits_per_weight:.3f} bits/weight), "
                 f"{len(self.compressed)} tensors coded, {len(self.raw)} raw, "
                 f"{len(self.groups)} codebook group(s){mean_sqnr}, {self.seconds:.1f} s"
+                + self._target_note()
                 + (f"; {self.finetune}" if self.finetune is not None else ""))
+
+    def _target_note(self) -> str:
+        """How the file landed against ``target_size``, in the units it was given in."""
+        if self.target_size is None:
+            return ""
+        target = parse_size(self.target_size)
+        gap = 100.0 * (target - self.aqm_bytes) / target
+        where = f"{gap:.1f}% under" if gap >= 0 else f"{-gap:.1f}% OVER"
+        return (f"; target {self.target_size}: {format_size(self.aqm_bytes, like=str(self.target_size))} "
+                f"({self.aqm_bytes:,} bytes), {where}")
 
 
 def run(source: Source, out_path: str | os.PathLike, opts: ConvertOptions, axes: dict[str, Any], *,
@@ -91,10 +103,11 @@ def run(source: Source, out_path: str | os.PathLike, opts: ConvertOptions, axes:
     from .encoders import make_encoder
     t0 = time.monotonic()
     encoder = make_encoder(opts)
-    tensors, compress = _model_tensors(source, opts, axes, calib if encoder.calibrated else None)
+    source_info = {"framework": source.framework, "name": source.name, **source.info}
+    tensors, compress = _model_tensors(source, opts, axes, calib if encoder.calibrated else None,
+                                       (graph_model, source_info))
     torch.manual_seed(opts.seed)
     encoder.train(tensors, compress)
-    source_info = {"framework": source.framework, "name": source.name, **source.info}
     with Writer(out_path, producer=f"aqformat {__version__} (aqformat.converters)",
                 source=source_info) as w:
         encoder.write_shared(w)
@@ -103,17 +116,24 @@ def run(source: Source, out_path: str | os.PathLike, opts: ConvertOptions, axes:
             w.set_graph(graph_model.SerializeToString(), format="onnx")
         w.update_metadata(conversion=encoder.metadata())
     specs = source.specs
+    size = os.path.getsize(out_path)
+    if opts.target_size is not None and size > opts.target_size:  # the header is estimated before writing
+        warnings.warn(f"the file is {size - opts.target_size:,} bytes over --target-size {opts.target_text}",
+                      AqmWarning, stacklevel=2)
     return ConversionSummary(
         path=os.fspath(out_path), source_bytes=sum(s.nbytes for s in specs),
         source_file_bytes=source.file_bytes, aqm_bytes=os.path.getsize(out_path),
         parameters=sum(s.numel for s in specs), compressed=encoder.coded,
         raw=[s.name for s in specs if s.name not in set(encoder.coded)], groups=encoder.groups,
-        seconds=time.monotonic() - t0, weight_sqnr_db=sqnr)
+        seconds=time.monotonic() - t0, weight_sqnr_db=sqnr, target_size=opts.target_text)
 
 
 def _model_tensors(source: Source, opts: ConvertOptions, axes: dict[str, Any],
-                   calib: tuple[Any, Any, Any] | None) -> tuple[ModelTensors, list[str]]:
-    """The source's tensors with their calibration statistics, and the names chosen for compression."""
+                   calib: tuple[Any, Any, Any] | None, stored: tuple[Any, dict[str, Any]]
+                   ) -> tuple[ModelTensors, list[str]]:
+    """The source's tensors with their calibration statistics and size budget, and the names
+    chosen for compression; ``stored`` is ``(graph model, source description)`` as the file
+    will hold them (a size budget counts them)."""
     from .calib import calibration_stats
     specs = source.specs
     by_name = {s.name: s for s in specs}
@@ -122,12 +142,13 @@ def _model_tensors(source: Source, opts: ConvertOptions, axes: dict[str, Any],
             warnings.warn(f"--keep {pattern!r} matches no tensor (tensor names: aqm-info, or the "
                           f"model's state_dict keys / ONNX initializer names)", AqmWarning, stacklevel=2)
     compress = select_tensors(specs, keep=opts.keep, min_elements=opts.min_elements)
+    budget = size_budget(specs, compress, opts, axes, *stored)  # before anything is trained
     H, S = calibration_stats(calib, compress, sensitivity=opts.target_size is not None or opts.allocate)
 
     def load(name: str) -> np.ndarray:
         return to_float32(source.load(name), by_name[name].dtype)
 
-    return ModelTensors(specs, load, axes, H, S), compress
+    return ModelTensors(specs, load, axes, H, S, budget=budget), compress
 
 
 def _encode_all(w: Writer, source: Source, encoder: TensorEncoder, graph_model: Any,

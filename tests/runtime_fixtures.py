@@ -188,3 +188,15 @@ def build_torch_aqm(state_dict: dict, path: str, *, M: int = 2, K: int = 256, d:
                 w.add_tensor(k, a)
                 codecs[k] = "raw"
     return codecs
+
+
+def digits_cnn():
+    """The digits CNN's architecture (bench/tasks.py), seeded: 3 conv layers and a 256-128-10 classifier."""
+    import torch
+    torch.manual_seed(0)
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10)).eval()

@@ -22,20 +22,9 @@ import torch
 import aqformat
 from aqformat.cli import main as aqm_main
 from aqformat.converters.cli import DEFAULT_BEAM, DEFAULT_ITERS
-from tests.runtime_fixtures import silero_path
+from tests.runtime_fixtures import digits_cnn, silero_path
 
 FAST = ["--iters", "2", "--beam", "2"]
-
-
-def cnn() -> torch.nn.Module:
-    """The digits CNN's architecture (bench/tasks.py): 3 conv layers and a 256-128-10 classifier."""
-    torch.manual_seed(0)
-    nn = torch.nn
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10)).eval()
 
 
 class Aqm:
@@ -61,7 +50,7 @@ def shell(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("journey")
-    model = cnn()
+    model = digits_cnn()
     torch.save(model.state_dict(), d / "cnn.pt")
     x = np.random.default_rng(0).random((2, 1, 8, 8), dtype=np.float32)
     np.save(d / "x.npy", x)
