@@ -177,10 +177,18 @@ def systems_lines(models: dict[str, dict], other: dict[str, Any]) -> list[str]:
     out = ["## Systems", ""]
     c = other.get("container")
     if c:
-        out += ["### AQ decode throughput (numpy, one thread) vs memcpy of the fp32 output", "",
-                "| code bits | d | M | decode GB/s | memcpy GB/s | decode / memcpy |", "|---|---|---|---|---|---|"]
-        out += [f"| {r['bits']} | {r['d']} | {r['M']} | {r['decode_GBps']:.2f} | {r['memcpy_GBps']:.2f} | "
-                f"{r['ratio_to_memcpy']:.2f} |" for r in c.get("decode", [])]
+        out += ["### AQ decode throughput vs memcpy of the fp32 output (one thread; kernel: numba)", "",
+                "| code bits | d | M | memcpy GB/s | numpy / memcpy | kernel / memcpy | kernel, by threads |",
+                "|---|---|---|---|---|---|---|"]
+        for r in c.get("decode", []):
+            curve = " ".join(f"{n}: {v['ratio_to_memcpy']:.2f}x" for n, v in r.get("threads", {}).items())
+            kernel = f"{r['kernel_ratio_to_memcpy']:.2f}" if "kernel_ratio_to_memcpy" in r else "-"
+            out.append(f"| {r['bits']} | {r['d']} | {r['M']} | {r['memcpy_GBps']:.2f} | "
+                       f"{r.get('numpy_ratio_to_memcpy', r['ratio_to_memcpy']):.2f} | {kernel} | {curve or '-'} |")
+        if c.get("kernel_compile"):
+            k = c["kernel_compile"]
+            out += ["", f"Decode kernel compile time in a fresh process: {k['cold_cache_s']:.2f} s with an empty "
+                    f"cache, {k['warm_cache_s']:.2f} s loading the cached kernel."]
         out += ["", "| file MB | open() ms | RSS delta MB |", "|---|---|---|"]
         out += [f"| {r['file_mb']} | {r['open_s'] * 1e3:.2f} | {r['rss_delta_bytes'] / 1e6:.2f} |"
                 for r in c.get("open", [])]
@@ -277,8 +285,10 @@ def plot_decode(container: dict, folder: str) -> str | None:
     fig, ax = plt.subplots(figsize=(7, 3.8))
     labels = [f"M={r['M']} K=2^{r['bits']} d={r['d']}\n{r['M'] * r['bits'] / r['d']:g} bits/weight" for r in rows]
     x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r["decode_GBps"] for r in rows], 0.4, color="crimson", label="AQ decode (numpy)")
-    ax.bar([i + 0.2 for i in x], [r["memcpy_GBps"] for r in rows], 0.4, color="grey", label="memcpy, same output")
+    ax.bar([i - 0.27 for i in x], [r.get("numpy_GBps", r["decode_GBps"]) for r in rows], 0.27, color="salmon",
+           label="AQ decode (numpy)")
+    ax.bar(list(x), [r.get("kernel_GBps", 0.0) for r in rows], 0.27, color="crimson", label="AQ decode (kernel)")
+    ax.bar([i + 0.27 for i in x], [r["memcpy_GBps"] for r in rows], 0.27, color="grey", label="memcpy, same output")
     ax.set_xticks(list(x), labels)
     ax.set_ylabel("GB/s of fp32 output")
     ax.set_ylim(0, 1.25 * max(r["memcpy_GBps"] for r in rows))

@@ -72,13 +72,15 @@ def decode_vectors(codes: np.ndarray, codebooks: np.ndarray, out: np.ndarray | N
 def decode_aq(codes: np.ndarray, codebooks: np.ndarray, shape: Sequence[int],
               scale: np.ndarray | None, perm: np.ndarray | None,
               axes: Sequence[int] | None, rows: int, cols: int) -> np.ndarray:
-    """Rebuild a float32 tensor from its codes (see spec, "Layout")."""
-    d = codebooks.shape[2]
-    cols_p = -(-cols // d) * d
-    w = decode_vectors(codes, codebooks).reshape(rows, cols_p)[:, :cols]
-    if scale is not None:
-        w *= scale.astype(np.float32)[:, None]
-    return from_matrix(np.ascontiguousarray(w), shape, axes, perm)
+    """Rebuild a float32 tensor from its codes (see spec, "Layout").
+
+    Steps 1-3 of the spec's AQ decoding run in the compiled kernel when numba
+    is installed (:mod:`aqformat.kernels.decode`), else in numpy; both give
+    the same bits.
+    """
+    from ..kernels.decode import decode_rows  # the kernel module builds on decode_vectors above
+    w = decode_rows(codes, codebooks, scale, cols)
+    return from_matrix(w, shape, axes, perm)
 
 
 @dataclass(frozen=True)
@@ -272,6 +274,8 @@ def _torch_codebooks(p: AQParts, device: Any) -> torch.Tensor:
 def torch_decode(t: TensorRecord, f: AqmFile, device: Any, cache: dict) -> torch.Tensor:
     """Decode on ``device`` as float32; ``cache`` keeps each codebook group there, by group name."""
     import torch
+    if torch.device(device).type == "cpu":  # the compiled decoder where there is one; the same bits
+        return torch.from_numpy(np.ascontiguousarray(decode(t, f)))
     p = parts(f, t)
     group = f.codebook_groups[t.fields["group"]].name
     cb = cache.get(group)
