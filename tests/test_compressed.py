@@ -1,0 +1,129 @@
+"""load_torch(resident="compressed"): modules computing from AQ codes match the decoded model."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import aqformat
+from aqformat.errors import AqmInputError
+from aqformat.kernels import decode as kd
+from aqformat.kernels import matmul as km
+from aqformat.runtime import load_torch
+from aqformat.runtime.compressed import LUT_MAX_ROWS, AQConv, AQEmbedding, AQLinear
+
+from runtime_fixtures import build_torch_aqm
+
+
+class Net(torch.nn.Module):
+    """Every replaceable kind and layout: plain, scaled, permuted and transposed (axes) weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(100, 32)
+        self.conv = torch.nn.Conv1d(32, 48, 3, padding=1)
+        self.conv2 = torch.nn.Conv1d(48, 48, 3, padding=1, groups=4, padding_mode="reflect")
+        self.fc = torch.nn.Linear(48, 1024)
+        self.fc2 = torch.nn.Linear(1024, 40)
+        self.img = torch.nn.Conv2d(1, 8, 3)
+        self.fc3 = torch.nn.Linear(40, 64, bias=False)
+
+    def forward(self, ids):
+        h = self.emb(ids).transpose(1, 2)
+        h = torch.relu(self.conv2(torch.relu(self.conv(h)))).transpose(1, 2)
+        out = self.fc3(torch.relu(self.fc2(torch.relu(self.fc(h)))))
+        return out + self.img(out[:, None, :, :8].contiguous()).mean((1, 2, 3))[:, None, None]
+
+
+@pytest.fixture(scope="module")
+def net_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("comp") / "net.aqm")
+    build_torch_aqm(Net().state_dict(), path, d=8, min_aq=64)
+    return path
+
+
+def _pair(path):
+    ref = load_torch(path, Net().eval(), lazy=False)
+    return ref, load_torch(path, Net().eval(), resident="compressed")
+
+
+def test_modules_are_replaced_by_layout(net_file):
+    _, comp = _pair(net_file)
+    assert isinstance(comp.emb, AQEmbedding) and isinstance(comp.fc, AQLinear) and isinstance(comp.fc2, AQLinear)
+    assert isinstance(comp.conv2, AQConv) and isinstance(comp.img, AQConv)
+    with aqformat.open(net_file) as f:
+        assert f.aq_parts("conv.weight").axes is not None  # a transposed conv layout stays decoded
+    assert type(comp.conv) is torch.nn.Conv1d and comp.conv.weight.shape == (48, 32, 3)
+
+
+@pytest.mark.parametrize("numba", [True, False])
+@pytest.mark.parametrize("T", [3, LUT_MAX_ROWS, 30])
+def test_outputs_match_decoded_model(net_file, T, numba, monkeypatch):
+    if not numba:
+        monkeypatch.setattr(kd, "_kernel", lambda: None)
+        monkeypatch.setattr(km, "_kernel", lambda: None)
+    elif not kd.compiled():
+        pytest.skip("numba is not installed")
+    ref, comp = _pair(net_file)
+    ids = torch.randint(0, 100, (1, T), generator=torch.Generator().manual_seed(T))
+    with torch.no_grad():
+        a, b = ref(ids), comp(ids)
+    # float32 sums in another order: about 1e-6 relative per product
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+
+
+def test_lookup_table_and_tiles_agree(net_file, monkeypatch):
+    """The two Linear strategies (few rows: lookup table; many: decoded tiles) give the same product."""
+    _, comp = _pair(net_file)
+    x = torch.randn(3, 48)
+    assert comp.fc._lut_ok
+    lut = comp.fc(x)
+    monkeypatch.setattr("aqformat.runtime.compressed.TILE_BYTES", 4 * 48 * 100)  # 11 tiles of 100 rows
+    monkeypatch.setattr("aqformat.runtime.compressed.LUT_MAX_ROWS", 0)
+    torch.testing.assert_close(comp.fc(x), lut, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(comp.fc(x), x @ comp.fc.weight.T + comp.fc.bias, rtol=1e-5, atol=1e-6)
+
+
+def test_weights_state_dict_and_copies(net_file):
+    ref, comp = _pair(net_file)
+    sd, rsd = comp.state_dict(), ref.state_dict()
+    assert sorted(sd) == sorted(rsd)
+    for k in sd:
+        assert torch.equal(sd[k], rsd[k]), k
+    assert torch.equal(comp.fc2.weight, ref.fc2.weight)  # transposed + permuted layout, decoded on access
+    twin = copy.deepcopy(comp)
+    ids = torch.randint(0, 100, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(twin(ids), comp(ids))
+        assert comp.half()(ids).dtype == torch.float16  # the other tensors follow; codes stay as they are
+    fresh = Net()
+    fresh.load_state_dict(sd)  # what was saved loads into a plain model
+
+
+def test_compressed_memory_is_the_codes(net_file):
+    _, comp = _pair(net_file)
+    with aqformat.open(net_file) as f:
+        for name in ("fc", "fc2", "emb"):
+            mod = getattr(comp, name)
+            assert mod.aq.codes.nbytes == f.aq_parts(f"{name}.weight").codes.nbytes
+            assert not hasattr(mod, "_parameters") or "weight" not in mod._parameters
+
+
+def test_bad_settings_are_refused(net_file):
+    with pytest.raises(AqmInputError, match="resident must be"):
+        load_torch(net_file, Net(), resident="fp8")
+    with pytest.raises(AqmInputError, match="CPU"):
+        load_torch(net_file, Net(), device="cuda", resident="compressed")
+    comp = load_torch(net_file, Net(), resident="compressed")
+    with pytest.raises(AqmInputError, match="resident='decoded'"):
+        comp.to("meta")
+
+
+def test_embedding_rejects_out_of_range_ids(net_file):
+    _, comp = _pair(net_file)
+    with pytest.raises(IndexError):
+        comp.emb(torch.tensor([[100]]))
