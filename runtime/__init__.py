@@ -12,10 +12,12 @@ from .cache import CacheStats, WeightCache
 from .ort_session import InferenceSession, IOInfo
 
 
-def load_torch(*args: Any, **kwargs: Any) -> Any:
-    """Fill a torch module from an .aqm file; see :func:`aqformat.runtime.torch_loader.load_torch`."""
-    from .torch_loader import load_torch as _load_torch
-    return _load_torch(*args, **kwargs)
+def __getattr__(name: str) -> Any:
+    # load_torch is the real function (help() shows its signature); torch is imported when it is first asked for
+    if name == "load_torch":
+        from .torch_loader import load_torch
+        return load_torch
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["CacheStats", "InferenceSession", "IOInfo", "WeightCache", "load_torch"]

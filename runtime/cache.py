@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import AqmInputError
+
 
 @dataclass
 class CacheStats:
@@ -118,6 +120,10 @@ class WeightCache:
         with self._lock:
             self._items.clear()
             self._stats.resident_bytes = 0
+
+    def __deepcopy__(self, memo: dict) -> "WeightCache":
+        raise AqmInputError("a lazily loaded model cannot be deep-copied: its weights are decoded by hooks bound to "
+                            "the original; load it with lazy=False (or resident='compressed') to copy it")
 
     def __contains__(self, key: object) -> bool:
         with self._lock:

@@ -105,7 +105,8 @@ def test_lazy_load_with_eviction(net_file):
     with torch.no_grad():
         expected = _reference(net_file)(x)
         net = load_torch(net_file, Net().eval())
-        assert net.fc.weight.numel() == 0                     # nothing decoded before use
+        assert net.fc.weight.shape == (64, 32)                # nothing decoded before use: shape and dtype,
+        assert net.fc.weight.isnan().all()                    # NaN values, never zeros
         assert torch.equal(net(x), expected)
         assert net.aqm_cache.stats.evictions == 0
         small = load_torch(net_file, Net().eval(), budget_bytes=20000)
@@ -196,3 +197,25 @@ def test_minilm_lazy_and_eager(tmp_path):
         assert torch.equal(lazy(**enc).last_hidden_state, expected)
         assert torch.equal(lazy(**enc).last_hidden_state, expected)
         assert lazy.aqm_cache.stats.evictions > 0
+
+
+def test_lazy_tensors_before_decoding(net_file):
+    """Before the first forward: real shapes and dtypes, decoded state_dict, .half() honoured, deepcopy refused."""
+    x = torch.randn(2, 3, 16, 16)
+    ref = _reference(net_file)
+    net = load_torch(net_file, Net().eval())
+    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert net.conv.weight.dtype == torch.float32 and net.conv.weight.isnan().all()
+    state = net.state_dict()                       # decoded, not placeholders
+    for k, v in ref.state_dict().items():
+        assert torch.equal(state[k], v), k
+    assert net.conv.weight.isnan().all()           # state_dict() decoded without keeping anything
+    with pytest.raises(AqmInputError, match="lazy=False"):
+        copy.deepcopy(net)
+    half = load_torch(net_file, Net().eval()).half()
+    with torch.no_grad():
+        out = half(x.half())
+    assert out.dtype == torch.float16 and net.fc.weight.isnan().all()
+    torch.testing.assert_close(out.float(), ref(x), rtol=0.05, atol=0.05)
+    assert half.state_dict()["fc.weight"].dtype == torch.float16
