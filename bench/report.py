@@ -193,6 +193,20 @@ def systems_lines(models: dict[str, dict], other: dict[str, Any]) -> list[str]:
         out += [f"| {r['file_mb']} | {r['open_s'] * 1e3:.2f} | {r['rss_delta_bytes'] / 1e6:.2f} |"
                 for r in c.get("open", [])]
         out += ["", "![decode throughput](decode.png)", ""] if c.get("decode") else [""]
+    cb = other.get("compressed")
+    if cb and "targets" in cb:
+        lat, t = cb["latency"], cb["targets"]
+        out += [f"### Torch with weights kept compressed ({cb['model']}, `python -m bench.compressed_bench`)", "",
+                "| | fp32 torch | decoded | compressed | compressed / fp32 |", "|---|---|---|---|---|"]
+        for b, target in (("1", "1.3"), ("8", "1.5")):
+            r = lat[f"batch{b}"]
+            out.append(f"| latency ms, {b} sentence(s) | {r['fp32'] * 1e3:.2f} | {r['decoded'] * 1e3:.2f} | "
+                       f"{r['compressed'] * 1e3:.2f} | {r['compressed'] / r['fp32']:.2f}x (target <= {target}x) |")
+        above = t["rss_above_base"]
+        out += [f"| peak RSS above the interpreter, MB | {above['fp32'] / 1e6:.1f} | {above['decoded'] / 1e6:.1f} | "
+                f"{above['compressed'] / 1e6:.1f} | bound .aqm + activations + 30 MB = {t['rss_bound'] / 1e6:.1f}: "
+                f"{'met' if t['rss_met'] else 'not met'} |", "",
+                "![memory over time on torch](memory_torch.png)", ""]
     rb = other.get("runtime_bench")
     if rb:
         out += [f"### Runtime: .aqm InferenceSession vs fp32 ONNX Runtime ({rb.get('model', '')})", "",
@@ -321,6 +335,29 @@ def plot_memory(runtime_bench: dict, folder: str) -> str | None:
     return _save(fig, folder, "memory")
 
 
+def plot_torch_memory(compressed: dict, folder: str) -> str | None:
+    """MiniLM on torch: RSS over time for fp32, resident decoded and resident compressed (memory_torch.png)."""
+    load = compressed.get("load", {})
+    if not load:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    styles = {"fp32": ("fp32 torch", dict(color="grey")),
+              "decoded": ("load_torch, weights decoded", dict(color="crimson", ls="--")),
+              "compressed": ("load_torch, resident='compressed'", dict(color="crimson"))}
+    for v, (label, style) in styles.items():
+        if v in load:
+            t, rss = zip(*load[v]["rss_trace"])
+            ax.plot(t, [(b - load[v]["base_rss"]) / 2**20 for b in rss], label=label, **style)
+    ax.axhline(compressed["aqm_bytes"] / 2**20, color="black", lw=0.8, ls=":", label=".aqm file size")
+    ax.set_xlabel("seconds from the start of loading (load, then 1- and 8-sentence runs)")
+    ax.set_ylabel("RSS above the interpreter, MiB")
+    ax.set_title(f"Memory over time on torch: {compressed.get('model', '')}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, folder, "memory_torch")
+
+
 def plot(key: str, data: dict, folder: str) -> str | None:
     """Fidelity (primary and secondary metric) vs bits/weight for every method."""
     rows = [r for r in ok_rows(data) if r["bits_per_weight"] <= 17]
@@ -394,6 +431,7 @@ def readme_section(models: dict[str, dict], folder: str) -> str:
     out += _finetune_table(folder)
     out += _readme_image(folder, "decode", "decode throughput vs memcpy")
     out += _readme_image(folder, "memory", "memory over time, .aqm vs fp32 ONNX Runtime")
+    out += _readme_image(folder, "memory_torch", "memory over time on torch: fp32, decoded, compressed")
     return "\n".join(out)
 
 
@@ -425,7 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     plots = [plot(key, data, args.results) for key, data in models.items()]
     plots += [plot_decode(other.get("container", {}), args.results),
-              plot_memory(other.get("runtime_bench", {}), args.results)]
+              plot_memory(other.get("runtime_bench", {}), args.results),
+              plot_torch_memory(other.get("compressed", {}), args.results)]
     md = os.path.join(args.results, "RESULTS.md")
     with open(md, "w") as f:
         f.write(results_md(models, other))

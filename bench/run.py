@@ -368,6 +368,7 @@ def bench_digits(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
 SYSTEM_SCRIPTS: dict[str, tuple[list[str] | None, list[str], str | None]] = {
     "container_bench.py": (["--quick"], [], "container.json"),
     "runtime_bench.py": (["--repeats", "1", "--iters", "10"], [], "runtime_bench.json"),
+    "compressed_bench.py": (["--iters", "10"], [], "compressed.json"),
     "quant_gaussian.py": (None, [], None),
     "quant_minilm.py": (None, ["--mode", "fixed", "--bits", "4", "--faiss", "--no-calib"], None),
     "convert_stream.py": (None, [], None),

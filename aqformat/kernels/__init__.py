@@ -19,6 +19,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -84,10 +85,21 @@ def compile_seconds() -> dict[str, float]:
     return dict(_compile_seconds)
 
 
-def record_compile(name: str, seconds: float) -> None:
-    """Note that kernel ``name`` took ``seconds`` to compile (or to load from the cache)."""
+def compile_kernel(name: str, fn: Callable[..., Any], signatures: Callable[[Any], list[Any]]) -> Any:
+    """``fn`` compiled by numba for ``signatures(numba.types)`` (or loaded from the cache), or None without numba.
+
+    Compiled eagerly, with the SLP vectoriser on and ``nogil``; the time it
+    takes is recorded under ``name`` in :func:`compile_seconds`.
+    """
+    nb = numba_module()
+    if nb is None:
+        return None
+    t = time.perf_counter()
+    with slp_vectorize(nb):
+        kernel = nb.njit(signatures(nb.types), cache=True, nogil=True)(fn)
     with _lock:
-        _compile_seconds[name] = _compile_seconds.get(name, 0.0) + seconds
+        _compile_seconds[name] = _compile_seconds.get(name, 0.0) + time.perf_counter() - t
+    return kernel
 
 
 def threads() -> int:

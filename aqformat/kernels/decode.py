@@ -10,14 +10,13 @@ codebook.
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any
 
 import numpy as np
 
 from ..codecs.aq import decode_vectors
 from ..errors import AqmIntegrityError
-from . import numba_module, record_compile, run_parallel, slp_vectorize, threads
+from . import compile_kernel, run_parallel, threads
 
 
 def _decode_block(codes, cb, scale, has_scale, r0, r1, out):  # pragma: no cover - compiled by numba
@@ -79,20 +78,15 @@ def _decode_block(codes, cb, scale, has_scale, r0, r1, out):  # pragma: no cover
 _MIN_TASK_VALUES = 1 << 16
 
 
+def _signatures(ty: Any) -> list[Any]:
+    ro = {n: ty.Array(ty.float32, n, "C", readonly=True) for n in (1, 3)}  # inputs may be file mappings
+    return [ty.void(ty.Array(c, 2, "C", readonly=True), ro[3], ro[1], ty.boolean, ty.int64, ty.int64,
+                    ty.Array(ty.float32, 2, "C")) for c in (ty.uint8, ty.uint16)]
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel() -> Any:
-    nb = numba_module()
-    if nb is None:
-        return None
-    ty = nb.types
-    ro = {n: ty.Array(ty.float32, n, "C", readonly=True) for n in (1, 3)}  # inputs may be file mappings
-    sigs = [ty.void(ty.Array(c, 2, "C", readonly=True), ro[3], ro[1], ty.boolean, ty.int64, ty.int64,
-                    ty.Array(ty.float32, 2, "C")) for c in (ty.uint8, ty.uint16)]
-    t = time.perf_counter()
-    with slp_vectorize(nb):
-        k = nb.njit(sigs, cache=True, nogil=True)(_decode_block)
-    record_compile("decode", time.perf_counter() - t)
-    return k
+    return compile_kernel("decode", _decode_block, _signatures)
 
 
 def compiled() -> bool:

@@ -15,12 +15,11 @@ differently): relative error about ``1e-6 * sqrt(cols)``.
 from __future__ import annotations
 
 import functools
-import time
 from typing import Any
 
 import numpy as np
 
-from . import numba_module, record_compile, run_parallel, slp_vectorize, threads
+from . import compile_kernel, run_parallel, threads
 
 
 def _lut_block(lut, codes, scale, has_scale, r0, r1, y):  # pragma: no cover - compiled by numba
@@ -40,20 +39,15 @@ def _lut_block(lut, codes, scale, has_scale, r0, r1, y):  # pragma: no cover - c
             y[t, r] = acc[t] * s
 
 
-@functools.lru_cache(maxsize=None)
-def _kernel() -> Any:
-    nb = numba_module()
-    if nb is None:
-        return None
-    ty = nb.types
-    sigs = [ty.void(ty.Array(ty.float32, 4, "C", readonly=True), ty.Array(c, 2, "C", readonly=True),
+def _signatures(ty: Any) -> list[Any]:
+    return [ty.void(ty.Array(ty.float32, 4, "C", readonly=True), ty.Array(c, 2, "C", readonly=True),
                     ty.Array(ty.float32, 1, "C", readonly=True), ty.boolean, ty.int64, ty.int64,
                     ty.Array(ty.float32, 2, "C")) for c in (ty.uint8, ty.uint16)]
-    t = time.perf_counter()
-    with slp_vectorize(nb):
-        k = nb.njit(sigs, cache=True, nogil=True)(_lut_block)
-    record_compile("lut_matmul", time.perf_counter() - t)
-    return k
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel() -> Any:
+    return compile_kernel("lut_matmul", _lut_block, _signatures)
 
 
 def lut_matmul(lut: np.ndarray, codes: np.ndarray, scale: np.ndarray | None, rows: int) -> np.ndarray:
