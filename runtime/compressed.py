@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..codecs.aq import parts as aq_parts
 from ..errors import AqmInputError
 from ..kernels.decode import check_codes, decode_rows
 from ..kernels.matmul import lut_matmul
@@ -69,7 +70,7 @@ class AQWeight:
     @classmethod
     def from_file(cls, f: AqmFile, name: str, codebooks: dict[str, np.ndarray]) -> "AQWeight":
         info = f.info(name)
-        p = f.aq_parts(name)
+        p = aq_parts(f, name)
         cb = codebooks.get(info.group)
         if cb is None:
             cb = codebooks[info.group] = np.array(p.codebooks, dtype=np.float32)

@@ -274,8 +274,6 @@ def _torch_codebooks(p: AQParts, device: Any) -> torch.Tensor:
 def torch_decode(t: TensorRecord, f: AqmFile, device: Any, cache: dict) -> torch.Tensor:
     """Decode on ``device`` as float32; ``cache`` keeps each codebook group there, by group name."""
     import torch
-    if torch.device(device).type == "cpu":  # the compiled decoder where there is one; the same bits
-        return torch.from_numpy(np.ascontiguousarray(decode(t, f)))
     p = parts(f, t)
     group = f.codebook_groups[t.fields["group"]].name
     cb = cache.get(group)
