@@ -18,6 +18,12 @@ MANIFEST = json.load(open(os.path.join(VEC, "MANIFEST.json")))
 needs_numba = pytest.mark.skipif(not kd.compiled(), reason="numba is not installed")
 
 
+@pytest.fixture(autouse=True)
+def kernel_for_any_size(monkeypatch):
+    """The kernel decodes even the small matrices here (by default they stay in numpy)."""
+    monkeypatch.setattr(kd, "_MIN_KERNEL_VALUES", 0)
+
+
 def _reference(codes, cb, scale, cols):
     """The numpy decoder of spec 5.2 steps 1-3, written out."""
     M, K, d = cb.shape

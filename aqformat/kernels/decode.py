@@ -76,6 +76,9 @@ def _decode_block(codes, cb, scale, has_scale, r0, r1, out):  # pragma: no cover
 
 # rows per task when several threads decode one tensor: enough work to amortise a task's start
 _MIN_TASK_VALUES = 1 << 16
+# smaller decodes stay in numpy: as fast there, and reading a small file never waits for numba
+# to load (about a second on first use)
+_MIN_KERNEL_VALUES = 1 << 14
 
 
 def _signatures(ty: Any) -> list[Any]:
@@ -137,7 +140,7 @@ def decode_rows(codes: np.ndarray, codebooks: np.ndarray, scale: np.ndarray | No
     sub = codes[row_start * nch:(row_start + n) * nch]
     check_codes(sub, K)
     cb = np.ascontiguousarray(codebooks, dtype=np.float32)
-    k = _kernel()
+    k = _kernel() if n * cols >= _MIN_KERNEL_VALUES else None
     if k is None or sub.dtype not in (np.uint8, np.uint16) or out.dtype != np.float32 or not out.flags.c_contiguous:
         w = decode_vectors(sub, cb).reshape(n, nch * d)[:, :cols]
         if scale is not None:
