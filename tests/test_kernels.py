@@ -133,7 +133,7 @@ def test_cache_dir_for_a_read_only_install(monkeypatch, tmp_path):
     here = os.path.dirname(kernels.__file__)
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user"))
-    monkeypatch.setattr(kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr("tempfile.gettempdir", lambda: str(tmp_path / "tmp"))
     monkeypatch.setattr(kernels, "_writable", lambda folder: not folder.startswith(here))
     assert kernels.cache_dir() == str(tmp_path / "user" / "aqformat" / "numba")
     monkeypatch.setattr(kernels, "_writable", lambda folder: folder.startswith(str(tmp_path / "tmp")))

@@ -17,18 +17,16 @@ import contextlib
 import functools
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 _log = logging.getLogger("aqformat")
 _compile_seconds: dict[str, float] = {}
 _lock = threading.RLock()
 _threads: int | None = None
-_pool: ThreadPoolExecutor | None = None
+_pool: Any = None  # a concurrent.futures.ThreadPoolExecutor, made on first use
 
 
 def _writable(folder: str) -> bool:
@@ -46,6 +44,7 @@ def cache_dir() -> str:
     here = os.path.dirname(os.path.abspath(__file__))
     if _writable(os.path.join(here, "__pycache__")):
         return os.path.join(here, "__pycache__")
+    import tempfile
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     for folder in (os.path.join(base, "aqformat", "numba"),
                    os.path.join(tempfile.gettempdir(), f"aqformat-numba-{os.getuid() if hasattr(os, 'getuid') else 0}")):
@@ -129,6 +128,7 @@ def run_parallel(calls: list[tuple[Callable[..., Any], tuple[Any, ...]]]) -> lis
     if len(calls) == 1:
         fn, args = calls[0]
         return [fn(*args)]
+    from concurrent.futures import ThreadPoolExecutor
     with _lock:
         if _pool is None or _pool._max_workers < len(calls) - 1:  # noqa: SLF001 - grown, never shrunk
             _pool = ThreadPoolExecutor(max_workers=len(calls) - 1, thread_name_prefix="aqformat-kernel")
