@@ -155,18 +155,7 @@ def _fill(f: Any, model: torch.nn.Module, targets: dict[str, torch.Tensor], pres
     modules = dict(model.named_modules())
     for mod_name, keys in owned.items():
         _install_hooks(modules[mod_name], keys, cache, bound, decode)
-    # state_dict() of a lazy model holds decoded values, whatever the cache holds right now
-    cache_key = {k: key_of[id(targets[k])] for k in present}
-
-    def decoded_state(module: torch.nn.Module, state: dict, prefix: str, meta: Any) -> None:
-        for k, key in cache_key.items():
-            entry = state.get(prefix + k)
-            if entry is not None and key not in cache:
-                value = decode(key).to(entry.dtype)
-                state[prefix + k] = torch.nn.Parameter(value, entry.requires_grad) \
-                    if isinstance(entry, torch.nn.Parameter) else value
-
-    model.register_state_dict_post_hook(decoded_state)
+    _decode_in_state_dict(model, {k: key_of[id(targets[k])] for k in present}, cache, decode)
     model.aqm_cache = cache
     return model
 
@@ -280,6 +269,20 @@ def _keys_by_module(model: torch.nn.Module, key_of: dict[int, str]) -> dict[str,
         if keys and mod_name not in owned:
             owned[mod_name] = keys
     return owned
+
+
+def _decode_in_state_dict(model: torch.nn.Module, cache_key: dict[str, str], cache: WeightCache,
+                          decode: Any) -> None:
+    """Make ``model.state_dict()`` hold decoded values, whatever the cache holds right now."""
+    def decoded_state(module: torch.nn.Module, state: dict, prefix: str, meta: Any) -> None:
+        for k, key in cache_key.items():
+            entry = state.get(prefix + k)
+            if entry is not None and key not in cache:
+                value = decode(key).to(entry.dtype)
+                state[prefix + k] = torch.nn.Parameter(value, entry.requires_grad) \
+                    if isinstance(entry, torch.nn.Parameter) else value
+
+    model.register_state_dict_post_hook(decoded_state)
 
 
 def _placeholder(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
