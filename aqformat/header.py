@@ -7,6 +7,7 @@ trust the records they are given.
 from __future__ import annotations
 
 import math
+import reprlib
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -35,6 +36,12 @@ MAX_CODEBOOKS_PER_GROUP = 64
 # zstd itself cannot exceed this ratio (a block of at most 128 KiB costs at least 4 bytes, as an
 # RLE block), so a section claiming more is a bomb, while any real frame, even all zeros, passes.
 MAX_ZSTD_RATIO = 1 << 15
+# Maps and arrays in a header, in total: a header within MAX_HEADER_BYTES that respects the other
+# limits holds fewer (each tensor and its section take 3 containers and at least ~90 bytes), and
+# each costs ~100 bytes of memory parsed however few bytes it takes in the file.
+MAX_HEADER_CONTAINERS = 1 << 20
+# A graph is protobuf: it does not compress like zeros, and its cost of reading grows with its size.
+MAX_GRAPH_RATIO = 1 << 10
 MAX_DEPTH = 32  # nesting of source/metadata values, so printing them never hits the recursion limit
 
 ENCODINGS = ("raw", "zstd")
@@ -143,13 +150,23 @@ class Header:
     graph: dict[str, Any] | None
 
 
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlist, _SHOW.maxdict = 2, 60, 60, 4, 4
+
+
+def show(v: Any) -> str:
+    """A short repr of a value from the file for an error message: bounded in length and
+    nesting (``repr`` of a 1,000-deep list would raise RecursionError)."""
+    return _SHOW.repr(v)
+
+
 def _fail(msg: str) -> AqmFormatError:
     return AqmFormatError(f"invalid header: {msg}")
 
 
 def _int(v: Any, what: str, lo: int = 0, hi: int = (1 << 64) - 1) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-        raise _fail(f"{what} must be an integer in [{lo}, {hi}], got {v!r}"[:200])
+        raise _fail(f"{what} must be an integer in [{lo}, {hi}], got {show(v)}")
     return v
 
 
@@ -157,7 +174,7 @@ def _str(v: Any, what: str, choices: tuple[str, ...] | None = None) -> str:
     if not isinstance(v, str) or len(v.encode()) > MAX_NAME_BYTES:
         raise _fail(f"{what} must be a string of at most {MAX_NAME_BYTES} bytes")
     if choices is not None and v not in choices:
-        raise _fail(f"{what} {v!r} is not one of {', '.join(choices)}")
+        raise _fail(f"{what} {show(v)} is not one of {', '.join(choices)}")
     return v
 
 
@@ -207,7 +224,7 @@ def _index(v: Any, what: str, count: int, optional: bool = False) -> int | None:
     if v is None and optional:
         return None
     if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < count:
-        raise _fail(f"{what} {v!r} does not refer to one of the {count} entries"[:200])
+        raise _fail(f"{what} {show(v)} does not refer to one of the {count} entries")
     return v
 
 
@@ -215,10 +232,7 @@ def parse_header(raw: bytes, pre: Preamble) -> Header:
     """Decode and validate the msgpack header. Raises AqmFormatError on any violation."""
     if zlib.crc32(raw) != pre.header_crc:
         raise AqmIntegrityError("header checksum mismatch (file is corrupted)")
-    try:
-        doc = msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
-    except Exception as e:  # msgpack raises several unrelated types on garbage
-        raise _fail(f"not valid msgpack ({type(e).__name__})") from None
+    doc = _unpack(raw)
     doc = _map(doc, "header")
     sections = [_parse_section(s, i, pre) for i, s in enumerate(_list(_get(doc, "sections", "header"), "sections", MAX_SECTIONS))]
     _check_no_overlap(sections, pre.header_offset)
@@ -236,13 +250,57 @@ def parse_header(raw: bytes, pre: Preamble) -> Header:
     if graph is not None:
         graph = _map(graph, "graph")
         _str(_get(graph, "format", "graph"), "graph format")
-        _index(_get(graph, "section", "graph"), "graph section", n)
+        g = sections[_index(_get(graph, "section", "graph"), "graph section", n)]
+        if g.size > graph_size_limit(g.length):
+            raise _fail(f"graph section claims {g.size} bytes from {g.length}, more than a graph "
+                        f"expands ({MAX_GRAPH_RATIO}:1 above 1 MiB)")
     return Header(
         minor=pre.minor,
         producer=_str(doc.get("producer", ""), "producer"),
         source=_plain_map(doc.get("source", {}), "source"),
         metadata=_plain_map(doc.get("metadata", {}), "metadata"),
         sections=sections, codebooks=groups, tensors=tensors, graph=graph)
+
+
+def _unpack(raw: bytes) -> Any:
+    """The msgpack value of ``raw``, materialising at most ``MAX_HEADER_CONTAINERS`` maps and arrays.
+
+    The count is checked as each container is built, so a header of millions of
+    empty maps costs a bounded amount of memory before it is refused; a map that
+    names a key twice is refused too (readers differ on which value wins).
+    """
+    built = 0
+
+    def count() -> None:
+        nonlocal built
+        built += 1
+        if built > MAX_HEADER_CONTAINERS:
+            raise _fail(f"more than {MAX_HEADER_CONTAINERS} maps and arrays")
+
+    def as_map(pairs: list[tuple[Any, Any]]) -> dict:
+        count()
+        out = dict(pairs)
+        if len(out) != len(pairs):
+            seen: set = set()
+            dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise _fail(f"a map names the key {show(dup)} twice")
+        return out
+
+    def as_list(items: list) -> list:
+        count()
+        return items
+
+    try:
+        return msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True, object_pairs_hook=as_map,
+                               list_hook=as_list, max_array_len=MAX_SECTIONS, max_map_len=MAX_SECTIONS)
+    except AqmFormatError:
+        raise
+    except ValueError as e:
+        if "exceeds max_" not in str(e):
+            raise _fail(f"not valid msgpack ({type(e).__name__})") from None
+        raise _fail(f"an array or map has more than {MAX_SECTIONS} entries") from None
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise _fail(f"not valid msgpack ({type(e).__name__})") from None
 
 
 def _list(v: Any, what: str, limit: int) -> list:
@@ -267,6 +325,11 @@ def _parse_section(s: Any, i: int, pre: Preamble) -> Section:
     if enc == "zstd" and size > max(1 << 20, length * MAX_ZSTD_RATIO):
         raise _fail(f"{what} claims {size} decoded bytes from {length} (decompression bomb)")
     return Section(off, length, size, enc, crc)
+
+
+def graph_size_limit(length: int) -> int:
+    """The most bytes a graph section stored in ``length`` bytes may decode to."""
+    return max(1 << 20, length * MAX_GRAPH_RATIO)
 
 
 def _check_no_overlap(sections: list[Section], end: int) -> None:

@@ -167,7 +167,7 @@ def write_sample(path, seed: int = 0) -> dict[str, np.ndarray]:
         wr.add_aq("conv", conv_shape, codes_a, group="g", axes=conv_axes)
         wr.add_aq("fc", (4, 9), codes_b, group="g", dtype="float16", scale=scale, perm=perm)
         wr.add_lattice("lat", (4, 5), q, step, seed=12345)
-        wr.set_graph(b"graph-bytes " * 40)
+        wr.set_graph(onnx_graph_bytes({"w": (6, 10)}))
     return {"w": w, "zeros": zeros, "ids": ids, "bf": bf, "scalar": np.float64(3.5),
             "empty": np.zeros((0, 3), np.float32)}
 
@@ -346,13 +346,162 @@ def mutant(rng: random.Random, data: bytes) -> bytes:
     return out
 
 
+# -- embedded ONNX graphs ----------------------------------------------------------------
+# Written with the runtime's own protobuf field writer, so the fuzzer needs neither onnx
+# nor onnxruntime (and its peak RSS stays that of the reader).
+
+def _stub(name: str | bytes, dims: tuple[int, ...], location: str | bytes = "aqm", kind: int = 1) -> bytes:
+    from aqformat.runtime.onnx_graph import _pb
+    return (b"".join(_pb(1, d) for d in dims) + _pb(2, 1) + _pb(8, name)
+            + _pb(13, _pb(1, "location") + _pb(2, location)) + _pb(14, kind))
+
+
+def _value_info(name: str, dims: tuple[int, ...]) -> bytes:
+    from aqformat.runtime.onnx_graph import _pb
+    shape = b"".join(_pb(1, _pb(1, d)) for d in dims)
+    return _pb(1, name) + _pb(2, _pb(1, _pb(1, 1) + _pb(2, shape)))
+
+
+def onnx_graph_bytes(stubs: dict[str, tuple[int, ...]]) -> bytes:
+    """A ModelProto ``y = relu(x @ W) + b`` whose weights are the .aqm stubs ``stubs``, with an If
+    node (a subgraph), a Constant node (a tensor attribute) and an inline initializer."""
+    from aqformat.runtime.onnx_graph import _pb
+    node = lambda ins, outs, op, attrs=b"": (b"".join(_pb(1, i) for i in ins) + b"".join(_pb(2, o) for o in outs)
+                                            + _pb(4, op) + attrs)
+    branch = _pb(1, node(["h"], ["z"], "Identity")) + _pb(2, "then") + _pb(12, _value_info("z", (2, 4)))
+    const = _pb(1, 2) + _pb(2, 1) + _pb(9, np.ones(2, np.float32).tobytes())
+    nodes = [node(["x", "W"], ["h"], "MatMul"), node(["h"], ["r"], "Relu"),
+             node([], ["c"], "Constant", _pb(5, _pb(1, "value") + _pb(5, const) + _pb(20, 4))),
+             node(["cond"], ["z2"], "If", _pb(5, _pb(1, "then_branch") + _pb(6, branch) + _pb(20, 5))
+                  + _pb(5, _pb(1, "else_branch") + _pb(6, branch) + _pb(20, 5))),
+             node(["r", "b"], ["y"], "Add")]
+    inline = _pb(1, 4) + _pb(2, 1) + _pb(8, "b") + _pb(9, np.zeros(4, np.float32).tobytes())
+    graph = (b"".join(_pb(1, n) for n in nodes) + _pb(2, "g")
+             + b"".join(_pb(5, _stub(k, v)) for k, v in stubs.items()) + _pb(5, inline)
+             + _pb(11, _value_info("x", (2, 8))) + _pb(12, _value_info("y", (2, 4))))
+    return _pb(1, 8) + _pb(8, _pb(2, 17)) + _pb(7, graph)
+
+
+def write_graph_sample(path, seed: int = 0) -> None:
+    """A small file whose embedded ONNX graph's stubs name its tensors (raw and AQ)."""
+    rng = np.random.default_rng(seed)
+    with Writer(path, source={"framework": "onnx", "name": "graph-sample"}) as w:
+        w.add_codebooks("g", rng.standard_normal((2, 16, 4)).astype(np.float16))
+        w.add_aq("W", (8, 4), rng.integers(0, 16, size=(8, 2)), group="g")
+        w.add_tensor("V", rng.standard_normal((4, 4)).astype(np.float32))
+        w.set_graph(onnx_graph_bytes({"W": (8, 4), "V": (4, 4)}))
+
+
+def _ldfields(buf: bytes) -> list[tuple[int, int, int]]:
+    """``(field_start, value_start, value_end)`` of the well-formed length-delimited fields at every
+    depth of ``buf`` (a best-effort parse: mutants may stop being protobuf)."""
+    from aqformat.errors import AqmFormatError
+    from aqformat.runtime.onnx_graph import _fields
+    found, todo = [], [(0, len(buf), 0)]
+    while todo and len(found) < 4096:
+        start, end, depth = todo.pop()
+        try:
+            for num, wt, val, vend, fstart in _fields(buf, start, end):
+                if wt == 2:
+                    found.append((fstart, val, vend))
+                    if depth < 12:
+                        todo.append((val, vend, depth + 1))
+        except AqmFormatError:
+            continue
+    return found
+
+
+def _varint_bytes(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def mutate_graph(rng: random.Random, graph: bytes) -> bytes:
+    """One protobuf-aware edit of a serialized ModelProto: hostile stubs and external references,
+    wrong wire types, lying lengths, deep nesting, huge repeated fields, or damaged bytes."""
+    from aqformat.runtime.onnx_graph import _pb
+    fields = _ldfields(graph)
+    op = rng.randrange(9)
+    if op == 0 or not fields:  # a new tensor with an external reference, anywhere a tensor may be
+        loc = rng.choice(["aqm", "id_rsa", "../../etc/passwd", "/proc/self/environ", "", b"\xff\xfe"])
+        t = _stub(rng.choice(["W", "V", "k", b"\xc3", "x" * 2000]), tuple(rng.choice([4, 8, 1 << 40])
+                  for _ in range(rng.randrange(0, 11))), loc, rng.choice([0, 1, 1, 2]))
+        where = rng.randrange(4)
+        if where == 0:
+            return _pb(7, _pb(5, t)) + graph
+        if where == 1:  # a Constant node's tensor attribute
+            return _pb(7, _pb(1, _pb(4, "Constant") + _pb(5, _pb(1, "value") + _pb(5, t)))) + graph
+        if where == 2:  # a subgraph's initializer
+            return _pb(7, _pb(1, _pb(4, "If") + _pb(5, _pb(6, _pb(5, t))))) + graph
+        return _pb(7, _pb(15, _pb(1, t))) + graph  # a sparse initializer's values
+    fstart, vstart, vend = rng.choice(fields)
+    if op == 1:  # the length says more or less than the bytes
+        n = rng.choice([0, vend - vstart + 1, vend - vstart - 1, 1 << 31, (1 << 64) - 1])
+        key = graph[fstart:fstart + 1] if graph[fstart] < 0x80 else graph[fstart:fstart + 2]
+        return graph[:fstart] + key + _varint_bytes(max(n, 0)) + graph[vstart:]
+    if op == 2:  # the same field number with another wire type
+        key = graph[fstart]
+        wt = rng.choice([0, 1, 3, 4, 5, 6, 7])
+        return graph[:fstart] + bytes([(key & ~7) | wt]) + graph[fstart + 1:]
+    if op == 3:  # nest the graph inside If-node subgraphs
+        inner = graph
+        for _ in range(rng.choice([1, 10, 63, 70, 200])):
+            inner = _pb(1, _pb(4, "If") + _pb(5, _pb(1, "then_branch") + _pb(6, inner)))
+        return _pb(7, inner)
+    if op == 4:  # a huge run of tiny fields (linear-time scan, bounded memory)
+        unit = rng.choice([b"\x08\x00", _pb(1, _pb(4, "Relu")), _pb(11, _pb(1, "v")), _pb(5, _pb(1, 1))])
+        return graph + _pb(7, unit * (rng.choice([1 << 10, 1 << 14, 1 << 17]) // len(unit)))
+    if op == 5:  # a value replaced by invalid UTF-8 or a long string
+        text = rng.choice([b"\xff", b"\xed\xa0\x80", b"\x1b[2J", b"a" * 5000])
+        return graph[:vstart - len(_varint_bytes(vend - vstart))] + _varint_bytes(len(text)) + text + graph[vend:]
+    if op == 6:  # a duplicated field
+        return graph[:vend] + graph[fstart:vend] + graph[vend:]
+    if op == 7:  # a deleted field
+        return graph[:fstart] + graph[vend:]
+    buf = bytearray(graph)  # byte damage
+    for _ in range(rng.randrange(1, 9)):
+        buf[rng.randrange(len(buf))] = rng.randrange(256)
+    return bytes(buf)
+
+
+def graph_mutant(rng: random.Random, data: bytes) -> bytes:
+    """``data`` (a file with an ONNX graph) with its graph mutated 1-3 times, stored raw or zstd."""
+    doc, blobs = split(data)
+    i = doc["graph"]["section"]
+    g = blobs[i].data if blobs[i].encoding == "raw" else zstandard.ZstdDecompressor().decompress(blobs[i].data)
+    for _ in range(rng.randrange(1, 4)):
+        g = mutate_graph(rng, g)
+    if rng.random() < 0.5:
+        blobs[i] = Blob(g)
+    else:
+        blobs[i] = zstd_blob(g, content_size=rng.random() < 0.8,
+                             size=rng.choice([len(g)] * 6 + [len(g) + 1, max(len(g) - 1, 0), 1 << 30]))
+    return build(doc, blobs)
+
+
+def read_graph(f: aqformat.AqmFile) -> None:
+    """What the runtime and aqm-info do with a stored ONNX graph, short of building a session."""
+    from aqformat.runtime.onnx_graph import external_stubs, locate_stubs
+    from aqformat.runtime.onnx_io import graph_io
+    g = f.graph()
+    if g is None or g[0] != "onnx":
+        return
+    stubs = external_stubs(g[1])
+    locate_stubs(g[1], {s.name: f"aqm.{i}" for i, s in enumerate(stubs)})
+    graph_io(g[1])
+
+
 def read_everything(path) -> None:
     """What a user does with a file: open it, read every tensor and the graph, verify it."""
     with aqformat.open(path) as f:
         for name in f.names():
             f.info(name)
             f.read(name)
-        f.graph()
+        read_graph(f)
         f.verify()
 
 

@@ -202,7 +202,7 @@ def test_not_a_regular_file(tmp_path):
     (msgpack.packb(b"bytes"), "header must be a map"),
     (msgpack.packb({1: "int key"}), "not valid msgpack|must be a map with string keys"),
     (b"\xc1", "not valid msgpack"),  # the one never-used msgpack byte
-    (b"\xdd\xff\xff\xff\xff", "not valid msgpack"),  # array claiming 2**32-1 items, no data
+    (b"\xdd\xff\xff\xff\xff", "not valid msgpack|more than 4194304 entries"),  # array claiming 2**32-1 items
     (b"\xdb\xff\xff\xff\xf0abc", "not valid msgpack"),  # str claiming 4 GiB
     (msgpack.packb({"sections": []}) + b"\x00", "not valid msgpack"),  # trailing data
     (b"\x81\xa1a" + b"\x91" * 100_000 + b"\xc0", "not valid msgpack"),  # nesting beyond the stack
@@ -463,7 +463,7 @@ def test_header_with_millions_of_entries_stays_bounded(tmp_path):
     # MAX_SECTIONS + 1 entries are refused after parsing; the header limit bounds the parse itself.
     header = msgpack.packb({"sections": [0] * ((1 << 22) + 1), "tensors": []})
     assert len(header) < MAX_HEADER_BYTES
-    reject(tmp_path, build(None, header=header), "sections must be a list of at most 4194304")
+    reject(tmp_path, build(None, header=header), "an array or map has more than 4194304 entries")
 
 
 def test_verify_decodes_the_graph(tmp_path, sample):
@@ -478,3 +478,76 @@ def test_verify_decodes_the_graph(tmp_path, sample):
         f.check_checksums()
         with pytest.raises(AqmFormatError, match="section 13 is not a valid zstd frame"):
             f.verify()
+
+
+# -- bounded work per header byte, bounded messages, one value per key ----------------------
+
+def test_header_of_empty_maps_is_refused_with_bounded_memory(tmp_path):
+    """16 MiB of empty maps used to cost 1.2 GB just to open; the container count stops it early."""
+    from aqformat.header import MAX_HEADER_CONTAINERS
+    n = 1 << 22  # as many as an array may hold
+    header = b"\x82\xa8sections\xdd" + n.to_bytes(4, "big") + b"\x80" * n + b"\xa7tensors\x90"
+    data = build(None, header=header)  # built first: its own bytes are not what is measured
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reject(tmp_path, data, f"more than {MAX_HEADER_CONTAINERS} maps and arrays")
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mib < 160, f"peak RSS grew by {grown_mib:.0f} MiB"
+
+
+def test_many_small_arrays_in_metadata_are_counted_too(tmp_path):
+    from aqformat.header import MAX_HEADER_CONTAINERS
+    doc, blobs = raw_doc((4,))
+    doc["metadata"] = {f"k{i}": [[] for _ in range(1 << 16)] for i in range(MAX_HEADER_CONTAINERS >> 16)}
+    reject(tmp_path, build(doc, blobs), f"more than {MAX_HEADER_CONTAINERS} maps and arrays")
+
+
+@pytest.mark.parametrize("where", ["top", "tensor", "section", "metadata"])
+def test_duplicate_map_keys_are_refused(tmp_path, where):
+    """msgpack maps that name a key twice: another language's reader could pick the other value."""
+    doc, blobs = raw_doc((4,))
+    data = build(doc, blobs)
+    hoff = int.from_bytes(data[16:24], "little")
+    header = data[hoff:]
+    if where == "top":  # {"tensors": [...], "sections": [...], "tensors": []}
+        d = msgpack.unpackb(header, raw=False)
+        body = b"".join(msgpack.packb(k) + msgpack.packb(v) for k, v in d.items())
+        header = bytes([0x80 | (len(d) + 1)]) + body + msgpack.packb("tensors") + msgpack.packb([])
+    elif where == "tensor":  # the data field twice
+        header = header.replace(b"\x85\xa4name", b"\x86\xa4data\x00\xa4name")
+    elif where == "section":
+        header = header.replace(b"\x85\xa6offset", b"\x86\xa4size\x10\xa6offset", 1)
+    else:
+        header = msgpack.packb(dict(msgpack.unpackb(header, raw=False), metadata={}))
+        header = header.replace(b"\xa8metadata\x80", b"\xa8metadata\x82\xa1a\x01\xa1a\x02")
+    assert header != data[hoff:]
+    reject(tmp_path, build(None, header=header), "names the key .* twice")
+
+
+@pytest.mark.parametrize("value", [nested(1000), nested(5000), [list(range(100000))], "x" * 100_000,
+                                   {"k" * 5000: nested(900)}])
+def test_messages_show_a_bounded_value(tmp_path, value):
+    """A 1,000-deep value in a checked field used to raise RecursionError from repr() in the message."""
+    for key in ("data", "dtype", "name"):
+        doc, blobs = raw_doc((4,))
+        doc["tensors"][0][key] = value
+        try:
+            data = build(doc, blobs)
+        except (ValueError, OverflowError):  # msgpack's packer stops at 511 levels
+            continue
+        e = reject(tmp_path, data, "invalid header")
+        assert len(str(e)) < 400
+
+
+def test_graph_section_cannot_expand_like_zeros(tmp_path):
+    """A 1.25 KB file whose zstd graph expands 32,768x cost 44 s and 4.6 GB; graphs expand 1024x at most."""
+    from aqformat.header import MAX_GRAPH_RATIO
+    doc, blobs = raw_doc((4,))
+    doc["graph"] = {"format": "onnx", "section": 1}
+    raw = b"\x08\x00" * (8 << 20)
+    blobs.append(zstd_blob(raw))
+    assert len(raw) > MAX_GRAPH_RATIO * len(blobs[1].data)
+    t0 = __import__("time").perf_counter()
+    reject(tmp_path, build(doc, blobs), "more than a graph expands")
+    assert __import__("time").perf_counter() - t0 < 1.0
+    blobs[1] = zstd_blob(b"\x08\x00" * (1 << 19))  # 1 MiB: allowed whatever the ratio
+    load(tmp_path, build(doc, blobs))
