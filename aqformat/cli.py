@@ -21,6 +21,7 @@ from . import __version__
 from .errors import AqmError, AqmWarning
 from .inspect import describe, render_text
 from .terminal import printable
+from .units import parse_size
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -42,7 +43,8 @@ def _finite(v: Any) -> Any:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .reader import open as open_aqm
-    with open_aqm(args.file) as f:
+    budget = parse_size(args.decode_budget) if args.decode_budget is not None else None
+    with open_aqm(args.file, decode_budget=budget) as f:
         f.verify()
         n = len(f)
     if args.verbosity >= 0:
@@ -78,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Check every section's checksum, decode every tensor and the graph; "
                                    "a fault names the tensor (or codebook group) it is in.")
     p.add_argument("file", help="the .aqm file to verify")
+    p.add_argument("--decode-budget", metavar="SIZE",
+                   help="most memory decoding one tensor may take, e.g. 256MiB (default 1GiB); "
+                        "tensors are decoded one at a time")
     p.set_defaults(func=_cmd_verify)
     for register in _extensions():
         register(sub)

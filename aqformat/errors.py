@@ -6,7 +6,7 @@ converters alike.
 """
 
 __all__ = ["AqmError", "AqmFormatError", "AqmVersionError", "AqmIntegrityError", "AqmUnsupportedError",
-           "AqmInputError", "AqmIOError", "TooSmallForAQ", "StageTooLarge", "AqmWarning"]
+           "AqmInputError", "AqmIOError", "AqmBudgetError", "TooSmallForAQ", "StageTooLarge", "AqmWarning"]
 
 
 class AqmError(Exception):
@@ -31,6 +31,10 @@ class AqmUnsupportedError(AqmError):
 
 class AqmInputError(AqmError):
     """An argument given to aqformat (a model, a path, a setting) is not usable."""
+
+
+class AqmBudgetError(AqmError):
+    """Decoding a tensor (or the graph) would need more memory than the reader's decode budget."""
 
 
 class AqmIOError(AqmError):

@@ -237,7 +237,7 @@ def parse_header(raw: bytes, pre: Preamble) -> Header:
     sections = [_parse_section(s, i, pre) for i, s in enumerate(_list(_get(doc, "sections", "header"), "sections", MAX_SECTIONS))]
     _check_no_overlap(sections, pre.header_offset)
     n = len(sections)
-    groups = [_parse_group(g, i, n) for i, g in enumerate(_list(doc.get("codebooks", []), "codebooks", MAX_TENSORS))]
+    groups = [parse_group(g, i, n) for i, g in enumerate(_list(doc.get("codebooks", []), "codebooks", MAX_TENSORS))]
     tensors = [parse_tensor(t, i, n, groups) for i, t in enumerate(_list(_get(doc, "tensors", "header"), "tensors", MAX_TENSORS))]
     names = set()
     for t in tensors:
@@ -339,7 +339,8 @@ def _check_no_overlap(sections: list[Section], end: int) -> None:
             raise _fail(f"sections overlap at byte {b0}")
 
 
-def _parse_group(g: Any, i: int, n_sections: int) -> CodebookGroup:
+def parse_group(g: Any, i: int, n_sections: int) -> CodebookGroup:
+    """Validate codebook group record ``g`` (the ``i``-th) against ``n_sections`` sections."""
     what = f"codebook group {i}"
     g = _map(g, what)
     K = _int(_get(g, "K", what), f"{what} K", 2, 1 << 16)

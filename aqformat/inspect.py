@@ -26,6 +26,7 @@ def describe(path: str | os.PathLike, check: bool = True) -> dict[str, Any]:
         tensors = f.tensors()
         groups = f.codebook_groups
         group_bytes = {g.name: f.group_bytes(g.name) for g in groups}
+        users = f.group_tensors()  # one pass: per-group scans of the tensors were quadratic
         params = sum(t.numel for t in tensors)
         integrity = "not checked"
         if check:
@@ -57,7 +58,7 @@ def describe(path: str | os.PathLike, check: bool = True) -> dict[str, Any]:
                         for t in tensors],
             "codebook_groups": [{"name": g.name, "M": g.M, "K": g.K, "d": g.d, "dtype": g.dtype,
                                  "bytes": group_bytes[g.name], "offset": f.section(g.section).offset,
-                                 "tensors": [t.name for t in tensors if t.group == g.name]}
+                                 "tensors": users[g.name]}
                                 for g in groups],
         }
         if f.graph_format == "onnx":

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import zlib
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -21,8 +21,9 @@ from . import __version__, codecs, tempfiles
 from .codecs import aq, lattice, raw
 from .dtypes import dtype_name, numpy_dtype
 from .errors import AqmFormatError, AqmInputError, AqmIOError
-from .header import (ALIGNMENT, CODEBOOK_DTYPES, MAX_HEADER_BYTES, MINOR, PREAMBLE_SIZE, CodebookGroup,
-                     pack_preamble, parse_tensor, plain_value_problem)
+from .header import (ALIGNMENT, CODEBOOK_DTYPES, MAJOR, MAX_HEADER_BYTES, MAX_NAME_BYTES, MINOR, PREAMBLE_SIZE,
+                     CodebookGroup, Preamble, graph_size_limit, pack_preamble, parse_group, parse_header,
+                     parse_tensor, plain_value_problem)
 
 if TYPE_CHECKING:
     from .header import Section
@@ -66,6 +67,8 @@ class Writer:
         if not os.path.isdir(directory):
             raise AqmInputError(f"output directory {directory} does not exist")
         self._producer = producer or f"aqformat {__version__}"
+        if not isinstance(self._producer, str) or len(self._producer.encode()) > MAX_NAME_BYTES:
+            raise AqmInputError(f"producer must be a string of at most {MAX_NAME_BYTES} bytes")
         self._source = _plain("source", dict(source or {}))
         self._metadata = _plain("metadata", dict(metadata or {}))
         self._sections: list[dict[str, Any]] = []
@@ -91,8 +94,10 @@ class Writer:
             raise AqmIOError(f"cannot write {self.path}: {e.strerror}") from None
         self._pos += len(data)
 
-    def _section(self, data: bytes | np.ndarray, compress: bool = False) -> int:
-        """Encode ``data`` (zstd if asked and smaller), append it, return its index."""
+    def _section(self, data: bytes | np.ndarray, compress: bool = False,
+                 size_limit: Callable[[int], int] | None = None) -> int:
+        """Encode ``data`` (zstd if asked, smaller, and within ``size_limit(stored bytes)``), append it,
+        return its index."""
         if isinstance(data, np.ndarray):
             data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         raw = memoryview(data)
@@ -100,7 +105,7 @@ class Writer:
         encoding = "raw"
         if compress and raw.nbytes:
             z = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False).compress(raw)
-            if len(z) < raw.nbytes:
+            if len(z) < raw.nbytes and (size_limit is None or raw.nbytes <= size_limit(len(z))):
                 stored, encoding = z, "zstd"
         return self._append(stored, raw.nbytes, encoding, zlib.crc32(stored))
 
@@ -212,8 +217,12 @@ class Writer:
         if any(g["name"] == name for g in self._groups):
             raise AqmInputError(f"duplicate codebook group {name!r}")
         M, K, d = cb.shape
-        g = {"name": name, "M": M, "K": K, "d": d, "dtype": dtype,
-             "section": self._section(cb.astype(numpy_dtype(dtype)))}
+        g = {"name": name, "M": M, "K": K, "d": d, "dtype": dtype, "section": len(self._sections)}
+        try:  # the reader's own rules, before anything is written
+            parse_group(g, len(self._groups), len(self._sections) + 1)
+        except AqmFormatError as e:
+            raise AqmInputError(str(e).removeprefix("invalid header: ")) from None
+        g["section"] = self._section(cb.astype(numpy_dtype(dtype)))
         self._groups.append(g)
         self._group_records.append(CodebookGroup(**g))
         return len(self._groups) - 1
@@ -284,8 +293,14 @@ class Writer:
         return self._append(memoryview(stored), section.size, section.encoding, section.crc32)
 
     def set_graph(self, model: bytes, *, format: str = "onnx") -> None:
-        """Embed a model graph (e.g. an ONNX ModelProto without its initializers)."""
-        self._graph = {"format": format, "section": self._section(model, compress=True)}
+        """Embed a model graph (e.g. an ONNX ModelProto without its initializers).
+
+        It is zstd-coded unless that would expand more than a reader accepts
+        for a graph (spec 4.1); then it is stored as is.
+        """
+        if not isinstance(format, str) or len(format.encode()) > MAX_NAME_BYTES:
+            raise AqmInputError(f"graph format must be a string of at most {MAX_NAME_BYTES} bytes")
+        self._graph = {"format": format, "section": self._section(model, compress=True, size_limit=graph_size_limit)}
 
     def update_metadata(self, **items: Any) -> None:
         """Add or replace model metadata entries."""
@@ -324,8 +339,14 @@ class Writer:
             self.abort()
             raise AqmInputError(f"header of {len(header)} bytes exceeds the format's {MAX_HEADER_BYTES}-byte limit "
                                 "(too many tensors or too much metadata)")
+        offset = self._pos + (-self._pos % ALIGNMENT)
+        try:  # the whole header as a reader will check it: no file its reader refuses is written
+            parse_header(header, Preamble(MAJOR, MINOR, offset, len(header), zlib.crc32(header), ALIGNMENT,
+                                          offset + len(header)))
+        except AqmFormatError as e:
+            self.abort()
+            raise AqmInputError(f"{self.path} would not be readable: {str(e).removeprefix('invalid header: ')}") from None
         self._write(b"\0" * (-self._pos % ALIGNMENT))
-        offset = self._pos
         self._write(header)
         pre = pack_preamble(MINOR, offset, len(header), zlib.crc32(header), self._pos)
         try:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from aqformat.errors import AqmInputError
+from aqformat.header import MAX_NAME_BYTES, MAX_NDIM
 
 from .options import DEFAULT_CODEC, DEFAULT_MIN_ELEMENTS, ConvertOptions, EncoderOptions, FinetuneOptions
 from .pipeline import ConversionSummary, run, run_and_finetune
@@ -18,7 +19,8 @@ __all__ = ["convert", "from_torch", "from_onnx", "from_torch_via_onnx", "check_o
 
 
 def check_output(source: Source, out_path: str | os.PathLike) -> None:
-    """Refuse, before any work, an output whose directory is missing or that is one of the source's files.
+    """Refuse, before any work, an output whose directory is missing or that is one of the source's files,
+    and tensors whose name or rank the format cannot hold.
 
     The output is compared by device and inode, so another spelling of the
     path or a hard link to the input is caught too: the atomic rename that
@@ -30,6 +32,10 @@ def check_output(source: Source, out_path: str | os.PathLike) -> None:
         raise AqmInputError(f"output directory {directory} does not exist")
     if os.path.isdir(out):
         raise AqmInputError(f"output {out} is a directory")
+    for spec in source.specs:  # the writer would refuse these, but only after the codebooks are trained
+        if len(spec.name.encode()) > MAX_NAME_BYTES or len(spec.shape) > MAX_NDIM:
+            raise AqmInputError(f"tensor {spec.name[:60]!r}: .aqm names are at most {MAX_NAME_BYTES} bytes "
+                                f"and shapes at most {MAX_NDIM} dimensions")
     for f in _source_files(source):
         try:
             same = os.path.samefile(out, f)

@@ -51,6 +51,11 @@ class Codec:
     verbatim : bool
         Decoding returns the stored values unchanged, so changed values (e.g.
         after fine-tuning) are stored back exactly with ``Writer.add_tensor``.
+    work : callable
+        ``work(record, groups) -> int``: bytes its numpy decoder allocates
+        beyond the decoded sections and codebooks it reads (output and
+        temporaries), at most; the reader checks the total against its decode
+        budget before decoding (spec/FORMAT.md 6.1).
     torch_decode : callable, optional
         ``torch_decode(record, f, device, cache) -> torch.Tensor``: decode on a
         torch device (float32 for float dtypes); ``cache`` is a dict the caller
@@ -64,6 +69,7 @@ class Codec:
     decode: Callable[[TensorRecord, AqmFile], Any]
     float_only: bool = True
     verbatim: bool = False
+    work: Callable[[TensorRecord, Any], int] = lambda record, groups: 8 * record.numel
     torch_decode: Callable[..., Any] | None = None
 
     def section_fields(self, record: TensorRecord, groups: list[CodebookGroup]) -> Mapping[str, int]:

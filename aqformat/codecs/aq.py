@@ -88,7 +88,7 @@ class AQParts:
     """The compressed pieces of an AQ tensor, for decoders on other devices."""
 
     codes: np.ndarray          # [n_vectors, M] uint8/uint16
-    codebooks: np.ndarray      # [M, K, d] float16/float32 as stored
+    codebooks: np.ndarray      # [M, K, d] float32, shared and read-only (AqmFile.codebooks)
     scale: np.ndarray | None   # [rows]
     perm: np.ndarray | None    # [cols] uint32
     axes: list[int] | None
@@ -136,6 +136,15 @@ def sizes(t: TensorRecord, groups: Sequence[CodebookGroup]) -> dict[str, int]:
                          perm=True)
 
 
+def work(t: TensorRecord, groups: Sequence[CodebookGroup]) -> int:
+    """Decoder memory: the padded float32 matrix, unpacked codes, and three tensor-sized copies
+    (layout, permutation, float16) besides the output."""
+    g = groups[t.fields["group"]]
+    rows, cols = matrix_shape(t.shape, t.fields["axes"])
+    cols_p = -(-cols // g.d) * g.d
+    return rows * cols_p * 4 + rows * (cols_p // g.d) * g.M * 2 + t.numel * 14
+
+
 def parts(f: AqmFile, t: TensorRecord | str) -> AQParts:
     """Codes, codebooks, scale and permutation of AQ tensor ``t`` (a name or a record) of ``f``, undecoded."""
     if isinstance(t, str):
@@ -147,7 +156,7 @@ def parts(f: AqmFile, t: TensorRecord | str) -> AQParts:
     rows, cols = matrix_shape(t.shape, fl["axes"])
     count = rows * (-(-cols // g.d)) * g.M
     codes = unpack(f.section_bytes(fl["codes"], packed_size(count, g.bits)), count, g.bits)
-    cb = f.section_array(g.section, numpy_dtype(g.dtype), (g.M, g.K, g.d))
+    cb = f.codebooks(fl["group"])
     scale = None if fl["scale"] is None else f.section_array(fl["scale"], numpy_dtype(fl["scale_dtype"]), (rows,))
     perm = None
     if fl["perm"] is not None:
@@ -159,7 +168,7 @@ def parts(f: AqmFile, t: TensorRecord | str) -> AQParts:
 
 def decode(t: TensorRecord, f: AqmFile) -> np.ndarray:
     p = parts(f, t)
-    return decode_aq(p.codes, p.codebooks.astype(np.float32), t.shape, p.scale, p.perm, p.axes, p.rows, p.cols)
+    return decode_aq(p.codes, p.codebooks, t.shape, p.scale, p.perm, p.axes, p.rows, p.cols)
 
 
 def _is_permutation(p: np.ndarray) -> bool:
@@ -284,4 +293,4 @@ def torch_decode(t: TensorRecord, f: AqmFile, device: Any, cache: dict) -> torch
         return assemble_aq(codes, cb, scale, inv, p.axes, t.shape, p.rows, p.cols)
 
 
-CODEC = register(Codec(NAME, parse, sizes, decode, torch_decode=torch_decode))
+CODEC = register(Codec(NAME, parse, sizes, decode, work=work, torch_decode=torch_decode))

@@ -67,4 +67,10 @@ def fields(name: str, shape: Sequence[int], q: np.ndarray, step: np.ndarray, see
             "index_dtype": index_dtype, "step": step.astype("<f4"), "seed": int(seed)}
 
 
-CODEC = register(Codec(NAME, parse, sizes, decode))
+def work(t: TensorRecord, groups: Any) -> int:
+    """Decoder memory: three float64 arrays (dither, difference, product), float32 output,
+    a layout copy and a float16 copy, per element."""
+    return t.numel * 34
+
+
+CODEC = register(Codec(NAME, parse, sizes, decode, work=work))

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..dtypes import bf16_to_f32, itemsize, numpy_dtype
+from ..errors import AqmFormatError
 from . import Codec, register
 
 if TYPE_CHECKING:
@@ -24,8 +25,10 @@ def sizes(t: TensorRecord, groups: Any) -> dict[str, int]:
 
 
 def decode(t: TensorRecord, f: AqmFile) -> np.ndarray:
-    """A read-only view of the file mapping (bfloat16 widened to a float32 copy)."""
+    """The stored array (bfloat16 widened to float32); bool bytes must be 0 or 1."""
     arr = f.section_array(t.fields["data"], numpy_dtype(t.dtype), t.shape)
+    if t.dtype == "bool" and arr.size and int(arr.view(np.uint8).max()) > 1:
+        raise AqmFormatError(f"tensor {t.name!r}: a bool byte is neither 0 nor 1")
     return bf16_to_f32(arr) if t.dtype == "bfloat16" else arr
 
 
@@ -34,4 +37,9 @@ def fields(array: np.ndarray, dtype: str) -> dict[str, Any]:
     return {"data": np.asarray(array).astype(numpy_dtype(dtype), copy=False)}
 
 
-CODEC = register(Codec(NAME, parse, sizes, decode, float_only=False, verbatim=True))
+def work(t: TensorRecord, groups: Any) -> int:
+    """The decoded section is the tensor; bfloat16 is widened to a float32 copy."""
+    return t.numel * 4 if t.dtype == "bfloat16" else 0
+
+
+CODEC = register(Codec(NAME, parse, sizes, decode, float_only=False, verbatim=True, work=work))
