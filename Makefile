@@ -34,8 +34,8 @@ bench: $(BENCH_STAMP)  ## full benchmark: bench/results/*.json, RESULTS.md, plot
 bench-quick: $(BENCH_STAMP)  ## fewer sentences and settings
 	HF_HUB_OFFLINE=1 $(PY) -m bench.run --quick
 
-fuzz: venv  ## long structure-aware fuzzing run of the reader
-	$(PY) -m fuzz.fuzz_reader --examples 20000
+fuzz: venv  ## long structure-aware fuzzing run of the reader and the embedded graph (1,000,000 inputs, all CPUs)
+	$(PY) -m fuzz.fuzz_reader --examples 1000000
 
 vectors-check: venv  ## the writer still produces the frozen vectors byte for byte
 	$(PY) spec/make_vectors.py --check

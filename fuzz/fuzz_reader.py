@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (default: all CPUs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hang-seconds", type=float, default=5.0)
-    p.add_argument("--decode-budget", type=int, default=64 << 20, help="bytes (default 64 MiB)")
+    p.add_argument("--decode-budget", type=int, default=4 << 20, help="bytes (default 4 MiB: mutants reach it)")
     p.add_argument("--out", default=os.path.join(ROOT, "fuzz", "crashes"), help="where failing inputs go")
     p.add_argument("--replay", metavar="FILE", help="run one saved input and stop")
     args = p.parse_args(argv)

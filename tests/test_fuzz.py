@@ -101,3 +101,13 @@ def test_cli_on_mutants_fails_in_one_line(tmp_path, sample):
             r = subprocess.run(AQM + cmd, capture_output=True, text=True, timeout=60)
             assert (r.returncode != 0) == (info_fails or cmd[0] == "verify"), (cmd, r.stdout)
             assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) <= 1, (cmd, r.stderr)
+
+
+def test_fuzz_campaign_of_twenty_thousand_inputs(tmp_path):
+    """The fuzz harness itself, 20,000 mutants on two processes: no crash, no input over 5 s,
+    peak RSS within the decode budget + 100 MiB (the harness checks and reports each)."""
+    r = subprocess.run([sys.executable, "-m", "fuzz.fuzz_reader", "--examples", "20000", "--jobs", "2",
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    report = r.stdout[r.stdout.find("inputs tried"):]
+    assert r.returncode == 0, report + r.stderr[-3000:]
+    assert "crashes (non-AqmError or multi-line message): 0" in report and "AqmBudgetError" in report, report
