@@ -22,19 +22,11 @@ import json
 import mmap
 import os
 import tempfile
-import time
 import zlib
 
 import numpy as np
 
-
-def best_of(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+from bench.container_bench import best_of
 
 
 def measure(path: str, nbytes: int, repeat: int) -> dict[str, float]:

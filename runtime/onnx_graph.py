@@ -276,15 +276,18 @@ def external_stubs(model_bytes: bytes) -> list[Stub]:
     return scan_model(model_bytes).stubs
 
 
+def varint(n: int) -> bytes:
+    """The protobuf varint encoding of non-negative ``n``."""
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
 def pb_field(num: int, value: int | bytes | str) -> bytes:
     """One protobuf field: a varint for ints, length-delimited for bytes/str."""
-    def varint(n: int) -> bytes:
-        out = bytearray()
-        while True:
-            out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-            n >>= 7
-            if not n:
-                return bytes(out)
     if isinstance(value, int):
         return varint(num << 3) + varint(value)
     data = value.encode() if isinstance(value, str) else value

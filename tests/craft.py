@@ -359,13 +359,13 @@ def mutant(rng: random.Random, data: bytes) -> bytes:
 # nor onnxruntime (and its peak RSS stays that of the reader).
 
 def _stub(name: str | bytes, dims: tuple[int, ...], location: str | bytes = "aqm", kind: int = 1) -> bytes:
-    from aqformat.runtime.onnx_graph import _pb
+    from aqformat.runtime.onnx_graph import pb_field as _pb
     return (b"".join(_pb(1, d) for d in dims) + _pb(2, 1) + _pb(8, name)
             + _pb(13, _pb(1, "location") + _pb(2, location)) + _pb(14, kind))
 
 
 def _value_info(name: str, dims: tuple[int, ...]) -> bytes:
-    from aqformat.runtime.onnx_graph import _pb
+    from aqformat.runtime.onnx_graph import pb_field as _pb
     shape = b"".join(_pb(1, _pb(1, d)) for d in dims)
     return _pb(1, name) + _pb(2, _pb(1, _pb(1, 1) + _pb(2, shape)))
 
@@ -373,7 +373,7 @@ def _value_info(name: str, dims: tuple[int, ...]) -> bytes:
 def onnx_graph_bytes(stubs: dict[str, tuple[int, ...]]) -> bytes:
     """A ModelProto ``y = relu(x @ W) + b`` whose weights are the .aqm stubs ``stubs``, with an If
     node (a subgraph), a Constant node (a tensor attribute) and an inline initializer."""
-    from aqformat.runtime.onnx_graph import _pb
+    from aqformat.runtime.onnx_graph import pb_field as _pb
     node = lambda ins, outs, op, attrs=b"": (b"".join(_pb(1, i) for i in ins) + b"".join(_pb(2, o) for o in outs)
                                             + _pb(4, op) + attrs)
     branch = _pb(1, node(["h"], ["z"], "Identity")) + _pb(2, "then") + _pb(12, _value_info("z", (2, 4)))
@@ -419,19 +419,10 @@ def _ldfields(buf: bytes) -> list[tuple[int, int, int]]:
     return found
 
 
-def _varint_bytes(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
 def mutate_graph(rng: random.Random, graph: bytes) -> bytes:
     """One protobuf-aware edit of a serialized ModelProto: hostile stubs and external references,
     wrong wire types, lying lengths, deep nesting, huge repeated fields, or damaged bytes."""
-    from aqformat.runtime.onnx_graph import _pb
+    from aqformat.runtime.onnx_graph import pb_field as _pb, varint
     fields = _ldfields(graph)
     op = rng.randrange(9)
     if op == 0 or not fields:  # a new tensor with an external reference, anywhere a tensor may be
@@ -450,7 +441,7 @@ def mutate_graph(rng: random.Random, graph: bytes) -> bytes:
     if op == 1:  # the length says more or less than the bytes
         n = rng.choice([0, vend - vstart + 1, vend - vstart - 1, 1 << 31, (1 << 64) - 1])
         key = graph[fstart:fstart + 1] if graph[fstart] < 0x80 else graph[fstart:fstart + 2]
-        return graph[:fstart] + key + _varint_bytes(max(n, 0)) + graph[vstart:]
+        return graph[:fstart] + key + varint(max(n, 0)) + graph[vstart:]
     if op == 2:  # the same field number with another wire type
         key = graph[fstart]
         wt = rng.choice([0, 1, 3, 4, 5, 6, 7])
@@ -465,7 +456,7 @@ def mutate_graph(rng: random.Random, graph: bytes) -> bytes:
         return graph + _pb(7, unit * (rng.choice([1 << 10, 1 << 14, 1 << 17]) // len(unit)))
     if op == 5:  # a value replaced by invalid UTF-8 or a long string
         text = rng.choice([b"\xff", b"\xed\xa0\x80", b"\x1b[2J", b"a" * 5000])
-        return graph[:vstart - len(_varint_bytes(vend - vstart))] + _varint_bytes(len(text)) + text + graph[vend:]
+        return graph[:vstart - len(varint(vend - vstart))] + varint(len(text)) + text + graph[vend:]
     if op == 6:  # a duplicated field
         return graph[:vend] + graph[fstart:vend] + graph[vend:]
     if op == 7:  # a deleted field
