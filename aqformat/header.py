@@ -253,7 +253,7 @@ def parse_header(raw: bytes, pre: Preamble) -> Header:
         g = sections[_index(_get(graph, "section", "graph"), "graph section", n)]
         if g.size > graph_size_limit(g.length):
             raise _fail(f"graph section claims {g.size} bytes from {g.length}, more than a graph "
-                        f"expands ({MAX_GRAPH_RATIO}:1 above 1 MiB)")
+                        f"expands ({MAX_GRAPH_RATIO}:1 above 256 KiB)")
     return Header(
         minor=pre.minor,
         producer=_str(doc.get("producer", ""), "producer"),
@@ -329,7 +329,7 @@ def _parse_section(s: Any, i: int, pre: Preamble) -> Section:
 
 def graph_size_limit(length: int) -> int:
     """The most bytes a graph section stored in ``length`` bytes may decode to."""
-    return max(1 << 20, length * MAX_GRAPH_RATIO)
+    return max(1 << 18, length * MAX_GRAPH_RATIO)
 
 
 def _check_no_overlap(sections: list[Section], end: int) -> None:

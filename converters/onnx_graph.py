@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
 
+from aqformat import tempfiles
 from aqformat.dtypes import ONNX_DTYPE_NAMES, itemsize, numpy_dtype
 from aqformat.errors import AqmFormatError, AqmInputError, AqmIOError
 from aqformat.onnx_stubs import AQM_LOCATION, all_graphs, fill_stub, is_stub, make_stub, stub_array, subgraphs
@@ -364,7 +364,7 @@ def export_onnx(aqm_path: str | os.PathLike, out_path: str | os.PathLike) -> dic
             data_path = None
             if total > EXTERNAL_DATA_THRESHOLD:
                 data_path = out + ".data"
-                fd, tmp_data = tempfile.mkstemp(prefix=".aqm-export.", dir=directory)
+                fd, tmp_data = tempfiles.create(data_path)
                 tmps.append(tmp_data)
                 with os.fdopen(fd, "wb") as fh:
                     model = restore_model(f, (fh, os.path.basename(data_path)))
@@ -373,7 +373,7 @@ def export_onnx(aqm_path: str | os.PathLike, out_path: str | os.PathLike) -> dic
                     os.fchmod(fh.fileno(), finished_file_mode())
             else:
                 model = restore_model(f)
-            fd, tmp_model = tempfile.mkstemp(prefix=".aqm-export.", dir=directory)
+            fd, tmp_model = tempfiles.create(out)
             tmps.append(tmp_model)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(model.SerializeToString())
@@ -383,6 +383,8 @@ def export_onnx(aqm_path: str | os.PathLike, out_path: str | os.PathLike) -> dic
             if data_path is not None:
                 os.replace(tmp_data, data_path)
             os.replace(tmp_model, out)
+            for p in tmps:
+                tempfiles.release(p)
             tmps.clear()
         except OSError as e:
             raise AqmIOError(f"cannot write {out}: {e.strerror or e}") from None
@@ -392,6 +394,7 @@ def export_onnx(aqm_path: str | os.PathLike, out_path: str | os.PathLike) -> dic
                     os.unlink(p)
                 except FileNotFoundError:
                     pass
+                tempfiles.release(p)
     return {"path": out, "bytes": os.path.getsize(out), "external_data": data_path}
 
 

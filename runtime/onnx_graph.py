@@ -98,6 +98,8 @@ def _fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, i
         else:
             key, pos = _varint(buf, pos, end)
         num, wt = key >> 3, key & 7
+        if num == 0:  # not a field: zero bytes (a zstd bomb's favourite) stop here, not a megabyte later
+            raise AqmFormatError("stored ONNX graph uses protobuf field number 0")
         if wt == 2:
             n, pos = _varint(buf, pos, end)
             if n > end - pos:
@@ -294,18 +296,19 @@ def pb_field(num: int, value: int | bytes | str) -> bytes:
     return varint(num << 3 | 2) + varint(len(data)) + data
 
 
-def locate_stubs(model_bytes: bytes, files: Mapping[str, str]) -> bytes:
+def locate_stubs(model_bytes: bytes, files: Mapping[str, str], scan: GraphScan | None = None) -> bytes:
     """Serialized model whose stubs named in ``files`` read their data from external file ``files[name]``.
 
     Each such stub's ``external_data`` becomes just that ``location`` (offset 0,
     the whole file); everything else is copied unchanged, in slices between the
     stubs. ONNX Runtime is then given the files' contents with
-    ``SessionOptions.add_external_initializers_from_files_in_memory``.
+    ``SessionOptions.add_external_initializers_from_files_in_memory``. ``scan``
+    is :func:`scan_model`'s result for these bytes, when already made.
     """
     buf = bytes(model_bytes)
     pieces: list[bytes] = []
     pos = 0
-    for gstart, vstart, vend, stubs in scan_model(buf).graphs:
+    for gstart, vstart, vend, stubs in (scan or scan_model(buf)).graphs:
         graph: list[bytes] = []
         gpos = vstart
         for fstart, tstart, tend, stub in stubs:

@@ -28,7 +28,7 @@ from ..units import format_size
 from .cache import WeightCache
 from ..dtypes import ONNX_TYPES, ORT_TYPE_NAMES, dtype_name
 from ..onnx_stubs import AQM_LOCATION, stub_array
-from .onnx_graph import (PROBE_SIZE, StagePlan, Stub, external_stubs, inline_weights, locate_stubs, parse_model,
+from .onnx_graph import (PROBE_SIZE, StagePlan, Stub, inline_weights, locate_stubs, parse_model, scan_model,
                          plan_stages, probe_model, stage_model)
 
 # SessionOptions settings carried over to the sessions built here (the caller's object is never mutated)
@@ -182,11 +182,12 @@ class InferenceSession:
                                 + (f" (it stores {graph[0]!r})" if graph else "")
                                 + "; use aqformat.runtime.load_torch for PyTorch weights")
         self._model_bytes = graph[1]
-        self._stubs = {s.name: s for s in external_stubs(self._model_bytes)}
+        scan = scan_model(self._model_bytes)  # one pass over the graph serves both uses
+        self._stubs = {s.name: s for s in scan.stubs}
         self._check_stubs()
         # one in-memory file per stub, so a session can be given any subset of the weights
         self._files = {name: f"{AQM_LOCATION}.{i}" for i, name in enumerate(self._stubs)}
-        self._graph = locate_stubs(self._model_bytes, self._files)
+        self._graph = locate_stubs(self._model_bytes, self._files, scan)
         self._providers = providers
         self._provider_options = provider_options
         self._sess_options = sess_options

@@ -484,14 +484,14 @@ def graph_mutant(rng: random.Random, data: bytes) -> bytes:
 
 def read_graph(f: aqformat.AqmFile) -> None:
     """What the runtime and aqm-info do with a stored ONNX graph, short of building a session."""
-    from aqformat.runtime.onnx_graph import external_stubs, locate_stubs
+    from aqformat.runtime.onnx_graph import locate_stubs, scan_model
     from aqformat.runtime.onnx_io import graph_io
     g = f.graph()
     if g is None or g[0] != "onnx":
         return
-    stubs = external_stubs(g[1])
-    locate_stubs(g[1], {s.name: f"aqm.{i}" for i, s in enumerate(stubs)})
-    graph_io(g[1])
+    scan = scan_model(g[1])  # what InferenceSession does
+    locate_stubs(g[1], {s.name: f"aqm.{i}" for i, s in enumerate(scan.stubs)}, scan)
+    graph_io(g[1])  # what aqm-info does
 
 
 def read_everything(path) -> None:

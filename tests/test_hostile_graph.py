@@ -77,6 +77,7 @@ def test_non_utf8_stub_name(name):
     (b"\x3a\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01", "malformed varint|truncated"),
     (b"\x3b", "wire type 3"),                                    # protobuf groups: not ONNX
     (b"\x09\x00\x00", "truncated"),                              # a fixed64 cut short
+    (b"\x00" * (1 << 20), "field number 0"),                      # zeros: refused at the first byte
 ])
 def test_malformed_protobuf(graph, match):
     with pytest.raises(AqmFormatError, match=match):
