@@ -167,4 +167,4 @@ def test_info_is_linear_in_codebook_groups(tmp_path):
         report = describe(path, check=False)
         seconds[n] = time.perf_counter() - t0
         assert report["codebook_groups"][-1]["tensors"] == [f"t{n - 1}"]
-    assert seconds[30_000] < 7 * seconds[7_500], seconds  # quadratic would be 16x
+    assert seconds[30_000] < 10 * seconds[7_500], seconds  # quadratic would be 16x

@@ -55,9 +55,9 @@ def test_codebook_geometry(tmp_path, shape, match):
 
 @pytest.mark.parametrize("key,value", [("x" * 1500, torch.zeros(4)), ("t", torch.zeros((1,) * 9))])
 def test_converter_refuses_before_encoding(tmp_path, monkeypatch, key, value):
-    from aqformat.converters import pipeline
     from aqformat.converters import from_torch
-    monkeypatch.setattr(pipeline, "_plan", lambda *a, **k: pytest.fail("codebooks trained for a doomed file"))
+    from aqformat.converters.grouping import GroupTrainer
+    monkeypatch.setattr(GroupTrainer, "add", lambda *a, **k: pytest.fail("codebooks trained for a doomed file"))
     with pytest.raises(AqmInputError, match="at most"):
         from_torch({key: value, "w": torch.randn(64, 64)}, tmp_path / "o.aqm", progress=False)
     assert no_output(tmp_path)
