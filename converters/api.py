@@ -177,17 +177,28 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
 @_memory_errors_as_aqm
 def from_onnx(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
               target_size: int | str | None = None, allocate: bool = False,
-              permute: bool = False, grouping: str = "by-kind", keep: Iterable[str] = (),
+              permute: bool = False, grouping: str = "by-kind", calib: Any = None,
+              tokenizer: str | None = None, image: Any = None, keep: Iterable[str] = (),
               seed: int = 0, progress: bool = True, min_elements: int = DEFAULT_MIN_ELEMENTS,
               codec: str = DEFAULT_CODEC, encoder: EncoderOptions | Mapping[str, Any] | None = None,
+              finetune_steps: int = 0, finetune_lr: float = 1e-3, finetune_raw: str = "all",
               ) -> ConversionSummary:
     """Convert an ONNX model (path or ``ModelProto``) to .aqm with its graph embedded.
 
     Initializers (and large Constant nodes) become .aqm tensors of the same
     name; weights of MatMul/Gemm/Conv/ConvTranspose/Gather/LSTM/GRU/RNN are
     viewed with output channels as rows. The stored graph follows the
-    contract of :mod:`aqformat.converters.onnx_graph`. Other arguments as in
-    :func:`from_torch` (calibration is not supported for ONNX sources yet).
+    contract of :mod:`aqformat.converters.onnx_graph`.
+
+    ``calib`` is a ``.npy``/``.npz`` file, a folder of images, a text file
+    with ``tokenizer`` (a folder holding ``tokenizer.json``), or a list of feed
+    dicts (see :func:`aqformat.converters.calib_inputs.load_calibration`;
+    ``image`` is an :class:`~aqformat.converters.calib_inputs.ImagePreprocess`).
+    Its ``X^T X`` statistics are collected through ONNX Runtime; the output
+    sensitivity (``allocate``, ``target_size``) and ``finetune_steps`` run the
+    graph in torch (:class:`~aqformat.converters.onnx_torch.OnnxModule`), and
+    the fine-tuned file still runs with ONNX Runtime alone. Other arguments as
+    in :func:`from_torch`.
     """
     from .onnx_graph import weight_axes
     opts = ConvertOptions.build(bits=bits, target_size=target_size, allocate=allocate, permute=permute,
@@ -197,7 +208,25 @@ def from_onnx(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     if source.framework != "onnx":
         raise AqmInputError("from_onnx needs an .onnx file or an onnx.ModelProto")
     check_output(source, out_path)
-    return run(source, out_path, opts, weight_axes(source.onnx_model), graph_model=source.onnx_model)
+    tuning = FinetuneOptions(steps=finetune_steps, lr=finetune_lr, train_raw=finetune_raw, seed=seed,
+                             progress=progress)
+    resolved = _onnx_calibration(source, calib, tokenizer, image)
+    axes = weight_axes(source.onnx_model)
+    if not tuning.steps:
+        return run(source, out_path, opts, axes, calib=resolved, graph_model=source.onnx_model)
+    return run_and_finetune(source, out_path, opts, axes, resolved, tuning, graph_model=source.onnx_model)
+
+
+def _onnx_calibration(source: Any, calib: Any, tokenizer: str | None, image: Any) -> Any:
+    """The resolved calibration of an ONNX source (None without ``calib``)."""
+    if calib is None:
+        if tokenizer is not None or image is not None:
+            raise AqmInputError("--tokenizer and image preprocessing need --calib")
+        return None
+    from .calib_inputs import load_calibration, model_inputs
+    from .onnx_calib import OnnxCalibration
+    data = load_calibration(calib, model_inputs(source.onnx_model), tokenizer=tokenizer, image=image)
+    return OnnxCalibration(source.onnx_model, source.load, data)
 
 
 def from_torch_via_onnx(model: Any, example_inputs: Any, out_path: str | os.PathLike, *,
@@ -230,12 +259,15 @@ def from_torch_via_onnx(model: Any, example_inputs: Any, out_path: str | os.Path
 def convert(src: Any, out_path: str | os.PathLike, **kwargs: Any) -> ConversionSummary:
     """Convert any supported source (path type from its extension) to .aqm.
 
-    ``.onnx`` files go to :func:`from_onnx` (which takes no ``calib``),
-    everything else to :func:`from_torch`. Keyword arguments as in :func:`from_torch`.
+    ``.onnx`` files go to :func:`from_onnx`, everything else to :func:`from_torch`.
+    Keyword arguments as in :func:`from_torch`, plus ``tokenizer`` and ``image``
+    for ONNX sources.
     """
     source = open_source(src)
     if source.framework == "onnx":
-        if kwargs.pop("calib", None) is not None:
-            raise AqmInputError("calibration is supported for PyTorch sources only")
         return from_onnx(source, out_path, **kwargs)
+    for key in ("tokenizer", "image"):
+        if kwargs.pop(key, None) is not None:
+            raise AqmInputError("--tokenizer and image preprocessing apply to ONNX sources "
+                                "(a PyTorch source runs its own tokenizer)")
     return from_torch(source, out_path, **kwargs)

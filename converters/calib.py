@@ -152,8 +152,11 @@ def collect_output_sensitivity(model: nn.Module, run: Callable[[nn.Module, objec
 
     Returns
     -------
-    dict mapping ``"<module>.weight"`` to float32 ``s`` of shape ``[out_channels]``.
-    Weights that do not reach the output get zeros.
+    dict mapping ``"<module>.weight"`` to float32 ``s`` of shape ``[out_channels]``
+    (a model with a ``calibration_taps()`` method, such as
+    :class:`~aqformat.converters.onnx_torch.OnnxModule`, maps weight names to
+    ``(module, channel axis)`` of their layer outputs itself). Weights that do
+    not reach the output get zeros.
     """
     outs: dict[str, list[torch.Tensor]] = {}
 
@@ -161,15 +164,21 @@ def collect_output_sensitivity(model: nn.Module, run: Callable[[nn.Module, objec
         def hook(_mod, _inputs, out):
             if isinstance(out, torch.Tensor) and out.requires_grad:
                 outs.setdefault(name, []).append(out)
+                if name not in sums:  # a layer that runs but does not reach the output: zeros
+                    sums[name] = torch.zeros(out.shape[taps[name][1]], dtype=torch.float64)
         return hook
 
-    mods = _layers(model, include)
-    hooks = [mod.register_forward_hook(hook_for(name)) for name, mod in mods.items()]
+    # weight name -> (module whose output is the layer output, its output-channel axis); a model
+    # that is not made of Linear/Conv2d modules (an ONNX graph run by torch) names its own
+    taps = model.calibration_taps() if hasattr(model, "calibration_taps") else {
+        f"{n}.weight": (m, 1 if isinstance(m, nn.Conv2d) else -1) for n, m in _layers(model, include).items()}
+    hooks = [mod.register_forward_hook(hook_for(name)) for name, (mod, _) in taps.items()]
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     was_training = model.training
     gen = torch.Generator().manual_seed(seed)
-    sums = {n: torch.zeros(m.weight.shape[0], dtype=torch.float64) for n, m in mods.items()}
+    sums = {n: torch.zeros(m.weight.shape[0], dtype=torch.float64) for n, (m, _) in taps.items()
+            if isinstance(getattr(m, "weight", None), torch.Tensor)}
     n_batches = 0
     model.eval()
     try:
@@ -185,7 +194,7 @@ def collect_output_sensitivity(model: nn.Module, run: Callable[[nn.Module, objec
                 grads = torch.autograd.grad((y * r).sum(), tensors, allow_unused=True) if tensors else ()
                 for n, g in zip(keys, grads):
                     if g is not None:
-                        ch = 1 if isinstance(mods[n], nn.Conv2d) else g.dim() - 1
+                        ch = taps[n][1] % g.dim()
                         sums[n] += g.detach().double().pow(2).movedim(ch, -1).reshape(-1, g.shape[ch]).sum(0)
                 n_batches += 1
     finally:
@@ -194,7 +203,7 @@ def collect_output_sensitivity(model: nn.Module, run: Callable[[nn.Module, objec
         for p, f in zip(params, flags):
             p.requires_grad_(f)
         model.train(was_training)
-    return {f"{n}.weight": (s / max(n_batches, 1)).float() for n, s in sums.items()}
+    return {n: (s / max(n_batches, 1)).float() for n, s in sums.items()}
 
 
 def calibration_batches(calib: Any, source: Source) -> tuple[Any, Any, Any]:
@@ -264,6 +273,8 @@ def calibration_stats(calib: tuple[Any, Any, Any] | None, names: Sequence[str],
     resolved ``(module, batches, run)`` calibration."""
     if calib is None:
         return {}, {}
+    if hasattr(calib, "stats"):  # an ONNX source: statistics through ONNX Runtime
+        return calib.stats(names, sensitivity)
     module, batches, run = calib
     wanted = set(names)
 

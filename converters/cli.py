@@ -56,7 +56,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     summary = convert(args.source, args.output, bits=args.bits, target_size=args.target_size,
                       allocate=args.allocate, permute=args.permute, grouping=args.grouping,
                       calib=args.calib, keep=args.keep or (), seed=args.seed, codec=args.codec,
-                      progress=progress, encoder=encoder, **tuning)
+                      progress=progress, encoder=encoder, **tuning,
+                      tokenizer=args.tokenizer, image=_image_preprocess(args))
     if args.verbosity < 0:
         return 0
     src = f" (source files {format_size(summary.source_file_bytes)})" if summary.source_file_bytes else ""
@@ -71,6 +72,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             print(f"{n:<{width}}  {group_of.get(n, 'raw'):<24} "
                   + (f"{sqnr:.1f} dB" if sqnr is not None else "exact"))
     return 0
+
+
+def _image_preprocess(args: argparse.Namespace):
+    """The image preprocessing flags, or None when none is given (defaults then apply)."""
+    given = {k: getattr(args, f"image_{k}") for k in ("size", "resize", "mean", "std", "layout")}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}
+    if not given:
+        return None
+    from .calib_inputs import ImagePreprocess
+    return ImagePreprocess(**given)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -110,14 +121,26 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="search a column permutation per tensor (slower, lower error; default off)")
     p.add_argument("--grouping", choices=GROUPINGS, default="by-kind",
                    help="codebook sharing across tensors (default by-kind: attention, MLP, conv, other)")
-    p.add_argument("--calib", metavar="FILE",
-                   help="calibration inputs: .npy/.npz arrays or a .txt of sentences "
-                        "(Hugging Face text models); default: none, weight error is minimised")
+    p.add_argument("--calib", metavar="PATH",
+                   help="calibration inputs: .npy (one input, rows are samples), .npz (arrays keyed by "
+                        "input name), a .txt of sentences (Hugging Face folders; ONNX with --tokenizer) "
+                        "or, for ONNX, a folder of images; default: none, weight error is minimised")
+    p.add_argument("--tokenizer", metavar="FOLDER",
+                   help="tokenizer folder (tokenizer.json) for text calibration of an ONNX model")
+    img = p.add_argument_group("image calibration of ONNX models (ImageNet defaults)")
+    img.add_argument("--image-size", type=int, help="centre crop side (default: the model input's, else 224)")
+    img.add_argument("--image-resize", type=int, help="shorter side before the crop (default size/0.875)")
+    img.add_argument("--image-mean", type=float, nargs=3, metavar=("R", "G", "B"),
+                     help="per-channel mean of [0, 1] RGB (default 0.485 0.456 0.406)")
+    img.add_argument("--image-std", type=float, nargs=3, metavar=("R", "G", "B"),
+                     help="per-channel std (default 0.229 0.224 0.225)")
+    img.add_argument("--image-layout", choices=("NCHW", "NHWC"),
+                     help="input layout (default: from the model input's shape, else NCHW)")
     p.add_argument("--keep", action="append", metavar="PATTERN",
                    help="keep tensors matching this fnmatch pattern raw (repeatable; default: none)")
     p.add_argument("--finetune", type=int, default=0, metavar="STEPS",
                    help="after coding, distil the original model into the codebooks for STEPS steps "
-                        "on the --calib inputs (PyTorch modules and Hugging Face folders; default 0: off)")
+                        "on the --calib inputs (Hugging Face folders and ONNX models; default 0: off)")
     p.add_argument("--finetune-lr", type=float, default=1e-3, metavar="LR",
                    help="peak learning rate of --finetune (default 1e-3)")
     p.add_argument("--finetune-raw", choices=("all", "1d"), default="all",

@@ -57,6 +57,7 @@ class ConversionSummary:
     weight_sqnr_db: dict[str, float] = field(default_factory=dict)
     finetune: Any = None         # FinetuneReport when the file was fine-tuned
     target_size: Any = None      # the file size budget as given (e.g. "250kB"), if any
+    notes: list[str] = field(default_factory=list)  # what was not used, and why
 
     @property
     def ratio(self) -> float:
@@ -76,7 +77,8 @@ class ConversionSummary:
                 f"{len(self.compressed)} tensors coded, {len(self.raw)} raw, "
                 f"{len(self.groups)} codebook group(s){mean_sqnr}, {self.seconds:.1f} s"
                 + self._target_note()
-                + (f"; {self.finetune}" if self.finetune is not None else ""))
+                + (f"; {self.finetune}" if self.finetune is not None else "")
+                + (f"\nnot used: {'; '.join(self.notes)}" if self.notes else ""))
 
     def _target_note(self) -> str:
         """How the file landed against ``target_size``, in the units it was given in."""
@@ -125,7 +127,15 @@ def run(source: Source, out_path: str | os.PathLike, opts: ConvertOptions, axes:
         source_file_bytes=source.file_bytes, aqm_bytes=os.path.getsize(out_path),
         parameters=sum(s.numel for s in specs), compressed=encoder.coded,
         raw=[s.name for s in specs if s.name not in set(encoder.coded)], groups=encoder.groups,
-        seconds=time.monotonic() - t0, weight_sqnr_db=sqnr, target_size=opts.target_text)
+        seconds=time.monotonic() - t0, weight_sqnr_db=sqnr, target_size=opts.target_text,
+        notes=_notes(calib))
+
+
+def _notes(calib: Any) -> list[str]:
+    """What the conversion could not use, and why (one line of the summary)."""
+    if calib is None:
+        return ["no --calib: coded by weight error, without data (expect lower fidelity)"]
+    return list(getattr(calib, "notes", []))
 
 
 def _model_tensors(source: Source, opts: ConvertOptions, axes: dict[str, Any],
@@ -201,21 +211,22 @@ def _text_batches(sentences: list[str]) -> list[list[str]]:
 
 
 def run_and_finetune(source: Source, out_path: str | os.PathLike, opts: ConvertOptions, axes: dict[str, Any],
-                     calib: tuple[Any, Any, Any] | None, tuning: FinetuneOptions) -> ConversionSummary:
+                     calib: tuple[Any, Any, Any] | None, tuning: FinetuneOptions,
+                     graph_model: Any = None) -> ConversionSummary:
     """Convert to a hidden sibling file, distil it into ``out_path``, remove the sibling."""
     import tempfile
 
     from .finetuning import finetune
     if calib is None:
         raise AqmInputError("fine-tuning needs calibration inputs (--calib)")
-    module, batches, forward = calib
+    module, batches, forward = calib.finetune_inputs() if hasattr(calib, "finetune_inputs") else calib
     if batches and all(isinstance(b, str) for b in batches):
         batches = _text_batches(batches)
     out = os.path.abspath(os.fspath(out_path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".coded", dir=os.path.dirname(out))
     os.close(fd)
     try:
-        summary = run(source, tmp, opts, axes, calib=calib)
+        summary = run(source, tmp, opts, axes, calib=calib, graph_model=graph_model)
         t0 = time.monotonic()
         report = finetune(tmp, out_path, module, batches, forward=forward, steps=tuning.steps, lr=tuning.lr,
                           train_raw=tuning.train_raw, seed=tuning.seed, progress=tuning.progress)
