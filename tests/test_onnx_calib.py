@@ -15,6 +15,7 @@ from sklearn.datasets import load_digits  # noqa: E402
 from torch import nn  # noqa: E402
 
 import aqformat  # noqa: E402
+from aqformat.codecs.aq import parts as aq_parts  # noqa: E402
 from aqformat.converters import from_onnx  # noqa: E402
 from aqformat.converters.calib import collect_hessians, collect_output_sensitivity  # noqa: E402
 from aqformat.converters.calib_inputs import (ImagePreprocess, InputSpec,  # noqa: E402
@@ -165,7 +166,7 @@ def test_calibration_and_finetuning_of_an_onnx_source(digits_onnx, tmp_path):
     assert errs["alloc"] < 0.1 and alloc.aqm_bytes <= plain3.aqm_bytes * 1.05, errs
     assert tuned.finetune.steps_done == 60
     with aqformat.open(tmp_path / "cal.aqm") as c, aqformat.open(tmp_path / "plain.aqm") as p:
-        assert any(not np.array_equal(c.aq_parts(n).codes, p.aq_parts(n).codes) for n in cal.compressed)
+        assert any(not np.array_equal(aq_parts(c, n).codes, aq_parts(p, n).codes) for n in cal.compressed)
     assert "no --calib" in str(plain) and "not used" not in str(cal)
     with aqformat.open(tmp_path / "tuned.aqm") as f, aqformat.open(tmp_path / "cal.aqm") as g:
         assert f.metadata["conversion"]["calibrated"] and f.metadata["finetune"]["objective"] == "distill"
