@@ -276,11 +276,12 @@ def _images(folder: str, inputs: Sequence[InputSpec], pre: ImagePreprocess, batc
             raise AqmInputError(f"{p}: unreadable image ({_first_line(e)})") from None
         arr = (arr - mean) / std
         images.append(arr.transpose(2, 0, 1) if layout == "NCHW" else arr)
-    step = spec.shape[0] or batch_size
-    if len(images) < step:
+    step, fixed = spec.shape[0] or batch_size, spec.shape[0] is not None
+    if fixed and len(images) < step:
         raise AqmInputError(f"{folder}: {len(images)} images, fewer than the model's fixed batch size {step}")
+    usable = len(images) - len(images) % step if fixed else len(images)
     feeds = [_check_feed({spec.name: np.stack(images[i:i + step])}, inputs, folder)
-             for i in range(0, len(images) - len(images) % step if spec.shape[0] else len(images), step)]
+             for i in range(0, usable, step)]
     return CalibSet(feeds, feeds, f"{len(images)} images from {folder} ({pre.describe(size, layout)})")
 
 
