@@ -95,6 +95,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_onnx_calib_args(p: argparse.ArgumentParser) -> None:
+    """``--tokenizer`` and the image preprocessing flags of ONNX calibration."""
+    p.add_argument("--tokenizer", metavar="FOLDER",
+                   help="tokenizer folder (tokenizer.json) for text calibration of an ONNX model")
+    img = p.add_argument_group("image calibration of ONNX models (ImageNet defaults)")
+    img.add_argument("--image-size", type=int, help="centre crop side (default: the model input's, else 224)")
+    img.add_argument("--image-resize", type=int, help="shorter side before the crop (default size/0.875)")
+    img.add_argument("--image-mean", type=float, nargs=3, metavar=("R", "G", "B"),
+                     help="per-channel mean of [0, 1] RGB (default 0.485 0.456 0.406)")
+    img.add_argument("--image-std", type=float, nargs=3, metavar=("R", "G", "B"),
+                     help="per-channel std (default 0.229 0.224 0.225)")
+    img.add_argument("--image-layout", choices=("NCHW", "NHWC"),
+                     help="input layout (default: from the model input's shape, else NCHW)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``convert`` and ``export`` to the ``aqm`` subcommands."""
     p = sub.add_parser("convert", help="compress a PyTorch or ONNX model into an .aqm file",
@@ -125,17 +140,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="calibration inputs: .npy (one input, rows are samples), .npz (arrays keyed by "
                         "input name), a .txt of sentences (Hugging Face folders; ONNX with --tokenizer) "
                         "or, for ONNX, a folder of images; default: none, weight error is minimised")
-    p.add_argument("--tokenizer", metavar="FOLDER",
-                   help="tokenizer folder (tokenizer.json) for text calibration of an ONNX model")
-    img = p.add_argument_group("image calibration of ONNX models (ImageNet defaults)")
-    img.add_argument("--image-size", type=int, help="centre crop side (default: the model input's, else 224)")
-    img.add_argument("--image-resize", type=int, help="shorter side before the crop (default size/0.875)")
-    img.add_argument("--image-mean", type=float, nargs=3, metavar=("R", "G", "B"),
-                     help="per-channel mean of [0, 1] RGB (default 0.485 0.456 0.406)")
-    img.add_argument("--image-std", type=float, nargs=3, metavar=("R", "G", "B"),
-                     help="per-channel std (default 0.229 0.224 0.225)")
-    img.add_argument("--image-layout", choices=("NCHW", "NHWC"),
-                     help="input layout (default: from the model input's shape, else NCHW)")
+    _add_onnx_calib_args(p)
     p.add_argument("--keep", action="append", metavar="PATTERN",
                    help="keep tensors matching this fnmatch pattern raw (repeatable; default: none)")
     p.add_argument("--finetune", type=int, default=0, metavar="STEPS",

@@ -73,10 +73,11 @@ def _pad_input(x, pads: list[int], value: float = 0.0):
     return F.pad(x, torch_pads, value=value) if any(torch_pads) else x
 
 
-def _conv(x, w, b=None, *, group=1, strides=None, dilations=None, pads=None, auto_pad="NOTSET",
-          kernel_shape=None):
+def _conv(x, w, b=None, **attrs):
+    """ONNX Conv (the kernel shape is the weight's)."""
     nd = w.dim() - 2
-    strides, dilations = list(strides or [1] * nd), list(dilations or [1] * nd)
+    group, auto_pad, pads = attrs.get("group", 1), attrs.get("auto_pad", "NOTSET"), attrs.get("pads")
+    strides, dilations = list(attrs.get("strides") or [1] * nd), list(attrs.get("dilations") or [1] * nd)
     if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
         pads = _same_pads(x, w.shape[2:], strides, dilations, auto_pad)
     elif auto_pad == "VALID":

@@ -25,7 +25,7 @@ from aqformat.converters.onnx_graph import lift_constants  # noqa: E402
 from aqformat.converters.onnx_torch import OnnxModule, unsupported_ops  # noqa: E402
 from aqformat.runtime import InferenceSession  # noqa: E402
 
-ENC = {"b": 6, "d": 4, "beam": 2, "iters": 2}
+ENC = {"bits_per_code": 6, "d": 4, "beam": 2, "iters": 2}
 
 
 def _export(net, example, path=None, names=("x",), dynamic=(0,)):
@@ -153,7 +153,7 @@ def test_calibration_and_finetuning_of_an_onnx_source(digits_onnx, tmp_path):
     kw = dict(bits=1.5, progress=False, encoder=ENC, min_elements=1024)
     plain = from_onnx(path, tmp_path / "plain.aqm", **kw)
     cal = from_onnx(path, tmp_path / "cal.aqm", calib=str(path.parent / "calib.npy"), **kw)
-    kw4 = dict(bits=3, progress=False, encoder={"b": 4, "d": 4, "beam": 2, "iters": 2})
+    kw4 = dict(bits=3, progress=False, encoder={"bits_per_code": 4, "d": 4, "beam": 2, "iters": 2})
     plain3 = from_onnx(path, tmp_path / "plain3.aqm", **kw4)
     alloc = from_onnx(path, tmp_path / "alloc.aqm", calib=str(path.parent / "calib.npy"), allocate=True, **kw4)
     tuned = from_onnx(path, tmp_path / "tuned.aqm", calib=str(path.parent / "calib.npy"), finetune_steps=60,
@@ -270,7 +270,7 @@ def test_unsupported_operators_are_named_and_plain_conversion_still_works(tmp_pa
     onnx.save(m, tmp_path / "cs.onnx")
     assert unsupported_ops(m) == ["CumSum"]
     np.save(tmp_path / "c.npy", np.random.default_rng(0).standard_normal((8, 32, 7, 8)).astype(np.float32))
-    kw = dict(bits=4, progress=False, encoder={"b": 4, "d": 4, "beam": 2, "iters": 2}, min_elements=64, calib=str(tmp_path / "c.npy"))
+    kw = dict(bits=4, progress=False, encoder={"bits_per_code": 4, "d": 4, "beam": 2, "iters": 2}, min_elements=64, calib=str(tmp_path / "c.npy"))
     with pytest.raises(aqformat.AqmInputError, match="operators the torch interpreter does not run: CumSum"):
         from_onnx(tmp_path / "cs.onnx", tmp_path / "ft.aqm", finetune_steps=5, **kw)
     assert not (tmp_path / "ft.aqm").exists()
