@@ -21,7 +21,7 @@ from . import __version__, codecs, tempfiles
 from .codecs import aq, lattice, raw
 from .dtypes import dtype_name, numpy_dtype
 from .errors import AqmFormatError, AqmInputError, AqmIOError
-from .header import (ALIGNMENT, CODEBOOK_DTYPES, MAJOR, MAX_HEADER_BYTES, MAX_NAME_BYTES, MINOR, PREAMBLE_SIZE,
+from .header import (ALIGNMENT, CODEBOOK_DTYPES, MAJOR, MAX_HEADER_BYTES, MAX_NAME_BYTES, PREAMBLE_SIZE,
                      CodebookGroup, Preamble, graph_size_limit, pack_preamble, parse_group, parse_header,
                      parse_tensor, plain_value_problem)
 
@@ -340,15 +340,17 @@ class Writer:
             raise AqmInputError(f"header of {len(header)} bytes exceeds the format's {MAX_HEADER_BYTES}-byte limit "
                                 "(too many tensors or too much metadata)")
         offset = self._pos + (-self._pos % ALIGNMENT)
+        # The oldest minor version that describes every codec used, so older 1.x files stay byte-identical.
+        minor = max((codecs.get(t["codec"]).minor for t in self._tensors), default=0)
         try:  # the whole header as a reader will check it: no file its reader refuses is written
-            parse_header(header, Preamble(MAJOR, MINOR, offset, len(header), zlib.crc32(header), ALIGNMENT,
+            parse_header(header, Preamble(MAJOR, minor, offset, len(header), zlib.crc32(header), ALIGNMENT,
                                           offset + len(header)))
         except AqmFormatError as e:
             self.abort()
             raise AqmInputError(f"{self.path} would not be readable: {str(e).removeprefix('invalid header: ')}") from None
         self._write(b"\0" * (-self._pos % ALIGNMENT))
         self._write(header)
-        pre = pack_preamble(MINOR, offset, len(header), zlib.crc32(header), self._pos)
+        pre = pack_preamble(minor, offset, len(header), zlib.crc32(header), self._pos)
         try:
             self._file.seek(0)
             self._file.write(pre)

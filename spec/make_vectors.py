@@ -82,6 +82,22 @@ def lattice(w: aqformat.Writer, rng: np.random.Generator) -> None:
                   seed=2**64 - 1, axes=(1, 0))
 
 
+def affine(w: aqformat.Writer, rng: np.random.Generator) -> None:
+    """Codec ``affine`` (format 1.1): both scopes, code widths 1, 3, 4, 5 and 8, axes, zstd and raw data."""
+    from aqformat.codecs.affine import fields
+
+    def add(name, shape, rows, cols, bits, scope="row", axes=None, dtype="float32", compress=("data",)):
+        pairs = rows if scope == "row" else 1
+        codes = rng.integers(0, 1 << bits, size=(rows, cols))
+        w.add_encoded(name, "affine", shape, fields(codes, rng.uniform(0.001, 0.1, pairs), rng.uniform(-1, 0, pairs),
+                                                    bits, scope, axes), dtype=dtype, compress=compress)
+    add("af.linear", (12, 40), 12, 40, 4)
+    add("af.depthwise", (8, 1, 3, 3), 8, 9, 3, scope="tensor", dtype="float16")
+    add("af.bias", (10,), 1, 10, 8, compress=())
+    add("af.matmul", (6, 5), 5, 6, 5, axes=(1, 0), dtype="bfloat16")
+    add("af.binary", (3, 11), 3, 11, 1, compress=())
+
+
 def zstd_graph(w: aqformat.Writer, rng: np.random.Generator) -> None:
     w.add_tensor("zeros", np.zeros((64, 64), dtype=np.float32), compress=True)
     w.add_tensor("ramp", np.arange(1000, dtype=np.int64) % 7, compress=True)
@@ -107,7 +123,7 @@ def empty(w: aqformat.Writer, rng: np.random.Generator) -> None:
 
 
 VECTORS = {f.__name__: f for f in (raw_dtypes, aq_8bit_shared, aq_3bit_perm, aq_7bit_conv,
-                                   aq_12bit_bf16, aq_1bit_16bit, lattice, zstd_graph, empty)}
+                                   aq_12bit_bf16, aq_1bit_16bit, lattice, zstd_graph, empty, affine)}
 
 
 def digest(path: str) -> dict:

@@ -25,7 +25,7 @@ import zstandard
 import aqformat
 from aqformat import Writer
 from aqformat.bitpack import pack
-from aqformat.header import ALIGNMENT, MAGIC, MAJOR, MINOR, PREAMBLE, PREAMBLE_SIZE
+from aqformat.header import ALIGNMENT, MAGIC, MAJOR, PREAMBLE, PREAMBLE_SIZE
 
 
 @dataclass
@@ -45,7 +45,7 @@ def zstd_blob(raw: bytes, *, content_size: bool = True, size: int | None = None)
 
 
 def preamble(*, header_offset: int, header_length: int, header_crc: int, file_length: int,
-             magic: bytes = MAGIC, major: int = MAJOR, minor: int = MINOR, flags: int = 0,
+             magic: bytes = MAGIC, major: int = MAJOR, minor: int = 0, flags: int = 0,
              alignment: int = ALIGNMENT, reserved: bytes = b"\0" * 12) -> bytes:
     """A 64-byte preamble with any field chosen freely and a correct own CRC."""
     body = PREAMBLE.pack(magic, major, minor, flags, header_offset, header_length, header_crc,
@@ -199,7 +199,7 @@ def aq_only(K: int = 16, M: int = 2, d: int = 4, shape: tuple[int, ...] = (4, 8)
 
 NASTY = [0, 1, -1, 7, 63, 64, 255, 256, 65536, 1 << 31, 1 << 32, (1 << 48) + 1, (1 << 63) - 1,
          (1 << 64) - 1, -(1 << 63), True, False, None, 0.5, float("nan"), float("inf"), "", "raw",
-         "zstd", "aq", "lattice", "float32", "bogus", "x" * 1100, b"\x00\xff", [], {}, [[[[]]]],
+         "zstd", "aq", "lattice", "affine", "row", "tensor", "float32", "bogus", "x" * 1100, b"\x00\xff", [], {}, [[[[]]]],
          {"a": {"b": {}}}, [0, 0], [1 << 40, 1 << 40], [-1], list(range(9))]
 
 

@@ -76,6 +76,17 @@ def decode_file(path: str) -> dict[str, np.ndarray]:
                 perm = np.frombuffer(_section(buf, secs[t["perm"]]), "<u4")
                 w = np.empty_like(q)
                 w[:, perm] = q
+        elif t["codec"] == "affine":
+            data = _section(buf, secs[t["data"]])
+            pairs = rows if t.get("scope", "row") == "row" else 1
+            scale = np.frombuffer(data[: 2 * pairs], "<f2").astype(np.float32)
+            offset = np.frombuffer(data[2 * pairs: 4 * pairs], "<f2").astype(np.float32)
+            b = t["bits"]
+            assert len(data) == 4 * pairs + -(-rows * cols * b // 8)
+            bits = np.unpackbits(np.frombuffer(data[4 * pairs:], np.uint8), bitorder="little")
+            c = (bits[: rows * cols * b].reshape(-1, b).astype(np.int64) << np.arange(b)).sum(1).reshape(rows, cols)
+            p = np.arange(rows) if pairs == rows else np.zeros(rows, np.int64)
+            w = offset[p][:, None] + (c.astype(np.float32) * scale[p][:, None]).astype(np.float32)
         else:
             q = np.frombuffer(_section(buf, secs[t["data"]]), NP[t["index_dtype"]]).reshape(rows, cols)
             step = np.frombuffer(_section(buf, secs[t["step"]]), "<f4").astype(np.float64)

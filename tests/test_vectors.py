@@ -19,7 +19,7 @@ def test_manifest_covers_at_least_eight_files():
     for name in MANIFEST:
         with aqformat.open(os.path.join(VEC, f"{name}.aqm")) as f:
             codecs |= {t.codec for t in f.tensors()}
-    assert codecs == {"raw", "aq", "lattice"}
+    assert codecs == {"raw", "aq", "lattice", "affine"}
 
 
 @pytest.mark.parametrize("name", sorted(MANIFEST))
@@ -44,6 +44,13 @@ def test_vector_matches_independent_spec_decoder(name):
         assert sorted(ref) == sorted(f.names())
         for tname, expected in ref.items():
             np.testing.assert_array_equal(f.read(tname), expected, err_msg=tname)
+
+
+def test_affine_vector_needs_format_1_1_and_older_vectors_say_1_0():
+    """A file is written with the lowest minor version describing its codecs (spec, "Version rules")."""
+    for name in MANIFEST:
+        with open(os.path.join(VEC, f"{name}.aqm"), "rb") as fh:
+            assert fh.read(12)[8:12] == bytes([1, 0, 1 if name == "affine" else 0, 0]), name
 
 
 def test_code_widths_covered():

@@ -61,6 +61,9 @@ class Codec:
         torch device (float32 for float dtypes); ``cache`` is a dict the caller
         keeps across calls (e.g. for shared codebooks already on the device).
         Without it, the numpy decoder's result is copied to the device.
+    minor : int
+        The format minor version that introduced the codec; a file using it
+        is written with at least that minor version (spec, "Version rules").
     """
 
     name: str
@@ -71,6 +74,7 @@ class Codec:
     verbatim: bool = False
     work: Callable[[TensorRecord, Any], int] = lambda record, groups: 8 * record.numel
     torch_decode: Callable[..., Any] | None = None
+    minor: int = 0
 
     def section_fields(self, record: TensorRecord, groups: list[CodebookGroup]) -> Mapping[str, int]:
         """``{field: decoded size}`` of the sections ``record`` owns (absent optional ones left out)."""
@@ -104,4 +108,4 @@ def names() -> list[str]:
 
 
 # The built-in codecs register themselves on import.
-from . import aq, lattice, raw  # noqa: E402,F401
+from . import affine, aq, lattice, raw  # noqa: E402,F401
