@@ -76,12 +76,12 @@ def worker_load(variant: str, aqm: str) -> dict:
     import transformers  # noqa: F401 - part of the baseline for every variant
 
     from aqformat.kernels import decode, matmul
-    from aqformat.runtime.benchmark import _current_rss, _RssSampler, peak_rss
+    from aqformat.runtime.benchmark import current_rss, RssSampler, peak_rss
     decode._kernel(), matmul._kernel()  # compiled (or loaded from the cache) before the baseline
     tok = _tokenizer()
     one, eight = _inputs(tok, 1), _inputs(tok, 8)
-    base = _current_rss()
-    sampler = _RssSampler()
+    base = current_rss()
+    sampler = RssSampler()
     t0 = time.perf_counter()
     model = _model(variant, aqm)
     t1 = time.perf_counter()
@@ -92,7 +92,7 @@ def worker_load(variant: str, aqm: str) -> dict:
             model(**eight)
             model(**one)
     return {"load_s": t1 - t0, "first_output_s": t2 - t0, "base_rss": base, "peak_rss": peak_rss(),
-            "rss_after": _current_rss(), "rss_trace": sampler.stop()}
+            "rss_after": current_rss(), "rss_trace": sampler.stop()}
 
 
 def worker_latency(aqm: str, iters: int) -> dict:

@@ -110,15 +110,20 @@ def _add_onnx_calib_args(p: argparse.ArgumentParser) -> None:
                      help="input layout (default: from the model input's shape, else NCHW)")
 
 
+def _paths(p: argparse.ArgumentParser, source: str, source_help: str, output_help: str) -> None:
+    """The input, ``-o`` and ``--force`` arguments that ``convert`` and ``export`` share."""
+    p.add_argument(source, help=source_help)
+    p.add_argument("-o", "--output", required=True, help=output_help)
+    p.add_argument("--force", action="store_true", help="replace the output file if it exists (default: refuse)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``convert`` and ``export`` to the ``aqm`` subcommands."""
     p = sub.add_parser("convert", help="compress a PyTorch or ONNX model into an .aqm file",
                        description="Source type from the path: .pt/.pth/.bin (weights_only), "
                                    ".safetensors, .onnx, or a Hugging Face model folder. "
                                    "An existing output is replaced only with --force.")
-    p.add_argument("source", help="model file or Hugging Face folder")
-    p.add_argument("-o", "--output", required=True, help="the .aqm file to write")
-    p.add_argument("--force", action="store_true", help="replace the output file if it exists (default: refuse)")
+    _paths(p, "source", "model file or Hugging Face folder", "the .aqm file to write")
     p.add_argument("--codec", choices=CODECS, default=DEFAULT_CODEC,
                    help="aq: additive quantization in shared codebooks (default); lattice: dithered "
                         "scalar quantization with entropy-coded indices, every tensor at --bits")
@@ -168,7 +173,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Write the embedded ONNX graph with every weight decoded: an ordinary "
                                    ".onnx file (weights over 1 GiB go to FILE.data beside it). An existing "
                                    "output is replaced only with --force.")
-    p.add_argument("file", help=".aqm file holding an ONNX graph")
-    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
-    p.add_argument("--force", action="store_true", help="replace the output file if it exists (default: refuse)")
+    _paths(p, "file", ".aqm file holding an ONNX graph", "the .onnx file to write")
     p.set_defaults(func=_cmd_export)

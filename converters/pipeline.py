@@ -175,7 +175,7 @@ def _encode_all(w: Writer, source: Source, encoder: TensorEncoder, graph_model: 
                 W = to_float32(arr, s.dtype)
                 t = encoder.compute_codes(s.name, W)
                 encoder.write(w, t, s.dtype)
-                sqnr[s.name] = _sqnr_db(W, encoder.decode(t))
+                sqnr[s.name] = sqnr_db(W, encoder.decode(t))
             else:
                 w.add_tensor(s.name, arr, dtype="bfloat16" if s.dtype == "bfloat16" else None)
             if s.name in inits:  # its data now lives in the .aqm
@@ -185,7 +185,7 @@ def _encode_all(w: Writer, source: Source, encoder: TensorEncoder, graph_model: 
     return sqnr
 
 
-def _sqnr_db(W: np.ndarray, W_hat: np.ndarray) -> float:
+def sqnr_db(W: np.ndarray, W_hat: np.ndarray) -> float:
     """Signal-to-quantisation-noise ratio; +inf only when the decoded tensor is exact.
 
     Both are divided by the largest magnitude first: squares of weights near
@@ -200,14 +200,14 @@ def _sqnr_db(W: np.ndarray, W_hat: np.ndarray) -> float:
     return 10 * np.log10(sig / err) if err > 0 else float("inf")
 
 
-_FT_TEXT_BATCH = 16  # sentences per distillation step
+FT_TEXT_BATCH = 16  # sentences per distillation step
 
 
-def _text_batches(sentences: list[str]) -> list[list[str]]:
-    """Fine-tuning batches of text calibration: up to ``_FT_TEXT_BATCH`` sentences of similar
+def text_batches(sentences: list[str]) -> list[list[str]]:
+    """Fine-tuning batches of text calibration: up to ``FT_TEXT_BATCH`` sentences of similar
     length each, so little of a step is padding (a third fewer tokens on MiniLM's sentences)."""
     ordered = sorted(sentences, key=len)
-    return [ordered[i:i + _FT_TEXT_BATCH] for i in range(0, len(ordered), _FT_TEXT_BATCH)]
+    return [ordered[i:i + FT_TEXT_BATCH] for i in range(0, len(ordered), FT_TEXT_BATCH)]
 
 
 def run_and_finetune(source: Source, out_path: str | os.PathLike, opts: ConvertOptions, axes: dict[str, Any],
@@ -221,7 +221,7 @@ def run_and_finetune(source: Source, out_path: str | os.PathLike, opts: ConvertO
         raise AqmInputError("fine-tuning needs calibration inputs (--calib)")
     module, batches, forward = calib.finetune_inputs() if hasattr(calib, "finetune_inputs") else calib
     if batches and all(isinstance(b, str) for b in batches):
-        batches = _text_batches(batches)
+        batches = text_batches(batches)
     out = os.path.abspath(os.fspath(out_path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".coded", dir=os.path.dirname(out))
     os.close(fd)

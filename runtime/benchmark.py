@@ -43,7 +43,7 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def _current_rss() -> int:
+def current_rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
@@ -59,7 +59,7 @@ def _open(variant: str, path: str, budget: int | None, threads: int | None):
     return onnxruntime.InferenceSession(path, so)
 
 
-class _RssSampler:
+class RssSampler:
     """RSS every ``period`` seconds on a thread, as ``[[seconds since start, bytes], ...]``."""
 
     def __init__(self, period: float = 0.005) -> None:
@@ -69,7 +69,7 @@ class _RssSampler:
         self._thread.start()
 
     def _sample(self) -> None:
-        self.trace.append([time.perf_counter() - self._t0, _current_rss()])
+        self.trace.append([time.perf_counter() - self._t0, current_rss()])
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -88,15 +88,15 @@ def _worker_load(variant: str, path: str, feeds: dict[str, np.ndarray], budget: 
     import onnxruntime  # noqa: F401 - counted in the interpreter baseline for both variants
     if budget is not None:
         import onnx  # noqa: F401 - streaming imports it; keep it out of the model's share
-    base = _current_rss()
-    sampler = _RssSampler()
+    base = current_rss()
+    sampler = RssSampler()
     t0 = time.perf_counter()
     sess = _open(variant, path, budget, threads)
     t1 = time.perf_counter()
     sess.run(None, feeds)
     t2 = time.perf_counter()
     out = {"load_s": t1 - t0, "first_output_s": t2 - t0, "peak_rss": peak_rss(), "base_rss": base,
-           "rss_after_first_output": _current_rss()}
+           "rss_after_first_output": current_rss()}
     for _ in range(after):  # only for the trace: the figures above stop at the first output
         sess.run(None, feeds)
     return {**out, "rss_trace": sampler.stop()}

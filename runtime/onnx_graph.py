@@ -61,7 +61,7 @@ def _tag(num: int) -> bytes:
 
 # A message none of whose child tags occurs anywhere in its bytes holds no tensor, so it is
 # skipped at the speed of bytes.find; most nodes (no attributes) and tensors (inline data) are.
-_TAGS = {kind: tuple(_tag(n) for n in fields) for kind, fields in _CHILDREN.items()}
+_TAGS = {kind: tuple(_tag(n) for n in nums) for kind, nums in _CHILDREN.items()}
 _EXTERNAL_TAGS = (_tag(13), bytes([14 << 3]))  # TensorProto.external_data, .data_location
 _MAX_DIMS = 8  # the .aqm limit: a stub with more dimensions cannot match any tensor
 _MAX_TEXT = 1024  # bytes of a stub's name or of an external_data key or value
@@ -83,7 +83,7 @@ def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
             raise AqmFormatError("stored ONNX graph has a malformed varint")
 
 
-def _fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+def fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
     """Fields of the message ``buf[start:end]`` as ``(number, wire_type, value, value_end, field_start)``.
 
     For a length-delimited field (wire type 2) ``value`` is where its bytes start;
@@ -143,7 +143,7 @@ def _tensor(buf: bytes, start: int, end: int, main_initializer: bool) -> Stub | 
     data_type = location_kind = 0
     dims: list[tuple[int, int, int]] = []  # (wire type, value or start, end)
     entries: list[tuple[int, int]] = []
-    for num, wt, val, vend, _ in _fields(buf, start, end):
+    for num, wt, val, vend, _ in fields(buf, start, end):
         if num == 1 and wt in (0, 2):
             dims.append((wt, val, vend))
         elif num == 2 and wt == 0:
@@ -172,7 +172,7 @@ def _tensor(buf: bytes, start: int, end: int, main_initializer: bool) -> Stub | 
 
 def _entry(buf: bytes, start: int, end: int) -> tuple[str, str]:
     key = value = ""
-    for num, wt, val, vend, _ in _fields(buf, start, end):
+    for num, wt, val, vend, _ in fields(buf, start, end):
         if wt != 2 or num not in (1, 2):
             raise AqmFormatError("stored ONNX graph: an external_data entry is malformed")
         text = _text(buf, val, vend, "an external_data entry")
@@ -180,9 +180,9 @@ def _entry(buf: bytes, start: int, end: int) -> tuple[str, str]:
     return key, value
 
 
-def _dims(buf: bytes, fields: list[tuple[int, int, int]], label: str) -> tuple[int, ...]:
+def _dims(buf: bytes, items: list[tuple[int, int, int]], label: str) -> tuple[int, ...]:
     dims: list[int] = []
-    for wt, val, vend in fields:
+    for wt, val, vend in items:
         if wt == 0:
             dims.append(val)
         else:
@@ -225,10 +225,10 @@ def scan_model(model_bytes: bytes) -> GraphScan:
     stubs: list[Stub] = []
     graphs: list[tuple[int, int, int, list[tuple[int, int, int, Stub]]]] = []
     # depth-first over the messages that may hold tensors: memory grows with nesting, not size
-    stack = [(_CHILDREN[_MODEL], _fields(buf, 0, len(buf)), -1)]
+    stack = [(_CHILDREN[_MODEL], fields(buf, 0, len(buf)), -1)]
     while stack:
-        children, fields, main = stack[-1]
-        for num, wt, val, vend, fstart in fields:
+        children, pending, main = stack[-1]
+        for num, wt, val, vend, fstart in pending:
             child = children.get(num)
             if child is None or wt != 2:
                 continue
@@ -244,9 +244,9 @@ def scan_model(model_bytes: bytes) -> GraphScan:
                 raise AqmFormatError(f"stored ONNX graph nests messages deeper than {MAX_NESTING} levels")
             if len(stack) == 1 and num == 7:  # ModelProto.graph: the main graph
                 graphs.append((fstart, val, vend, []))
-                stack.append((_CHILDREN[_GRAPH], _fields(buf, val, vend), len(graphs) - 1))
+                stack.append((_CHILDREN[_GRAPH], fields(buf, val, vend), len(graphs) - 1))
             else:
-                stack.append((_CHILDREN[child], _fields(buf, val, vend), -1))
+                stack.append((_CHILDREN[child], fields(buf, val, vend), -1))
             break
         else:
             stack.pop()
@@ -315,7 +315,7 @@ def locate_stubs(model_bytes: bytes, files: Mapping[str, str], scan: GraphScan |
             if stub.name not in files:
                 continue
             kept, tpos = [], tstart
-            for num, _, _, fend, f0 in _fields(buf, tstart, tend):
+            for num, _, _, fend, f0 in fields(buf, tstart, tend):
                 if num == 13:
                     kept.append(buf[tpos:f0])
                     tpos = fend

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..dtypes import ORT_TYPE_NAMES
 from ..errors import AqmFormatError
-from .onnx_graph import _MAX_TEXT, _fields, _tensor, _varint, scan_model
+from .onnx_graph import _MAX_TEXT, fields, _tensor, _varint, scan_model
 
 MAX_LISTED = 1 << 16  # inputs, outputs and in-graph initializers described, and dimensions of each
 
@@ -54,18 +54,18 @@ def _name(buf: bytes, start: int, end: int) -> str:
 
 def _value(buf: bytes, start: int, end: int) -> GraphValue:
     name, elem, shape = "", 0, None
-    for num, wt, val, vend, _ in _fields(buf, start, end):
+    for num, wt, val, vend, _ in fields(buf, start, end):
         if num == 1 and wt == 2:
             name = _name(buf, val, vend)
         elif num == 2 and wt == 2:  # TypeProto
-            for tnum, twt, tval, tend, _ in _fields(buf, val, vend):
+            for tnum, twt, tval, tend, _ in fields(buf, val, vend):
                 if tnum != 1 or twt != 2:  # only tensor_type is described
                     continue
-                for fnum, fwt, fval, fend, _ in _fields(buf, tval, tend):
+                for fnum, fwt, fval, fend, _ in fields(buf, tval, tend):
                     if fnum == 1 and fwt == 0:
                         elem = fval
                     elif fnum == 2 and fwt == 2:
-                        shape = [_dim(buf, d, dend) for dnum, dwt, d, dend, _ in _fields(buf, fval, fend)
+                        shape = [_dim(buf, d, dend) for dnum, dwt, d, dend, _ in fields(buf, fval, fend)
                                  if dnum == 1 and dwt == 2]
                         if len(shape) > MAX_LISTED:
                             raise AqmFormatError(f"stored ONNX graph: a value has more than {MAX_LISTED} dimensions")
@@ -73,7 +73,7 @@ def _value(buf: bytes, start: int, end: int) -> GraphValue:
 
 
 def _dim(buf: bytes, start: int, end: int) -> int | str | None:
-    for num, wt, val, vend, _ in _fields(buf, start, end):
+    for num, wt, val, vend, _ in fields(buf, start, end):
         if num == 1 and wt == 0:
             return val
         if num == 2 and wt == 2:
@@ -83,7 +83,7 @@ def _dim(buf: bytes, start: int, end: int) -> int | str | None:
 
 def _initializer(buf: bytes, start: int, end: int) -> GraphInitializer:
     name, code, dims = "", 0, []
-    for num, wt, val, vend, _ in _fields(buf, start, end):
+    for num, wt, val, vend, _ in fields(buf, start, end):
         if num == 1 and wt == 0:
             dims.append(val)
         elif num == 1 and wt == 2:
@@ -118,10 +118,10 @@ def graph_io(model_bytes: bytes) -> GraphIO:
     outputs: list[GraphValue] = []
     in_graph: list[GraphInitializer] = []
     init_names = set()
-    for num, wt, gval, gend, _ in _fields(buf, 0, len(buf)):
+    for num, wt, gval, gend, _ in fields(buf, 0, len(buf)):
         if num != 7 or wt != 2:  # ModelProto.graph
             continue
-        for gnum, gwt, val, vend, _ in _fields(buf, gval, gend):
+        for gnum, gwt, val, vend, _ in fields(buf, gval, gend):
             if gwt != 2 or gnum not in (5, 11, 12):
                 continue
             if len(inputs) + len(outputs) + len(in_graph) >= MAX_LISTED:

@@ -404,12 +404,12 @@ def _ldfields(buf: bytes) -> list[tuple[int, int, int]]:
     """``(field_start, value_start, value_end)`` of the well-formed length-delimited fields at every
     depth of ``buf`` (a best-effort parse: mutants may stop being protobuf)."""
     from aqformat.errors import AqmFormatError
-    from aqformat.runtime.onnx_graph import _fields
+    from aqformat.runtime.onnx_graph import fields
     found, todo = [], [(0, len(buf), 0)]
     while todo and len(found) < 4096:
         start, end, depth = todo.pop()
         try:
-            for num, wt, val, vend, fstart in _fields(buf, start, end):
+            for num, wt, val, vend, fstart in fields(buf, start, end):
                 if wt == 2:
                     found.append((fstart, val, vend))
                     if depth < 12:

@@ -179,11 +179,11 @@ def test_convert_with_finetune_distils_into_the_output(tmp_path):
 
 
 def test_text_calibration_is_batched_by_length():
-    from aqformat.converters.pipeline import _FT_TEXT_BATCH, _text_batches
+    from aqformat.converters.pipeline import FT_TEXT_BATCH, text_batches
     rng = np.random.default_rng(0)
     sents = ["w " * int(n) for n in rng.integers(1, 60, 100)]
-    out = _text_batches(sents)
-    assert sorted(s for b in out for s in b) == sorted(sents) and all(len(b) <= _FT_TEXT_BATCH for b in out)
+    out = text_batches(sents)
+    assert sorted(s for b in out for s in b) == sorted(sents) and all(len(b) <= FT_TEXT_BATCH for b in out)
     assert all(max(map(len, a)) <= min(map(len, b)) for a, b in zip(out, out[1:]))  # no long/short mix
 
 

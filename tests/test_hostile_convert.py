@@ -20,7 +20,7 @@ import aqformat
 from aqformat import AqmError, AqmInputError
 from aqformat.cli import main as aqm
 from aqformat.converters import convert, from_onnx, from_torch
-from aqformat.converters.pipeline import _sqnr_db
+from aqformat.converters.pipeline import sqnr_db
 from aqformat.units import parse_size
 
 
@@ -208,7 +208,7 @@ def test_missing_output_directory_is_found_before_encoding(tmp_path, monkeypatch
 
 def test_sqnr_of_tiny_weights_is_not_infinite():
     w = np.full((64, 64), 1e-30, np.float32)
-    assert _sqnr_db(w, np.zeros_like(w)) == pytest.approx(0.0, abs=1e-6)
-    assert _sqnr_db(w, w * np.float32(1.01)) == pytest.approx(40.0, abs=0.1)
-    assert _sqnr_db(w, w.copy()) == float("inf")
-    assert _sqnr_db(np.zeros((2, 2), np.float32), np.ones((2, 2), np.float32)) == float("-inf")
+    assert sqnr_db(w, np.zeros_like(w)) == pytest.approx(0.0, abs=1e-6)
+    assert sqnr_db(w, w * np.float32(1.01)) == pytest.approx(40.0, abs=0.1)
+    assert sqnr_db(w, w.copy()) == float("inf")
+    assert sqnr_db(np.zeros((2, 2), np.float32), np.ones((2, 2), np.float32)) == float("-inf")
