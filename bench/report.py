@@ -327,12 +327,18 @@ def plot_memory(runtime_bench: dict, folder: str) -> str | None:
         t, rss = zip(*r["rss_trace"])
         name = label.replace("onnx", "fp32 ONNX Runtime").replace("aqm", ".aqm")
         ax.plot(t, [(b - r["base_rss"]) / 2**20 for b in rss], label=name, **styles[label])
-    ax.set_xlabel("seconds from the start of loading (load, first inference, five more)")
+    return _finish_memory_plot(fig, ax, folder, "memory", f"Memory over time: {runtime_bench.get('model', '')}",
+                               "seconds from the start of loading (load, first inference, five more)")
+
+
+def _finish_memory_plot(fig, ax, folder: str, name: str, title: str, xlabel: str) -> str:
+    """Axes, legend and grid shared by the RSS-over-time plots; saves ``name``.png."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("RSS above the interpreter, MiB")
-    ax.set_title(f"Memory over time: {runtime_bench.get('model', '')}")
+    ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, folder, "memory")
+    return _save(fig, folder, name)
 
 
 def plot_torch_memory(compressed: dict, folder: str) -> str | None:
@@ -350,12 +356,9 @@ def plot_torch_memory(compressed: dict, folder: str) -> str | None:
             t, rss = zip(*load[v]["rss_trace"])
             ax.plot(t, [(b - load[v]["base_rss"]) / 2**20 for b in rss], label=label, **style)
     ax.axhline(compressed["aqm_bytes"] / 2**20, color="black", lw=0.8, ls=":", label=".aqm file size")
-    ax.set_xlabel("seconds from the start of loading (load, then 1- and 8-sentence runs)")
-    ax.set_ylabel("RSS above the interpreter, MiB")
-    ax.set_title(f"Memory over time on torch: {compressed.get('model', '')}")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _save(fig, folder, "memory_torch")
+    return _finish_memory_plot(fig, ax, folder, "memory_torch",
+                               f"Memory over time on torch: {compressed.get('model', '')}",
+                               "seconds from the start of loading (load, then 1- and 8-sentence runs)")
 
 
 def plot(key: str, data: dict, folder: str) -> str | None:

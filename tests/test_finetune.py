@@ -14,6 +14,17 @@ from aqformat.converters.options import AQConfig  # noqa: E402
 from aqformat.converters import finetune  # noqa: E402
 
 
+def _fit(net, X, y, epochs: int) -> None:
+    """Train ``net`` on the first 1,400 digits with Adam, in batches of 100."""
+    opt = torch.optim.Adam(net.parameters(), 3e-3)
+    for _ in range(epochs):
+        for b in torch.randperm(1400).split(100):
+            loss = torch.nn.functional.cross_entropy(net(X[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
 def _digits_net():
     """A small MLP trained on the digits (real labels): ``(net, X, y)``."""
     torch.manual_seed(0)
@@ -22,13 +33,7 @@ def _digits_net():
     y = torch.tensor(y)
     net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 128),
                               torch.nn.ReLU(), torch.nn.Linear(128, 10))
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    for _ in range(20):
-        for b in torch.randperm(1400).split(100):
-            loss = torch.nn.functional.cross_entropy(net(X[b]), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    _fit(net, X, y, epochs=20)
     return net.eval(), X, y, None
 
 
@@ -209,13 +214,7 @@ def _digits_bn_cnn():
     net = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
                         nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
-    opt = torch.optim.Adam(net.parameters(), 3e-3)
-    for _ in range(3):
-        for b in torch.randperm(1400).split(100):
-            loss = torch.nn.functional.cross_entropy(net(X[b]), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    _fit(net, X, y, epochs=3)
     return net.eval(), X
 
 
