@@ -90,7 +90,8 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
                keep: Iterable[str] = (), seed: int = 0, progress: bool = True,
                min_elements: int = DEFAULT_MIN_ELEMENTS, codec: str = DEFAULT_CODEC,
                encoder: EncoderOptions | Mapping[str, Any] | None = None, finetune_steps: int = 0,
-               finetune_lr: float = 1e-3, finetune_raw: str = "all") -> ConversionSummary:
+               finetune_lr: float = 1e-3, finetune_raw: str = "all",
+               model_code: str | Callable[[], Any] | None = None) -> ConversionSummary:
     """Convert a PyTorch model to .aqm; tensor names are its ``state_dict`` keys.
 
     Parameters
@@ -151,6 +152,13 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     finetune_raw : {"all", "1d"}
         Uncompressed tensors it trains: all float ones (e.g. kept embeddings)
         or norms and biases only (``train_raw`` of :func:`~aqformat.converters.finetune`).
+    model_code : str or callable, optional
+        The architecture of a ``state_dict`` source (``.pt``, ``.safetensors``,
+        a mapping), so that ``calib``, ``allocate`` and ``finetune_steps`` can
+        run it: ``"package.module:Callable"``, ``"path/to/model.py:Callable"``
+        or a callable, called with no arguments to build an ``nn.Module`` whose
+        ``state_dict`` has the checkpoint's names and shapes
+        (:func:`~aqformat.converters.model_code.attach_model`).
 
     Returns
     -------
@@ -165,6 +173,9 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     if source.framework != "pytorch":
         raise AqmInputError("from_torch was given an ONNX model; use from_onnx")
     check_output(source, out_path)
+    if model_code is not None:
+        from .model_code import attach_model
+        source = attach_model(source, model_code)
     from .calib import calibration_batches
     axes = _torch_axes(source.module) if source.module is not None else {}
     # resolved once: fine-tuning runs the same model (loaded once for a Hugging Face folder)
@@ -260,11 +271,14 @@ def convert(src: Any, out_path: str | os.PathLike, **kwargs: Any) -> ConversionS
     """Convert any supported source (path type from its extension) to .aqm.
 
     ``.onnx`` files go to :func:`from_onnx`, everything else to :func:`from_torch`.
-    Keyword arguments as in :func:`from_torch`, plus ``tokenizer`` and ``image``
-    for ONNX sources.
+    Keyword arguments as in :func:`from_torch` (``model_code`` for PyTorch
+    sources), plus ``tokenizer`` and ``image`` for ONNX sources.
     """
     source = open_source(src)
     if source.framework == "onnx":
+        if kwargs.pop("model_code", None) is not None:
+            raise AqmInputError("--model supplies code for .pt/.safetensors state_dicts; "
+                                "an ONNX model carries its own graph")
         return from_onnx(source, out_path, **kwargs)
     for key in ("tokenizer", "image"):
         if kwargs.pop(key, None) is not None:

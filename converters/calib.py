@@ -222,8 +222,8 @@ def calibration_batches(calib: Any, source: Source) -> tuple[Any, Any, Any]:
         from transformers import AutoModel
         module = AutoModel.from_pretrained(source.path).float().eval()
     if module is None:
-        raise AqmInputError("calibration needs the model's code: pass an nn.Module or a "
-                            "Hugging Face folder (a bare state_dict cannot be run)")
+        raise AqmInputError("calibration needs the model's code: pass an nn.Module, a Hugging Face "
+                            "folder, or --model module:Callable (model_code=) for a state_dict")
     if isinstance(calib, (str, os.PathLike)):
         path = os.fspath(calib)
         if not os.path.isfile(path):

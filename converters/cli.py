@@ -57,7 +57,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                       allocate=args.allocate, permute=args.permute, grouping=args.grouping,
                       calib=args.calib, keep=args.keep or (), seed=args.seed, codec=args.codec,
                       progress=progress, encoder=encoder, **tuning,
-                      tokenizer=args.tokenizer, image=_image_preprocess(args))
+                      tokenizer=args.tokenizer, image=_image_preprocess(args), model_code=args.model)
     if args.verbosity < 0:
         return 0
     src = f" (source files {format_size(summary.source_file_bytes)})" if summary.source_file_bytes else ""
@@ -93,6 +93,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"{result['path']}: {format_size(result['bytes'])} ONNX model{extra}"
               + ("; replaced the existing file" if replaced else ""))
     return 0
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    """What a conversion can learn from: ``--calib``, ``--model`` and ONNX calibration's preprocessing."""
+    p.add_argument("--calib", metavar="PATH",
+                   help="calibration inputs: .npy (one input, rows are samples), .npz (arrays keyed by "
+                        "input name), a .txt of sentences (Hugging Face folders; ONNX with --tokenizer) "
+                        "or, for ONNX, a folder of images; default: none, weight error is minimised")
+    p.add_argument("--model", metavar="MODULE:CALLABLE",
+                   help="model code for a .pt/.safetensors state_dict, so --calib, --allocate and "
+                        "--finetune can run it: a class or function called with no arguments that "
+                        "returns an nn.Module taking the checkpoint (mypkg.models:Net or "
+                        "path/to/model.py:Net; default: none, a state_dict is coded without data)")
+    _add_onnx_calib_args(p)
 
 
 def _add_onnx_calib_args(p: argparse.ArgumentParser) -> None:
@@ -141,16 +155,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="search a column permutation per tensor (slower, lower error; default off)")
     p.add_argument("--grouping", choices=GROUPINGS, default="by-kind",
                    help="codebook sharing across tensors (default by-kind: attention, MLP, conv, other)")
-    p.add_argument("--calib", metavar="PATH",
-                   help="calibration inputs: .npy (one input, rows are samples), .npz (arrays keyed by "
-                        "input name), a .txt of sentences (Hugging Face folders; ONNX with --tokenizer) "
-                        "or, for ONNX, a folder of images; default: none, weight error is minimised")
-    _add_onnx_calib_args(p)
+    _add_data_args(p)
     p.add_argument("--keep", action="append", metavar="PATTERN",
                    help="keep tensors matching this fnmatch pattern raw (repeatable; default: none)")
     p.add_argument("--finetune", type=int, default=0, metavar="STEPS",
                    help="after coding, distil the original model into the codebooks for STEPS steps "
-                        "on the --calib inputs (Hugging Face folders and ONNX models; default 0: off)")
+                        "on the --calib inputs (Hugging Face folders, ONNX models, state_dicts with --model; default 0: off)")
     p.add_argument("--finetune-lr", type=float, default=1e-3, metavar="LR",
                    help="peak learning rate of --finetune (default 1e-3)")
     p.add_argument("--finetune-raw", choices=("all", "1d"), default="all",
