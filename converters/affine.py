@@ -1,4 +1,4 @@
-"""Encoder of codec ``affine`` (:mod:`aqformat.codecs.affine`) for tensors too small for AQ.
+"""Encoder of codec ``affine`` (:mod:`aqformat.codecs.affine`) and the plan of the tensors it codes.
 
 Each row of the matrix view (or the whole tensor) gets ``scale = (max - min) /
 (2**b - 1)`` and ``offset = min``, both rounded to float16 first so that the
@@ -6,45 +6,53 @@ codes are chosen against the values the decoder will use. Of the two scopes,
 the one with the lower rate-distortion cost ``bits per weight + mean over rows
 of log2(row MSE) / 2`` is kept (at high rate, one more bit per weight quarters the MSE), so short rows
 (depthwise kernels: 9 weights) share one pair while long ones get their own.
+
+:func:`plan_affine` codes the tensors a conversion gives this codec (those
+too small for AQ, and those whose AQ codebooks would outweigh their codes):
+each at 1 to 8 bits or kept raw, chosen by measured error per byte within a
+byte budget (the bytes of every tensor at its nominal rate).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import zstandard
 
 from aqformat.codecs import affine
-from aqformat.dtypes import FLOAT_DTYPES
-from aqformat.layout import from_matrix, to_matrix
-from aqformat.writer import Writer
+from aqformat.layout import from_matrix, matrix_shape, to_matrix
+from aqformat.writer import ZSTD_LEVEL, Writer
 
-from .sources import TensorSpec
-
-__all__ = ["AffineTensor", "encode_affine", "codebook_dominated", "plan_small", "rate_bits", "small_bits", "SMALL_BITS_ABOVE"]
+__all__ = ["AffineTensor", "AffinePlan", "encode_affine", "codebook_dominated", "plan_affine", "small_bits",
+           "nominal_bytes", "RECORD_BYTES", "SMALL_BITS_ABOVE"]
 
 _FP16_MAX = 65504.0
 _FP16_TINY = np.float16(2.0 ** -24)  # smallest positive float16 step
-_RECORD_BYTES = 24  # header bytes an affine record takes beyond a raw one ("bits", "scope", its values)
+RECORD_BYTES = 24
+"""Header bytes an affine record takes beyond a raw one (``"bits"``, ``"scope"`` and their values)."""
 SMALL_BITS_ABOVE = 2
-"""Small tensors get ``round(bits) + SMALL_BITS_ABOVE`` bits (4 to 8): see :func:`small_bits`."""
+"""Small tensors' nominal rate is ``bits + SMALL_BITS_ABOVE`` (4 to 8): see :func:`small_bits`."""
 
 
-def small_bits(bits: float) -> int:
-    """Code width for small tensors at a model's ``--bits``: between 4 and 8.
+def small_bits(bits: float) -> float:
+    """Nominal rate of small tensors at a model's ``--bits``: ``bits + 2``, between 4 and 8.
 
     Small tensors hold few of a model's weights but many of its sensitive ones
-    (norms, biases, depthwise kernels: one weight per input and tap), so they get
-    more bits than the AQ-coded bulk; measured on silero-vad and the digits CNN
-    (bench/tasks.py), see the README.
+    (norms, biases, depthwise kernels: one weight per input and tap), so their
+    budget is wider than the AQ-coded bulk's; :func:`plan_affine` spends it
+    where it lowers the error most. Fractional rates are kept (reached by mixing widths).
     """
-    return int(min(affine.MAX_BITS, max(4, round(bits) + SMALL_BITS_ABOVE)))
+    return float(min(affine.MAX_BITS, max(4.0, bits + SMALL_BITS_ABOVE)))
 
 
-def rate_bits(bits: float) -> int:
-    """Code width for tensors coded at the model's own ``--bits`` (nearest integer, 1 to 8)."""
-    return int(min(affine.MAX_BITS, max(1, round(bits))))
+def nominal_bytes(shape: Sequence[int], axes: Sequence[int] | None, bits: float) -> int:
+    """Budget of one tensor at ``bits`` per weight: its codes, a (scale, offset) pair per row
+    and the record's extra header bytes."""
+    rows, cols = matrix_shape(shape, axes)
+    return math.ceil(rows * cols * bits / 8) + 4 * rows + RECORD_BYTES
 
 
 def codebook_dominated(groups: Mapping[str, Sequence[str]], cfg: Any, numel: Mapping[str, int]) -> list[str]:
@@ -66,6 +74,12 @@ class AffineTensor:
     nbytes: int
     decoded: np.ndarray
 
+    def stored_bytes(self) -> int:
+        """Bytes of its section in the file: zstd-encoded where that is smaller, as the writer does."""
+        data = np.ascontiguousarray(self.fields["data"]).view(np.uint8)
+        z = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False).compress(data.tobytes())
+        return min(len(z), data.nbytes)
+
     def write(self, writer: Writer, name: str, shape: Sequence[int], dtype: str) -> None:
         """Append the tensor to ``writer`` (its section zstd-coded where that is smaller)."""
         writer.add_encoded(name, affine.NAME, shape, self.fields, dtype=dtype, compress=("data",))
@@ -84,7 +98,8 @@ def _quantize(W: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     return codes, scale, offset, affine.dequantize(codes, scale, offset)
 
 
-def encode_affine(w: np.ndarray, bits: int, axes: Sequence[int] | None = None) -> AffineTensor | None:
+def encode_affine(w: np.ndarray, bits: int, axes: Sequence[int] | None = None,
+                  scope: str | None = None) -> AffineTensor | None:
     """Code one float tensor at ``bits`` bits per weight, choosing the scope by rate-distortion.
 
     Parameters
@@ -95,6 +110,8 @@ def encode_affine(w: np.ndarray, bits: int, axes: Sequence[int] | None = None) -
         Code width, 1 to 8.
     axes : sequence of int, optional
         Dimension order of the matrix view (see spec, "Layout").
+    scope : {"row", "tensor"}, optional
+        Force the scope of the (scale, offset) pairs (default: the cheaper by rate-distortion).
 
     Returns
     -------
@@ -105,49 +122,101 @@ def encode_affine(w: np.ndarray, bits: int, axes: Sequence[int] | None = None) -
     if W.size == 0 or not np.isfinite(W).all() or np.abs(W).max() > _FP16_MAX / 2:
         return None
     best: tuple[float, AffineTensor] | None = None
-    for scope, view in (("row", W), ("tensor", W.reshape(1, -1))):
+    for sc, view in (("row", W), ("tensor", W.reshape(1, -1))):
+        if scope is not None and sc != scope:
+            continue
         codes, scale, offset, dec = _quantize(view, bits)
-        nbytes = affine.layout(w.shape, axes, bits, scope)[3]
+        nbytes = affine.layout(w.shape, axes, bits, sc)[3]
         # Mean over rows of log2 of each row's MSE: a row of small weights (an output
         # channel with a small gain) counts as much as a row of large ones.
         mse = np.mean(np.square(dec.reshape(W.shape) - W, dtype=np.float64), axis=1)
         cost = 8 * nbytes / W.size + 0.5 * float(np.mean(np.log2(np.maximum(mse, 1e-30))))
         if best is None or cost < best[0]:
-            best = cost, AffineTensor(affine.fields(codes.reshape(W.shape), scale, offset, bits, scope, axes),
+            best = cost, AffineTensor(affine.fields(codes.reshape(W.shape), scale, offset, bits, sc, axes),
                                       nbytes, from_matrix(dec.reshape(W.shape), w.shape, axes))
-    return best[1]
+    return None if best is None else best[1]
 
 
-def plan_small(specs: Sequence[TensorSpec], names: Iterable[str], bits: int,
-               weights: Callable[[str], np.ndarray], axes: Mapping[str, Any]) -> dict[str, AffineTensor]:
-    """Code each float tensor of ``names`` at ``bits``, keeping those it makes smaller.
+@dataclass
+class AffinePlan:
+    """The tensors given to the affine codec: which are coded (and how), which stay raw.
+
+    ``coded`` holds each coded tensor's encoding (written as planned);
+    ``nbytes`` every candidate's planned bytes in the file (its section, and a
+    coded record's extra header bytes); ``budget`` the bytes it was planned in.
+    """
+
+    coded: dict[str, AffineTensor] = field(default_factory=dict)
+    nbytes: dict[str, int] = field(default_factory=dict)
+    budget: int = 0
+
+    def bits(self) -> dict[str, int]:
+        """Code width of each coded tensor."""
+        return {n: int(t.fields["bits"]) for n, t in self.coded.items()}
+
+
+def plan_affine(candidates: Mapping[str, tuple[Sequence[int], Sequence[int] | None, float, int]],
+                load: Callable[[str], np.ndarray]) -> AffinePlan:
+    """Code each candidate at 1 to 8 bits or keep it raw, by measured error per byte within a budget.
 
     Parameters
     ----------
-    specs : sequence of TensorSpec
-        The source's tensors.
-    names : iterable of str
-        Candidates (the pipeline passes tensors AQ does not take and ``--keep`` does not keep).
-    bits : int
-        Code width (see :func:`small_bits`).
-    weights : callable
-        ``weights(name)``: the tensor as float32.
-    axes : mapping
-        Matrix-view axes by tensor name, where a source defines them.
+    candidates : mapping
+        ``name -> (shape, axes, nominal bits, raw bytes)``; the budget is the sum of
+        :func:`nominal_bytes` over them.
+    load : callable
+        ``load(name)``: the tensor as float32.
 
     Returns
     -------
-    dict
-        ``{name: AffineTensor}`` of the tensors whose coded bytes (a record
-        costs about ``_RECORD_BYTES`` more header than a raw one) are fewer than raw.
+    AffinePlan
+        The choice minimising the sum of relative squared errors (error energy over the
+        tensor's energy, raw counting 0) within the budget, greedily by error decrease per byte.
     """
-    by_name = {s.name: s for s in specs}
-    out = {}
-    for n in names:
-        s = by_name[n]
-        if s.dtype not in FLOAT_DTYPES or s.numel == 0 or not s.shape:
-            continue
-        t = encode_affine(weights(n), bits, axes.get(n))
-        if t is not None and t.nbytes + _RECORD_BYTES < s.nbytes:
-            out[n] = t
-    return out
+    names = list(candidates)
+    budget = sum(nominal_bytes(shape, axes, bits) for shape, axes, bits, _ in candidates.values())
+    widths = range(1, affine.MAX_BITS + 1)
+    cost = np.full((len(names), len(widths) + 1), np.inf)
+    size = np.full(cost.shape, np.iinfo(np.int64).max, dtype=np.int64)
+    coded: list[list[AffineTensor | None]] = []
+    for i, n in enumerate(names):
+        shape, axes, _, raw_bytes = candidates[n]
+        w = load(n)
+        energy = max(float(np.sum(np.square(w, dtype=np.float64))), 1e-30)
+        cost[i, -1], size[i, -1] = 0.0, raw_bytes  # the last option: raw
+        row = []
+        for j, b in enumerate(widths):
+            t = encode_affine(w, b, axes)
+            row.append(t)
+            if t is not None:
+                cost[i, j] = float(np.sum(np.square(t.decoded - w, dtype=np.float64))) / energy
+                size[i, j] = t.nbytes + RECORD_BYTES
+        coded.append(row)
+    pick = _choose(cost, size, budget)
+    plan = AffinePlan(budget=budget)
+    for i, n in enumerate(names):
+        t = coded[i][pick[i]] if pick[i] < len(widths) else None
+        if t is None:
+            plan.nbytes[n] = candidates[n][3]
+        else:
+            plan.coded[n] = t
+            plan.nbytes[n] = t.stored_bytes() + RECORD_BYTES
+    return plan
+
+
+def _choose(cost: np.ndarray, size: np.ndarray, budget: int) -> np.ndarray:
+    """One option per row of ``cost``/``size`` (inf: unavailable): the smallest first, then
+    greedy steps of best error decrease per byte that fit ``budget``."""
+    rows = np.arange(cost.shape[0])
+    pick = np.argmin(size, axis=1)
+    spent = int(size[rows, pick].sum())
+    while True:
+        extra = size - size[rows, pick][:, None]
+        gain = cost[rows, pick][:, None] - cost
+        ok = (gain > 0) & (extra <= budget - spent) & np.isfinite(cost)
+        if not ok.any():
+            return pick
+        ratio = np.where(ok, gain / np.maximum(extra, 1), -np.inf)
+        i, j = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
+        spent += int(extra[i, j])
+        pick[i] = j

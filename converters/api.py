@@ -91,7 +91,7 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
                min_elements: int = DEFAULT_MIN_ELEMENTS, codec: str = DEFAULT_CODEC,
                encoder: EncoderOptions | Mapping[str, Any] | None = None, finetune_steps: int = 0,
                finetune_lr: float = 1e-3, finetune_raw: str = "all",
-               model_code: str | Callable[[], Any] | None = None) -> ConversionSummary:
+               model_code: str | Callable[[], Any] | None = None, strict: bool = False) -> ConversionSummary:
     """Convert a PyTorch model to .aqm; tensor names are its ``state_dict`` keys.
 
     Parameters
@@ -159,6 +159,10 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
         or a callable, called with no arguments to build an ``nn.Module`` whose
         ``state_dict`` has the checkpoint's names and shapes
         (:func:`~aqformat.converters.model_code.attach_model`).
+    strict : bool
+        Refuse a conversion that would not make the file smaller than the model's tensors
+        (an :class:`AqmInputError`, before encoding where the raw and small tensors alone are
+        too many bytes); by default it is written with an :class:`AqmWarning`.
 
     Returns
     -------
@@ -166,7 +170,7 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     """
     opts = ConvertOptions.build(bits=bits, target_size=target_size, allocate=allocate, permute=permute,
                                 grouping=grouping, keep=keep, seed=seed, progress=progress,
-                                min_elements=min_elements, codec=codec, encoder=encoder)
+                                min_elements=min_elements, codec=codec, encoder=encoder, strict=strict)
     tuning = FinetuneOptions(steps=finetune_steps, lr=finetune_lr, train_raw=finetune_raw, seed=seed,
                              progress=progress)
     source = open_source(model)
@@ -193,7 +197,7 @@ def from_onnx(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
               seed: int = 0, progress: bool = True, min_elements: int = DEFAULT_MIN_ELEMENTS,
               codec: str = DEFAULT_CODEC, encoder: EncoderOptions | Mapping[str, Any] | None = None,
               finetune_steps: int = 0, finetune_lr: float = 1e-3, finetune_raw: str = "all",
-              ) -> ConversionSummary:
+              strict: bool = False) -> ConversionSummary:
     """Convert an ONNX model (path or ``ModelProto``) to .aqm with its graph embedded.
 
     Initializers (and large Constant nodes) become .aqm tensors of the same
@@ -214,7 +218,7 @@ def from_onnx(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     from .onnx_graph import weight_axes
     opts = ConvertOptions.build(bits=bits, target_size=target_size, allocate=allocate, permute=permute,
                                 grouping=grouping, keep=keep, seed=seed, progress=progress,
-                                min_elements=min_elements, codec=codec, encoder=encoder)
+                                min_elements=min_elements, codec=codec, encoder=encoder, strict=strict)
     source = open_source(model)
     if source.framework != "onnx":
         raise AqmInputError("from_onnx needs an .onnx file or an onnx.ModelProto")

@@ -56,7 +56,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     summary = convert(args.source, args.output, bits=args.bits, target_size=args.target_size,
                       allocate=args.allocate, permute=args.permute, grouping=args.grouping,
                       calib=args.calib, keep=args.keep or (), seed=args.seed, codec=args.codec,
-                      progress=progress, encoder=encoder, **tuning,
+                      progress=progress, encoder=encoder, strict=args.strict, **tuning,
                       tokenizer=args.tokenizer, image=_image_preprocess(args), model_code=args.model)
     if args.verbosity < 0:
         return 0
@@ -69,7 +69,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         print(f"{'tensor':<{width}}  {'stored as':<24} weight SQNR")
         for n in summary.compressed + summary.raw:
             sqnr = summary.weight_sqnr_db.get(n)
-            print(f"{n:<{width}}  {group_of.get(n, 'raw'):<24} "
+            how = f"affine {summary.affine_bits[n]}-bit" if n in summary.affine_bits else group_of.get(n, "raw")
+            print(f"{n:<{width}}  {how:<24} "
                   + (f"{sqnr:.1f} dB" if sqnr is not None else "exact"))
     return 0
 
@@ -166,6 +167,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finetune-raw", choices=("all", "1d"), default="all",
                    help="uncompressed tensors --finetune trains: all float ones, e.g. kept embeddings "
                         "(default), or norms and biases only")
+    p.add_argument("--strict", action="store_true",
+                   help="fail when the .aqm file would not be smaller than the model's tensors "
+                        "(default: write it and warn)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of sampling and codebook training: same inputs and seed, same file (default 0)")
     p.add_argument("--beam", type=int, metavar="N",

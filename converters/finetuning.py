@@ -22,10 +22,12 @@ import numpy as np
 
 import aqformat
 from aqformat import codecs
+from aqformat.codecs import affine as affine_codec
 from aqformat.codecs import aq
 from aqformat.codecs.aq import assemble_aq
 from aqformat.errors import AqmInputError
 
+from .affine import encode_affine
 from .calib import model_output
 from .options import FinetuneOptions
 
@@ -78,6 +80,7 @@ class _Student:
         self.aq: dict[str, tuple] = {}
         self.inv_perm: dict[str, torch.Tensor] = {}  # per permuted AQ tensor, fixed for the run
         self.trainable_raw: dict[str, torch.nn.Parameter] = {}
+        self.recode: dict[str, tuple] = {}  # trained affine tensors: (bits, axes, scope) to code them with
         self.fixed: dict[str, torch.Tensor] = {}
         for info in f.tensors():
             # tensors decoded through a shared codebook group train that group and their row scales
@@ -101,10 +104,14 @@ class _Student:
                 # buffers (e.g. BatchNorm running statistics) stay fixed: the model runs in
                 # eval mode, where they are constants and not differentiable inputs
                 codec = codecs.get(info.codec)
-                floating = (codec is not None and codec.verbatim and info.dtype in ("float32", "float16", "float64")
-                            and info.name in params)
+                scalar = info.codec == affine_codec.NAME  # trained as floats, coded again when written
+                floating = (codec is not None and (codec.verbatim or scalar)
+                            and info.dtype in ("float32", "float16", "float64") and info.name in params)
                 if floating and (value.dim() == 1 or (train_raw == "all" and value.dim() > 1)):
                     self.trainable_raw[info.name] = torch.nn.Parameter(value.float())
+                    if scalar:
+                        fl = f.record(info.name).fields
+                        self.recode[info.name] = (fl["bits"], fl["axes"], fl["scope"])
                 else:
                     self.fixed[info.name] = value
 
@@ -326,6 +333,14 @@ def _write(f: aqformat.AqmFile, out_path, st: _Student, report: FinetuneReport) 
                          scale=st.scales[info.name].detach().cpu().numpy(),
                          scale_dtype=str(parts.scale.dtype) if parts.scale is not None else "float32",
                          perm=parts.perm, axes=parts.axes)
+            elif info.name in st.recode:
+                bits, axes, scope = st.recode[info.name]
+                value = st.trainable_raw[info.name].detach().cpu().numpy()
+                coded = encode_affine(value, bits, axes, scope)
+                if coded is None:  # trained beyond float16 scales: stored raw
+                    w.add_tensor(info.name, value.astype(_np_dtype(info.dtype)))
+                else:
+                    coded.write(w, info.name, info.shape, info.dtype)
             elif info.name in st.trainable_raw:
                 w.add_tensor(info.name, st.trainable_raw[info.name].detach().cpu().numpy().astype(_np_dtype(info.dtype)))
             else:

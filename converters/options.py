@@ -140,13 +140,24 @@ class EncoderOptions(SearchEffort):
             raise AqmInputError(f"unknown encoder option(s) {sorted(unknown)} (known: {', '.join(known)})")
         return cls(**value)
 
+    def exact(self, bits_per_weight: float) -> bool:
+        """Whether ``bits_per_weight`` is a whole number of codebooks (``bits * d / b``); other
+        rates mix the two code widths around them."""
+        M = bits_per_weight * int(self.d) / int(self.bits_per_code)
+        return abs(M - round(M)) < 1e-9
+
     def config(self, bits_per_weight: float) -> AQConfig:
-        """The group setting of about ``bits_per_weight`` code bits: ``M = bits * d / b``."""
+        """The group setting of about ``bits_per_weight`` code bits: ``M = bits * d / b`` rounded.
+
+        Raises :class:`AqmInputError` naming the reachable range (1 to 64 codebooks of ``b``
+        bits over ``d``-vectors) when ``bits_per_weight`` is outside it.
+        """
         b, d = int(self.bits_per_code), int(self.d)
         M = int(round(bits_per_weight * d / b))
-        if not 1 <= M <= 64:
-            raise AqmInputError(f"bits={bits_per_weight} gives {M} codebooks of {b} bits over {d}-vectors "
-                                "(1..64 allowed)")
+        if not (b / d - 1e-9 <= bits_per_weight <= 64 * b / d + 1e-9 and 1 <= M <= 64):
+            raise AqmInputError(f"bits={bits_per_weight:g} is out of reach: {b}-bit codes over {d}-vectors "
+                                f"(1 to 64 codebooks) code {b / d:g} to {64 * b / d:g} bits per weight; "
+                                "give bits in that range, or another bits_per_code or d")
         return AQConfig(M=M, b=b, d=d, beam=self.beam, iters=self.iters, feedback=self.feedback,
                         damp=self.damp)
 
@@ -182,6 +193,9 @@ class ConvertOptions:
         The encoder of the compressed tensors.
     encoder : EncoderOptions
         AQ encoder settings.
+    strict : bool
+        A conversion that would not make the file smaller than the model's tensors is an
+        error (default: a warning).
     """
 
     bits_per_weight: float = 4.0
@@ -196,6 +210,7 @@ class ConvertOptions:
     progress: bool = True
     codec: str = DEFAULT_CODEC
     encoder: EncoderOptions = field(default_factory=EncoderOptions)
+    strict: bool = False
 
     def __post_init__(self) -> None:
         bits = self.bits_per_weight

@@ -32,9 +32,10 @@ from aqformat.errors import AqmInputError, AqmWarning
 from aqformat.units import format_size, parse_size
 from aqformat.writer import Writer
 
+from .affine import AffinePlan
 from .encoders import TensorEncoder
 from .options import AQConfig, ConvertOptions, EncoderOptions, FinetuneOptions
-from .planning import ModelTensors, select_tensors, size_budget
+from .planning import ModelTensors, plan_small, select_tensors, size_budget
 from .progress import Progress
 from .sources import Source, TensorSpec, to_float32
 
@@ -54,6 +55,7 @@ class ConversionSummary:
     raw: list[str]
     groups: dict[str, list[str]]
     seconds: float
+    affine_bits: dict[str, int] = field(default_factory=dict)  # tensors coded by the affine codec: bits
     weight_sqnr_db: dict[str, float] = field(default_factory=dict)
     finetune: Any = None         # FinetuneReport when the file was fine-tuned
     target_size: Any = None      # the file size budget as given (e.g. "250kB"), if any
@@ -70,11 +72,11 @@ class ConversionSummary:
         return 8.0 * self.aqm_bytes / self.parameters if self.parameters else 0.0
 
     def __str__(self) -> str:
-        mean_sqnr = (f", weight SQNR {np.mean(list(self.weight_sqnr_db.values())):.1f} dB mean"
-                     if self.weight_sqnr_db else "")
+        finite = [v for v in self.weight_sqnr_db.values() if np.isfinite(v)]  # a tensor coded exactly is inf
+        mean_sqnr = f", weight SQNR {np.mean(finite):.1f} dB mean" if finite else ""
         return (f"{self.path}: {format_size(self.source_bytes)} -> {format_size(self.aqm_bytes)} "
                 f"({self.ratio:.2f}x, {self.bits_per_weight:.3f} bits/weight), "
-                f"{len(self.compressed)} tensors coded, {len(self.raw)} raw, "
+                f"{len(self.compressed)} tensors coded ({len(self.affine_bits)} affine), {len(self.raw)} raw, "
                 f"{len(self.groups)} codebook group(s){mean_sqnr}, {self.seconds:.1f} s"
                 + self._target_note()
                 + (f"; {self.finetune}" if self.finetune is not None else "")
@@ -110,25 +112,56 @@ def run(source: Source, out_path: str | os.PathLike, opts: ConvertOptions, axes:
                                        (graph_model, source_info))
     torch.manual_seed(opts.seed)
     encoder.train(tensors, compress)
+    source_bytes = sum(s.nbytes for s in source.specs)
+    _check_shrinks(sum(tensors.small.nbytes.get(s.name, s.nbytes) for s in source.specs
+                       if s.name not in set(encoder.coded)), source_bytes, opts.strict, before=True)
     with Writer(out_path, producer=f"aqformat {__version__} (aqformat.converters)",
                 source=source_info) as w:
         encoder.write_shared(w)
-        sqnr = _encode_all(w, source, encoder, graph_model, opts.progress)
+        sqnr = _encode_all(w, source, encoder, tensors.small, graph_model, opts.progress)
         if graph_model is not None:
             w.set_graph(graph_model.SerializeToString(), format="onnx")
-        w.update_metadata(conversion=encoder.metadata())
+        w.update_metadata(conversion={**encoder.metadata(), **_affine_metadata(tensors.small)})
     specs = source.specs
     size = os.path.getsize(out_path)
+    _check_shrinks(size, source_bytes, opts.strict, before=False, written=out_path)
     if opts.target_size is not None and size > opts.target_size:  # the header is estimated before writing
         warnings.warn(f"the file is {size - opts.target_size:,} bytes over --target-size {opts.target_text}",
                       AqmWarning, stacklevel=2)
     return ConversionSummary(
         path=os.fspath(out_path), source_bytes=sum(s.nbytes for s in specs),
         source_file_bytes=source.file_bytes, aqm_bytes=os.path.getsize(out_path),
-        parameters=sum(s.numel for s in specs), compressed=encoder.coded,
-        raw=[s.name for s in specs if s.name not in set(encoder.coded)], groups=encoder.groups,
+        parameters=sum(s.numel for s in specs), compressed=encoder.coded + list(tensors.small.coded),
+        raw=[s.name for s in specs if s.name not in set(encoder.coded) | set(tensors.small.coded)],
+        groups=encoder.groups, affine_bits=tensors.small.bits(),
         seconds=time.monotonic() - t0, weight_sqnr_db=sqnr, target_size=opts.target_text,
         notes=_notes(calib))
+
+
+def _check_shrinks(size: int, source_bytes: int, strict: bool, *, before: bool,
+                   written: str | os.PathLike | None = None) -> None:
+    """Warn, or with ``strict`` raise :class:`AqmInputError` (removing ``written``), when a file of
+    ``size`` bytes (at least, ``before`` encoding) is not smaller than the model's tensors."""
+    if size < source_bytes:
+        return
+    what = (f"the .aqm file would take at least {format_size(size)}" if before
+            else f"the .aqm file takes {format_size(size)}")
+    msg = (f"{what}, not less than the model's {format_size(source_bytes)} of tensors: its tensors are too "
+           "small or kept raw (--keep, --min-elements) for compression to pay off")
+    if strict:
+        if written is not None:
+            os.unlink(written)
+        raise AqmInputError(msg + " (--strict)")
+    if not before:  # said once, when the size is known
+        warnings.warn(msg, AqmWarning, stacklevel=3)
+
+
+def _affine_metadata(small: AffinePlan) -> dict[str, Any]:
+    """The affine codec's share of the conversion: how many tensors, their mean code width."""
+    if not small.coded:
+        return {}
+    bits = small.bits()
+    return {"small_tensors": {"tensors": len(bits), "mean_bits": round(float(np.mean(list(bits.values()))), 3)}}
 
 
 def _notes(calib: Any) -> list[str]:
@@ -152,18 +185,20 @@ def _model_tensors(source: Source, opts: ConvertOptions, axes: dict[str, Any],
             warnings.warn(f"--keep {pattern!r} matches no tensor (tensor names: aqm-info, or the "
                           f"model's state_dict keys / ONNX initializer names)", AqmWarning, stacklevel=2)
     compress = select_tensors(specs, keep=opts.keep, min_elements=opts.min_elements)
-    budget = size_budget(specs, compress, opts, axes, *stored)  # before anything is trained
-    H, S = calibration_stats(calib, compress, sensitivity=opts.target_size is not None or opts.allocate)
 
     def load(name: str) -> np.ndarray:
         return to_float32(source.load(name), by_name[name].dtype)
 
-    return ModelTensors(specs, load, axes, H, S, budget=budget), compress
+    small, compress = plan_small(specs, compress, opts, axes, load, stored[0])
+    budget = size_budget(specs, compress, opts, axes, *stored, small=small)  # before anything is trained
+    H, S = calibration_stats(calib, compress, sensitivity=opts.target_size is not None or opts.allocate)
+    return ModelTensors(specs, load, axes, H, S, budget=budget, small=small), compress
 
 
-def _encode_all(w: Writer, source: Source, encoder: TensorEncoder, graph_model: Any,
+def _encode_all(w: Writer, source: Source, encoder: TensorEncoder, small: AffinePlan, graph_model: Any,
                 progress: bool) -> dict[str, float]:
-    """Pass 2: code (or copy raw) every tensor in source order; each coded tensor's SQNR in dB."""
+    """Pass 2: code (or copy raw) every tensor in source order, those of ``small`` as planned;
+    each coded tensor's SQNR in dB."""
     from . import onnx_graph
     inits = {t.name: t for t in graph_model.graph.initializer} if graph_model is not None else {}
     coded = set(encoder.coded)
@@ -176,6 +211,9 @@ def _encode_all(w: Writer, source: Source, encoder: TensorEncoder, graph_model: 
                 t = encoder.compute_codes(s.name, W)
                 encoder.write(w, t, s.dtype)
                 sqnr[s.name] = sqnr_db(W, encoder.decode(t))
+            elif s.name in small.coded:
+                small.coded[s.name].write(w, s.name, s.shape, s.dtype)
+                sqnr[s.name] = sqnr_db(to_float32(arr, s.dtype), small.coded[s.name].decoded)
             else:
                 w.add_tensor(s.name, arr, dtype="bfloat16" if s.dtype == "bfloat16" else None)
             if s.name in inits:  # its data now lives in the .aqm

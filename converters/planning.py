@@ -3,8 +3,15 @@
 Which tensors are compressed (:func:`select_tensors`): floating-point tensors
 with at least 2 dimensions and at least ``min_elements`` (default 4096)
 elements, not matching a ``keep`` pattern. This includes embedding tables.
-Everything else (biases, norms, small or integer tensors) is stored raw in its
-original dtype, so it round-trips bit-exactly.
+The other floating-point tensors (biases, norms, depthwise kernels, small
+linears), and those whose AQ codebooks would take more bytes than their codes,
+go to the affine scalar codec (:func:`plan_small`): each is coded at 1 to 8
+bits or kept raw by measured error per byte, within the bytes of every such
+tensor at a nominal rate (``bits + 2``, 4 to 8, for small tensors; ``bits``
+for the others). Kept (``keep``), integer, scalar and BatchNorm-statistics
+tensors are stored raw in their original dtype, so they round-trip bit-exactly
+(a running variance divides the activations: a small absolute error in it is a
+large relative one).
 
 With a size target or ``allocate``, the budget is checked against what the
 model can reach before anything is trained (:func:`size_budget`), every tensor
@@ -15,22 +22,25 @@ one per tensor under the budget.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from aqformat.codecs import aq as aq_codec
 from aqformat.dtypes import FLOAT_DTYPES
 from aqformat.errors import AqmInputError
 
 from . import size_target
 from .options import DEFAULT_MIN_ELEMENTS, AQConfig, ConvertOptions
+from .affine import AffinePlan
 from .progress import Progress
-from .size_target import Budget, Reach
+from .size_target import MAX_CODE_BITS, Budget, Reach
 from .sources import TensorSpec
 
-__all__ = ["ModelTensors", "Plan", "select_tensors", "plan"]
+__all__ = ["ModelTensors", "Plan", "select_tensors", "plan", "plan_small", "nominal_rate"]
 
 _TRIAL_ROWS = 64  # rows coded per tensor and candidate to predict its error
 
@@ -43,7 +53,8 @@ class ModelTensors:
     rows are not dim 0; ``H`` and ``S`` the calibration statistics by weight
     name (:func:`aqformat.converters.calib.calibration_stats`); ``perms`` the
     column permutations found while sampling (``permute``); ``budget`` the size
-    budget checked before calibration (:func:`size_budget`).
+    budget checked before calibration (:func:`size_budget`); ``small`` the
+    tensors the affine codec codes (:func:`plan_small`).
     """
 
     specs: list[TensorSpec]
@@ -53,6 +64,7 @@ class ModelTensors:
     S: dict[str, Any] = field(default_factory=dict)
     perms: dict[str, np.ndarray | None] = field(default_factory=dict)
     budget: Budget | None = None
+    small: AffinePlan = field(default_factory=AffinePlan)
     _by_name: dict[str, TensorSpec] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -91,10 +103,69 @@ def select_tensors(specs: Sequence[TensorSpec], *, keep: Iterable[str] = (),
             and not any(fnmatch.fnmatchcase(s.name, p) for p in keep)]
 
 
+def plan_small(specs: Sequence[TensorSpec], compress: list[str], opts: ConvertOptions, axes: Mapping[str, Any],
+               load: Callable[[str], np.ndarray], graph_model: Any = None) -> tuple[AffinePlan, list[str]]:
+    """The tensors coded by the affine codec, and the ``compress`` names left to the main encoder.
+
+    Candidates: float tensors of at least one dimension not in ``compress``, not
+    kept and not BatchNorm statistics; with the AQ codec, also the tensors of
+    ``compress`` that AQ cannot take or whose group's codebooks would outweigh
+    their codes (:func:`aqformat.converters.affine.codebook_dominated`) at the
+    nominal rate (:func:`nominal_rate`).
+    """
+    from .affine import codebook_dominated, plan_affine, small_bits
+    bits = nominal_rate(specs, opts, graph_model)
+    by_name = {s.name: s for s in specs}
+    moved: list[str] = []
+    if opts.codec == aq_codec.NAME and compress:
+        from .aq_encode import aq_eligible
+        from .grouping import group_tensors
+        cfg = opts.encoder.config(min(bits, MAX_CODE_BITS))
+        shapes = {n: by_name[n].shape for n in compress}
+        eligible = [n for n in compress if aq_eligible(shapes[n], cfg, axes.get(n))]
+        moved = [n for n in compress if n not in set(eligible)] + codebook_dominated(
+            group_tensors(eligible, opts.grouping, shapes), cfg, {n: by_name[n].numel for n in eligible})
+    keep, stats, big = list(opts.keep), _bn_statistics(specs, graph_model), set(compress)
+    small = [s.name for s in specs if s.name not in big and s.dtype in FLOAT_DTYPES and s.shape and s.numel
+             and s.name not in stats and not any(fnmatch.fnmatchcase(s.name, p) for p in keep)]
+    rate = {**{n: small_bits(bits) for n in small}, **{n: min(bits, 8.0) for n in moved}}
+    candidates = {n: (by_name[n].shape, axes.get(n), r, by_name[n].nbytes) for n, r in rate.items()}
+    plan_ = plan_affine(candidates, load)
+    gone = set(moved)
+    return plan_, [n for n in compress if n not in gone]
+
+
+def nominal_rate(specs: Sequence[TensorSpec], opts: ConvertOptions, graph_model: Any = None) -> float:
+    """Bits per weight the conversion aims at: ``bits_per_weight``, or with a target size the
+    bytes it leaves for the floating-point tensors (graph and a header estimate taken off) per weight."""
+    if opts.target_size is None:
+        return float(opts.bits_per_weight)
+    floats = [s for s in specs if s.dtype in FLOAT_DTYPES]
+    other = sum(s.nbytes for s in specs if s.dtype not in FLOAT_DTYPES)
+    if graph_model is not None:
+        from .onnx_graph import stored_graph_bytes
+        other += stored_graph_bytes(graph_model, {s.name for s in specs})
+    other += size_target.header_bytes([s.name for s in specs])[1]
+    weights = max(sum(s.numel for s in floats), 1)
+    return float(min(max(8.0 * (opts.target_size - other) / weights, 1.0), 8.0))
+
+
+def _bn_statistics(specs: Sequence[TensorSpec], graph_model: Any) -> set[str]:
+    """Names of BatchNorm running means and variances (torch buffers, ONNX BatchNormalization inputs)."""
+    out = {s.name for s in specs if s.name.rsplit(".", 1)[-1] in ("running_mean", "running_var")}
+    if graph_model is not None:
+        for node in graph_model.graph.node:
+            if node.op_type == "BatchNormalization":
+                out.update(node.input[3:5])
+    return out
+
+
 def size_budget(specs: list[TensorSpec], compress: list[str], opts: ConvertOptions, axes: dict[str, Any],
-                graph_model: Any = None, source_info: dict[str, Any] | None = None) -> Budget | None:
+                graph_model: Any = None, source_info: dict[str, Any] | None = None,
+                small: AffinePlan | None = None) -> Budget | None:
     """The budget of ``--target-size`` or ``--allocate`` (None without either), from the shapes
-    alone, before anything is trained or calibrated.
+    alone, before anything is trained or calibrated; ``small`` the tensors planned for the affine
+    codec (:func:`plan_small`): a size target counts their bytes, ``--allocate`` their bytes and weights.
 
     Raises :class:`AqmInputError` at once when it is out of reach, with the range that is
     reachable (:mod:`aqformat.converters.size_target`).
@@ -108,7 +179,8 @@ def size_budget(specs: list[TensorSpec], compress: list[str], opts: ConvertOptio
     uniform = opts.encoder.config(opts.bits_per_weight)
     shapes = {s.name: s.shape for s in specs}
     eligible = [n for n in compress if aq_eligible(shapes[n], uniform, axes.get(n))]
-    raw = {s.name: s.nbytes for s in specs}
+    small = small or AffinePlan()
+    raw = {s.name: small.nbytes.get(s.name, s.nbytes) for s in specs}
     known = len(msgpack.packb(source_info or {}, use_bin_type=True, default=str))
 
     def reach(grouping: str, other_bytes: int = 0) -> Reach:
@@ -120,14 +192,17 @@ def size_budget(specs: list[TensorSpec], compress: list[str], opts: ConvertOptio
         return size_target.target_budget(opts.target_size, opts.target_text or opts.target_size, r)
     r = reach(opts.grouping)
     shared = reach("shared") if opts.grouping != "shared" else None
-    return size_target.allocate_budget(opts.bits_per_weight, r, opts.grouping, uniform.M, shared)
+    side = (sum(s.numel for s in specs if s.name in small.coded), sum(small.nbytes[n] for n in small.coded))
+    return size_target.allocate_budget(opts.bits_per_weight, r, opts.grouping, uniform.M, shared, side)
 
 
 def plan(tensors: ModelTensors, compress: list[str], opts: ConvertOptions) -> Plan:
     """Choose every compressed tensor's codebook group and train the groups.
 
     Without a target size or ``allocate``, every tensor gets the
-    ``bits_per_weight`` setting, in groups by ``grouping`` mode. Otherwise each
+    ``bits_per_weight`` setting, in groups by ``grouping`` mode; a rate between two
+    code widths (e.g. 2.5 bits with 8-bit codes over 8-vectors) is reached by mixing
+    them per tensor (:func:`_mixed_budget`), never rounded. Otherwise each
     group is offered one candidate per code width of the budget
     (``tensors.budget``, else :func:`size_budget`) and the allocator picks per
     tensor under it: the target size, or ``bits`` per compressed weight with
@@ -136,7 +211,8 @@ def plan(tensors: ModelTensors, compress: list[str], opts: ConvertOptions) -> Pl
     from .aq_encode import aq_eligible
     from .grouping import group_tensors
     uniform = opts.encoder.config(opts.bits_per_weight)
-    if opts.target_size is None and not opts.allocate:
+    mixed = opts.target_size is None and not opts.allocate and not opts.encoder.exact(opts.bits_per_weight)
+    if opts.target_size is None and not opts.allocate and not mixed:
         shapes = {n: tensors.spec(n).shape for n in compress}
         compress = [n for n in compress if aq_eligible(shapes[n], uniform, tensors.axes.get(n))]
         groups = group_tensors(compress, opts.grouping, shapes)
@@ -144,7 +220,8 @@ def plan(tensors: ModelTensors, compress: list[str], opts: ConvertOptions) -> Pl
         group_of = {n: g for g, ms in groups.items() for n in ms}
         books = _sample_and_train(configs, {n: [g] for n, g in group_of.items()}, tensors, opts)
         return Plan(configs, group_of, books)
-    budget = tensors.budget or size_budget(tensors.specs, compress, opts, tensors.axes)
+    budget = (_mixed_budget(tensors, compress, opts) if mixed
+              else tensors.budget or size_budget(tensors.specs, compress, opts, tensors.axes))
     configs, members = _candidates(tensors, compress, opts, budget.widths)
     books = _sample_and_train(configs, members, tensors, opts)
     choice = _allocate(budget, configs, members, books, tensors, opts)
@@ -152,6 +229,25 @@ def plan(tensors: ModelTensors, compress: list[str], opts: ConvertOptions) -> Pl
     used = set(group_of.values())
     return Plan({g: c for g, c in configs.items() if g in used}, group_of,
                 {g: c for g, c in books.items() if g in used})
+
+
+def _mixed_budget(tensors: ModelTensors, compress: list[str], opts: ConvertOptions) -> Budget:
+    """The budget of a rate between two code widths ``M`` and ``M + 1``: each tensor's bytes at
+    ``M`` plus the rate's fraction of what ``M + 1`` adds, and both widths' codebooks per group."""
+    from .allocate import aq_tensor_bytes
+    from .aq_encode import aq_eligible
+    from .grouping import group_tensors
+    enc = opts.encoder
+    exact = opts.bits_per_weight * enc.d / enc.bits_per_code
+    lo, hi = enc.config(math.floor(exact) * enc.bits_per_code / enc.d), \
+        enc.config(math.ceil(exact) * enc.bits_per_code / enc.d)
+    frac = exact - lo.M
+    shapes = {n: tensors.spec(n).shape for n in compress}
+    names = [n for n in compress if aq_eligible(shapes[n], hi, tensors.axes.get(n))]
+    codes = sum((1 - frac) * aq_tensor_bytes(shapes[n], lo, tensors.axes.get(n))
+                + frac * aq_tensor_bytes(shapes[n], hi, tensors.axes.get(n)) for n in names)
+    books = len(group_tensors(names, opts.grouping, shapes)) * (lo.codebook_bytes() + hi.codebook_bytes())
+    return Budget(int(codes + books), [lo.M, hi.M])
 
 
 def _candidates(tensors: ModelTensors, compress: list[str], opts: ConvertOptions, widths: list[int]

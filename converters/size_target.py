@@ -107,10 +107,13 @@ class Reach:
         top = self.top_width(budget)
         return [m for m in (top - 1, top, top + 1) if m in self.coded]
 
-    def least_bits(self) -> float:
+    def least_bits(self, side: tuple[int, int] = (0, 0)) -> float:
         """Fewest bits per compressible weight ``--allocate`` can reach (header counted),
-        rounded up to the hundredth."""
-        return math.ceil(800.0 * (self.reserve + self.coded[min(self.coded)]) / self.weights) / 100
+        rounded up to the hundredth; ``side`` is ``(weights, bytes)`` of tensors coded by
+        another codec, counted with them."""
+        weights, nbytes = side
+        return math.ceil(800.0 * (self.reserve + nbytes + self.coded[min(self.coded)])
+                         / (self.weights + weights)) / 100
 
 
 def reach(shapes: Mapping[str, Sequence[int]], axes: Mapping[str, Sequence[int] | None],
@@ -257,9 +260,11 @@ def _landable(r: Reach, size: int, typed: str | int) -> str | None:
     return None
 
 
-def allocate_budget(bits: float, r: Reach, grouping: str, width: int, shared: Reach | None = None) -> Budget:
-    """The budget of ``--allocate`` at ``bits`` per compressible weight, ``width`` the code
-    width (codebooks per vector) of ``bits``.
+def allocate_budget(bits: float, r: Reach, grouping: str, width: int, shared: Reach | None = None,
+                    side: tuple[int, int] = (0, 0)) -> Budget:
+    """The budget of ``--allocate`` at ``bits`` per compressed weight, ``width`` the code
+    width (codebooks per vector) of ``bits``; ``side`` is ``(weights, bytes)`` of the tensors
+    coded by the affine codec, inside the same budget.
 
     Raises
     ------
@@ -271,15 +276,16 @@ def allocate_budget(bits: float, r: Reach, grouping: str, width: int, shared: Re
     """
     if not r.weights:
         return Budget(0, [width])
-    if bits >= r.least_bits():
-        budget = int(bits * r.weights / 8) - r.reserve
+    least = r.least_bits(side)
+    if bits >= least:
+        budget = int(bits * (r.weights + side[0]) / 8) - r.reserve - side[1]
         around = [m for m in (width - 1, width, width + 1) if m in r.coded]
         # the widths next to --bits (``width``), unless codebook overheads put even the narrowest over
         return Budget(budget, around if around and r.coded[around[0]] <= budget else r.widths_for(budget))
     hint = ""
-    if shared is not None and grouping != "shared" and shared.least_bits() < r.least_bits():
-        hint = f"--grouping shared (one set of codebooks: from {shared.least_bits():.2f} bits/weight), "
+    if shared is not None and grouping != "shared" and shared.least_bits(side) < least:
+        hint = f"--grouping shared (one set of codebooks: from {shared.least_bits(side):.2f} bits/weight), "
     raise AqmInputError(f"--allocate at {bits:g} bits/weight is out of reach: with {grouping} codebooks "
-                        f"this model's {r.weights:,} compressed weights take at least {r.least_bits():.2f} "
-                        f"bits each, codebooks and header counted; use {hint}--bits {r.least_bits():.2f} "
+                        f"this model's {r.weights + side[0]:,} compressed weights take at least {least:.2f} "
+                        f"bits each, codebooks and header counted; use {hint}--bits {least:.2f} "
                         f"or more, or no --allocate")

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import aqformat
 from aqformat import codecs
-from aqformat.converters.affine import encode_affine, plan_small, small_bits
+from aqformat.converters.affine import RECORD_BYTES, encode_affine, plan_affine, small_bits
 from tests.craft import build, mutant, split
 from tests.test_fuzz import check
 
@@ -46,16 +46,24 @@ def test_values_beyond_float16_and_non_finite_stay_raw():
     assert encode_affine(np.array([np.nan, 1.0], np.float32), 8) is None
 
 
-def test_small_bits_follow_bits():
-    assert [small_bits(b) for b in (1, 2, 3, 4, 5, 6, 8)] == [4, 4, 5, 6, 7, 8, 8]
+def test_small_bits_follow_bits_and_keep_fractions():
+    assert [small_bits(b) for b in (1, 2, 2.5, 3, 4, 5, 6, 8)] == [4, 4, 4.5, 5, 6, 7, 8, 8]
 
 
-def test_plan_keeps_only_what_shrinks(tmp_path):
-    from aqformat.converters.sources import TensorSpec
-    arrays = {"bias": np.ones(4, np.float32), "conv": np.ones((8, 3, 3, 3), np.float32),
-              "ids": np.arange(6, dtype=np.int64), "empty": np.zeros((0, 3), np.float32)}
-    specs = [TensorSpec(n, tuple(a.shape), str(a.dtype)) for n, a in arrays.items()]
-    assert sorted(plan_small(specs, list(arrays), 6, lambda n: arrays[n].astype(np.float32), {})) == ["conv"]
+def test_plan_codes_what_shrinks_within_its_budget():
+    rng = np.random.default_rng(0)
+    arrays = {"bias": np.ones(4, np.float32), "conv": rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
+              "fc": rng.standard_normal((16, 64)).astype(np.float32)}
+    cands = {n: (a.shape, None, 6.0, a.nbytes) for n, a in arrays.items()}
+    plan = plan_affine(cands, arrays.__getitem__)
+    assert sorted(plan.coded) == ["conv", "fc"]  # 4 floats are smaller raw than a record
+    assert plan.nbytes["bias"] == 16 and sum(plan.nbytes.values()) <= plan.budget
+    for n, t in plan.coded.items():
+        assert plan.nbytes[n] == t.stored_bytes() + RECORD_BYTES
+    # a rate between two widths mixes them: more bytes, lower error than the lower width alone
+    low = plan_affine({n: (a.shape, None, 4.0, a.nbytes) for n, a in arrays.items()}, arrays.__getitem__)
+    mid = plan_affine({n: (a.shape, None, 4.5, a.nbytes) for n, a in arrays.items()}, arrays.__getitem__)
+    assert sum(low.nbytes.values()) < sum(mid.nbytes.values()) <= mid.budget
 
 
 def _affine_file(tmp_path, **change):

@@ -34,8 +34,8 @@ class Net(torch.nn.Module):
         torch.manual_seed(0)
         self.emb = torch.nn.Embedding(100, 48)           # 4800 weights: compressed
         self.fc1 = torch.nn.Linear(48, 96)               # 4608: compressed
-        self.conv = torch.nn.Conv1d(4, 8, 3)             # 96: raw
-        self.norm = torch.nn.LayerNorm(96)               # 1-D: raw
+        self.conv = torch.nn.Conv1d(4, 8, 3)             # 96: affine (8 bias floats: raw)
+        self.norm = torch.nn.LayerNorm(96)               # 1-D: affine
         self.register_buffer("steps", torch.arange(5))   # int64: raw
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -74,7 +74,8 @@ def test_module_roundtrip_names_dtypes_and_raw_bits(converted):
     for n in ("emb.weight", "fc1.weight"):
         assert 3.0 < summary.weight_sqnr_db[n] < 40.0
     assert summary.aqm_bytes == os.path.getsize(out) and summary.ratio > 2.5
-    assert "fc1.weight" in summary.compressed and "norm.weight" in summary.raw
+    assert "fc1.weight" in summary.compressed and summary.raw == ["steps", "conv.bias"]
+    assert set(summary.affine_bits) == {"fc1.bias", "conv.weight", "norm.weight", "norm.bias"}
 
 
 def test_permutation_is_stored_and_decodes(tmp_path):
@@ -141,12 +142,12 @@ def test_file_sources_match_the_module(tmp_path):
 def test_target_size_allocates_bits_per_tensor(tmp_path):
     net = Net()
     out = tmp_path / "t.aqm"
-    with pytest.raises(AqmInputError, match=r"--target-size 8kB cannot be met within 2%: .* nearest sizes this "
-                                            r"model takes are \d\.\d+ kB"):
-        from_torch(net, out, bits=2, target_size="8kB", progress=False, encoder=FAST, grouping="shared")
-    summary = from_torch(net, out, bits=2, target_size="7.798kB", progress=False, encoder=FAST, grouping="shared")
-    # a 7 kB file: the header estimate's uncertainty (0.75 kB) is wider than the 2% window
-    assert os.path.getsize(out) <= 7798 and "; target 7.798kB: " in str(summary)
+    with pytest.raises(AqmInputError, match=r"--target-size 7.798kB cannot be met within 2%: .* nearest sizes "
+                                            r"this model takes are \d\.\d+ kB"):
+        from_torch(net, out, bits=2, target_size="7.798kB", progress=False, encoder=FAST, grouping="shared")
+    summary = from_torch(net, out, bits=2, target_size="8kB", progress=False, encoder=FAST, grouping="shared")
+    # an 8 kB file: the header estimate's uncertainty (0.75 kB) is wider than the 2% window
+    assert os.path.getsize(out) <= 8000 and "; target 8kB: " in str(summary)
     with aqformat.open(out) as f:
         meta = f.metadata["conversion"]
         assert meta["allocated"] and set(meta["groups"]) <= {f"shared:{m}x4d4" for m in range(1, 9)}
@@ -165,7 +166,7 @@ def test_calibration_with_module_inputs(tmp_path):
                          encoder=FAST)
     with aqformat.open(out) as f:
         assert f.metadata["conversion"]["calibrated"] is True
-    assert set(summary.compressed) == {"emb.weight", "fc1.weight"}
+    assert set(summary.compressed) - set(summary.affine_bits) == {"emb.weight", "fc1.weight"}
     with pytest.raises(AqmInputError, match="calibration needs the model"):
         from_torch(net.state_dict(), tmp_path / "d.aqm", calib=str(tmp_path / "ids.npy"),
                    progress=False, encoder=FAST)
@@ -207,7 +208,7 @@ def _ort(model, feeds):
 def test_onnx_contract_axes_and_export(tmp_path, variant):
     path, weights = _onnx_mlp(tmp_path, external=variant == "external", as_constant=variant == "constant")
     out = tmp_path / "mlp.aqm"
-    from_onnx(path, out, bits=2, progress=False, encoder=FAST)
+    from_onnx(path, out, bits=2, progress=False, encoder=FAST, keep=["b2"])
     with aqformat.open(out) as f:
         assert f.source["framework"] == "onnx"
         assert sorted(f.names()) == ["b2", "w1", "w2"]     # "shape" (2 elements) stays inline
@@ -295,10 +296,18 @@ def test_cli_convert_prints_summary(tmp_path, capsys):
     torch.save(Net().state_dict(), tmp_path / "net.pt")
     rc = aqm_main(["convert", str(tmp_path / "net.pt"), "-o", str(tmp_path / "net.aqm"),
                    "--keep", "emb.*", "--keep", "fc1.*", "--no-progress"])
-    out = capsys.readouterr().out
-    assert rc == 0 and "0 tensors coded" in out and "bits/weight" in out and "x," in out
+    cap = capsys.readouterr()
+    out = cap.out
+    assert rc == 0 and "3 tensors coded (3 affine)" in out and "bits/weight" in out and "x," in out
+    # the small tensors coded, the kept ones raw: no smaller than the model, and it says so
+    assert "not less than the model's" in cap.err
     with aqformat.open(tmp_path / "net.aqm") as f:
-        assert {t.codec for t in f.tensors()} == {"raw"}
+        assert {t.codec for t in f.tensors()} == {"raw", "affine"}
+        assert {t.name for t in f.tensors() if t.codec == "raw"} == {"emb.weight", "fc1.weight", "fc1.bias",
+                                                                     "steps", "conv.bias"}
+    rc = aqm_main(["convert", str(tmp_path / "net.pt"), "-o", str(tmp_path / "strict.aqm"), "--keep", "emb.*",
+                   "--keep", "fc1.*", "--no-progress", "--strict"])
+    assert rc == 2 and "(--strict)" in capsys.readouterr().err and not (tmp_path / "strict.aqm").exists()
 
 
 def test_cli_lattice_codec_writes_a_file_that_reads_back_and_runs(tmp_path, capsys):
@@ -307,7 +316,7 @@ def test_cli_lattice_codec_writes_a_file_that_reads_back_and_runs(tmp_path, caps
     out = tmp_path / "lat.aqm"
     assert aqm_main(["convert", str(tmp_path / "net.pt"), "-o", str(out), "--codec", "lattice",
                      "--bits", "5", "--no-progress"]) == 0
-    assert "2 tensors coded" in capsys.readouterr().out
+    assert "6 tensors coded (4 affine)" in capsys.readouterr().out
     with aqformat.open(out) as f:
         codecs = {t.name: t.codec for t in f.tensors()}
         assert {n for n, c in codecs.items() if c == "lattice"} == {"emb.weight", "fc1.weight"}
@@ -332,7 +341,7 @@ def test_lattice_onnx_model_runs_in_the_runtime(tmp_path):
     path, weights = _onnx_mlp(tmp_path)
     out = tmp_path / "mlp.aqm"
     summary = from_onnx(path, out, bits=6, codec="lattice", progress=False)
-    assert set(summary.compressed) == {"w1", "w2"} and not summary.groups
+    assert set(summary.compressed) - set(summary.affine_bits) == {"w1", "w2"} and not summary.groups
     x = np.random.default_rng(1).standard_normal((1, 32)).astype(np.float32)
     got = InferenceSession(str(out)).run(None, {"x": x})[0]
     original = np.maximum(x @ weights["w1"], 0) @ weights["w2"].T + weights["b2"]

@@ -179,7 +179,7 @@ def test_convert_with_finetune_distils_into_the_output(tmp_path):
     from_torch(net, tmp_path / "norms.aqm", bits=1.5, calib=str(tmp_path / "calib.npy"), progress=False,
                encoder=enc, finetune_steps=20, finetune_lr=3e-3, finetune_raw="1d")
     with aqformat.open(tmp_path / "norms.aqm") as f, aqformat.open(tmp_path / "plain.aqm") as g:
-        assert f.info("4.weight").codec == "raw" and f.metadata["finetune"]["train_raw"] == "1d"
+        assert f.info("4.weight").codec == "affine" and f.metadata["finetune"]["train_raw"] == "1d"
         np.testing.assert_array_equal(f.read("4.weight"), g.read("4.weight"))
 
 

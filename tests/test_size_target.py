@@ -13,7 +13,9 @@ import torch
 import aqformat
 import aqformat.units
 from aqformat.cli import main as aqm_main
-from aqformat.converters import calib, planning, size_target
+from aqformat.converters import calib, planning, size_target, sources
+from aqformat.converters.affine import RECORD_BYTES
+from aqformat.converters.options import ConvertOptions
 from aqformat.converters.api import from_onnx, from_torch
 from aqformat.errors import AqmInputError
 from tests.runtime_fixtures import digits_cnn, silero_path
@@ -57,18 +59,24 @@ def test_above_the_uncompressed_size_is_refused(tmp_path, no_training):
 def test_reach_counts_the_bytes_a_file_holds(tmp_path):
     """The sizes computed from shapes match what the writer stores, at every code width."""
     model = mlp()
-    names = [n for n, p in model.state_dict().items() if p.dim() == 2 and p.numel() >= 4096]
-    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
-    raw = {n: p.numel() * 4 for n, p in model.state_dict().items()}
-    r = size_target.reach(shapes, {}, {"shared": names}, raw)
+    sd = model.state_dict()
+    names = [n for n, p in sd.items() if p.dim() == 2 and p.numel() >= 4096]
+    shapes = {n: tuple(p.shape) for n, p in sd.items()}
+    specs = [sources.TensorSpec(n, shapes[n], "float32") for n in sd]
     for bits in (3,):
+        opts = ConvertOptions(bits_per_weight=bits, grouping="shared")
+        small, left = planning.plan_small(specs, names, opts, {}, lambda n: sd[n].numpy())
+        assert left == names and len(small.coded) == 4  # the biases
+        raw = {n: small.nbytes.get(n, p.numel() * 4) for n, p in sd.items()}
+        r = size_target.reach(shapes, {}, {"shared": names}, raw)
         out = tmp_path / f"m{bits}.aqm"
         from_torch(model, out, bits=bits, grouping="shared", progress=False, encoder={"beam": 1, "iters": 1})
         with aqformat.open(out) as f:
             coded = sum(t.stored_bytes for t in f.tensors() if t.codec == "aq")
             books = sum(f.group_bytes(g.name) for g in f.codebook_groups)
-            raw_stored = sum(t.stored_bytes for t in f.tensors() if t.codec == "raw")
-        assert coded + books == r.coded[bits] and raw_stored == r.fixed
+            other = sum(t.stored_bytes + (RECORD_BYTES if t.codec == "affine" else 0)
+                        for t in f.tensors() if t.codec != "aq")
+        assert coded + books == r.coded[bits] and other == r.fixed
         assert os.path.getsize(out) <= r.file_size(bits)  # the header reserve covers the header
 
 
@@ -85,7 +93,8 @@ def test_a_target_lands_within_two_percent_under_or_names_the_nearest_sizes(tmp_
     if rc != 0:
         err = capsys.readouterr().err
         assert rc == 2 and "cannot be met within 2%" in err and not out.exists()
-        typed = err.split("the nearest sizes this model takes are ")[1].split(" and ")[0].replace(" ", "")
+        typed = err.split("the nearest sizes this model takes are ")[1].split(" and ")[0].split(";")[0]
+        typed = typed.replace(" ", "")
         assert typed.endswith(unit)
         assert aqm_main(args + [typed]) == 0
     target = aqformat.units.parse_size(typed)
@@ -96,11 +105,10 @@ def test_a_target_lands_within_two_percent_under_or_names_the_nearest_sizes(tmp_
 
 
 def test_allocate_with_by_kind_codebooks_on_a_small_model(tmp_path):
-    """One set of codebooks per layer kind can outweigh a small model's codes: the error says
-    what works, and shared codebooks do."""
+    """One set of codebooks per layer kind can outweigh a small model's codes (the groups where
+    they outweigh them go to the affine codec): the error says what works, and shared codebooks do."""
     with pytest.raises(AqmInputError, match=r"--allocate at 2 bits/weight is out of reach: with by-kind "
-                                            r"codebooks .* use --grouping shared \(one set of codebooks: "
-                                            r"from \d\.\d\d bits/weight\), --bits \d\.\d\d or more"):
+                                            r"codebooks .* use --bits \d\.\d\d or more"):
         from_torch(digits_cnn(), tmp_path / "d.aqm", bits=2, allocate=True, grouping="by-kind",
                    progress=False)
     s = from_torch(digits_cnn(), tmp_path / "d.aqm", bits=4, allocate=True, grouping="by-kind",
