@@ -198,7 +198,7 @@ def test_text_calibration_with_a_tokenizer_folder(tmp_path):
     assert data.batches[0]["input_ids"].dtype == np.int64 and data.batches[0]["input_ids"][0, 0] == 101
     assert data.batches[0]["attention_mask"].all()  # one sentence a batch: no padding
     assert len(data.train) == 1 and data.train[0]["input_ids"].shape[0] == 2
-    s = from_onnx(tmp_path / "two.onnx", tmp_path / "t.aqm", bits=2, calib=str(tmp_path / "s.txt"),
+    s = from_onnx(tmp_path / "two.onnx", tmp_path / "t.aqm", bits=3, calib=str(tmp_path / "s.txt"),
                   tokenizer=gt.get_model_path(), progress=False, encoder=ENC)
     with aqformat.open(tmp_path / "t.aqm") as f:
         assert f.metadata["conversion"]["calibrated"] and len(set(s.compressed) - set(s.affine_bits)) == 2
