@@ -49,6 +49,8 @@ def describe(path: str | os.PathLike, check: bool = True) -> dict[str, Any]:
             "bits_per_weight": 8.0 * f.size / params if params else 0.0,
             "weight_bits_per_weight": 8.0 * weight_bytes / params if params else 0.0,
             "compression_ratio_fp32": 4.0 * params / f.size if f.size else 0.0,
+            "codebook_bytes": sum(group_bytes.values()),
+            "codebook_share": sum(group_bytes.values()) / f.size if f.size else 0.0,
             "graph": f.graph_format,
             "integrity": integrity,
             "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "codec": t.codec,
@@ -140,7 +142,7 @@ def render_text(r: dict[str, Any]) -> str:
                                for i, (c, w) in enumerate(zip(row, widths))).rstrip())
     if r["codebook_groups"]:
         lines.append("")
-        lines.append("codebook groups")
+        lines.append(f"codebook groups: {format_size(r['codebook_bytes'])}, {100 * r['codebook_share']:.1f}% of the file")
         for g in r["codebook_groups"]:
             lines.append(f"  {_safe(g['name'])}: M={g['M']} K={g['K']} d={g['d']} {g['dtype']} "
                          f"{format_size(g['bytes'])} at offset {g['offset']:,}, "

@@ -56,6 +56,7 @@ class ConversionSummary:
     groups: dict[str, list[str]]
     seconds: float
     affine_bits: dict[str, int] = field(default_factory=dict)  # tensors coded by the affine codec: bits
+    codebook_bytes: int = 0      # bytes of the codebook groups in the file
     weight_sqnr_db: dict[str, float] = field(default_factory=dict)
     finetune: Any = None         # FinetuneReport when the file was fine-tuned
     target_size: Any = None      # the file size budget as given (e.g. "250kB"), if any
@@ -77,10 +78,16 @@ class ConversionSummary:
         return (f"{self.path}: {format_size(self.source_bytes)} -> {format_size(self.aqm_bytes)} "
                 f"({self.ratio:.2f}x, {self.bits_per_weight:.3f} bits/weight), "
                 f"{len(self.compressed)} tensors coded ({len(self.affine_bits)} affine), {len(self.raw)} raw, "
-                f"{len(self.groups)} codebook group(s){mean_sqnr}, {self.seconds:.1f} s"
+                f"{len(self.groups)} codebook group(s){self._books_note()}{mean_sqnr}, {self.seconds:.1f} s"
                 + self._target_note()
                 + (f"; {self.finetune}" if self.finetune is not None else "")
                 + (f"\nnot used: {'; '.join(self.notes)}" if self.notes else ""))
+
+    def _books_note(self) -> str:
+        """The codebooks' bytes and share of the file, when there are any."""
+        if not self.codebook_bytes:
+            return ""
+        return f" ({format_size(self.codebook_bytes)}, {100 * self.codebook_bytes / self.aqm_bytes:.1f}% of the file)"
 
     def _target_note(self) -> str:
         """How the file landed against ``target_size``, in the units it was given in."""
@@ -133,9 +140,16 @@ def run(source: Source, out_path: str | os.PathLike, opts: ConvertOptions, axes:
         source_file_bytes=source.file_bytes, aqm_bytes=os.path.getsize(out_path),
         parameters=sum(s.numel for s in specs), compressed=encoder.coded + list(tensors.small.coded),
         raw=[s.name for s in specs if s.name not in set(encoder.coded) | set(tensors.small.coded)],
-        groups=encoder.groups, affine_bits=tensors.small.bits(),
+        groups=encoder.groups, affine_bits=tensors.small.bits(), codebook_bytes=_codebook_bytes(out_path),
         seconds=time.monotonic() - t0, weight_sqnr_db=sqnr, target_size=opts.target_text,
         notes=_notes(calib))
+
+
+def _codebook_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the codebook groups of the file at ``path`` (its header only is read)."""
+    import aqformat
+    with aqformat.open(path) as f:
+        return sum(f.group_bytes(g.name) for g in f.codebook_groups)
 
 
 def _check_shrinks(size: int, source_bytes: int, strict: bool, *, before: bool,

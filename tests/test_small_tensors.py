@@ -101,3 +101,19 @@ def test_batchnorm_statistics_stay_raw_and_small_convolutions_are_coded(tmp_path
         net.load_state_dict(state)
         got = net(x)
     assert float((got - ref).norm() / ref.norm()) < 0.05 and len(s.affine_bits) >= 4
+
+
+def test_summary_and_aqm_info_show_the_codebooks_share_of_the_file(tmp_path, capsys):
+    from aqformat.cli import info_main
+    from aqformat.inspect import describe
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+    s = from_torch(net, tmp_path / "m.aqm", bits=2, progress=False,
+                   encoder={"bits_per_code": 4, "d": 4, "beam": 2, "iters": 1})
+    r = describe(tmp_path / "m.aqm")
+    books = sum(g["bytes"] for g in r["codebook_groups"])
+    assert books and r["codebook_bytes"] == s.codebook_bytes == books
+    assert r["codebook_share"] == books / os.path.getsize(tmp_path / "m.aqm")
+    assert f"{100 * r['codebook_share']:.1f}% of the file" in str(s)
+    assert info_main([str(tmp_path / "m.aqm")]) == 0
+    assert "codebook groups: " in capsys.readouterr().out
