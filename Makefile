@@ -25,7 +25,7 @@ demo: venv  ## convert MiniLM to .aqm, run it, print size and fidelity
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[all,dev,bench]'
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps nncodec==2.1.3
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps nncodec==2.1.3 ddddocr==1.6.1
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)  ## full benchmark: bench/results/*.json, RESULTS.md, plots
