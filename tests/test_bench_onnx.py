@@ -1,0 +1,69 @@
+"""The ONNX models' bench metrics and targets (bench/onnx_models.py, bench/report.py) on known inputs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench import report
+from bench.onnx_models import classifier_metrics, imagenet_batch, ocr_metrics, text_images
+
+
+def test_classifier_metrics_on_known_logits():
+    rng = np.random.default_rng(0)
+    ref = rng.standard_normal((50, 1000)).astype(np.float32)
+    same = classifier_metrics(ref, ref.copy())
+    assert same["top1_agreement"] == 1.0 and same["top5_overlap"] == 1.0 and abs(same["kl"]) < 1e-9
+    swapped = ref.copy()
+    top = ref.argmax(1)
+    swapped[np.arange(50), top] = ref.min(1) - 1  # every top-1 class falls to the bottom
+    m = classifier_metrics(ref, swapped)
+    assert m["top1_agreement"] == 0.0 and m["top5_overlap"] == pytest.approx(0.8) and m["kl"] > 0
+
+
+def test_imagenet_batch_layout_and_normalisation():
+    crops = np.zeros((2, 4, 4, 3), np.uint8)
+    crops[..., 0] = 255
+    x = imagenet_batch(crops)
+    assert x.shape == (2, 3, 4, 4) and x.dtype == np.float32
+    assert x[0, 0, 0, 0] == pytest.approx((1 - 0.485) / 0.229) and x[0, 1, 0, 0] == pytest.approx(-0.456 / 0.224)
+
+
+def test_ocr_metrics_and_rendered_images():
+    assert ocr_metrics([(1, 2, 3), (4, 5)], [(1, 2, 3), (4, 6)]) == {"string_agreement": 0.5,
+                                                                    "char_agreement": 0.75}
+    assert ocr_metrics([(1, 2, 3, 4)], [(2, 3, 4)])["char_agreement"] == 0.75  # one deletion
+    texts, images = text_images(3, seed=5)
+    again, images2 = text_images(3, seed=5)
+    assert texts == again and np.array_equal(images, images2) and images.shape == (3, 1, 64, 192)
+    assert 0.0 <= images.min() and images.max() <= 1.0 and images.std() > 0.05  # text on a background
+
+
+def _row(method, bits, value, setting="", **extra):
+    return {"method": method, "setting": setting, "bits_per_weight": bits, "metrics": {"top1_agreement": value},
+            **extra}
+
+
+def test_report_onnx_targets():
+    data = {"primary": "top1_agreement", "onnx_source": True, "onnx_file_bytes": 1000, "rows": [
+        _row("int8_per_channel", 8.0, 0.92), _row("nncodec", 3.0, 0.80), _row("nncodec", 5.0, 0.95),
+        _row("aqm", 3.0, 0.93, "4-bit", whole_file_ratio=8.5), _row("aqm", 2.0, 0.80, "3-bit", whole_file_ratio=11)]}
+    checks = report.checks(data)
+    assert checks["whole file >= 8x smaller with top1_agreement >= int8 per-channel's"]["answer"] is True
+    # NNCodec reaches 0.93 at 3 + 0.13/0.15*2 = 4.73 b/w: 3.0/4.73 = 0.63x; 0.80 at "at most" 3.0 b/w: 0.67x
+    target = checks["aqm <= 0.9x NNCodec at every rate"]
+    assert target["answer"] is True and target["worst"] == pytest.approx(2 / 3)
+    data["rows"][3]["whole_file_ratio"] = 7.9
+    assert report.checks(data)["whole file >= 8x smaller with top1_agreement >= int8 per-channel's"]["answer"] is False
+
+
+def test_report_onnx_minilm_against_hugging_face_path():
+    data = {"primary": "cosine", "rows": [
+        {"method": "aqm", "setting": "3-bit (--allocate)", "bits_per_weight": 3, "metrics": {"cosine": 0.970}},
+        {"method": "aqm", "setting": "3-bit from ONNX (--allocate)", "bits_per_weight": 3,
+         "metrics": {"cosine": 0.969}},
+        {"method": "aqm+finetune", "setting": "3-bit + distillation (100 steps)", "bits_per_weight": 3,
+         "metrics": {"cosine": 0.980}},
+        {"method": "aqm+finetune", "setting": "3-bit from ONNX + distillation (100 steps)", "bits_per_weight": 3,
+         "metrics": {"cosine": 0.975}}]}
+    check = report.checks(data)["ONNX source within 0.002 cosine of the Hugging Face path"]
+    assert check["answer"] is False and list(check["differences"].values()) == [-0.001, -0.005]
