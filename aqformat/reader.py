@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
-from . import codecs
+from . import codecs, rans
 from .dtypes import itemsize, numpy_dtype
 from .errors import (AqmBudgetError, AqmFormatError, AqmInputError, AqmIntegrityError, AqmIOError,
                      AqmUnsupportedError)
@@ -196,6 +196,8 @@ class AqmFile:
 
     def _section_need(self, index: int) -> int:
         s = self._h.sections[index]
+        if s.encoding == "rans":
+            return s.size + s.length + rans.work_bound(s.size)
         return s.size + (s.length if s.encoding != "raw" else 0)
 
     def _decode(self, t: TensorRecord, decode: Callable[[codecs.Codec], Any], budgeted: bool = False) -> Any:
@@ -372,6 +374,11 @@ class AqmFile:
             return stored
         if s.encoding not in ENCODINGS:
             raise AqmUnsupportedError(f"section {index} uses encoding {s.encoding!r}, unknown to this reader")
+        if s.encoding == "rans":
+            try:
+                return rans.decode(stored, s.size)
+            except AqmFormatError as e:
+                raise AqmFormatError(f"section {index}: {e}") from None
         data = memoryview(stored)
         try:
             # zstd allocates what the frame header declares, whatever max_output_size says, so a

@@ -17,11 +17,11 @@ import msgpack
 import numpy as np
 import zstandard
 
-from . import __version__, codecs, tempfiles
+from . import __version__, codecs, rans, tempfiles
 from .codecs import aq, lattice, raw
 from .dtypes import dtype_name, numpy_dtype
 from .errors import AqmFormatError, AqmInputError, AqmIOError
-from .header import (ALIGNMENT, CODEBOOK_DTYPES, MAJOR, MAX_HEADER_BYTES, MAX_NAME_BYTES, PREAMBLE_SIZE,
+from .header import (ALIGNMENT, CODEBOOK_DTYPES, ENCODING_MINOR, MAJOR, MAX_HEADER_BYTES, MAX_NAME_BYTES, PREAMBLE_SIZE,
                      CodebookGroup, Preamble, graph_size_limit, pack_preamble, parse_group, parse_header,
                      parse_tensor, plain_value_problem)
 
@@ -95,9 +95,10 @@ class Writer:
         self._pos += len(data)
 
     def _section(self, data: bytes | np.ndarray, compress: bool = False,
-                 size_limit: Callable[[int], int] | None = None) -> int:
-        """Encode ``data`` (zstd if asked, smaller, and within ``size_limit(stored bytes)``), append it,
-        return its index."""
+                 size_limit: Callable[[int], int] | None = None, integers: np.ndarray | None = None) -> int:
+        """Encode ``data`` (zstd if asked, smaller, and within ``size_limit(stored bytes)``; ``rans``
+        too when ``integers``, the same bytes as a 2-D signed integer array, is given, and the smallest
+        wins), append it, return its index."""
         if isinstance(data, np.ndarray):
             data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         raw = memoryview(data)
@@ -107,6 +108,10 @@ class Writer:
             z = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False).compress(raw)
             if len(z) < raw.nbytes and (size_limit is None or raw.nbytes <= size_limit(len(z))):
                 stored, encoding = z, "zstd"
+        if integers is not None and integers.size:
+            r = rans.encode(integers)
+            if len(r) < len(stored) and raw.nbytes <= max(1 << 20, len(r) * rans.MAX_RATIO):
+                stored, encoding = r, "rans"
         return self._append(stored, raw.nbytes, encoding, zlib.crc32(stored))
 
     def _append(self, stored: bytes | memoryview, size: int, encoding: str, crc: int) -> int:
@@ -127,7 +132,7 @@ class Writer:
 
     # -- public API ----------------------------------------------------------------
     def add_encoded(self, name: str, codec: str, shape: Sequence[int], fields: Mapping[str, Any], *,
-                    dtype: str = "float32", compress: Collection[str] = ()) -> None:
+                    dtype: str = "float32", compress: Collection[str] = (), entropy: Collection[str] = ()) -> None:
         """Add a tensor already encoded by ``codec``: the one way every tensor is added.
 
         The record is checked by the codec's own header rules and section
@@ -150,6 +155,10 @@ class Writer:
             Decoded dtype (see spec, "Data types").
         compress : collection of str
             Keys of the sections to zstd-compress (where that makes them smaller).
+        entropy : collection of str
+            Keys of sections given as 2-D int8/int16/int32 arrays (e.g. lattice
+            indices) to store with the ``rans`` encoding (format 1.2) where that is
+            smaller than raw and zstd, each row with its own fitted model.
         """
         spec = codecs.get(codec)
         if spec is None:
@@ -158,8 +167,11 @@ class Writer:
         shape = [int(x) for x in shape]
         rec: dict[str, Any] = {"name": name, "shape": shape, "dtype": dtype, "codec": codec}
         payloads: dict[str, memoryview] = {}
+        integers: dict[str, np.ndarray] = {}
         for key, value in fields.items():
             if isinstance(value, np.ndarray):
+                if key in entropy and value.ndim == 2 and value.dtype.kind == "i" and value.itemsize in rans.WIDTHS:
+                    integers[key] = value.astype(value.dtype.newbyteorder("<"), copy=False)
                 value = np.ascontiguousarray(value).reshape(-1).view(np.uint8)
             if isinstance(value, (np.ndarray, bytes, bytearray, memoryview)):
                 payloads[key] = memoryview(value)
@@ -178,7 +190,7 @@ class Writer:
                 raise AqmInputError(f"{name}: section {key!r} must hold {size} bytes, got {payloads[key].nbytes}")
         self._names.add(name)
         for key, data in payloads.items():
-            self._section(data, key in compress)
+            self._section(data, key in compress, integers=integers.get(key))
         self._tensors.append(rec)
 
     def add_tensor(self, name: str, array: np.ndarray, *, dtype: str | None = None,
@@ -258,15 +270,17 @@ class Writer:
         self.add_encoded(name, aq.NAME, shape, fields, dtype=dtype)
 
     def add_lattice(self, name: str, shape: Sequence[int], q: np.ndarray, step: np.ndarray,
-                    seed: int, *, dtype: str = "float32", axes: Sequence[int] | None = None) -> None:
+                    seed: int, *, dtype: str = "float32", axes: Sequence[int] | None = None,
+                    entropy: bool = False) -> None:
         """Add a dithered-lattice tensor (codec ``lattice``, fields from
-        :func:`aqformat.codecs.lattice.fields`); indices are zstd-coded.
+        :func:`aqformat.codecs.lattice.fields`); indices are zstd-coded, or ``rans``-coded
+        (format 1.2) when ``entropy`` and that is smaller.
 
         ``q`` holds the integer lattice indices of the matrix view (``[rows, cols]``),
         ``step`` the per-row step, ``seed`` the dither seed (see spec, "Dither").
         """
         self.add_encoded(name, lattice.NAME, shape, lattice.fields(name, shape, q, step, seed, axes),
-                         dtype=dtype, compress=("data",))
+                         dtype=dtype, compress=("data",), entropy=("data",) if entropy else ())
 
     def copy_tensor(self, src: AqmFile, name: str) -> None:
         """Copy a tensor from an open file verbatim (stored bytes, no re-encoding).
@@ -340,8 +354,10 @@ class Writer:
             raise AqmInputError(f"header of {len(header)} bytes exceeds the format's {MAX_HEADER_BYTES}-byte limit "
                                 "(too many tensors or too much metadata)")
         offset = self._pos + (-self._pos % ALIGNMENT)
-        # The oldest minor version that describes every codec used, so older 1.x files stay byte-identical.
-        minor = max((codecs.get(t["codec"]).minor for t in self._tensors), default=0)
+        # The oldest minor version that describes every codec and section encoding used, so older
+        # 1.x files stay byte-identical.
+        minor = max([codecs.get(t["codec"]).minor for t in self._tensors]
+                    + [ENCODING_MINOR[s["encoding"]] for s in self._sections], default=0)
         try:  # the whole header as a reader will check it: no file its reader refuses is written
             parse_header(header, Preamble(MAJOR, minor, offset, len(header), zlib.crc32(header), ALIGNMENT,
                                           offset + len(header)))

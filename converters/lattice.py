@@ -146,7 +146,7 @@ class LatticeEncoder:
         fields = lattice_codec.fields(encoded.name, encoded.shape, encoded.q, encoded.step, encoded.seed,
                                       encoded.axes)
         writer.add_encoded(encoded.name, lattice_codec.NAME, encoded.shape, fields, dtype=dtype,
-                           compress=("data",))
+                           compress=("data",), entropy=("data",))
 
     def metadata(self) -> dict[str, Any]:
         o = self.opts

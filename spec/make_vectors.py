@@ -98,6 +98,28 @@ def affine(w: aqformat.Writer, rng: np.random.Generator) -> None:
     add("af.binary", (3, 11), 3, 11, 1, compress=())
 
 
+def lattice_rans(w: aqformat.Writer, rng: np.random.Generator) -> None:
+    """Section encoding ``rans`` (format 1.2): lattice indices of widths 1, 2 and 4, one and several
+    tables, direct ranges with and without escapes, one and several lanes, axes."""
+    spread = np.repeat([0.3, 2.0, 9.0], 8)[:, None]
+    w.add_lattice("rans.rows", (24, 40), np.rint(rng.laplace(0, 1, (24, 40)) * spread).clip(-127, 127),
+                  rng.uniform(0.01, 0.1, 24), seed=7, entropy=True)
+    q = np.rint(rng.laplace(0, 6, (30, 16)))
+    far = rng.random(q.shape) < 0.05
+    q[far] = rng.integers(-30000, 30000, size=int(far.sum()))
+    w.add_lattice("rans.escapes", (16, 30), q, rng.uniform(1e-4, 1e-3, 30), seed=2**63 + 5, axes=(1, 0),
+                  entropy=True)
+    q = np.rint(rng.laplace(0, 2, (5, 64))).astype(np.int64)
+    q[:, ::16] = [[-2**31], [2**31 - 1], [70000], [-3], [2**20]]
+    w.add_lattice("rans.int32", (5, 64), q, rng.uniform(1e-9, 1e-8, 5), seed=11, entropy=True)
+    # values a bit-length escape would code badly: a direct range
+    w.add_lattice("rans.direct", (8, 300), rng.choice([-6, -1, 0, 1, 6], size=(8, 300), p=[0.1, 0.2, 0.4, 0.2, 0.1]),
+                  rng.uniform(0.01, 0.1, 8), seed=5, entropy=True)
+    # 5120 indices: three lanes, the last step decoding two of them
+    q = np.rint(rng.standard_normal((40, 128)) * np.repeat([1.0, 4.0, 16.0, 40.0], 10)[:, None])
+    w.add_lattice("rans.lanes", (40, 128), q, rng.uniform(0.01, 0.1, 40), seed=3, entropy=True)
+
+
 def zstd_graph(w: aqformat.Writer, rng: np.random.Generator) -> None:
     w.add_tensor("zeros", np.zeros((64, 64), dtype=np.float32), compress=True)
     w.add_tensor("ramp", np.arange(1000, dtype=np.int64) % 7, compress=True)
@@ -123,7 +145,7 @@ def empty(w: aqformat.Writer, rng: np.random.Generator) -> None:
 
 
 VECTORS = {f.__name__: f for f in (raw_dtypes, aq_8bit_shared, aq_3bit_perm, aq_7bit_conv,
-                                   aq_12bit_bf16, aq_1bit_16bit, lattice, zstd_graph, empty, affine)}
+                                   aq_12bit_bf16, aq_1bit_16bit, lattice, zstd_graph, empty, affine, lattice_rans)}
 
 
 def digest(path: str) -> dict:

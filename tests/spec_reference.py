@@ -21,7 +21,65 @@ NP = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "float64": "<f8", "
 def _section(buf: bytes, s: dict) -> bytes:
     data = buf[s["offset"]: s["offset"] + s["length"]]
     assert zlib.crc32(data) == s["crc32"]
+    if s["encoding"] == "rans":
+        return _rans(data, s["size"])
     return zstandard.ZstdDecompressor().decompress(data) if s["encoding"] == "zstd" else data
+
+
+def _rans(data: bytes, size: int) -> bytes:
+    """Section encoding ``rans`` (spec 4.5), one symbol at a time."""
+    w, e, T, _, cols, lanes, n_words, n_extra = struct.unpack_from("<BBBBIIII", data)
+    pos, E = 20, 2**e - 1
+    tables = []
+    for _ in range(T):
+        lo, count = struct.unpack_from("<hH", data, pos)
+        pos += 4
+        f = []
+        while len(f) < count:
+            b0 = data[pos]
+            pos += 1
+            if b0 >= 128:
+                f.append(b0 - 128 + 128 * data[pos])
+                pos += 1
+            else:
+                f.append(b0)
+        assert sum(f) == 4096 and max(f) < 4096
+        tables.append((lo, f, [sum(f[:j]) for j in range(count)]))
+    n = size // w
+    rows = n // cols
+    row_table = [0] * rows
+    if T > 1:
+        b = (T - 1).bit_length()
+        nbytes = -(-rows * b // 8)
+        bits = np.unpackbits(np.frombuffer(data[pos: pos + nbytes], np.uint8), bitorder="little")
+        row_table = [sum(int(bits[r * b + k]) << k for k in range(b)) for r in range(rows)]
+        pos += nbytes
+    x = list(struct.unpack_from(f"<{lanes}I", data, pos))
+    pos += 4 * lanes
+    words = struct.unpack_from(f"<{n_words}H", data, pos)
+    pos += 2 * n_words
+    extra = np.unpackbits(np.frombuffer(data[pos: pos + n_extra], np.uint8), bitorder="little")
+    assert pos + n_extra == len(data)
+    nxt = bitpos = 0
+    out = []
+    for i in range(n):
+        lo, f, c = tables[row_table[i // cols]]
+        lane = i % lanes
+        s = x[lane] % 4096
+        j = next(j for j in range(len(f)) if c[j] <= s < c[j] + f[j])
+        t = lo + j
+        x[lane] = f[j] * (x[lane] // 4096) + s - c[j]
+        if x[lane] < 65536:
+            x[lane] = x[lane] * 65536 + words[nxt]
+            nxt += 1
+        if abs(t) > E:
+            k = abs(t) - E + e
+            m = sum(int(extra[bitpos + q]) << q for q in range(k - 1))
+            bitpos += k - 1
+            t = (1 if t > 0 else -1) * (2 ** (k - 1) + m)
+        out.append(t)
+    assert nxt == n_words and all(v == 65536 for v in x) and -(-bitpos // 8) == n_extra
+    return np.array(out, f"<i{w}").tobytes()
 
 
 def _splitmix(seed: int, n: int) -> np.ndarray:

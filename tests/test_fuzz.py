@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import aqformat
+from aqformat import rans
 from aqformat.kernels.decode import compiled
 from tests.craft import fix_crcs, mutant, mutate_bytes, read_everything, write_sample
 
@@ -32,7 +33,8 @@ FUZZ = settings(max_examples=1500, deadline=None, derandomize=True, database=Non
 
 @pytest.fixture(scope="module")
 def sample(tmp_path_factory):
-    compiled()  # the decode kernel loads once per process (seconds); the bound below is per input
+    compiled()  # the decode kernels load once per process (seconds); the bound below is per input
+    rans.compiled()
     path = tmp_path_factory.mktemp("fuzz") / "sample.aqm"
     write_sample(path)
     return path.read_bytes()

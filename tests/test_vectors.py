@@ -46,11 +46,28 @@ def test_vector_matches_independent_spec_decoder(name):
             np.testing.assert_array_equal(f.read(tname), expected, err_msg=tname)
 
 
-def test_affine_vector_needs_format_1_1_and_older_vectors_say_1_0():
-    """A file is written with the lowest minor version describing its codecs (spec, "Version rules")."""
+def test_vectors_say_the_lowest_minor_version_that_describes_them():
+    """A file is written with the lowest minor version describing its codecs and section encodings
+    (spec, "Version rules"): affine needs 1.1, rans sections 1.2, the rest 1.0."""
+    minor = {"affine": 1, "lattice_rans": 2}
     for name in MANIFEST:
         with open(os.path.join(VEC, f"{name}.aqm"), "rb") as fh:
-            assert fh.read(12)[8:12] == bytes([1, 0, 1 if name == "affine" else 0, 0]), name
+            assert fh.read(12)[8:12] == bytes([1, 0, minor.get(name, 0), 0]), name
+
+
+def test_rans_vector_covers_its_encoding():
+    """Every lattice tensor of lattice_rans.aqm is rans-coded, with one and several tables, escapes,
+    a direct range, several lanes and every width."""
+    seen = set()
+    with aqformat.open(os.path.join(VEC, "lattice_rans.aqm")) as f:
+        for t in f.tensors():
+            sec, stored = f.stored_section(f.record(t.name).fields["data"])
+            assert sec.encoding == "rans", t.name
+            width, e, tables = stored[0], stored[1], stored[2]
+            lanes, extra = (int(x) for x in stored[8:20].view("<u4")[[0, 2]])
+            seen |= {f"w{width}", "several tables" if tables > 1 else "one table", "escapes" if extra else "",
+                     "direct" if e else "", "lanes" if lanes > 1 else ""}
+    assert seen >= {"w1", "w2", "w4", "several tables", "one table", "escapes", "direct", "lanes"}
 
 
 def test_code_widths_covered():

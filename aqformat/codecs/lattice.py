@@ -63,7 +63,7 @@ def fields(name: str, shape: Sequence[int], q: np.ndarray, step: np.ndarray, see
     index_dtype = next((t for t in INDEX_DTYPES if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max), None)
     if index_dtype is None:
         raise AqmInputError(f"{name}: lattice indices exceed int32")
-    return {"axes": None if axes is None else [int(a) for a in axes], "data": q.astype(numpy_dtype(index_dtype)),
+    return {"axes": None if axes is None else [int(a) for a in axes], "data": q.reshape(rows, cols).astype(numpy_dtype(index_dtype)),
             "index_dtype": index_dtype, "step": step.astype("<f4"), "seed": int(seed)}
 
 

@@ -1,0 +1,479 @@
+"""Section encoding ``rans`` (spec/FORMAT.md 4.5, since format 1.2): entropy-coded integer matrices.
+
+A section of little-endian signed integers (lattice indices) viewed as
+``[rows, cols]`` is coded with interleaved rANS (Duda's asymmetric numeral
+systems, 32-bit states, 16-bit renormalisation, probabilities in 1/4096).
+Each row selects one of up to 16 frequency tables stored in the stream, so
+rows of different spread (a global step, channels of different gain) each
+get a model fitted to them; the encoder clusters rows by code length.
+Values beyond a direct range ``|v| <= 2**e - 1`` are coded as an escape
+token for their bit length plus that many raw bits, so tables stay small
+whatever the index range.
+
+Symbols are dealt to ``lanes`` independent rANS states (symbol ``i`` to lane
+``i mod lanes``), which share one word stream: a decoder advances every
+lane one symbol per step, so numpy decodes a step for all lanes at once
+(a Python loop over about 2048 steps per tensor, never one per symbol) and
+the compiled kernel (numba, ``aqformat[fast]``) runs the same integer
+arithmetic per symbol; both give identical bytes.
+Decoding uses integers only: no floating point, so every platform agrees.
+"""
+from __future__ import annotations
+
+import functools
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .bitpack import pack, packed_size, unpack
+from .errors import AqmFormatError
+
+__all__ = ["Model", "plan", "encode", "decode", "compiled", "work_bound", "model_bits", "MAX_RATIO"]
+
+PRECISION = 12
+TOTAL = 1 << PRECISION           # frequencies of a table sum to this
+LOW = 1 << 16                    # states live in [LOW, 2**32)
+MAX_TABLES = 16
+MAX_EXP = 14                     # direct range |v| <= 2**e - 1, e <= MAX_EXP
+SYMBOLS_PER_LANE = 2048          # lanes = ceil(n / 2048): 32 state bits per 2048 symbols
+MAX_STEPS = 4096                 # the format's bound on symbols per lane: numpy decodes in <= 4096 steps
+# The cheapest symbol costs -log2(4095/4096) bits (no frequency may be 4096), so a byte of
+# stream (or of lane state) decodes to at most ~23,000 symbols of up to 4 bytes: a section
+# claiming more per stored byte is a bomb.
+MAX_RATIO = 1 << 17
+WIDTHS = (1, 2, 4)
+_HEAD = struct.Struct("<BBBBIIII")  # width, e, tables, 0, cols, lanes, words, extra bytes
+_TABLE = struct.Struct("<hH")       # lowest token, token count; then LEB128 frequencies
+_LUT_BYTES = MAX_TABLES * TOTAL * 12
+
+
+def work_bound(size: int) -> int:
+    """Bytes decoding a ``rans`` section of ``size`` decoded bytes allocates at most besides its
+    input and output: per symbol a token, a table offset and decoded values (at most 16 bytes),
+    plus the tables' lookup arrays."""
+    return 16 * size + _LUT_BYTES
+
+
+# -- tokens ----------------------------------------------------------------------------------------
+def _bit_length(a: np.ndarray) -> np.ndarray:
+    """Bit length of non-negative integers below 2**53 (frexp is exact there)."""
+    return np.frexp(a.astype(np.float64))[1].astype(np.int64)
+
+
+def _tokens(v: np.ndarray, e: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(token, extra bit count, extra bits)`` of each value: ``v`` itself within the direct range
+    ``|v| <= 2**e - 1``, else ``sign(v) * (2**e - 1 + k - e)`` for ``k`` the bit length of ``|v|``,
+    followed by the ``k - 1`` bits of ``|v|`` below its leading one."""
+    E = (1 << e) - 1
+    a = np.abs(v.astype(np.int64))
+    big = a > E
+    k = np.where(big, _bit_length(a), 0)
+    tok = np.where(big, np.sign(v) * (E + k - e), v).astype(np.int32)
+    nb = np.where(big, k - 1, 0)
+    extra = np.where(big, a - (np.int64(1) << np.maximum(nb, 0)), 0)
+    return tok, nb, extra
+
+
+# -- models ----------------------------------------------------------------------------------------
+@dataclass
+class Model:
+    """How one matrix is coded: the direct-range exponent, the tables and each row's table."""
+
+    e: int
+    lo: list[int]              # lowest token of each table
+    freqs: list[np.ndarray]    # each table's frequencies (sum TOTAL), token lo + j at j
+    row_table: np.ndarray      # [rows] table index per row
+
+
+def _table_bytes(freqs: list[np.ndarray]) -> int:
+    """Stored bytes of tables with these frequencies (LEB128: one byte below 128, else two)."""
+    return sum(_TABLE.size + f.size + int(np.count_nonzero(f >= 128)) for f in freqs)
+
+
+def _normalise(counts: np.ndarray) -> np.ndarray:
+    """Frequencies summing to TOTAL, at least 1 where a count is (at least two counts are non-zero)."""
+    f = np.where(counts > 0, np.maximum(1, np.floor(counts * TOTAL / counts.sum())), 0).astype(np.int64)
+    diff = TOTAL - int(f.sum())
+    # Hand out (or take back) the difference where it changes the code length least.
+    while diff:
+        with np.errstate(divide="ignore", invalid="ignore"):  # absent tokens are masked out
+            gain = np.where(counts > 0, counts * np.log2((f + 1) / np.maximum(f, 1)), -1)
+            loss = np.where(f > 1, counts * np.log2(f / np.maximum(f - 1, 1)), np.inf)
+        if diff > 0:
+            j = int(np.argmax(gain))
+            step = min(diff, max(1, int(f[j] // 64)))
+        else:
+            j = int(np.argmin(loss))
+            step = -min(-diff, max(1, int((f[j] - 1) // 64)))
+        f[j] += step
+        diff -= step
+    return f
+
+
+def _table(hist: np.ndarray, base: int, bound: int) -> tuple[int, np.ndarray]:
+    """``(lo, freqs)`` of a table for token histogram ``hist`` (token ``base + j`` at ``j``); tokens
+    lie in ``[-bound, bound]``."""
+    nz = np.flatnonzero(hist)
+    lo = base + int(nz[0])
+    counts = hist[nz[0]:nz[-1] + 1].astype(np.float64)
+    if counts.size == 1:  # no token may have all of TOTAL: a neighbour gets frequency 1
+        tiny = counts[0] / TOTAL
+        counts = np.array([counts[0], tiny]) if lo < bound else np.array([tiny, counts[0]])
+        lo = lo if lo < bound else lo - 1
+    return lo, _normalise(counts)
+
+
+def _code_lengths(hist: np.ndarray, tables: list[tuple[int, np.ndarray]], base: int) -> np.ndarray:
+    """Bits each row of ``hist`` ([rows, tokens]) costs under each table ([rows, tables]); rows
+    holding a token a table lacks cost infinity there."""
+    out = np.empty((hist.shape[0], len(tables)))
+    for c, (lo, f) in enumerate(tables):
+        cost = np.full(hist.shape[1], np.inf)
+        j = np.arange(f.size) + lo - base
+        ok = (j >= 0) & (j < hist.shape[1]) & (f > 0)
+        cost[j[ok]] = PRECISION - np.log2(f[ok])
+        with np.errstate(invalid="ignore"):
+            out[:, c] = np.where(hist > 0, hist * cost, 0).sum(axis=1)
+    return out
+
+
+def _fit(hist: np.ndarray, base: int, bound: int, n_tables: int) -> tuple[list[tuple[int, np.ndarray]], np.ndarray, float]:
+    """Tables and row assignment for up to ``n_tables`` classes (rows split by spread, then refined
+    by code length, as k-means), and the estimated bits of tables, row classes and tokens."""
+    rows = hist.shape[0]
+    spread = (hist * np.abs(np.arange(hist.shape[1]) + base)).sum(axis=1) / np.maximum(hist.sum(axis=1), 1)
+    assign = np.zeros(rows, np.int64)
+    assign[np.argsort(spread, kind="stable")] = np.arange(rows) * n_tables // rows
+    for it in range(5):
+        used = np.unique(assign)
+        assign = np.searchsorted(used, assign)
+        tables = [_table(hist[assign == c].sum(axis=0), base, bound) for c in range(used.size)]
+        lengths = _code_lengths(hist, tables, base)
+        new = np.argmin(lengths, axis=1)
+        if it == 4 or np.array_equal(new, assign):
+            break
+        assign = new
+    bits = float(lengths[np.arange(rows), assign].sum())
+    return tables, assign, bits + 8 * _table_bytes([f for _, f in tables]) + rows * _class_bits(len(tables))
+
+
+def _class_bits(n_tables: int) -> int:
+    return (n_tables - 1).bit_length()
+
+
+def plan(values: np.ndarray, max_tables: int = MAX_TABLES) -> Model:
+    """Choose the direct range and up to ``max_tables`` tables for ``values`` ([rows, cols] integers)
+    by estimated code length (tables, row classes, symbols and escape bits included)."""
+    v = np.asarray(values).astype(np.int64)
+    rows, cols = v.shape
+    a = np.abs(v)
+    # Direct range around the bit length of the 99.9th percentile of |v|: escapes stay rare.
+    p = int(np.quantile(a, 0.999)).bit_length() if a.size else 0
+    best: tuple[float, Model] | None = None
+    for e in sorted({min(MAX_EXP, max(0, p + d)) for d in (-1, 0, 1)} | {0, min(p, 4)}):
+        tok, nb, _ = _tokens(v, e)
+        base, width = int(tok.min()), int(tok.max()) - int(tok.min()) + 1
+        bound = (1 << e) - 1 + 32 - e
+        if rows * width > 1 << 25:  # too wide for per-row histograms: one table
+            hist = np.bincount((tok - base).reshape(-1), minlength=width)[None, :]
+            options = [1]
+        else:
+            hist = np.bincount((np.arange(rows)[:, None] * width + tok - base).reshape(-1),
+                               minlength=rows * width).reshape(rows, width)
+            options = [t for t in (1, 2, 4, 8, 16) if t <= min(max_tables, rows)]
+        previous = np.inf
+        for t in options:
+            tables, assign, bits = _fit(hist, base, bound, t)
+            total = bits + float(nb.sum())
+            if best is None or total < best[0]:
+                row_table = assign if assign.size == rows else np.zeros(rows, np.int64)
+                best = total, Model(e, [lo for lo, _ in tables], [f for _, f in tables], row_table)
+            if total >= previous:
+                break
+            previous = total
+    assert best is not None
+    return best[1]
+
+
+def model_bits(values: np.ndarray, model: Model) -> float:
+    """Bits ``values`` cost under ``model``: ``-log2`` of each token's probability plus its escape bits
+    (the ideal code length an entropy coder approaches; tables and lane states not included)."""
+    tok, nb, _ = _tokens(np.asarray(values), model.e)
+    total = float(nb.sum())
+    for c, (lo, f) in enumerate(zip(model.lo, model.freqs)):
+        t = tok[model.row_table == c].reshape(-1) - lo
+        total += float(-np.log2(f[t] / TOTAL).sum())
+    return total
+
+
+# -- encoding --------------------------------------------------------------------------------------
+def _leb128(f: np.ndarray) -> bytes:
+    f = f.astype(np.int64)
+    two = f >= 128
+    out = np.empty(f.size + int(two.sum()), np.uint8)
+    pos = np.arange(f.size) + np.concatenate([[0], np.cumsum(two)[:-1]])
+    out[pos] = np.where(two, (f & 127) | 128, f)
+    out[pos[two] + 1] = f[two] >> 7
+    return out.tobytes()
+
+
+def encode(values: np.ndarray, model: Model | None = None) -> bytes:
+    """The ``rans`` stream of ``values`` ([rows, cols] int8, int16 or int32), which decodes to their
+    little-endian bytes.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        Non-empty 2-D signed integer array; its itemsize is the decoded width.
+    model : Model, optional
+        Tables and row classes (default: :func:`plan`'s choice).
+    """
+    values = np.asarray(values)
+    if values.ndim != 2 or values.size == 0 or values.dtype.kind != "i" or values.itemsize not in WIDTHS:
+        raise ValueError("rans codes a non-empty 2-D int8, int16 or int32 array")
+    model = plan(values) if model is None else model
+    rows, cols = values.shape
+    n = values.size
+    tok, nb, extra = _tokens(values, model.e)
+    tok, nb, extra = tok.reshape(-1), nb.reshape(-1), extra.reshape(-1)
+    cls = np.repeat(model.row_table.astype(np.int64), cols)
+    offsets = np.concatenate([[0], np.cumsum([f.size for f in model.freqs])])
+    lo = np.asarray(model.lo, np.int64)
+    flat_f = np.concatenate(model.freqs).astype(np.int64)
+    flat_c = np.concatenate([np.concatenate([[0], np.cumsum(f)[:-1]]) for f in model.freqs]).astype(np.int64)
+    j = offsets[cls] + tok - lo[cls]
+    if np.any((tok < lo[cls]) | (j >= offsets[cls + 1])) or np.any(flat_f[j] == 0):
+        raise ValueError("a value has no frequency in its row's table")
+    F, C = flat_f[j], flat_c[j]
+    lanes = max(1, -(-n // SYMBOLS_PER_LANE))
+    steps = -(-n // lanes)
+    x = np.full(lanes, LOW, np.int64)
+    chunks = []
+    for t in range(steps - 1, -1, -1):
+        a = t * lanes
+        m = min(lanes, n - a)
+        f, c, xs = F[a:a + m], C[a:a + m], x[:m]
+        emit = xs >= (f << (32 - PRECISION))
+        chunks.append((xs[emit] & 0xFFFF).astype("<u2"))
+        xs = np.where(emit, xs >> 16, xs)
+        x[:m] = ((xs // f) << PRECISION) + xs % f + c
+    words = np.concatenate(chunks[::-1]) if chunks else np.zeros(0, "<u2")
+    big = nb > 0
+    if big.any():
+        bits = ((extra[big, None] >> np.arange(32)) & 1).astype(np.uint8)
+        bits = bits[np.arange(32) < nb[big, None]]
+        extra_bytes = np.packbits(bits, bitorder="little").tobytes()
+    else:
+        extra_bytes = b""
+    n_tables = len(model.freqs)
+    parts = [_HEAD.pack(values.itemsize, model.e, n_tables, 0, cols, lanes, words.size, len(extra_bytes))]
+    for lo_t, f in zip(model.lo, model.freqs):
+        parts += [_TABLE.pack(lo_t, f.size), _leb128(f)]
+    if n_tables > 1:
+        parts.append(pack(model.row_table, _class_bits(n_tables)))
+    parts += [x.astype("<u4").tobytes(), words.tobytes(), extra_bytes]
+    return b"".join(parts)
+
+
+# -- decoding --------------------------------------------------------------------------------------
+def _fail(msg: str) -> AqmFormatError:
+    return AqmFormatError(f"rans section: {msg}")
+
+
+class _Cursor:
+    def __init__(self, buf: np.ndarray):
+        self.buf, self.pos = buf, 0
+
+    def take(self, n: int, what: str) -> np.ndarray:
+        if n < 0 or self.pos + n > self.buf.size:
+            raise _fail(f"{what} runs past the end of the section")
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+
+def _read_table(cur: _Cursor, bound: int) -> tuple[int, np.ndarray]:
+    lo, count = _TABLE.unpack(cur.take(_TABLE.size, "a table header").tobytes())
+    if count < 2 or lo < -bound or lo + count - 1 > bound:
+        raise _fail(f"a table of {count} tokens from {lo} is outside the tokens [-{bound}, {bound}]")
+    rest = cur.buf[cur.pos:cur.pos + 2 * count]
+    ends = np.flatnonzero(rest < 128)[:count]
+    if ends.size < count:
+        raise _fail("a table's frequencies run past the end of the section")
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    if np.any(ends - starts > 1):
+        raise _fail("a frequency is longer than two bytes")
+    two = ends > starts
+    f = rest[ends].astype(np.int64)
+    f[two] = (rest[starts[two]].astype(np.int64) & 127) | (f[two] << 7)
+    cur.take(int(ends[-1]) + 1, "a table")
+    if np.any(two & (f < 128)) or int(f.sum()) != TOTAL or int(f.max()) >= TOTAL:
+        raise _fail(f"a table's frequencies do not sum to {TOTAL} with none above {TOTAL - 1}")
+    return lo, f
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel() -> Any:
+    from .kernels import compile_kernel
+    return compile_kernel("rans", _decode_lanes,
+                          lambda ty: [ty.int64(ty.Array(ty.uint32, 1, "C"), ty.Array(ty.uint16, 1, "C", readonly=True),
+                                               ty.Array(ty.uint16, 1, "C", readonly=True),
+                                               ty.Array(ty.int32, 1, "C", readonly=True),
+                                               ty.Array(ty.uint32, 1, "C", readonly=True),
+                                               ty.Array(ty.uint32, 1, "C", readonly=True),
+                                               ty.Array(ty.int32, 1, "C"))])
+
+
+def compiled() -> bool:
+    """Whether large sections decode with the compiled kernel (compiling or loading it on first call)."""
+    return _kernel() is not None
+
+
+def _decode_lanes(x, words, table_at, lut_tok, lut_f, lut_bias, out):  # pragma: no cover - compiled by numba
+    """Compiled twin of the numpy loop in :func:`decode`; returns the words read, or -1 when the
+    stream ends early."""
+    lanes = x.size
+    n = out.size
+    ptr = 0
+    for a in range(0, n, lanes):
+        m = min(lanes, n - a)
+        for lane in range(m):
+            s = x[lane]
+            idx = np.int64(table_at[a + lane]) + (s & (TOTAL - 1))
+            out[a + lane] = lut_tok[idx]
+            s = lut_f[idx] * (s >> PRECISION) + lut_bias[idx]
+            if s < LOW:
+                if ptr >= words.size:
+                    return -1
+                s = (s << 16) | words[ptr]
+                ptr += 1
+            x[lane] = s
+    return ptr
+
+
+# Below this, numpy's at most 2048 steps (~30 ms) cost less than loading numba (~1 s and ~80 MiB
+# the first time in a process): a small file, and the fuzzer's 4 MiB decode budget, never load it.
+_MIN_KERNEL_SYMBOLS = 1 << 18
+
+
+def decode(stored: np.ndarray | bytes, size: int) -> np.ndarray:
+    """Decode a ``rans`` stream to exactly ``size`` bytes (a new uint8 array).
+
+    Every count is checked against ``size`` and the stream's length before
+    anything sized by it is allocated; AqmFormatError on any inconsistency.
+    """
+    buf = np.frombuffer(stored, np.uint8) if isinstance(stored, (bytes, bytearray, memoryview)) else stored
+    cur = _Cursor(buf)
+    width, e, n_tables, zero, cols, lanes, n_words, n_extra = _HEAD.unpack(cur.take(_HEAD.size, "the header").tobytes())
+    if width not in WIDTHS or e > MAX_EXP or not 1 <= n_tables <= MAX_TABLES or zero:
+        raise _fail(f"width {width}, exponent {e}, {n_tables} tables or reserved byte {zero} out of range")
+    n = size // width
+    if size % width or n == 0 or cols == 0 or n % cols:
+        raise _fail(f"{size} bytes are not rows of {cols} integers of {width} bytes")
+    rows = n // cols
+    if not -(-n // MAX_STEPS) <= lanes <= n:
+        raise _fail(f"{lanes} lanes for {n} symbols (at most {MAX_STEPS} symbols a lane)")
+    E = (1 << e) - 1
+    bound = E + 32 - e
+    tables = [_read_table(cur, bound) for _ in range(n_tables)]
+    row_table = np.zeros(rows, np.int64)
+    if n_tables > 1:
+        b = _class_bits(n_tables)
+        row_table = unpack(cur.take(packed_size(rows, b), "the row tables"), rows, b).astype(np.int64)
+        if int(row_table.max()) >= n_tables:
+            raise _fail("a row names a table that does not exist")
+    x = cur.take(4 * lanes, "the lane states").view("<u4").astype(np.uint32)
+    words = cur.take(2 * n_words, "the words").view("<u2")
+    extra = cur.take(n_extra, "the escape bits")
+    if cur.pos != buf.size:
+        raise _fail(f"{buf.size - cur.pos} bytes follow the escape bits")
+    if int(x.min()) < LOW:
+        raise _fail("a lane state is below 2**16")
+    # Lookup per (table, slot): token, frequency and slot - cumulative frequency.
+    lut_tok = np.empty(n_tables * TOTAL, np.int32)
+    lut_f = np.empty(n_tables * TOTAL, np.uint32)
+    lut_bias = np.empty(n_tables * TOTAL, np.uint32)
+    for c, (lo, f) in enumerate(tables):
+        sym = np.repeat(np.arange(f.size), f)
+        cum = np.concatenate([[0], np.cumsum(f)[:-1]])
+        sl = slice(c * TOTAL, (c + 1) * TOTAL)
+        lut_tok[sl] = lo + sym
+        lut_f[sl] = f[sym]
+        lut_bias[sl] = np.arange(TOTAL) - cum[sym]
+    table_at = np.repeat((row_table * TOTAL).astype(np.uint16), cols) if n_tables > 1 else None
+    tok = np.empty(n, np.int32)
+    kernel = _kernel() if n >= _MIN_KERNEL_SYMBOLS else None
+    if kernel is not None:
+        at = table_at if table_at is not None else np.zeros(n, np.uint16)
+        read = kernel(x, np.ascontiguousarray(words, np.uint16), at, lut_tok, lut_f, lut_bias, tok)
+        if read < 0:
+            raise _fail("the words end before the symbols")
+    else:
+        read = _decode_numpy(x, words, table_at, lut_tok, lut_f, lut_bias, tok)
+    if read != n_words or np.any(x != LOW):
+        raise _fail("the stream does not end where its encoder started (corrupted or truncated)")
+    return _values(tok, e, extra, width).view(np.uint8)
+
+
+def _decode_numpy(x: np.ndarray, words: np.ndarray, table_at: np.ndarray | None, lut_tok: np.ndarray,
+                  lut_f: np.ndarray, lut_bias: np.ndarray, out: np.ndarray) -> int:
+    """Decode ``out.size`` tokens, one step of every lane at a time; returns the words read."""
+    lanes, n = x.size, out.size
+    state = x.astype(np.int64)
+    words = words.astype(np.int64)
+    f64, bias64 = lut_f.astype(np.int64), lut_bias.astype(np.int64)
+    ptr = 0
+    for a in range(0, n, lanes):
+        m = min(lanes, n - a)
+        s = state[:m]
+        idx = s & (TOTAL - 1)
+        if table_at is not None:
+            idx += table_at[a:a + m]
+        out[a:a + m] = lut_tok[idx]
+        s = f64[idx] * (s >> PRECISION) + bias64[idx]
+        need = s < LOW
+        k = int(np.count_nonzero(need))
+        if k:
+            if ptr + k > words.size:
+                raise _fail("the words end before the symbols")
+            s[need] = (s[need] << 16) | words[ptr:ptr + k]
+            ptr += k
+        state[:m] = s
+    x[:] = state
+    return ptr
+
+
+def _values(tok: np.ndarray, e: int, extra: np.ndarray, width: int) -> np.ndarray:
+    """Tokens and escape bits to little-endian integers of ``width`` bytes."""
+    E = (1 << e) - 1
+    big = np.flatnonzero(np.abs(tok) > E)
+    if not big.size:
+        if extra.size:
+            raise _fail("escape bits without escapes")
+        return _fit_width(tok, width)
+    t = tok[big].astype(np.int64)
+    k = np.abs(t) - E + e                       # bit length of |v|, 1..32
+    nb = k - 1
+    total = int(nb.sum())
+    if -(-total // 8) != extra.size:
+        raise _fail(f"{total} escape bits in {extra.size} bytes")
+    bits = np.unpackbits(extra, bitorder="little")
+    if bits[total:].any():
+        raise _fail("the escape bits' padding is not zero")
+    start = np.cumsum(nb) - nb
+    a = np.int64(1) << nb
+    for j in range(int(nb.max(initial=0))):
+        has = nb > j
+        a[has] |= bits[start[has] + j].astype(np.int64) << j
+    full = tok.astype(np.int64)
+    full[big] = np.sign(t) * a
+    return _fit_width(full, width)
+
+
+def _fit_width(v: np.ndarray, width: int) -> np.ndarray:
+    lo, hi = -(1 << (8 * width - 1)), (1 << (8 * width - 1)) - 1
+    if v.size and (int(v.min()) < lo or int(v.max()) > hi):
+        raise _fail(f"a value does not fit {width} bytes")
+    return v.astype(f"<i{width}")
