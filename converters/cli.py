@@ -49,7 +49,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                       f"`aqm export` writes ONNX", AqmWarning, stacklevel=1)
     threads = set_threads(args.threads)
     from .api import convert
-    encoder = {k: v for k, v in (("beam", args.beam), ("iters", args.iters)) if v is not None}
+    encoder = {k: v for k, v in (("beam", args.beam), ("iters", args.iters), ("bits_per_code", args.bits_per_code),
+                                 ("d", args.vector_dim)) if v is not None}
     tuning = ({"finetune_steps": args.finetune, "finetune_lr": args.finetune_lr,
                "finetune_raw": args.finetune_raw} if args.finetune else {})
     progress = not args.no_progress and args.verbosity >= 0 and sys.stderr.isatty()
@@ -176,6 +177,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"code search beam width: larger is slower and more accurate (default {DEFAULT_BEAM})")
     p.add_argument("--iters", type=int, metavar="N",
                    help=f"codebook training iterations: more is slower and more accurate (default {DEFAULT_ITERS})")
+    p.add_argument("--bits-per-code", type=int, metavar="B",
+                   help="AQ code width: codebooks of 2**B codewords (default 8; small models: 4 keeps "
+                        "codebooks small)")
+    p.add_argument("--vector-dim", type=int, metavar="D",
+                   help="AQ vector length: --bits is reached with bits*D/B codebooks (default 8)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads (default: the cores this process may use, by CPU affinity and "
                         "cgroup quota, less those busy by the 1-minute load average; at least 1)")

@@ -117,3 +117,25 @@ def test_summary_and_aqm_info_show_the_codebooks_share_of_the_file(tmp_path, cap
     assert f"{100 * r['codebook_share']:.1f}% of the file" in str(s)
     assert info_main([str(tmp_path / "m.aqm")]) == 0
     assert "codebook groups: " in capsys.readouterr().out
+
+
+def test_aq_rates_between_two_widths_mix_them_and_out_of_range_rates_are_refused(tmp_path, capsys):
+    from aqformat.cli import main as aqm_main
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128))
+    torch.save(net.state_dict(), tmp_path / "m.pt")
+    sizes = {}
+    for bits in ("2", "2.5", "3"):
+        out = tmp_path / f"{bits}.aqm"
+        assert aqm_main(["convert", str(tmp_path / "m.pt"), "-o", str(out), "--bits", bits, "--bits-per-code", "4",
+                         "--vector-dim", "4", "--beam", "2", "--iters", "1", "--grouping", "shared",
+                         "--no-progress", "-q"]) == 0
+        sizes[bits] = os.path.getsize(out)
+        with aqformat.open(out) as f:
+            widths = {g.M for g in f.codebook_groups}
+            assert {g.K for g in f.codebook_groups} == {16} and f.metadata["conversion"]["bits"] == float(bits)
+        assert widths == ({2, 3} if bits == "2.5" else {int(bits)})
+    assert sizes["2"] < sizes["2.5"] < sizes["3"]
+    rc = aqm_main(["convert", str(tmp_path / "m.pt"), "-o", str(tmp_path / "x.aqm"), "--bits", "0.5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "out of reach" in err and "1 to 64 bits per weight" in err and not (tmp_path / "x.aqm").exists()
