@@ -30,7 +30,7 @@ import numpy as np
 from .bitpack import pack, packed_size, unpack
 from .errors import AqmFormatError
 
-__all__ = ["Model", "plan", "encode", "decode", "compiled", "work_bound", "model_bits", "MAX_RATIO"]
+__all__ = ["Model", "plan", "encode", "decode", "compiled", "work_bound", "code_lengths", "model_bits", "MAX_RATIO"]
 
 PRECISION = 12
 TOTAL = 1 << PRECISION           # frequencies of a table sum to this
@@ -197,15 +197,26 @@ def plan(values: np.ndarray, max_tables: int = MAX_TABLES) -> Model:
     return best[1]
 
 
-def model_bits(values: np.ndarray, model: Model) -> float:
-    """Bits ``values`` cost under ``model``: ``-log2`` of each token's probability plus its escape bits
-    (the ideal code length an entropy coder approaches; tables and lane states not included)."""
-    tok, nb, _ = _tokens(np.asarray(values), model.e)
-    total = float(nb.sum())
+def code_lengths(values: np.ndarray, model: Model, absent: float = np.inf) -> np.ndarray:
+    """Bits each of ``values`` ([rows, cols]) costs under ``model``: ``-log2`` of its token's probability
+    in its row's table plus its escape bits; ``absent`` (plus escape bits) where the table lacks the token."""
+    v = np.asarray(values)
+    tok, nb, _ = _tokens(v, model.e)
+    out = np.full(v.shape, float(absent))
     for c, (lo, f) in enumerate(zip(model.lo, model.freqs)):
-        t = tok[model.row_table == c].reshape(-1) - lo
-        total += float(-np.log2(f[t] / TOTAL).sum())
-    return total
+        rows = model.row_table == c
+        t = tok[rows] - lo
+        inside = (t >= 0) & (t < f.size)
+        fv = np.where(inside, f[np.clip(t, 0, f.size - 1)], 0)
+        with np.errstate(divide="ignore"):
+            out[rows] = np.where(fv > 0, PRECISION - np.log2(np.maximum(fv, 1)), absent)
+    return out + nb
+
+
+def model_bits(values: np.ndarray, model: Model) -> float:
+    """Bits ``values`` cost under ``model`` (the ideal code length an entropy coder approaches;
+    tables and lane states not included)."""
+    return float(code_lengths(values, model).sum())
 
 
 # -- encoding --------------------------------------------------------------------------------------
@@ -404,7 +415,7 @@ def decode(stored: np.ndarray | bytes, size: int) -> np.ndarray:
         lut_bias[sl] = np.arange(TOTAL) - cum[sym]
     table_at = np.repeat((row_table * TOTAL).astype(np.uint16), cols) if n_tables > 1 else None
     tok = np.empty(n, np.int32)
-    kernel = _kernel() if n >= _MIN_KERNEL_SYMBOLS else None
+    kernel = _kernel_for(n)
     if kernel is not None:
         at = table_at if table_at is not None else np.zeros(n, np.uint16)
         read = kernel(x, np.ascontiguousarray(words, np.uint16), at, lut_tok, lut_f, lut_bias, tok)
@@ -415,6 +426,14 @@ def decode(stored: np.ndarray | bytes, size: int) -> np.ndarray:
     if read != n_words or np.any(x != LOW):
         raise _fail("the stream does not end where its encoder started (corrupted or truncated)")
     return _values(tok, e, extra, width).view(np.uint8)
+
+
+def _kernel_for(n: int) -> Any:
+    """The compiled kernel for a section of ``n`` symbols, or None to decode in numpy: large sections
+    load it; once it is loaded in the process (a large section, :func:`compiled`), smaller ones use it too."""
+    if n >= _MIN_KERNEL_SYMBOLS or (n >= 1 << 10 and _kernel.cache_info().currsize):
+        return _kernel()
+    return None
 
 
 def _decode_numpy(x: np.ndarray, words: np.ndarray, table_at: np.ndarray | None, lut_tok: np.ndarray,

@@ -1,0 +1,225 @@
+"""The lattice indices' entropy coder on real models: rans against zstd, constriction and the entropy.
+
+For EfficientNet-Lite0, silero-vad (16 kHz, opset 15) and MiniLM, every
+weight matrix of at least 4096 values is lattice-coded
+(:func:`aqformat.converters.lattice.encode_lattice`) at several rates, with
+the default per-row step (equal bits per row) and with one step per tensor
+(the allocation of item 2 of the plan: rows then differ in spread). Rates
+are bits per index, everything stored counted:
+
+* ``zstd``: zstd level 19 on the narrowest integer array (the 1.0-1.1 writer);
+* ``rans``: the ``rans`` section (format 1.2): tables, row classes, lane
+  states, escape bits included;
+* ``model``: the indices' code length under the tables rans chose (what an
+  ideal entropy coder spends with that model); ``rans / model`` is the
+  coder's overhead;
+* ``H0``: the empirical order-0 entropy of each tensor's indices (one
+  histogram a tensor, its cost not counted);
+* ``constriction``: constriction's ANS coder (``pip install constriction``,
+  optional) with a quantized Gaussian per row (mean and deviation stored
+  as 2 float16 each), the parametric alternative.
+
+Decode throughput (million indices per second, best of ``--repeat``, all
+tensors of a model) is reported for zstd (reference), rans in numpy and
+rans compiled (numba), as ratios to zstd in the same run. Then rate-distortion
+optimised quantization (:func:`aqformat.converters.lattice.rdoq`): the
+weight SQNR at the rate RDOQ reaches, against plain rounding interpolated to
+that rate on its own curve (steps swept), so the gain is at equal rate.
+
+Usage: nice python -m bench.entropy_bench [--quick] [--models effnet,silero,minilm]
+       [--out bench/results/entropy.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import zstandard
+
+from aqformat import rans
+from aqformat.converters.lattice import encode_lattice, lattice_step, rdoq_indices
+from aqformat.dither import dither
+from bench.container_bench import best_of
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MIN_VALUES = 4096
+
+
+def matrices(model: str) -> dict[str, np.ndarray]:
+    """The model's weight matrices of at least MIN_VALUES values, as ``[rows, cols]`` float32."""
+    out: dict[str, np.ndarray] = {}
+    if model == "effnet":
+        from bench.onnx_models import efficientnet_lite0
+        arrays = {k: v.numpy() for k, v in efficientnet_lite0().state_dict().items() if v.ndim >= 2}
+    elif model == "minilm":
+        sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+        from minilm import load_minilm
+        arrays = {k: v.numpy() for k, v in load_minilm()[0].state_dict().items() if v.ndim >= 2}
+    else:
+        import onnx
+        import silero_vad
+        from onnx import numpy_helper
+        m = onnx.load(os.path.join(os.path.dirname(silero_vad.__file__), "data", "silero_vad_16k_op15.onnx"))
+        arrays = {}
+
+        def walk(g):
+            for t in g.initializer:
+                arrays[t.name] = numpy_helper.to_array(t)
+            for n in g.node:
+                for a in n.attribute:
+                    if a.type == onnx.AttributeProto.TENSOR:
+                        arrays[n.output[0]] = numpy_helper.to_array(a.t)
+                    elif a.type == onnx.AttributeProto.GRAPH:
+                        walk(a.g)
+        walk(m.graph)
+    for k, v in arrays.items():
+        if v.dtype.kind == "f" and v.ndim >= 2 and v.size >= MIN_VALUES:
+            out[k] = np.ascontiguousarray(v.reshape(v.shape[0], -1), np.float32)
+    return out
+
+
+def narrow(q: np.ndarray) -> np.ndarray:
+    for dt in (np.int8, np.int16, np.int32):
+        if np.iinfo(dt).min <= q.min() and q.max() <= np.iinfo(dt).max:
+            return q.astype(dt)
+    raise ValueError("indices exceed int32")
+
+
+def order0_bits(q: np.ndarray) -> float:
+    _, c = np.unique(q, return_counts=True)
+    return float(-(c * np.log2(c / q.size)).sum())
+
+
+def constriction_bytes(q: np.ndarray) -> int | None:
+    try:
+        import constriction
+    except ImportError:
+        return None
+    coder = constriction.stream.stack.AnsCoder()
+    mean, sd = q.mean(1), np.maximum(q.std(1), 0.3)
+    model = constriction.stream.model.QuantizedGaussian(int(q.min()) - 1, int(q.max()) + 1)
+    coder.encode_reverse(q.reshape(-1).astype(np.int32), model, np.repeat(mean, q.shape[1]),
+                         np.repeat(sd, q.shape[1]))
+    return int(coder.get_compressed().nbytes) + 4 * q.shape[0]
+
+
+def steps(W: np.ndarray, bits: float, scope: str) -> np.ndarray:
+    s = lattice_step(W, bits)
+    return s if scope == "row" else np.full_like(s, np.median(s))
+
+
+def rates(mats: dict[str, np.ndarray], bits: float, scope: str, repeat: int) -> dict:
+    n = 0
+    tot = dict(zstd=0.0, rans=0.0, model=0.0, H0=0.0, constriction=0.0)
+    streams, zs = [], []
+    for i, (name, W) in enumerate(mats.items()):
+        q = narrow(encode_lattice(W, steps(W, bits, scope), i + 1)[0])
+        m = rans.plan(q)
+        s = rans.encode(q, m)
+        z = zstandard.ZstdCompressor(level=19).compress(q.tobytes())
+        c = constriction_bytes(q)
+        n += q.size
+        tot["zstd"] += 8 * len(z)
+        tot["rans"] += 8 * len(s)
+        tot["model"] += rans.model_bits(q, m)
+        tot["H0"] += order0_bits(q)
+        tot["constriction"] = None if c is None or tot["constriction"] is None else tot["constriction"] + 8 * c
+        streams.append((np.frombuffer(s, np.uint8), q.nbytes))
+        zs.append(z)
+    out = {k: (None if v is None else v / n) for k, v in tot.items()}
+    out.update(indices=n, rans_over_model=tot["rans"] / tot["model"], rans_over_H0=tot["rans"] / tot["H0"],
+               rans_over_zstd=tot["rans"] / tot["zstd"])
+    out["decode"] = throughput(streams, zs, n, repeat)
+    return out
+
+
+def throughput(streams, zs, n: int, repeat: int) -> dict:
+    """Million indices a second decoding every tensor: zstd, rans (numpy), rans (compiled)."""
+    dz = zstandard.ZstdDecompressor()
+    t_zstd = best_of(lambda: [dz.decompress(z) for z in zs], repeat)
+    choose = rans._kernel_for
+    try:
+        rans._kernel_for = lambda n: None
+        t_numpy = best_of(lambda: [rans.decode(s, size) for s, size in streams], repeat)
+        rans._kernel_for = lambda n: rans._kernel()
+        t_comp = best_of(lambda: [rans.decode(s, size) for s, size in streams], repeat) if rans.compiled() else None
+    finally:
+        rans._kernel_for = choose
+    out = {"zstd_M_per_s": n / t_zstd / 1e6, "rans_numpy_M_per_s": n / t_numpy / 1e6,
+           "rans_numpy_vs_zstd": t_zstd / t_numpy}
+    if t_comp is not None:
+        out.update(rans_compiled_M_per_s=n / t_comp / 1e6, rans_compiled_vs_zstd=t_zstd / t_comp)
+    return out
+
+
+def rd_point(mats: dict[str, np.ndarray], bits: float, lam: float) -> tuple[float, float]:
+    """(bits per weight in rans bytes, weight SQNR in dB) of the model at ``bits``, RDOQ at ``lam``."""
+    nbits, err, sig, n = 0, 0.0, 0.0, 0
+    for i, (name, W) in enumerate(mats.items()):
+        W64 = W.astype(np.float64)
+        step = lattice_step(W, bits).astype(np.float64)
+        u = dither(i + 1, W.size).reshape(W.shape)
+        q = rdoq_indices(W64 / step[:, None] + u, lam)
+        nbits += 8 * len(rans.encode(narrow(q)))
+        err += float(np.sum((W64 - (q - u) * step[:, None]) ** 2))
+        sig += float(np.sum(W64 ** 2))
+        n += W.size
+    return nbits / n, 10 * math.log10(sig / err)
+
+
+def rdoq_gains(mats: dict[str, np.ndarray], bits_list: list[float], lams: list[float]) -> list[dict]:
+    grid = np.arange(min(bits_list) - 1, max(bits_list) + 0.75, 0.5)
+    plain = [rd_point(mats, b, 0.0) for b in grid]
+    pr, ps = np.array([p[0] for p in plain]), np.array([p[1] for p in plain])
+    out = []
+    for bits in bits_list:
+        for lam in lams:
+            r, s = rd_point(mats, bits, lam)
+            ref = float(np.interp(r, pr, ps))
+            out.append({"bits": bits, "lambda": lam, "rate": r, "sqnr_db": s, "plain_sqnr_db_at_rate": ref,
+                        "gain_db": s - ref})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="effnet,silero,minilm")
+    p.add_argument("--quick", action="store_true", help="4 bits only, no RDOQ sweep")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--out", default=os.path.join(HERE, "results", "entropy.json"))
+    args = p.parse_args(argv)
+    bits_list = [4.0] if args.quick else [3.0, 4.0, 5.0, 6.0]
+    results: dict = {}
+    for model in args.models.split(","):
+        mats = matrices(model)
+        results[model] = {"rates": {}, "rdoq": None}
+        for scope in ("row", "tensor"):
+            for bits in bits_list:
+                r = rates(mats, bits, scope, args.repeat)
+                results[model]["rates"][f"{scope} step, {bits:g} bits"] = r
+                d = r["decode"]
+                print(f"{model:7s} {scope:6s} step {bits:g} bits: bits/index zstd {r['zstd']:.3f} rans {r['rans']:.3f} "
+                      f"model {r['model']:.3f} H0 {r['H0']:.3f} constriction "
+                      f"{'-' if r['constriction'] is None else format(r['constriction'], '.3f')} | rans/model "
+                      f"{r['rans_over_model']:.4f} rans/H0 {r['rans_over_H0']:.4f} rans/zstd {r['rans_over_zstd']:.3f} | "
+                      f"decode M/s zstd {d['zstd_M_per_s']:.0f} rans numpy {d['rans_numpy_M_per_s']:.1f} "
+                      f"compiled {d.get('rans_compiled_M_per_s', float('nan')):.0f}", flush=True)
+        if not args.quick and model != "minilm":  # MiniLM: 22M weights, the sweep takes too long
+            results[model]["rdoq"] = rdoq_gains(mats, [2.0, 3.0, 4.0, 5.0], [0.05, 0.1, 0.2])
+            for g in results[model]["rdoq"]:
+                print(f"{model:7s} RDOQ {g['bits']:g} bits lambda {g['lambda']}: rate {g['rate']:.3f} "
+                      f"SQNR {g['sqnr_db']:.2f} dB, plain at that rate {g['plain_sqnr_db_at_rate']:.2f} dB, "
+                      f"gain {g['gain_db']:+.2f} dB", flush=True)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
