@@ -122,16 +122,22 @@ def run(source: Source, out_path: str | os.PathLike, opts: ConvertOptions, axes:
     source_bytes = sum(s.nbytes for s in source.specs)
     _check_shrinks(sum(tensors.small.nbytes.get(s.name, s.nbytes) for s in source.specs
                        if s.name not in set(encoder.coded)), source_bytes, opts.strict, before=True)
-    with Writer(out_path, producer=f"aqformat {__version__} (aqformat.converters)",
-                source=source_info) as w:
-        encoder.write_shared(w)
-        sqnr = _encode_all(w, source, encoder, tensors.small, graph_model, opts.progress)
-        if graph_model is not None:
-            w.set_graph(graph_model.SerializeToString(), format="onnx")
-        w.update_metadata(conversion={**encoder.metadata(), **_affine_metadata(tensors.small)})
+    # --strict writes beside the output first: a refused file never replaces an existing one
+    path = _sibling(out_path, ".strict") if opts.strict else out_path
+    try:
+        with Writer(path, producer=f"aqformat {__version__} (aqformat.converters)", source=source_info) as w:
+            encoder.write_shared(w)
+            sqnr = _encode_all(w, source, encoder, tensors.small, graph_model, opts.progress)
+            if graph_model is not None:
+                w.set_graph(graph_model.SerializeToString(), format="onnx")
+            w.update_metadata(conversion={**encoder.metadata(), **_affine_metadata(tensors.small)})
+        _check_shrinks(os.path.getsize(path), source_bytes, opts.strict, before=False)
+        os.replace(path, out_path)
+    finally:
+        if os.path.lexists(path) and path != out_path:
+            os.unlink(path)
     specs = source.specs
     size = os.path.getsize(out_path)
-    _check_shrinks(size, source_bytes, opts.strict, before=False, written=out_path)
     if opts.target_size is not None and size > opts.target_size:  # the header is estimated before writing
         warnings.warn(f"the file is {size - opts.target_size:,} bytes over --target-size {opts.target_text}",
                       AqmWarning, stacklevel=2)
@@ -152,10 +158,18 @@ def _codebook_bytes(path: str | os.PathLike) -> int:
         return sum(f.group_bytes(g.name) for g in f.codebook_groups)
 
 
-def _check_shrinks(size: int, source_bytes: int, strict: bool, *, before: bool,
-                   written: str | os.PathLike | None = None) -> None:
-    """Warn, or with ``strict`` raise :class:`AqmInputError` (removing ``written``), when a file of
-    ``size`` bytes (at least, ``before`` encoding) is not smaller than the model's tensors."""
+def _sibling(path: str | os.PathLike, suffix: str) -> str:
+    """A new hidden file beside ``path`` (same directory, so a rename replaces ``path`` atomically)."""
+    import tempfile
+    out = os.path.abspath(os.fspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=suffix, dir=os.path.dirname(out))
+    os.close(fd)
+    return tmp
+
+
+def _check_shrinks(size: int, source_bytes: int, strict: bool, *, before: bool) -> None:
+    """Warn, or with ``strict`` raise :class:`AqmInputError`, when a file of ``size`` bytes (at
+    least, ``before`` encoding) is not smaller than the model's tensors."""
     if size < source_bytes:
         return
     what = (f"the .aqm file would take at least {format_size(size)}" if before
@@ -163,8 +177,6 @@ def _check_shrinks(size: int, source_bytes: int, strict: bool, *, before: bool,
     msg = (f"{what}, not less than the model's {format_size(source_bytes)} of tensors: its tensors are too "
            "small or kept raw (--keep, --min-elements) for compression to pay off")
     if strict:
-        if written is not None:
-            os.unlink(written)
         raise AqmInputError(msg + " (--strict)")
     if not before:  # said once, when the size is known
         warnings.warn(msg, AqmWarning, stacklevel=3)
@@ -266,17 +278,13 @@ def run_and_finetune(source: Source, out_path: str | os.PathLike, opts: ConvertO
                      calib: tuple[Any, Any, Any] | None, tuning: FinetuneOptions,
                      graph_model: Any = None) -> ConversionSummary:
     """Convert to a hidden sibling file, distil it into ``out_path``, remove the sibling."""
-    import tempfile
-
     from .finetuning import finetune
     if calib is None:
         raise AqmInputError("fine-tuning needs calibration inputs (--calib)")
     module, batches, forward = calib.finetune_inputs() if hasattr(calib, "finetune_inputs") else calib
     if batches and all(isinstance(b, str) for b in batches):
         batches = text_batches(batches)
-    out = os.path.abspath(os.fspath(out_path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".coded", dir=os.path.dirname(out))
-    os.close(fd)
+    tmp = _sibling(out_path, ".coded")
     try:
         summary = run(source, tmp, opts, axes, calib=calib, graph_model=graph_model)
         t0 = time.monotonic()

@@ -139,3 +139,15 @@ def test_aq_rates_between_two_widths_mix_them_and_out_of_range_rates_are_refused
     rc = aqm_main(["convert", str(tmp_path / "m.pt"), "-o", str(tmp_path / "x.aqm"), "--bits", "0.5"])
     err = capsys.readouterr().err
     assert rc == 2 and "out of reach" in err and "1 to 64 bits per weight" in err and not (tmp_path / "x.aqm").exists()
+
+
+def test_strict_refusal_keeps_an_existing_output(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 4))  # 36 floats: a header outweighs them
+    out = tmp_path / "tiny.aqm"
+    out.write_bytes(b"previous")
+    with pytest.raises(aqformat.AqmInputError, match=r"not less than the model's .* \(--strict\)"):
+        from_torch(net, out, bits=4, progress=False, strict=True)
+    assert out.read_bytes() == b"previous" and os.listdir(tmp_path) == ["tiny.aqm"]
+    with pytest.warns(aqformat.AqmWarning, match="not less than the model's"):
+        from_torch(net, out, bits=4, progress=False)
