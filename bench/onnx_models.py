@@ -119,7 +119,7 @@ def imagenet_batch(crops: np.ndarray) -> np.ndarray:
 
 def aqm_session(path: str, threads: int = 1):
     """aqformat's InferenceSession on ``path`` with ``threads`` intra-op threads (on a busy machine, ONNX
-    Runtime's spinning default pool ran a small model 30x slower), warnings off."""
+    Runtime's spinning default pool ran a small model over 100x slower), warnings off."""
     import onnxruntime as ort
 
     from aqformat.runtime import InferenceSession
