@@ -379,14 +379,14 @@ def inline_weights(model_bytes: bytes, arrays: Mapping[str, np.ndarray]) -> byte
     return model.SerializeToString()
 
 
-def _used_names(node) -> set[str]:
+def used_names(node) -> set[str]:
     """Inputs of ``node`` including outer-scope names read inside its subgraphs."""
     names = {n for n in node.input if n}
     for g in subgraphs(node):
         local = {i.name for i in g.input} | {t.name for t in g.initializer}
         inner: set[str] = set()
         for sub in g.node:
-            inner |= _used_names(sub)
+            inner |= used_names(sub)
             local |= set(sub.output)
         names |= inner - local
     return names
@@ -430,7 +430,7 @@ def plan_stages(model_bytes: bytes, weight_bytes: Mapping[str, int], limit: int)
     model = parse_model(model_bytes, "streaming under memory_budget")
     g = model.graph
     inline = {t.name: t for t in g.initializer if t.name not in weight_bytes}
-    uses = [_used_names(n) for n in g.node]
+    uses = [used_names(n) for n in g.node]
 
     weights = [used & weight_bytes.keys() for used in uses]
     needs = [sum(weight_bytes[k] for k in w) for w in weights]
@@ -464,7 +464,7 @@ def plan_stages(model_bytes: bytes, weight_bytes: Mapping[str, int], limit: int)
         produced: set[str] = set()
         needed: set[str] = set()
         for node in s.nodes:
-            needed |= _used_names(node) - produced
+            needed |= used_names(node) - produced
             produced |= {o for o in node.output if o}
         s.inputs = sorted(needed - produced - weight_bytes.keys() - inline.keys())
         s.outputs = sorted(n for n in produced if n in graph_out or last_use.get(n, -1) > i)
@@ -485,7 +485,7 @@ def stage_model(plan: StagePlan, index: int, feeds: Mapping[str, np.ndarray]) ->
     inputs = [onnx.helper.make_tensor_value_info(n, ONNX_TYPES[dtype_name(feeds[n].dtype)], [None] * feeds[n].ndim)
               for n in s.inputs]
     outputs = [onnx.helper.make_value_info(n, onnx.TypeProto()) for n in s.outputs]
-    needed = set(s.weights) | {n for node in s.nodes for n in _used_names(node)}
+    needed = set(s.weights) | {n for node in s.nodes for n in used_names(node)}
     inits = [init for init in t.graph.initializer if init.name in needed]
     graph = onnx.helper.make_graph(s.nodes, f"{t.graph.name}_stage{index}", inputs, outputs, inits)
     m = onnx.ModelProto()

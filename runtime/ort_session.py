@@ -11,6 +11,10 @@ repacked layouts for kernels such as MatMul).
 With a ``memory_budget`` smaller than the model needs, the graph is run as a
 sequence of stages (see :mod:`.onnx_graph`), each stage's weights decoded just
 before it runs and released after.
+
+With ``resident="compressed"`` the AQ-coded weights stay as codes: the nodes
+reading them compute from the codes, the rest of the graph runs in ONNX
+Runtime sessions between them (see :mod:`.ort_codes`).
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from ..units import format_size
 from .cache import WeightCache
 from ..dtypes import ONNX_TYPES, ORT_TYPE_NAMES, dtype_name
 from ..onnx_stubs import AQM_LOCATION, stub_array
+from .aq_weight import AQWeight
+from .ort_codes import CodesPlan, HostStep, Segment, plan_codes, run_plan, segment_model, signature
 from .onnx_graph import (PROBE_SIZE, StagePlan, Stub, inline_weights, locate_stubs, parse_model, scan_model,
                          plan_stages, probe_model, stage_model)
 
@@ -43,6 +49,7 @@ _OPTION_FIELDS = ("enable_cpu_mem_arena", "enable_mem_pattern", "enable_mem_reus
 COPIES_PER_WEIGHT = 2
 # Session config entry that makes ORT read in-memory external files in place instead of copying them
 _BORROW_BUFFERS = "session.use_external_initializer_file_buffers_directly"
+FLOAT = 1  # onnx TensorProto.FLOAT
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,13 @@ class InferenceSession:
         ``memory_budget / 2`` bytes of weights. If the whole model does not
         fit, the graph runs in stages whose weights are decoded before and
         released after each stage ("streaming mode").
+    resident : {"decoded", "compressed"}
+        ``"compressed"`` keeps AQ-coded weights as codes in memory: ``MatMul``,
+        ``Gemm`` and ``Gather`` nodes reading them compute from the codes
+        (:mod:`aqformat.runtime.ort_codes`), the other nodes run in ONNX
+        Runtime sessions between them; needs the ``onnx`` package and cannot
+        be combined with ``memory_budget``. Methods that need one whole ORT
+        session (``io_binding``, profiling) are unavailable in this mode.
     **kwargs
         Passed on to ``onnxruntime.InferenceSession`` (e.g. ``disabled_optimizers``).
 
@@ -167,9 +181,14 @@ class InferenceSession:
 
     def __init__(self, path_or_bytes: str | os.PathLike | bytes, sess_options: Any = None,
                  providers: Sequence[Any] | None = None, provider_options: Sequence[dict] | None = None,
-                 *, memory_budget: int | None = None, **kwargs: Any):
+                 *, memory_budget: int | None = None, resident: str = "decoded", **kwargs: Any):
         if memory_budget is not None and (not isinstance(memory_budget, int) or memory_budget <= 0):
             raise AqmInputError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+        if resident not in ("decoded", "compressed"):
+            raise AqmInputError(f"resident must be 'decoded' or 'compressed', got {resident!r}")
+        if resident == "compressed" and memory_budget is not None:
+            raise AqmInputError("resident='compressed' keeps the weights as codes and cannot stream them under "
+                                "memory_budget: give one or the other")
         if sess_options is not None and not hasattr(sess_options, "intra_op_num_threads"):
             raise AqmInputError(f"sess_options must be an onnxruntime.SessionOptions, got "
                                 f"{type(sess_options).__name__} (providers come third, as in onnxruntime, "
@@ -193,12 +212,18 @@ class InferenceSession:
         self._sess_options = sess_options
         self._ort_kwargs = kwargs
         self.memory_budget = memory_budget
+        self.resident = resident
         total = self.weight_bytes
         self.streaming = memory_budget is not None and COPIES_PER_WEIGHT * total > memory_budget
         self.cache = WeightCache(memory_budget // COPIES_PER_WEIGHT if self.streaming else None)
         self._plan: StagePlan | None = None
+        self._codes: CodesPlan | None = None
         self._weights: list[np.ndarray] = []
-        if self.streaming:
+        if resident == "compressed":
+            self._codes = self._make_codes_plan()
+            self._inputs = [_io_info(v) for v in self._codes.graph_inputs]
+            self._outputs = [_io_info(v) for v in self._codes.graph_outputs]
+        elif self.streaming:
             self._plan = self._make_plan(memory_budget)
             self._inputs = [_io_info(v) for v in self._plan.graph_inputs]
             self._outputs = [_io_info(v) for v in self._plan.graph_outputs]
@@ -228,6 +253,33 @@ class InferenceSession:
             raise AqmInputError(f"memory_budget={budget} bytes ({format_size(budget)}) is too small: {e}; "
                                 f"streaming needs memory_budget >= {need} bytes ({format_size(need)})") from None
 
+    def _make_codes_plan(self) -> CodesPlan:
+        """Codes of every float32 AQ stub, and the graph cut around the nodes computing from them."""
+        from ..codecs.aq import NAME as AQ
+        codebooks: dict[str, np.ndarray] = {}
+        aq = {n: AQWeight.from_file(self._file, n, codebooks) for n, s in self._stubs.items()
+              if s.data_type == FLOAT and self._file.info(n).codec == AQ}
+        return plan_codes(self._graph, self._stubs, aq, self._decode)
+
+    def _segment_session(self, seg: Segment, index: int, env: Mapping[str, np.ndarray]):
+        """The session of segment ``index`` for the dtypes and ranks of ``env``'s values (built once)."""
+        sig = signature(seg, env)
+        sess = seg.sessions.get(sig)
+        if sess is None:
+            sess, arrays = self._session(segment_model(self._codes, seg, index, env), seg.weights)
+            seg.sessions[sig] = sess
+            if ort_borrows_weights():
+                self._weights += [a for a in arrays if not any(a is b for b in self._weights)]
+        return sess
+
+    @property
+    def code_bytes(self) -> int:
+        """Bytes of the codes, scales and permutations held (``resident="compressed"``; else 0)."""
+        if self._codes is None:
+            return 0
+        held = {id(s.aq): s.aq for s in self._codes.steps if isinstance(s, HostStep)}
+        return sum(a.nbytes for a in held.values())
+
     def _start_resident(self) -> None:
         """Build the one session holding every weight (again, after :meth:`set_providers`)."""
         self._sess, arrays = self._session(self._graph, list(self._stubs))
@@ -256,6 +308,10 @@ class InferenceSession:
     def _resident(self, method: str):
         """The wrapped ORT session, or a clear error where streaming mode has none."""
         self._open()
+        if self._codes is not None:
+            raise AqmInputError(f"{method}() needs the whole model in one ONNX Runtime session; this one "
+                                f"computes from codes between {self.num_stages} sessions "
+                                f"(resident='compressed'): use run(), or resident='decoded'")
         if self._sess is None:
             raise AqmInputError(f"{method}() needs the whole model in one ONNX Runtime session; this one "
                                 f"streams in {self.num_stages} stages (memory_budget={self.memory_budget}): "
@@ -279,7 +335,9 @@ class InferenceSession:
 
     @property
     def num_stages(self) -> int:
-        """Sessions one run goes through: 1 when resident, more when streaming."""
+        """Sessions one run goes through: 1 when resident, more when streaming or computing from codes."""
+        if self._codes is not None:
+            return len(self._codes.segments)
         return len(self._plan.stages) if self._plan is not None else 1
 
     @property
@@ -321,6 +379,8 @@ class InferenceSession:
         """Use other execution providers from now on (resident mode rebuilds its session)."""
         self._open()
         self._providers, self._provider_options = providers, provider_options
+        for seg in self._codes.segments if self._codes is not None else []:
+            seg.sessions.clear()
         if self._sess is not None:
             self._sess = None
             self._weights = []
@@ -397,6 +457,8 @@ class InferenceSession:
                 raise AqmInputError(f"ONNX Runtime: {_one_line(e)}") from None
         feeds = self._check_feeds(input_feed)
         names = self._check_outputs(output_names)
+        if self._codes is not None:
+            return run_plan(self._codes, names, feeds, self._segment_session, run_options, _ort_errors(), _one_line)
         return self._run_stages(names, feeds, run_options)
 
     def decoded_model(self) -> bytes:
@@ -467,6 +529,7 @@ class InferenceSession:
     def close(self) -> None:
         """Release the session, the decoded weights and the file mapping."""
         self._sess = None
+        self._codes = None
         self._weights = []
         self.cache.clear()
         if self._file is not None:
@@ -482,7 +545,8 @@ class InferenceSession:
     def __repr__(self) -> str:
         if self._file is None:
             return "<aqformat InferenceSession, closed>"
-        mode = f"streaming in {len(self._plan.stages)} stages" if self._plan else "resident"
+        mode = f"streaming in {len(self._plan.stages)} stages" if self._plan else \
+            f"computing from codes between {self.num_stages} sessions" if self._codes else "resident"
         return f"<aqformat InferenceSession {self._file.path!r}, {mode}>"
 
 

@@ -13,7 +13,8 @@ from aqformat.errors import AqmInputError
 from aqformat.kernels import decode as kd
 from aqformat.kernels import matmul as km
 from aqformat.runtime import load_torch
-from aqformat.runtime.compressed import LUT_MAX_ROWS, AQConv, AQEmbedding, AQLinear
+from aqformat.runtime.aq_weight import LUT_MAX_ROWS
+from aqformat.runtime.compressed import AQConv, AQEmbedding, AQLinear
 
 from tests.runtime_fixtures import build_torch_aqm
 
@@ -82,10 +83,10 @@ def test_lookup_table_and_tiles_agree(net_file, monkeypatch):
     """The two Linear strategies (few rows: lookup table; many: decoded tiles) give the same product."""
     _, comp = _pair(net_file)
     x = torch.randn(3, 48)
-    assert comp.fc._lut_ok
+    assert comp.fc.aq.lut_ok()
     lut = comp.fc(x)
-    monkeypatch.setattr("aqformat.runtime.compressed.TILE_BYTES", 4 * 48 * 100)  # 11 tiles of 100 rows
-    monkeypatch.setattr("aqformat.runtime.compressed.LUT_MAX_ROWS", 0)
+    monkeypatch.setattr("aqformat.runtime.aq_weight.TILE_BYTES", 4 * 48 * 100)  # 11 tiles of 100 rows
+    monkeypatch.setattr("aqformat.runtime.aq_weight.LUT_MAX_ROWS", 0)
     torch.testing.assert_close(comp.fc(x), lut, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         torch.testing.assert_close(comp.fc(x), x @ comp.fc.weight.T + comp.fc.bias, rtol=1e-5, atol=1e-6)
