@@ -366,17 +366,18 @@ def plot_decode(container: dict, folder: str) -> str | None:
 def plot_memory(runtime_bench: dict, folder: str) -> str | None:
     """RSS over time from the start of loading through six inferences (memory.png)."""
     series = [(f"{mode} {v}", runtime_bench[mode][v]) for mode, v in
-              (("resident", "onnx"), ("resident", "aqm"), ("streaming", "aqm"))
+              (("resident", "onnx"), ("resident", "aqm"), ("streaming", "aqm"), ("compressed", "aqm"))
               if "rss_trace" in runtime_bench.get(mode, {}).get(v, {})]
     if not series:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.8))
     styles = {"resident onnx": dict(color="grey"), "resident aqm": dict(color="crimson"),
-              "streaming aqm": dict(color="crimson", ls="--")}
+              "streaming aqm": dict(color="crimson", ls="--"), "compressed aqm": dict(color="navy")}
     for label, r in series:
         t, rss = zip(*r["rss_trace"])
-        name = label.replace("onnx", "fp32 ONNX Runtime").replace("aqm", ".aqm")
+        name = label.replace("onnx", "fp32 ONNX Runtime").replace("compressed aqm", ".aqm, resident='compressed'") \
+            .replace("aqm", ".aqm")
         ax.plot(t, [(b - r["base_rss"]) / 2**20 for b in rss], label=name, **styles[label])
     return _finish_memory_plot(fig, ax, folder, "memory", f"Memory over time: {runtime_bench.get('model', '')}",
                                "seconds from the start of loading (load, first inference, five more)")

@@ -77,9 +77,11 @@ class AQWeight:
         """Bytes this tensor holds itself (codebooks are shared and not counted)."""
         return self.codes.nbytes + sum(a.nbytes for a in (self.scale, self.perm) if a is not None)
 
-    def matrix_rows(self, r0: int, r1: int) -> np.ndarray:
-        """Rows ``r0 .. r1`` of the matrix view, scaled, columns still permuted, in the scratch buffer."""
-        out = _buffer((r1 - r0) * self.cols).reshape(r1 - r0, self.cols)
+    def matrix_rows(self, r0: int, r1: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``r0 .. r1`` of the matrix view, scaled, columns still permuted, in ``out`` (float32
+        ``[r1 - r0, cols]``, C-contiguous; default: this thread's scratch buffer)."""
+        if out is None:
+            out = _buffer((r1 - r0) * self.cols).reshape(r1 - r0, self.cols)
         return decode_rows(self.codes, self.codebooks, self.scale, self.cols, out, row_start=r0)
 
     def decode(self) -> np.ndarray:

@@ -48,14 +48,14 @@ def current_rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _open(variant: str, path: str, budget: int | None, threads: int | None):
+def _open(variant: str, path: str, budget: int | None, threads: int | None, resident: str = "decoded"):
     import onnxruntime
     so = onnxruntime.SessionOptions()
     if threads is not None:
         so.intra_op_num_threads = threads
     if variant == "aqm":
         from . import InferenceSession
-        return InferenceSession(path, so, memory_budget=budget)
+        return InferenceSession(path, so, memory_budget=budget, resident=resident)
     return onnxruntime.InferenceSession(path, so)
 
 
@@ -84,14 +84,17 @@ class RssSampler:
 
 
 def _worker_load(variant: str, path: str, feeds: dict[str, np.ndarray], budget: int | None,
-                 threads: int | None, after: int = 5) -> dict[str, Any]:
+                 threads: int | None, resident: str = "decoded", after: int = 5) -> dict[str, Any]:
     import onnxruntime  # noqa: F401 - counted in the interpreter baseline for both variants
-    if budget is not None:
+    if budget is not None or resident == "compressed":
         import onnx  # noqa: F401 - streaming imports it; keep it out of the model's share
+    if resident == "compressed":
+        from ..kernels import decode
+        decode.compiled()  # the decoder (numba) loaded before the baseline: a library, not the model's share
     base = current_rss()
     sampler = RssSampler()
     t0 = time.perf_counter()
-    sess = _open(variant, path, budget, threads)
+    sess = _open(variant, path, budget, threads, resident)
     t1 = time.perf_counter()
     sess.run(None, feeds)
     t2 = time.perf_counter()
@@ -103,8 +106,9 @@ def _worker_load(variant: str, path: str, feeds: dict[str, np.ndarray], budget: 
 
 
 def _worker_latency(paths: dict[str, str], feeds: dict[str, np.ndarray], iters: int,
-                    budget: int | None, threads: int | None) -> dict[str, float]:
-    sessions = {v: _open(v, p, budget if v == "aqm" else None, threads) for v, p in paths.items()}
+                    budget: int | None, threads: int | None, resident: str = "decoded") -> dict[str, float]:
+    sessions = {v: _open(v, p, budget if v == "aqm" else None, threads, resident if v == "aqm" else "decoded")
+                for v, p in paths.items()}
     for s in sessions.values():
         s.run(None, feeds)
     times: dict[str, list[float]] = {v: [] for v in sessions}
@@ -126,7 +130,8 @@ def _spawn(args: list[str]) -> dict[str, Any]:
 
 
 def compare(aqm_path: str, onnx_path: str, feeds: Mapping[str, np.ndarray], *, repeats: int = 3,
-            iters: int = 50, memory_budget: int | None = None, threads: int | None = None) -> dict[str, Any]:
+            iters: int = 50, memory_budget: int | None = None, threads: int | None = None,
+            resident: str = "decoded") -> dict[str, Any]:
     """Benchmark ``aqm_path`` against plain ONNX Runtime on ``onnx_path`` with ``feeds``.
 
     Parameters
@@ -144,6 +149,9 @@ def compare(aqm_path: str, onnx_path: str, feeds: Mapping[str, np.ndarray], *, r
     threads : int, optional
         ONNX Runtime intra-op threads of both sessions (default: every core this
         process may use, :func:`aqformat.cpus.allowed_cpus`).
+    resident : {"decoded", "compressed"}
+        Passed to the .aqm session. With ``"compressed"`` the interpreter
+        baseline also holds the ``onnx`` package and the compiled decoder.
 
     Returns
     -------
@@ -159,7 +167,7 @@ def compare(aqm_path: str, onnx_path: str, feeds: Mapping[str, np.ndarray], *, r
         feed_path = os.path.join(tmp, "feeds.npz")
         np.savez(feed_path, **{k: np.asarray(v) for k, v in feeds.items()})
         budget = [] if memory_budget is None else ["--budget", str(memory_budget)]
-        budget += ["--threads", str(threads)]
+        budget += ["--threads", str(threads), "--resident", resident]
         runs: dict[str, list[dict[str, Any]]] = {"aqm": [], "onnx": []}
         for _ in range(repeats):
             for variant, path in (("onnx", onnx_path), ("aqm", aqm_path)):
@@ -183,19 +191,19 @@ def compare(aqm_path: str, onnx_path: str, feeds: Mapping[str, np.ndarray], *, r
 def main(argv: list[str]) -> None:
     """Subprocess entry: ``load VARIANT PATH FEEDS [--budget B] [--threads N]`` or
     ``latency AQM ONNX FEEDS ITERS [--budget B] [--threads N]``."""
-    opts: dict[str, int | None] = {"--budget": None, "--threads": None}
+    opts: dict[str, str | None] = {"--budget": None, "--threads": None, "--resident": "decoded"}
     for flag in opts:
         if flag in argv:
             i = argv.index(flag)
-            opts[flag] = int(argv[i + 1])
+            opts[flag] = argv[i + 1]
             argv = argv[:i] + argv[i + 2:]
-    budget, threads = opts["--budget"], opts["--threads"]
+    budget, threads = (None if opts[k] is None else int(opts[k]) for k in ("--budget", "--threads"))
+    resident = str(opts["--resident"])
+    feeds = dict(np.load(argv[3]))
     if argv[0] == "load":
-        feeds = dict(np.load(argv[3]))
-        out = _worker_load(argv[1], argv[2], feeds, budget, threads)
+        out = _worker_load(argv[1], argv[2], feeds, budget, threads, resident if argv[1] == "aqm" else "decoded")
     else:
-        feeds = dict(np.load(argv[3]))
-        out = _worker_latency({"aqm": argv[1], "onnx": argv[2]}, feeds, int(argv[4]), budget, threads)
+        out = _worker_latency({"aqm": argv[1], "onnx": argv[2]}, feeds, int(argv[4]), budget, threads, resident)
     print(json.dumps(out))
 
 

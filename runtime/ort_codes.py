@@ -1,30 +1,37 @@
-"""ONNX Runtime with the weights kept as AQ codes: the graph cut around the nodes that read them.
+"""ONNX Runtime with the weights kept as AQ codes, each decoded just before the nodes reading it run.
 
-A node that reads an AQ-coded weight as a matrix — ``MatMul`` (weight as its
-second input), ``Gemm`` (weight as ``B``) or ``Gather`` (an embedding table,
-``axis = 0``) — runs outside ONNX Runtime, computing from the codes with the
-products of :mod:`.aq_weight` (lookup table for a few input rows; otherwise
-tiles of at most ``TILE_BYTES`` decoded by the compiled decoder just before
-BLAS multiplies them; only the looked-up rows of a table). Every other node
-runs in ONNX Runtime sessions, one per maximal run of nodes between two such
-steps, built once per input signature and kept. Weights those sessions read
-(biases, norms, and AQ tensors some other operator reads) are decoded once,
-as the resident session does, and lent to ONNX Runtime in place.
+The graph is cut into segments, each run by an ONNX Runtime session built
+once (per input signature) and kept. The AQ-coded weights a segment reads are
+not in its session: they are inputs, decoded by the compiled decoder into a
+reusable buffer just before the segment runs (at most the segment budget's
+bytes at once), so ONNX Runtime's own kernels (MLAS GEMM) multiply them. A
+weight stored transposed (``axes = [1, 0]``, usual for ``MatMul``) is fed as
+its matrix view through a ``Transpose`` node, which ONNX Runtime fuses into
+the product. An embedding table read by ``Gather`` (``axis = 0``) is not
+decoded at all: a host step decodes only the looked-up rows. Weights that
+are not AQ-coded (biases, norms) are decoded once and lent to ONNX Runtime
+in place, as the resident session does.
 
-So no fp32 copy of a coded weight exists beyond one tile at a time, and
+So no fp32 copy of the coded weights exists beyond one segment's, and
 nothing is written to disk.
 
-Why not an ONNX Runtime custom operator: onnxruntime-extensions' Python
-operators hand every output back to ONNX Runtime as a Python list of floats
-(about 70 ns per value: 12.6 ms for one ``[120, 1536]`` MiniLM activation,
-53 ms to hand over one decoded ``384 x 1536`` weight), so both an operator
-computing from codes and an operator decoding a weight for ONNX Runtime's
-MatMul cost more than the whole fp32 model's run; a compiled operator needs
-ONNX Runtime's C headers and a compiler on every platform. Cutting the graph
-costs instead one ``run`` call per segment (tens of microseconds each).
+Measured alternatives (MiniLM, ``bench/ort_compressed_bench.py``):
+
+- an ONNX Runtime custom operator through onnxruntime-extensions' Python
+  operators: they hand every output back to ONNX Runtime as a Python list of
+  floats (about 70 ns per value: 12.6 ms for one ``[120, 1536]`` activation,
+  53 ms for one decoded ``384 x 1536`` weight), more than the whole fp32
+  model's run; a compiled operator needs ONNX Runtime's C headers and a
+  compiler on every platform;
+- computing ``MatMul``/``Gemm`` from the codes outside ONNX Runtime
+  (:data:`HOST_PRODUCTS`: lookup table or decoded tiles times numpy's BLAS):
+  numpy's BLAS runs these shapes at about half MLAS's speed, and every such
+  node cuts the graph, so it is slower except for a few input rows.
 """
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,9 +39,17 @@ from typing import Any
 import numpy as np
 
 from ..dtypes import ONNX_TYPES, dtype_name
-from ..errors import AqmInputError
+from ..errors import AqmInputError, StageTooLarge
 from .aq_weight import AQWeight
 from .onnx_graph import Stub, parse_model, require_onnx, used_names
+
+# decoded weights one segment may hold at once, unless the session is given a memory_budget
+SEGMENT_BYTES = 8 << 20
+# compute MatMul/Gemm from the codes outside ONNX Runtime (see the module docstring: slower)
+HOST_PRODUCTS = False
+FLOAT = 1                  # onnx TensorProto.FLOAT
+_ROWS_SUFFIX = "/aq_rows"  # segment input holding a transposed weight's matrix view
+_scratch = threading.local()
 
 
 @dataclass
@@ -80,17 +95,6 @@ class HostStep:
         return y
 
 
-@dataclass
-class Segment:
-    """Consecutive nodes run by one ONNX Runtime session."""
-
-    nodes: list[Any]
-    inputs: list[str]                # values from feeds, earlier steps or host-held weights
-    outputs: list[str]               # values later steps or the caller need
-    weights: list[str] = field(default_factory=list)  # stubs decoded for ONNX Runtime
-    sessions: dict[tuple, Any] = field(default_factory=dict)  # input signature -> session
-
-
 def _attr(node: Any, name: str, default: Any) -> Any:
     for a in node.attribute:
         if a.name == name:
@@ -112,6 +116,8 @@ def host_step(node: Any, aq_weights: Mapping[str, AQWeight], constant: Callable[
     w = aq_weights.get(ins[0] if op == "Gather" else ins[1])
     if w is None or len(w.shape) != 2 or w.axes not in (None, [1, 0]):
         return None
+    if op in ("MatMul", "Gemm") and not HOST_PRODUCTS:
+        return None
     if op == "MatMul" and len(ins) == 2 and constant(ins[0]) is None:
         return HostStep(node, w, rows_out=w.axes == [1, 0], k=w.shape[0])
     if op == "Gemm" and len(ins) <= 3 and constant(ins[0]) is None:
@@ -130,28 +136,52 @@ def host_step(node: Any, aq_weights: Mapping[str, AQWeight], constant: Callable[
 
 
 @dataclass
+class Segment:
+    """Consecutive nodes run by one ONNX Runtime session."""
+
+    nodes: list[Any]
+    inputs: list[str]                # values from feeds or earlier steps
+    outputs: list[str]               # values later steps or the caller need
+    decoded: list[str] = field(default_factory=list)  # AQ weights decoded before each run, fed as inputs
+    weights: list[str] = field(default_factory=list)  # other stubs, decoded once and lent to ONNX Runtime
+    sessions: dict[tuple, Any] = field(default_factory=dict)  # input signature -> session
+
+
+@dataclass
 class CodesPlan:
     """The graph as a sequence of segments and host steps."""
 
     steps: list[Segment | HostStep]
     graph_inputs: list[Any]
     graph_outputs: list[Any]
-    last_use: dict[str, int]          # value name -> index of the last step reading it
+    drop: list[list[str]]             # values no step after step i reads (graph outputs excepted)
     template: Any                     # the ModelProto without its nodes
+    aq: dict[str, AQWeight]           # every AQ weight, by stub name
+    limit: int                        # bytes of decoded weights a segment holds at most
 
     @property
     def segments(self) -> list[Segment]:
         return [s for s in self.steps if isinstance(s, Segment)]
 
 
-def plan_codes(model_bytes: bytes, stubs: Mapping[str, Stub], aq_weights: Mapping[str, AQWeight],
-               decode: Callable[[str], np.ndarray]) -> CodesPlan:
-    """Cut the graph into ONNX Runtime segments and host steps (see the module docstring).
+def transposed(aq: AQWeight) -> bool:
+    """Whether ``aq`` is fed as its matrix view through a Transpose node (a 2-D ``axes = [1, 0]`` weight)."""
+    return aq.axes == [1, 0] and aq.perm is None and len(aq.shape) == 2
 
-    Segments are maximal: each takes every node whose inputs are available
-    once the host steps before it ran, so that the graph is cut only where a
-    value computed from codes is needed. ``decode(name)`` gives a stub's
-    value (a Gemm's ``C`` held by its host step).
+
+def plan_codes(model_bytes: bytes, stubs: Mapping[str, Stub], aq_weights: Mapping[str, AQWeight],
+               decode: Callable[[str], np.ndarray], limit: int | None) -> CodesPlan:
+    """Cut the graph into segments and host steps (see the module docstring).
+
+    Segments are maximal under ``limit`` bytes of decoded AQ weights (default:
+    :data:`SEGMENT_BYTES`, or more if one node needs more): each takes every
+    node whose inputs are available once the steps before it ran. ``decode(name)``
+    gives a stub's value (a Gemm's ``C`` held by a host step).
+
+    Raises
+    ------
+    StageTooLarge
+        ``limit`` is given and one node reads more AQ weight bytes than it.
     """
     onnx = require_onnx("running with the weights kept as codes")
     model = parse_model(model_bytes, "running with the weights kept as codes")
@@ -163,15 +193,26 @@ def plan_codes(model_bytes: bytes, stubs: Mapping[str, Stub], aq_weights: Mappin
             return decode(name)
         return onnx.numpy_helper.to_array(inline[name]) if name in inline else None
 
-    available = {i.name for i in g.input} | inline.keys() | set(stubs) | {""}
     pending = list(g.node)
     hosts = {id(n): host_step(n, aq_weights, constant) for n in pending}
+    size = {n: stubs[n].nbytes for n in aq_weights}
+    reads = {id(n): used_names(n) & size.keys() for n in pending if hosts[id(n)] is None}
+    need = {i: sum(size[w] for w in ws) for i, ws in reads.items()}
+    worst = max(pending, key=lambda n: need.get(id(n), 0), default=None)
+    if worst is not None and limit is not None and need.get(id(worst), 0) > limit:
+        raise StageTooLarge(worst.name or worst.op_type, worst.op_type, need[id(worst)], "one node")
+    limit = max(SEGMENT_BYTES if limit is None else limit, need.get(id(worst), 0) if worst is not None else 0)
+
+    available = {i.name for i in g.input} | inline.keys() | set(stubs) | {""}
     steps: list[Segment | HostStep] = []
     while pending:
-        seg, rest = [], []
+        seg, rest, held = [], [], set()
         for node in pending:
-            if hosts[id(node)] is None and used_names(node) <= available:
+            ws = reads.get(id(node))
+            if ws is not None and used_names(node) <= available and \
+                    sum(size[w] for w in held | ws) <= limit:
                 seg.append(node)
+                held |= ws
                 available |= set(node.output)
             else:
                 rest.append(node)
@@ -181,7 +222,7 @@ def plan_codes(model_bytes: bytes, stubs: Mapping[str, Stub], aq_weights: Mappin
             raise AqmInputError(f"stored ONNX graph: node {rest[0].name or rest[0].op_type!r} reads "
                                 f"{missing}, which nothing computes")
         if seg:
-            steps.append(Segment(seg, [], []))
+            steps.append(Segment(seg, [], [], sorted(held)))
         for n in ready:
             steps.append(hosts[id(n)])
             available |= set(n.output)
@@ -202,27 +243,66 @@ def plan_codes(model_bytes: bytes, stubs: Mapping[str, Stub], aq_weights: Mappin
         for node in s.nodes:
             needed |= used_names(node) - produced
             produced |= {o for o in node.output if o}
-        s.weights = sorted((needed - produced) & stubs.keys())
+        s.weights = sorted((needed - produced) & (stubs.keys() - aq_weights.keys()))
         s.inputs = sorted(needed - produced - stubs.keys() - inline.keys())
         s.outputs = sorted(n for n in produced if n in graph_out or last_use.get(n, -1) > i)
+    drop: list[list[str]] = [[] for _ in steps]
+    for name, i in last_use.items():
+        if name not in graph_out:
+            drop[i].append(name)
     del model.graph.node[:]
-    return CodesPlan(steps, list(g.input), list(g.output), last_use, model)
+    return CodesPlan(steps, list(g.input), list(g.output), drop, model, dict(aq_weights), limit)
 
 
 def segment_model(plan: CodesPlan, seg: Segment, index: int, feeds: Mapping[str, np.ndarray]) -> bytes:
-    """Serialized ModelProto of ``seg`` for inputs of the dtypes and ranks in ``feeds``."""
+    """Serialized ModelProto of ``seg`` for inputs of the dtypes and ranks in ``feeds``.
+
+    Its decoded weights are float32 inputs of fixed shape; a transposed one
+    is an input of its matrix view's shape followed by a Transpose node.
+    """
     onnx = require_onnx("running with the weights kept as codes")
+    h = onnx.helper
     t = plan.template
-    inputs = [onnx.helper.make_tensor_value_info(n, ONNX_TYPES[dtype_name(feeds[n].dtype)], [None] * feeds[n].ndim)
+    inputs = [h.make_tensor_value_info(n, ONNX_TYPES[dtype_name(feeds[n].dtype)], [None] * feeds[n].ndim)
               for n in seg.inputs]
-    outputs = [onnx.helper.make_value_info(n, onnx.TypeProto()) for n in seg.outputs]
+    nodes = []
+    for n in seg.decoded:
+        aq = plan.aq[n]
+        if transposed(aq):
+            inputs.append(h.make_tensor_value_info(n + _ROWS_SUFFIX, FLOAT, [aq.rows, aq.cols]))
+            nodes.append(h.make_node("Transpose", [n + _ROWS_SUFFIX], [n], perm=[1, 0]))
+        else:
+            inputs.append(h.make_tensor_value_info(n, FLOAT, list(aq.shape)))
+    outputs = [h.make_value_info(n, onnx.TypeProto()) for n in seg.outputs]
     needed = {n for node in seg.nodes for n in used_names(node)}
-    inits = [init for init in t.graph.initializer if init.name in needed]
-    graph = onnx.helper.make_graph(seg.nodes, f"{t.graph.name}_segment{index}", inputs, outputs, inits)
+    inits = [init for init in t.graph.initializer if init.name in needed and init.name not in plan.aq]
+    graph = h.make_graph(nodes + list(seg.nodes), f"{t.graph.name}_segment{index}", inputs, outputs, inits)
     m = onnx.ModelProto()
     m.CopyFrom(t)
     m.graph.CopyFrom(graph)
     return m.SerializeToString()
+
+
+def decoded_feeds(plan: CodesPlan, seg: Segment) -> dict[str, np.ndarray]:
+    """The AQ weights of ``seg`` decoded into this thread's buffer (valid until the next call), by input name."""
+    total = sum(math.prod(plan.aq[n].shape) for n in seg.decoded)
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.size < total:
+        buf = _scratch.buf = np.empty(max(total, 1), np.float32)
+    feeds, pos = {}, 0
+    for n in seg.decoded:
+        aq = plan.aq[n]
+        size = math.prod(aq.shape)
+        out = buf[pos:pos + size]
+        pos += size
+        if transposed(aq) or (aq.axes is None and aq.perm is None):
+            aq.matrix_rows(0, aq.rows, out.reshape(aq.rows, aq.cols))
+            feeds[n + _ROWS_SUFFIX if transposed(aq) else n] = out.reshape(
+                (aq.rows, aq.cols) if transposed(aq) else aq.shape)
+        else:  # another layout: decoded whole, then copied into the buffer
+            feeds[n] = out.reshape(aq.shape)
+            feeds[n][...] = aq.decode()
+    return feeds
 
 
 def run_plan(plan: CodesPlan, names: list[str], feeds: Mapping[str, np.ndarray],
@@ -230,22 +310,25 @@ def run_plan(plan: CodesPlan, names: list[str], feeds: Mapping[str, np.ndarray],
              errors: tuple[type[BaseException], ...], one_line: Callable[[Exception], str]) -> list[np.ndarray]:
     """Outputs ``names`` of the graph for ``feeds``; ``session(seg, i, env)`` gives segment ``i``'s session."""
     env: dict[str, np.ndarray] = dict(feeds)
-    keep = set(names)
     for i, step in enumerate(plan.steps):
         if isinstance(step, Segment):
             sess = session(step, i, env)
+            inputs = {n: env[n] for n in step.inputs}
+            inputs.update(decoded_feeds(plan, step))
             try:
-                out = sess.run(step.outputs, {n: env[n] for n in step.inputs}, run_options)
+                out = sess.run(step.outputs, inputs, run_options)
             except errors as e:
                 raise AqmInputError(f"ONNX Runtime (segment {i}): {one_line(e)}") from None
+            del inputs
             env.update(zip(step.outputs, out))
         else:
             env[step.node.output[0]] = step.run(env)
-        for n in [n for n in env if n not in keep and plan.last_use.get(n, -1) <= i]:
-            del env[n]
+        for n in plan.drop[i]:
+            if n not in names:
+                env.pop(n, None)
     return [env[n] for n in names]
 
 
 def signature(seg: Segment, env: Mapping[str, np.ndarray]) -> tuple:
+    """What a segment's session depends on besides the graph: its inputs' dtypes and ranks."""
     return tuple((n, env[n].dtype.str, env[n].ndim) for n in seg.inputs)
-

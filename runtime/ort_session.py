@@ -33,7 +33,7 @@ from .cache import WeightCache
 from ..dtypes import ONNX_TYPES, ORT_TYPE_NAMES, dtype_name
 from ..onnx_stubs import AQM_LOCATION, stub_array
 from .aq_weight import AQWeight
-from .ort_codes import CodesPlan, HostStep, Segment, plan_codes, run_plan, segment_model, signature
+from .ort_codes import FLOAT, CodesPlan, Segment, plan_codes, run_plan, segment_model, signature
 from .onnx_graph import (PROBE_SIZE, StagePlan, Stub, inline_weights, locate_stubs, parse_model, scan_model,
                          plan_stages, probe_model, stage_model)
 
@@ -49,7 +49,6 @@ _OPTION_FIELDS = ("enable_cpu_mem_arena", "enable_mem_pattern", "enable_mem_reus
 COPIES_PER_WEIGHT = 2
 # Session config entry that makes ORT read in-memory external files in place instead of copying them
 _BORROW_BUFFERS = "session.use_external_initializer_file_buffers_directly"
-FLOAT = 1  # onnx TensorProto.FLOAT
 
 
 @dataclass(frozen=True)
@@ -160,12 +159,13 @@ class InferenceSession:
         fit, the graph runs in stages whose weights are decoded before and
         released after each stage ("streaming mode").
     resident : {"decoded", "compressed"}
-        ``"compressed"`` keeps AQ-coded weights as codes in memory: ``MatMul``,
-        ``Gemm`` and ``Gather`` nodes reading them compute from the codes
-        (:mod:`aqformat.runtime.ort_codes`), the other nodes run in ONNX
-        Runtime sessions between them; needs the ``onnx`` package and cannot
-        be combined with ``memory_budget``. Methods that need one whole ORT
-        session (``io_binding``, profiling) are unavailable in this mode.
+        ``"compressed"`` keeps AQ-coded weights as codes in memory and decodes
+        each just before the part of the graph reading it runs, at most
+        ``memory_budget`` bytes of them at once (default 8 MiB, or one node's
+        weights if more); embedding tables (``Gather``) decode only the rows
+        looked up (:mod:`aqformat.runtime.ort_codes`). Needs the ``onnx``
+        package. Methods that need one whole ORT session (``io_binding``,
+        profiling) are unavailable in this mode.
     **kwargs
         Passed on to ``onnxruntime.InferenceSession`` (e.g. ``disabled_optimizers``).
 
@@ -186,9 +186,6 @@ class InferenceSession:
             raise AqmInputError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
         if resident not in ("decoded", "compressed"):
             raise AqmInputError(f"resident must be 'decoded' or 'compressed', got {resident!r}")
-        if resident == "compressed" and memory_budget is not None:
-            raise AqmInputError("resident='compressed' keeps the weights as codes and cannot stream them under "
-                                "memory_budget: give one or the other")
         if sess_options is not None and not hasattr(sess_options, "intra_op_num_threads"):
             raise AqmInputError(f"sess_options must be an onnxruntime.SessionOptions, got "
                                 f"{type(sess_options).__name__} (providers come third, as in onnxruntime, "
@@ -214,7 +211,8 @@ class InferenceSession:
         self.memory_budget = memory_budget
         self.resident = resident
         total = self.weight_bytes
-        self.streaming = memory_budget is not None and COPIES_PER_WEIGHT * total > memory_budget
+        self.streaming = resident == "decoded" and memory_budget is not None and \
+            COPIES_PER_WEIGHT * total > memory_budget
         self.cache = WeightCache(memory_budget // COPIES_PER_WEIGHT if self.streaming else None)
         self._plan: StagePlan | None = None
         self._codes: CodesPlan | None = None
@@ -259,7 +257,12 @@ class InferenceSession:
         codebooks: dict[str, np.ndarray] = {}
         aq = {n: AQWeight.from_file(self._file, n, codebooks) for n, s in self._stubs.items()
               if s.data_type == FLOAT and self._file.info(n).codec == AQ}
-        return plan_codes(self._graph, self._stubs, aq, self._decode)
+        try:
+            return plan_codes(self._graph, self._stubs, aq, self._decode, self.memory_budget)
+        except StageTooLarge as e:
+            raise AqmInputError(f"memory_budget={self.memory_budget} bytes ({format_size(self.memory_budget)}) "
+                                f"is too small: {e}; resident='compressed' needs memory_budget >= {e.need} bytes "
+                                f"({format_size(e.need)})") from None
 
     def _segment_session(self, seg: Segment, index: int, env: Mapping[str, np.ndarray]):
         """The session of segment ``index`` for the dtypes and ranks of ``env``'s values (built once)."""
@@ -277,8 +280,7 @@ class InferenceSession:
         """Bytes of the codes, scales and permutations held (``resident="compressed"``; else 0)."""
         if self._codes is None:
             return 0
-        held = {id(s.aq): s.aq for s in self._codes.steps if isinstance(s, HostStep)}
-        return sum(a.nbytes for a in held.values())
+        return sum(a.nbytes for a in self._codes.aq.values())
 
     def _start_resident(self) -> None:
         """Build the one session holding every weight (again, after :meth:`set_providers`)."""

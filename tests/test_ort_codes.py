@@ -65,25 +65,34 @@ def _close(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))
 
 
+@pytest.fixture(params=[False, True], ids=["decoded-for-ort", "host-products"])
+def host_products(request, monkeypatch):
+    """Both ways of computing MatMul/Gemm: ONNX Runtime on weights decoded just in time, or from codes."""
+    monkeypatch.setattr("aqformat.runtime.ort_codes.HOST_PRODUCTS", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("rows", [1, 5, 64])  # lookup table, and decoded tiles
-def test_mlp_matches_decoded_reference(files, rows):
+def test_mlp_matches_decoded_reference(files, rows, host_products):
     path, ref = files["mlp"]
     feeds = {"x": np.random.default_rng(rows).standard_normal((rows, 32)).astype(np.float32)}
     with InferenceSession(path, resident="compressed") as s:
         kinds = [type(t) for t in s._codes.steps]
-        assert kinds.count(HostStep) == 11 and s.num_stages == kinds.count(Segment)
+        assert kinds.count(HostStep) == (11 if host_products else 0) and s.num_stages == kinds.count(Segment)
         _close(s.run(None, feeds), ref.run(None, feeds))
         _close(s.run(["y"], feeds), ref.run(["y"], feeds))
 
 
-def test_every_host_node_kind(files):
+def test_every_host_node_kind(files, host_products):
     path, ref = files["mixed"]
     ids = np.array([[0, 5, 299, -1, 17, 5], [3, 3, 3, 2, 1, 0]], np.int64)
     with InferenceSession(path, resident="compressed") as s:
         ops = sorted(t.node.op_type for t in s._codes.steps if isinstance(t, HostStep))
-        assert ops == ["Gather", "Gemm", "Gemm", "MatMul", "MatMul"]
-        # the AQ weight read by Add is decoded for ONNX Runtime; the others stay codes
-        assert sorted(w for seg in s._codes.segments for w in seg.weights if s._file.info(w).codec == "aq") == ["shift"]
+        assert ops == (["Gather", "Gemm", "Gemm", "MatMul", "MatMul"] if host_products else ["Gather"])
+        # AQ weights ONNX Runtime reads are decoded before each run; the embedding never is
+        fed = sorted(w for seg in s._codes.segments for w in seg.decoded)
+        assert fed == (["shift"] if host_products else ["g1", "g2", "shift", "w1"])
+        assert not any(w in s.cache for w in ("emb", "g1", "g2", "shift", "w1"))
         _close(s.run(None, {"ids": ids}), ref.run(None, {"ids": ids}))
         with pytest.raises(AqmInputError, match="out of range"):
             s.run(None, {"ids": np.full((1, 6), 300, np.int64)})
@@ -110,8 +119,8 @@ def test_settings_and_whole_session_methods(files):
     path, _ = files["mlp"]
     with pytest.raises(AqmInputError, match="resident must be"):
         InferenceSession(path, resident="codes")
-    with pytest.raises(AqmInputError, match="memory_budget"):
-        InferenceSession(path, resident="compressed", memory_budget=1 << 20)
+    with pytest.raises(AqmInputError, match="too small.*needs memory_budget >= 65536 bytes"):
+        InferenceSession(path, resident="compressed", memory_budget=1000)
     with InferenceSession(path, resident="compressed") as s:
         assert [i.name for i in s.get_inputs()] == ["x"]
         assert [o.name for o in s.get_outputs()] == ["y", "h5"]
@@ -121,3 +130,15 @@ def test_settings_and_whole_session_methods(files):
             s.run(None, {"x": np.ones((2, 32), np.float64)})
         s.set_providers(["CPUExecutionProvider"])
         assert s.run(None, {"x": np.ones((2, 32), np.float32)})[0].shape == (2, 8)
+
+
+@pytest.mark.parametrize("budget", [None, 65536, 200_000])
+def test_budget_bounds_the_weights_decoded_at_once(files, budget):
+    """Each segment decodes at most memory_budget bytes of weights; any cut gives the same outputs."""
+    path, ref = files["mlp"]
+    feeds = {"x": np.random.default_rng(0).standard_normal((7, 32)).astype(np.float32)}
+    with InferenceSession(path, resident="compressed", memory_budget=budget) as s:
+        sizes = [sum(s._stubs[w].nbytes for w in seg.decoded) for seg in s._codes.segments]
+        assert max(sizes) <= (budget or 8 << 20)
+        assert len(sizes) == {None: 1, 65536: 11, 200_000: 4}[budget]
+        _close(s.run(None, feeds), ref.run(None, feeds))
