@@ -16,7 +16,8 @@ Decoding runs in the compiled kernels when numba is installed, else in numpy
 (same values). Reading ``module.weight`` still works: it decodes the whole
 weight into a new tensor (for code that needs it, e.g. a tied output head).
 These modules are for inference: the weight takes no gradient, and they run
-on the CPU.
+on the CPU. Traced or exported (``torch.onnx.export``), they compute with
+their decoded weight, so the exported model holds fp32 weights.
 """
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ class AQLinear(_AQModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.float32)
-        if torch.is_grad_enabled() and x2.requires_grad:  # autograd needs torch operations: whole weight, once
+        if tracing() or (torch.is_grad_enabled() and x2.requires_grad):
+            # autograd, tracing and export need torch operations: the whole weight, for this call
             y = F.linear(x2, torch.from_numpy(self.aq.decode()))
         else:
             x2 = x2.detach().contiguous().numpy()
@@ -134,10 +136,18 @@ class AQEmbedding(_AQModule):
         self.padding_idx = emb.padding_idx
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if tracing():  # torch operations only (see AQLinear.forward)
+            return F.embedding(ids, torch.from_numpy(self.aq.decode()), self.padding_idx).to(self.dtype)
         flat = ids.reshape(-1)
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.aq.rows):
             raise IndexError(f"index out of range in AQEmbedding of {self.aq.rows} rows")
         return torch.from_numpy(self.aq.lookup(ids.numpy())).to(self.dtype)
+
+
+def tracing() -> bool:
+    """Whether torch is tracing or exporting the model (``torch.onnx.export``, ``torch.jit.trace``,
+    ``torch.export``): computing from codes with numpy would be recorded as constants."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 @contextlib.contextmanager

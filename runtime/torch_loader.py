@@ -17,6 +17,7 @@ import torch
 from .. import open as open_aqm
 from ..errors import AqmInputError
 from .cache import WeightCache
+from .compressed import tracing
 from .torch_decode import decode_tensor
 
 _LIST_LIMIT = 10
@@ -75,8 +76,9 @@ def load_torch(path: str | os.PathLike, model: torch.nn.Module | None = None, de
     forward (e.g. a tied output head using ``embedding.weight`` elsewhere)
     gets NaN, never plausible zeros: use ``lazy=False`` for such models.
     ``state_dict()`` always holds the decoded values; ``.to()`` and ``.half()``
-    apply to the values decoded afterwards; ``copy.deepcopy`` raises (load with
-    ``lazy=False`` to copy).
+    apply to the values decoded afterwards; ``copy.deepcopy``, tracing and
+    ``torch.onnx.export`` raise AqmInputError (load with ``lazy=False`` to copy
+    or export; a ``resident="compressed"`` model exports with decoded weights).
     """
     if resident not in ("decoded", "compressed"):
         raise AqmInputError(f"resident must be 'decoded' or 'compressed', got {resident!r}")
@@ -324,6 +326,10 @@ def _bind(slot: Slot, value: torch.Tensor) -> None:
 def _install_hooks(module: torch.nn.Module, keys: list[str], cache: WeightCache,
                    bound: dict[str, list[Slot]], decode: Any) -> None:
     def pre_hook(mod: torch.nn.Module, args: Any) -> None:
+        if tracing():
+            raise AqmInputError("a lazily loaded model cannot be traced or exported (torch.onnx.export, "
+                                "torch.jit.trace, torch.export): its weights are decoded on first use; "
+                                "load it with load_torch(..., lazy=False) first")
         cache.pin(keys)
         for key in keys:
             value = cache.get(key, lambda key=key: decode(key))

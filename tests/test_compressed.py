@@ -131,3 +131,22 @@ def test_embedding_rejects_out_of_range_ids(net_file):
     _, comp = _pair(net_file)
     with pytest.raises(IndexError):
         comp.emb(torch.tensor([[100]]))
+
+
+def test_onnx_export_holds_the_decoded_weights(net_file):
+    """torch.onnx.export of a compressed model traces torch operations on the decoded weights (not constants)."""
+    import io
+
+    import onnxruntime as ort
+    ref, comp = _pair(net_file)
+    ids = torch.randint(0, 100, (2, 5))
+    buf = io.BytesIO()
+    with torch.no_grad():
+        torch.onnx.export(comp, (ids,), buf, dynamo=False, input_names=["ids"], dynamic_axes={"ids": {0: "n"}})
+        want = ref(ids).numpy()
+        other = torch.randint(0, 100, (3, 5))
+        want_other = ref(other).numpy()
+    sess = ort.InferenceSession(buf.getvalue())
+    np.testing.assert_allclose(sess.run(None, {"ids": ids.numpy()})[0], want, rtol=1e-4, atol=1e-5)
+    # the input is used (a graph of constants would ignore it)
+    np.testing.assert_allclose(sess.run(None, {"ids": other.numpy()})[0], want_other, rtol=1e-4, atol=1e-5)

@@ -219,3 +219,15 @@ def test_lazy_tensors_before_decoding(net_file):
     assert out.dtype == torch.float16 and net.fc.weight.isnan().all()
     torch.testing.assert_close(out.float(), ref(x), rtol=0.05, atol=0.05)
     assert half.state_dict()["fc.weight"].dtype == torch.float16
+
+
+def test_lazy_model_refuses_export(net_file):
+    """Tracing a lazily loaded model would record placeholders: a clear error says how to export instead."""
+    import io
+    m = load_torch(net_file, Net().eval(), lazy=True)
+    with pytest.raises(AqmInputError, match="lazy=False"):
+        torch.onnx.export(m, (torch.randn(1, 3, 16, 16),), io.BytesIO(), dynamo=False)
+    with pytest.raises(AqmInputError, match="lazy=False"):
+        torch.jit.trace(m, torch.randn(1, 3, 16, 16))
+    eager = load_torch(net_file, Net().eval(), lazy=False)
+    torch.onnx.export(eager, (torch.randn(1, 3, 16, 16),), io.BytesIO(), dynamo=False)
