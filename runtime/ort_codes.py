@@ -44,10 +44,11 @@ from .aq_weight import AQWeight
 from .onnx_graph import Stub, parse_model, require_onnx, used_names
 
 # decoded weights one segment may hold at once, unless the session is given a memory_budget
-SEGMENT_BYTES = 8 << 20
+SEGMENT_BYTES = 4 << 20
 # compute MatMul/Gemm from the codes outside ONNX Runtime (see the module docstring: slower)
 HOST_PRODUCTS = False
 FLOAT = 1                  # onnx TensorProto.FLOAT
+MS_DOMAIN = "com.microsoft"  # ONNX Runtime's own operators (FusedMatMul)
 _ROWS_SUFFIX = "/aq_rows"  # segment input holding a transposed weight's matrix view
 _scratch = threading.local()
 
@@ -257,29 +258,42 @@ def plan_codes(model_bytes: bytes, stubs: Mapping[str, Stub], aq_weights: Mappin
 def segment_model(plan: CodesPlan, seg: Segment, index: int, feeds: Mapping[str, np.ndarray]) -> bytes:
     """Serialized ModelProto of ``seg`` for inputs of the dtypes and ranks in ``feeds``.
 
-    Its decoded weights are float32 inputs of fixed shape; a transposed one
-    is an input of its matrix view's shape followed by a Transpose node.
+    Its decoded weights are float32 inputs of fixed shape. A transposed one
+    is an input of its matrix view's shape: a ``MatMul`` reading it becomes
+    ONNX Runtime's ``FusedMatMul`` with ``transB`` (no transposed copy), any
+    other node reads it through a Transpose node.
     """
     onnx = require_onnx("running with the weights kept as codes")
     h = onnx.helper
     t = plan.template
     inputs = [h.make_tensor_value_info(n, ONNX_TYPES[dtype_name(feeds[n].dtype)], [None] * feeds[n].ndim)
               for n in seg.inputs]
-    nodes = []
+    flipped = {n for n in seg.decoded if transposed(plan.aq[n])}
+    nodes, fused = [], False
+    for node in seg.nodes:
+        if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and node.input[1] in flipped \
+                and node.input[0] not in flipped:
+            node = h.make_node("FusedMatMul", [node.input[0], node.input[1] + _ROWS_SUFFIX], list(node.output),
+                               name=node.name, domain=MS_DOMAIN, transB=1)
+            fused = True
+        nodes.append(node)
+    read = {n for node in nodes for n in used_names(node)}
     for n in seg.decoded:
         aq = plan.aq[n]
-        if transposed(aq):
+        if n in flipped:
             inputs.append(h.make_tensor_value_info(n + _ROWS_SUFFIX, FLOAT, [aq.rows, aq.cols]))
-            nodes.append(h.make_node("Transpose", [n + _ROWS_SUFFIX], [n], perm=[1, 0]))
+            if n in read:
+                nodes.insert(0, h.make_node("Transpose", [n + _ROWS_SUFFIX], [n], perm=[1, 0]))
         else:
             inputs.append(h.make_tensor_value_info(n, FLOAT, list(aq.shape)))
     outputs = [h.make_value_info(n, onnx.TypeProto()) for n in seg.outputs]
-    needed = {n for node in seg.nodes for n in used_names(node)}
-    inits = [init for init in t.graph.initializer if init.name in needed and init.name not in plan.aq]
-    graph = h.make_graph(nodes + list(seg.nodes), f"{t.graph.name}_segment{index}", inputs, outputs, inits)
+    inits = [init for init in t.graph.initializer if init.name in read and init.name not in plan.aq]
+    graph = h.make_graph(nodes, f"{t.graph.name}_segment{index}", inputs, outputs, inits)
     m = onnx.ModelProto()
     m.CopyFrom(t)
     m.graph.CopyFrom(graph)
+    if fused and not any(o.domain == MS_DOMAIN for o in m.opset_import):
+        m.opset_import.append(h.make_opsetid(MS_DOMAIN, 1))
     return m.SerializeToString()
 
 

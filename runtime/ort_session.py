@@ -96,6 +96,21 @@ def _with_weights(so, files: list[str], arrays: list[np.ndarray]):
 
 
 @functools.lru_cache(maxsize=None)
+def shared_cpu_arena() -> None:
+    """Register one CPU memory arena with ONNX Runtime's environment, for the sessions that ask for it.
+
+    The segments of a ``resident="compressed"`` session run one after the
+    other: sharing one arena, they hold the largest segment's working memory
+    rather than the sum (each session's own arena keeps its peak, and without
+    an arena the C allocator keeps the freed blocks instead). The arena grows
+    by what is asked, not by powers of two.
+    """
+    ort = _ort()
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))
+
+
+@functools.lru_cache(maxsize=None)
 def ort_borrows_weights() -> bool:
     """Whether ONNX Runtime reads the decoded weight arrays in place rather than copying them.
 
@@ -161,7 +176,7 @@ class InferenceSession:
     resident : {"decoded", "compressed"}
         ``"compressed"`` keeps AQ-coded weights as codes in memory and decodes
         each just before the part of the graph reading it runs, at most
-        ``memory_budget`` bytes of them at once (default 8 MiB, or one node's
+        ``memory_budget`` bytes of them at once (default 4 MiB, or one node's
         weights if more); embedding tables (``Gather``) decode only the rows
         looked up (:mod:`aqformat.runtime.ort_codes`). Needs the ``onnx``
         package. Methods that need one whole ORT session (``io_binding``,
@@ -269,7 +284,8 @@ class InferenceSession:
         sig = signature(seg, env)
         sess = seg.sessions.get(sig)
         if sess is None:
-            sess, arrays = self._session(segment_model(self._codes, seg, index, env), seg.weights)
+            # one arena per segment would each keep their own peak: allocate per run instead
+            sess, arrays = self._session(segment_model(self._codes, seg, index, env), seg.weights, arena=False)
             seg.sessions[sig] = sess
             if ort_borrows_weights():
                 self._weights += [a for a in arrays if not any(a is b for b in self._weights)]
@@ -292,11 +308,17 @@ class InferenceSession:
     def _decode(self, name: str) -> np.ndarray:
         return self.cache.get(name, lambda: decode_for_ort(self._file, self._stubs[name]))
 
-    def _session(self, model: bytes, names: list[str]):
-        """Build an ORT session from ``model`` with the stubs ``names`` decoded; return it and the arrays."""
+    def _session(self, model: bytes, names: list[str], arena: bool = True):
+        """Build an ORT session from ``model`` with the stubs ``names`` decoded; return it and the arrays.
+
+        ``arena=False`` turns ONNX Runtime's CPU memory arena off (it would keep its peak for good).
+        """
         ort = _ort()
         arrays = [self._decode(n) for n in names]
         so = _with_weights(_clone_options(self._sess_options), [self._files[n] for n in names], arrays)
+        if not arena:
+            shared_cpu_arena()
+            so.add_session_config_entry("session.use_env_allocators", "1")
         try:
             sess = ort.InferenceSession(model, so, self._providers, self._provider_options, **self._ort_kwargs)
         except _ort_errors() as e:
