@@ -15,7 +15,7 @@ in place, as the resident session does.
 So no fp32 copy of the coded weights exists beyond one segment's, and
 nothing is written to disk.
 
-Measured alternatives (MiniLM, ``bench/ort_compressed_bench.py``):
+Measured alternatives (MiniLM, ``bench/runtime_bench.py``):
 
 - an ONNX Runtime custom operator through onnxruntime-extensions' Python
   operators: they hand every output back to ONNX Runtime as a Python list of
@@ -230,7 +230,13 @@ def plan_codes(model_bytes: bytes, stubs: Mapping[str, Stub], aq_weights: Mappin
         done = {id(n) for n in seg + ready}
         pending = [n for n in rest if id(n) not in done]
 
-    graph_out = {o.name for o in g.output}
+    drop = _wire(steps, stubs.keys(), aq_weights.keys(), inline.keys(), {o.name for o in g.output})
+    del model.graph.node[:]
+    return CodesPlan(steps, list(g.input), list(g.output), drop, model, dict(aq_weights), limit)
+
+
+def _wire(steps: list[Segment | HostStep], stubs: Any, coded: Any, inline: Any, graph_out: set[str]) -> list[list[str]]:
+    """Fill each segment's inputs, outputs and lent weights; return the values each step is the last to read."""
     last_use: dict[str, int] = {}
     for i, s in enumerate(steps):
         for node in s.nodes if isinstance(s, Segment) else [s.node]:
@@ -244,15 +250,14 @@ def plan_codes(model_bytes: bytes, stubs: Mapping[str, Stub], aq_weights: Mappin
         for node in s.nodes:
             needed |= used_names(node) - produced
             produced |= {o for o in node.output if o}
-        s.weights = sorted((needed - produced) & (stubs.keys() - aq_weights.keys()))
-        s.inputs = sorted(needed - produced - stubs.keys() - inline.keys())
+        s.weights = sorted((needed - produced) & (stubs - coded))
+        s.inputs = sorted(needed - produced - stubs - inline)
         s.outputs = sorted(n for n in produced if n in graph_out or last_use.get(n, -1) > i)
     drop: list[list[str]] = [[] for _ in steps]
     for name, i in last_use.items():
         if name not in graph_out:
             drop[i].append(name)
-    del model.graph.node[:]
-    return CodesPlan(steps, list(g.input), list(g.output), drop, model, dict(aq_weights), limit)
+    return drop
 
 
 def segment_model(plan: CodesPlan, seg: Segment, index: int, feeds: Mapping[str, np.ndarray]) -> bytes:
