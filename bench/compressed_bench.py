@@ -59,7 +59,8 @@ def _model(variant: str, aqm: str):
     emb.register_buffer("token_type_ids", torch.zeros(1, cfg.max_position_embeddings, dtype=torch.long),
                         persistent=False)
     from aqformat.runtime import load_torch
-    load_torch(aqm, model, lazy=False, resident="decoded" if variant == "decoded" else "compressed")
+    # strict=False: a file converted from the Hugging Face folder also holds the position_ids buffer
+    load_torch(aqm, model, lazy=False, strict=False, resident="decoded" if variant == "decoded" else "compressed")
     return model.eval()
 
 
