@@ -376,8 +376,8 @@ def plot_memory(runtime_bench: dict, folder: str) -> str | None:
               "streaming aqm": dict(color="crimson", ls="--"), "compressed aqm": dict(color="navy")}
     for label, r in series:
         t, rss = zip(*r["rss_trace"])
-        name = label.replace("onnx", "fp32 ONNX Runtime").replace("compressed aqm", ".aqm, resident='compressed'") \
-            .replace("aqm", ".aqm")
+        name = {"resident onnx": "fp32 ONNX Runtime", "resident aqm": "resident .aqm", "streaming aqm": "streaming .aqm",
+                "compressed aqm": ".aqm, resident='compressed'"}[label]
         ax.plot(t, [(b - r["base_rss"]) / 2**20 for b in rss], label=name, **styles[label])
     return _finish_memory_plot(fig, ax, folder, "memory", f"Memory over time: {runtime_bench.get('model', '')}",
                                "seconds from the start of loading (load, first inference, five more)")
