@@ -130,7 +130,9 @@ def run(source: Source, out_path: str | os.PathLike, opts: ConvertOptions, axes:
             sqnr = _encode_all(w, source, encoder, tensors.small, graph_model, opts.progress)
             if graph_model is not None:
                 w.set_graph(graph_model.SerializeToString(), format="onnx")
-            w.update_metadata(conversion={**encoder.metadata(), **_affine_metadata(tensors.small)})
+            meta = encoder.metadata()
+            w.update_metadata(conversion={**meta, **_affine_metadata(tensors.small),
+                                          **_achieved_rate(meta, encoder.groups, tensors)})
         _check_shrinks(os.path.getsize(path), source_bytes, opts.strict, before=False)
         os.replace(path, out_path)
     finally:
@@ -188,6 +190,18 @@ def _affine_metadata(small: AffinePlan) -> dict[str, Any]:
         return {}
     bits = small.bits()
     return {"small_tensors": {"tensors": len(bits), "mean_bits": round(float(np.mean(list(bits.values()))), 3)}}
+
+
+def _achieved_rate(meta: Mapping[str, Any], groups: Mapping[str, list[str]], tensors: ModelTensors) -> dict[str, Any]:
+    """``code_bits_per_weight``: the code bits the AQ groups give their tensors on average
+    (a fractional ``bits`` is reached by mixing widths: this is the rate reached)."""
+    widths = meta.get("groups") or {}
+    numel = {n: tensors.spec(n).numel for ms in groups.values() for n in ms}
+    total = sum(numel.values())
+    if not total or not all(g in widths for g in groups):
+        return {}
+    bits = sum(numel[n] * widths[g]["M"] * widths[g]["b"] / widths[g]["d"] for g, ms in groups.items() for n in ms)
+    return {"code_bits_per_weight": round(bits / total, 4)}
 
 
 def _notes(calib: Any) -> list[str]:

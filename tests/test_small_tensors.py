@@ -133,8 +133,11 @@ def test_aq_rates_between_two_widths_mix_them_and_out_of_range_rates_are_refused
         sizes[bits] = os.path.getsize(out)
         with aqformat.open(out) as f:
             widths = {g.M for g in f.codebook_groups}
-            assert {g.K for g in f.codebook_groups} == {16} and f.metadata["conversion"]["bits"] == float(bits)
+            meta = f.metadata["conversion"]
+            assert {g.K for g in f.codebook_groups} == {16} and meta["bits"] == float(bits)
+            achieved = meta["code_bits_per_weight"]
         assert widths == ({2, 3} if bits == "2.5" else {int(bits)})
+        assert achieved == float(bits) if bits != "2.5" else 2 < achieved < 3
     assert sizes["2"] < sizes["2.5"] < sizes["3"]
     rc = aqm_main(["convert", str(tmp_path / "m.pt"), "-o", str(tmp_path / "x.aqm"), "--bits", "0.5"])
     err = capsys.readouterr().err
