@@ -74,6 +74,11 @@ def beam_search(x: torch.Tensor, C: torch.Tensor, G: torch.Tensor | None = None,
     -------
     Tensor [N, M] int64 codes.
     """
+    if x.device.type == "cpu":
+        from .search_kernel import search
+        codes = search(x.numpy(), C.numpy(), None if G is None else G.cpu().numpy(), beam, icm_sweeps)
+        if codes is not None:
+            return torch.from_numpy(codes)
     N, d = x.shape
     M, K, _ = C.shape
     G = _metric(G, d, x)
