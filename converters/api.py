@@ -91,7 +91,9 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
                min_elements: int = DEFAULT_MIN_ELEMENTS, codec: str = DEFAULT_CODEC,
                encoder: EncoderOptions | Mapping[str, Any] | None = None, finetune_steps: int = 0,
                finetune_lr: float = 1e-3, finetune_raw: str = "all",
-               model_code: str | Callable[[], Any] | None = None, strict: bool = False) -> ConversionSummary:
+               model_code: str | Callable[[], Any] | None = None, strict: bool = False,
+               workers: int | None = None, ray: str | None = None, device: str | None = None,
+               ) -> ConversionSummary:
     """Convert a PyTorch model to .aqm; tensor names are its ``state_dict`` keys.
 
     Parameters
@@ -163,6 +165,17 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
         Refuse a conversion that would not make the file smaller than the model's tensors
         (an :class:`AqmInputError`, before encoding where the raw and small tensors alone are
         too many bytes); by default it is written with an :class:`AqmWarning`.
+    workers : int, optional
+        Train codebook groups and code tensors in this many local processes
+        (:mod:`aqformat.converters.parallel`); the file is the same whatever
+        the number. Default: everything in this process.
+    ray : str, optional
+        Run those tasks on a Ray cluster instead (``"auto"``: the cluster this
+        machine belongs to, else a local one; or ``HOST:PORT``); needs the
+        ``ray`` extra. Tasks whose worker dies are retried.
+    device : str, optional
+        ``"cpu"`` or ``"cuda"``: where codebooks are trained and codes searched
+        (default: CUDA when present, else the CPU).
 
     Returns
     -------
@@ -170,7 +183,8 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     """
     opts = ConvertOptions.build(bits=bits, target_size=target_size, allocate=allocate, permute=permute,
                                 grouping=grouping, keep=keep, seed=seed, progress=progress,
-                                min_elements=min_elements, codec=codec, encoder=encoder, strict=strict)
+                                min_elements=min_elements, codec=codec, encoder=encoder, strict=strict,
+                                workers=workers, ray=ray, device=device)
     tuning = FinetuneOptions(steps=finetune_steps, lr=finetune_lr, train_raw=finetune_raw, seed=seed,
                              progress=progress)
     source = open_source(model)
@@ -197,7 +211,8 @@ def from_onnx(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
               seed: int = 0, progress: bool = True, min_elements: int = DEFAULT_MIN_ELEMENTS,
               codec: str = DEFAULT_CODEC, encoder: EncoderOptions | Mapping[str, Any] | None = None,
               finetune_steps: int = 0, finetune_lr: float = 1e-3, finetune_raw: str = "all",
-              strict: bool = False) -> ConversionSummary:
+              strict: bool = False, workers: int | None = None, ray: str | None = None,
+              device: str | None = None) -> ConversionSummary:
     """Convert an ONNX model (path or ``ModelProto``) to .aqm with its graph embedded.
 
     Initializers (and large Constant nodes) become .aqm tensors of the same
@@ -218,7 +233,8 @@ def from_onnx(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     from .onnx_graph import weight_axes
     opts = ConvertOptions.build(bits=bits, target_size=target_size, allocate=allocate, permute=permute,
                                 grouping=grouping, keep=keep, seed=seed, progress=progress,
-                                min_elements=min_elements, codec=codec, encoder=encoder, strict=strict)
+                                min_elements=min_elements, codec=codec, encoder=encoder, strict=strict,
+                                workers=workers, ray=ray, device=device)
     source = open_source(model)
     if source.framework != "onnx":
         raise AqmInputError("from_onnx needs an .onnx file or an onnx.ModelProto")

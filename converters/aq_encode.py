@@ -289,6 +289,15 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor | float, H=None, row_weigh
     return float(rows.sum())
 
 
+def _code_and_measure(w: np.ndarray, name: str, C: torch.Tensor, *args: Any) -> tuple[AQTensor, float]:
+    """One tensor coded (:func:`encode_tensor`'s arguments: ``H, axes, perm, device``) and its
+    weight SQNR: one task of a conversion."""
+    from .pipeline import sqnr_db
+    cfg, H, axes, perm, device = args
+    t = encode_tensor(name, w, C, cfg, H, axes, perm, device=device)
+    return t, sqnr_db(w, decode_tensor(t, C))
+
+
 class AQEncoder:
     """The AQ encoder of a conversion (:class:`~aqformat.converters.encoders.TensorEncoder`).
 
@@ -305,10 +314,12 @@ class AQEncoder:
         self.opts = opts
         self.tensors = ModelTensors([], lambda name: np.empty(0))
         self.plan = Plan({}, {}, {})
+        self._shared: dict[str, Any] = {}  # group -> its codebooks as tasks receive them
 
-    def train(self, tensors: ModelTensors, names: list[str]) -> None:
+    def train(self, tensors: ModelTensors, names: list[str], executor: Any = None) -> None:
         self.tensors = tensors
-        self.plan = plan(tensors, names, self.opts)
+        self.plan = plan(tensors, names, self.opts, executor)
+        self._shared: dict[str, Any] = {}
 
     @property
     def coded(self) -> list[str]:
@@ -324,7 +335,16 @@ class AQEncoder:
     def compute_codes(self, name: str, w: np.ndarray) -> AQTensor:
         g, t = self.plan.group_of[name], self.tensors
         return encode_tensor(name, w, self.plan.books[g], self.plan.configs[g], t.H.get(name),
-                             t.axes.get(name), t.perms.get(name))
+                             t.axes.get(name), t.perms.get(name), device=self.opts.device)
+
+    def task(self, name: str, share: Any) -> tuple[Any, tuple[Any, ...]]:
+        g, t = self.plan.group_of[name], self.tensors
+        if g not in self._shared:  # a group's codebooks go to the object store once
+            self._shared[g] = share(self.plan.books[g])
+        H = t.H.get(name)
+        return _code_and_measure, (name, self._shared[g], self.plan.configs[g],
+                                   None if H is None else share(H), t.axes.get(name), t.perms.get(name),
+                                   self.opts.device)
 
     def decode(self, encoded: AQTensor) -> np.ndarray:
         return decode_tensor(encoded, self.plan.books[self.plan.group_of[encoded.name]])

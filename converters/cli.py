@@ -57,7 +57,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     summary = convert(args.source, args.output, bits=args.bits, target_size=args.target_size,
                       allocate=args.allocate, permute=args.permute, grouping=args.grouping,
                       calib=args.calib, keep=args.keep or (), seed=args.seed, codec=args.codec,
-                      progress=progress, encoder=encoder, strict=args.strict, **tuning,
+                      progress=progress, encoder=encoder, strict=args.strict, **tuning, workers=args.workers,
+                      ray=args.ray, device=args.device,
                       tokenizer=args.tokenizer, image=_image_preprocess(args), model_code=args.model)
     if args.verbosity < 0:
         return 0
@@ -185,6 +186,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads (default: the cores this process may use, by CPU affinity and "
                         "cgroup quota, less those busy by the 1-minute load average; at least 1)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="train codebook groups and code tensors in N local processes of one thread each; "
+                        "the file is byte-identical whatever N (default: in this process, with --threads)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="run those tasks on a Ray cluster: auto (this machine's cluster, else a local one) "
+                        "or HOST:PORT; needs pip install 'aqformat[ray]' (default: no Ray)")
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   help="where codebooks are trained and codes searched (default: cuda when present, else cpu)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (default: shown when stderr is a terminal, unless -q)")
     p.set_defaults(func=_cmd_convert)

@@ -13,6 +13,7 @@ one entry in :data:`aqformat.converters.options.ENCODERS`.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
@@ -20,6 +21,7 @@ import numpy as np
 from aqformat.writer import Writer
 
 from .options import ENCODERS, ConvertOptions
+from .parallel import Executor
 from .planning import ModelTensors
 
 __all__ = ["TensorEncoder", "make_encoder"]
@@ -33,11 +35,17 @@ class TensorEncoder(Protocol):
     coded: list[str]               # the tensors it codes, known after ``train``
     groups: dict[str, list[str]]   # codebook group -> tensors (empty without codebooks)
 
-    def train(self, tensors: ModelTensors, names: list[str]) -> None:
-        """Learn what is shared (e.g. codebooks) from the candidate tensors ``names``."""
+    def train(self, tensors: ModelTensors, names: list[str], executor: Executor | None = None) -> None:
+        """Learn what is shared (e.g. codebooks) from the candidate tensors ``names``, running
+        independent work (one task per codebook group) on ``executor``."""
 
     def compute_codes(self, name: str, w: np.ndarray) -> Any:
         """Code one tensor (float32, logical shape)."""
+
+    def task(self, name: str, share: Callable[[Any], Any]) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        """A module-level function and its arguments that code tensor ``name`` wherever they run:
+        ``fn(w, *args)`` returns ``(encoded, weight SQNR in dB)``; large objects many tasks read
+        are passed through ``share`` (:meth:`aqformat.converters.parallel.Executor.share`)."""
 
     def decode(self, encoded: Any) -> np.ndarray:
         """The float32 tensor a reader will decode from ``encoded``."""

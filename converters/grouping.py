@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from .aq_encode import _block_metrics, _prepare
 from .aq_search import default_device, train_aq
 from .options import AQConfig
 
-__all__ = ["GroupTrainer", "layer_kind", "group_key", "group_tensors"]
+__all__ = ["GroupTrainer", "train_codebooks", "layer_kind", "group_key", "group_tensors"]
 
 
 class GroupTrainer:
@@ -73,14 +74,27 @@ class GroupTrainer:
         """Vectors currently in the reservoir."""
         return int(self._x.shape[0])
 
+    def sample(self, share: Callable[[Any], Any] = lambda obj: obj) -> tuple[Any, ...]:
+        """The arguments of :func:`train_codebooks` but the device: the settings, the sampled
+        vectors and their metrics (None when every metric is the identity), and the seed;
+        the vectors and metrics passed through ``share``."""
+        G = share(self._G) if self._weighted else None  # all-identity metrics: the fast plain-MSE path
+        return self.cfg, share(self._x), G, self.seed
+
     def train(self, device: torch.device | str | None = None) -> torch.Tensor:
         """Train the group's codebooks ``C[M, K, d]`` (float32 holding fp16 values)."""
-        if self.n_kept < self.cfg.K:
-            raise TooSmallForAQ(f"group has {self.n_kept} vectors < K={self.cfg.K}")
-        dev = torch.device(device) if device is not None else default_device()
-        G = self._G.to(dev) if self._weighted else None  # all-identity metrics: the fast plain-MSE path
-        C, _ = train_aq(self._x.to(dev), self.cfg, G, seed=self.seed)
-        return C.cpu()
+        return train_codebooks(*self.sample(), device)
+
+
+def train_codebooks(cfg: AQConfig, x: torch.Tensor, G: torch.Tensor | None, seed: int,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """Codebooks ``C[M, K, d]`` (float32 holding fp16 values) trained on a group's sample
+    (:meth:`GroupTrainer.sample`): one task of a conversion."""
+    if x.shape[0] < cfg.K:
+        raise TooSmallForAQ(f"group has {x.shape[0]} vectors < K={cfg.K}")
+    dev = torch.device(device) if device is not None else default_device()
+    C, _ = train_aq(x.to(dev), cfg, None if G is None else G.to(dev), seed=seed)
+    return C.cpu()
 
 
 _ATTN = re.compile(r"attn|attention|query|key|value|[qkvo]_proj|qkv|out_proj")

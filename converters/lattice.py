@@ -146,6 +146,23 @@ class LatticeTensor:
     seed: int
 
 
+def _code(w: np.ndarray, name: str, bits: float, seed: int, axes: tuple[int, ...] | None) -> LatticeTensor:
+    q, step = encode_lattice(w, bits, seed, axes, name, rdoq=RDOQ_LAMBDA)
+    return LatticeTensor(name, tuple(int(v) for v in np.shape(w)), axes, q, step, seed)
+
+
+def _decode(t: LatticeTensor) -> np.ndarray:
+    rows, cols = matrix_shape(t.shape, t.axes)
+    return decode_lattice(t.q, t.step, t.seed, t.shape, t.axes, rows, cols)
+
+
+def _code_and_measure(w: np.ndarray, *args: Any) -> tuple[LatticeTensor, float]:
+    """A tensor coded (:func:`_code`'s arguments after ``w``) and its weight SQNR: one task."""
+    from .pipeline import sqnr_db
+    t = _code(w, *args)
+    return t, sqnr_db(w, _decode(t))
+
+
 class LatticeEncoder:
     """The lattice encoder of a conversion (:class:`~aqformat.converters.encoders.TensorEncoder`).
 
@@ -164,7 +181,7 @@ class LatticeEncoder:
         self.coded: list[str] = []
         self.groups: dict[str, list[str]] = {}
 
-    def train(self, tensors: ModelTensors, names: list[str]) -> None:
+    def train(self, tensors: ModelTensors, names: list[str], executor: Any = None) -> None:
         self.axes, self.coded = tensors.axes, list(names)
 
     def tensor_seed(self, name: str) -> int:
@@ -173,13 +190,14 @@ class LatticeEncoder:
         return int.from_bytes(digest, "little")
 
     def compute_codes(self, name: str, w: np.ndarray) -> LatticeTensor:
-        axes, seed = self.axes.get(name), self.tensor_seed(name)
-        q, step = encode_lattice(w, float(self.opts.bits_per_weight), seed, axes, name, rdoq=RDOQ_LAMBDA)
-        return LatticeTensor(name, tuple(int(v) for v in np.shape(w)), axes, q, step, seed)
+        return _code(w, name, float(self.opts.bits_per_weight), self.tensor_seed(name), self.axes.get(name))
+
+    def task(self, name: str, share: Any) -> tuple[Any, tuple[Any, ...]]:
+        return _code_and_measure, (name, float(self.opts.bits_per_weight), self.tensor_seed(name),
+                                   self.axes.get(name))
 
     def decode(self, encoded: LatticeTensor) -> np.ndarray:
-        rows, cols = matrix_shape(encoded.shape, encoded.axes)
-        return decode_lattice(encoded.q, encoded.step, encoded.seed, encoded.shape, encoded.axes, rows, cols)
+        return _decode(encoded)
 
     def write_shared(self, writer) -> None:
         """Nothing is shared between lattice tensors."""

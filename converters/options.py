@@ -196,6 +196,14 @@ class ConvertOptions:
     strict : bool
         A conversion that would not make the file smaller than the model's tensors is an
         error (default: a warning).
+    workers : int, optional
+        Local worker processes that train codebook groups and code tensors
+        (:mod:`aqformat.converters.parallel`); None: everything in this process.
+    ray : str, optional
+        Run those tasks on a Ray cluster instead: ``"auto"`` or its address.
+    device : str, optional
+        Where codebooks are trained and codes searched (``"cpu"``, ``"cuda"``);
+        default: CUDA when present, else the CPU.
     """
 
     bits_per_weight: float = 4.0
@@ -211,8 +219,16 @@ class ConvertOptions:
     codec: str = DEFAULT_CODEC
     encoder: EncoderOptions = field(default_factory=EncoderOptions)
     strict: bool = False
+    workers: int | None = None
+    ray: str | None = None
+    device: str | None = None
 
     def __post_init__(self) -> None:
+        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
+                                         or self.workers < 1):
+            raise AqmInputError(f"workers must be a number of processes >= 1, got {self.workers!r}")
+        if self.device is not None and str(self.device).split(":")[0] not in ("cpu", "cuda"):
+            raise AqmInputError(f"device must be cpu or cuda, got {self.device!r}")
         bits = self.bits_per_weight
         if isinstance(bits, bool) or not isinstance(bits, numbers.Real) or not 0 < bits <= 64:
             raise AqmInputError(f"bits must be a number of bits per weight in (0, 64], got {bits!r}")

@@ -21,7 +21,7 @@ import fnmatch
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from aqformat.writer import Writer
 from .affine import AffinePlan
 from .encoders import TensorEncoder
 from .options import AQConfig, ConvertOptions, EncoderOptions, FinetuneOptions
+from .parallel import Executor, Task, ordered
 from .planning import ModelTensors, plan_small, select_tensors, size_budget
 from .progress import Progress
 from .sources import Source, TensorSpec, to_float32
@@ -112,32 +113,37 @@ def run(source: Source, out_path: str | os.PathLike, opts: ConvertOptions, axes:
     import torch
 
     from .encoders import make_encoder
+    from .parallel import make_executor
     t0 = time.monotonic()
+    if (opts.device or "").startswith("cuda") and not torch.cuda.is_available():
+        raise AqmInputError("--device cuda: no CUDA device is available to torch (use --device cpu)")
     encoder = make_encoder(opts)
     source_info = {"framework": source.framework, "name": source.name, **source.info}
-    tensors, compress = _model_tensors(source, opts, axes, calib if encoder.calibrated else None,
-                                       (graph_model, source_info))
-    torch.manual_seed(opts.seed)
-    encoder.train(tensors, compress)
-    source_bytes = sum(s.nbytes for s in source.specs)
-    _check_shrinks(sum(tensors.small.nbytes.get(s.name, s.nbytes) for s in source.specs
-                       if s.name not in set(encoder.coded)), source_bytes, opts.strict, before=True)
-    # --strict writes beside the output first: a refused file never replaces an existing one
-    path = _sibling(out_path, ".strict") if opts.strict else out_path
-    try:
-        with Writer(path, producer=f"aqformat {__version__} (aqformat.converters)", source=source_info) as w:
-            encoder.write_shared(w)
-            sqnr = _encode_all(w, source, encoder, tensors.small, graph_model, opts.progress)
-            if graph_model is not None:
-                w.set_graph(graph_model.SerializeToString(), format="onnx")
-            meta = encoder.metadata()
-            w.update_metadata(conversion={**meta, **_affine_metadata(tensors.small),
-                                          **_achieved_rate(meta, encoder.groups, tensors)})
-        _check_shrinks(os.path.getsize(path), source_bytes, opts.strict, before=False)
-        os.replace(path, out_path)
-    finally:
-        if os.path.lexists(path) and path != out_path:
-            os.unlink(path)
+    with make_executor(opts.workers, opts.ray) as executor:  # an unreachable cluster fails before any work
+        tensors, compress = _model_tensors(source, opts, axes, calib if encoder.calibrated else None,
+                                           (graph_model, source_info))
+        torch.manual_seed(opts.seed)
+        encoder.train(tensors, compress, executor)
+        source_bytes = sum(s.nbytes for s in source.specs)
+        _check_shrinks(sum(tensors.small.nbytes.get(s.name, s.nbytes) for s in source.specs
+                           if s.name not in set(encoder.coded)), source_bytes, opts.strict, before=True)
+        # --strict writes beside the output first: a refused file never replaces an existing one
+        path = _sibling(out_path, ".strict") if opts.strict else out_path
+        try:
+            with Writer(path, producer=f"aqformat {__version__} (aqformat.converters)", source=source_info) as w:
+                encoder.write_shared(w)
+                sqnr = _encode_all(w, source, encoder, tensors.small, graph_model, opts.progress,
+                                   executor)
+                if graph_model is not None:
+                    w.set_graph(graph_model.SerializeToString(), format="onnx")
+                meta = encoder.metadata()
+                w.update_metadata(conversion={**meta, **_affine_metadata(tensors.small),
+                                              **_achieved_rate(meta, encoder.groups, tensors)})
+            _check_shrinks(os.path.getsize(path), source_bytes, opts.strict, before=False)
+            os.replace(path, out_path)
+        finally:
+            if os.path.lexists(path) and path != out_path:
+                os.unlink(path)
     specs = source.specs
     size = os.path.getsize(out_path)
     if opts.target_size is not None and size > opts.target_size:  # the header is estimated before writing
@@ -236,30 +242,44 @@ def _model_tensors(source: Source, opts: ConvertOptions, axes: dict[str, Any],
 
 
 def _encode_all(w: Writer, source: Source, encoder: TensorEncoder, small: AffinePlan, graph_model: Any,
-                progress: bool) -> dict[str, float]:
+                progress: bool, executor: Executor) -> dict[str, float]:
     """Pass 2: code (or copy raw) every tensor in source order, those of ``small`` as planned;
-    each coded tensor's SQNR in dB."""
+    each coded tensor's SQNR in dB.
+
+    Tensors are coded as tasks on ``executor`` and written in source order as they come
+    back, with at most two tasks per worker read ahead (:func:`~aqformat.converters.parallel.ordered`).
+    """
     from . import onnx_graph
     inits = {t.name: t for t in graph_model.graph.initializer} if graph_model is not None else {}
     coded = set(encoder.coded)
+    specs = {s.name: s for s in source.specs}
     sqnr: dict[str, float] = {}
-    with Progress("encode", sum(s.numel for s in source.specs), len(source.specs), progress) as bar:
+
+    def tasks() -> Iterator[Task]:
         for s in source.specs:
             arr = source.load(s.name)
             if s.name in coded:
-                W = to_float32(arr, s.dtype)
-                t = encoder.compute_codes(s.name, W)
-                encoder.write(w, t, s.dtype)
-                sqnr[s.name] = sqnr_db(W, encoder.decode(t))
-            elif s.name in small.coded:
-                small.coded[s.name].write(w, s.name, s.shape, s.dtype)
-                sqnr[s.name] = sqnr_db(to_float32(arr, s.dtype), small.coded[s.name].decoded)
+                fn, args = encoder.task(s.name, executor.share)
+                yield s.name, fn, (to_float32(arr, s.dtype), *args)
             else:
-                w.add_tensor(s.name, arr, dtype="bfloat16" if s.dtype == "bfloat16" else None)
-            if s.name in inits:  # its data now lives in the .aqm
-                onnx_graph.make_stub(inits[s.name])
+                yield s.name, None, (arr,)
             del arr
-            bar.update(s.numel, s.name)
+
+    with Progress("encode", sum(s.numel for s in source.specs), len(source.specs), progress) as bar:
+        for name, result in ordered(executor, tasks(), executor.read_ahead):
+            s = specs[name]
+            if name in coded:
+                t, sqnr[name] = result
+                encoder.write(w, t, s.dtype)
+            elif name in small.coded:  # coded while planning
+                small.coded[name].write(w, name, s.shape, s.dtype)
+                sqnr[name] = sqnr_db(to_float32(result, s.dtype), small.coded[name].decoded)
+            else:
+                w.add_tensor(name, result, dtype="bfloat16" if s.dtype == "bfloat16" else None)
+            if name in inits:  # its data now lives in the .aqm
+                onnx_graph.make_stub(inits[name])
+            del result
+            bar.update(s.numel, name)
     return sqnr
 
 

@@ -196,7 +196,7 @@ def size_budget(specs: list[TensorSpec], compress: list[str], opts: ConvertOptio
     return size_target.allocate_budget(opts.bits_per_weight, r, opts.grouping, uniform.M, shared, side)
 
 
-def plan(tensors: ModelTensors, compress: list[str], opts: ConvertOptions) -> Plan:
+def plan(tensors: ModelTensors, compress: list[str], opts: ConvertOptions, executor: Any = None) -> Plan:
     """Choose every compressed tensor's codebook group and train the groups.
 
     Without a target size or ``allocate``, every tensor gets the
@@ -206,7 +206,8 @@ def plan(tensors: ModelTensors, compress: list[str], opts: ConvertOptions) -> Pl
     group is offered one candidate per code width of the budget
     (``tensors.budget``, else :func:`size_budget`) and the allocator picks per
     tensor under it: the target size, or ``bits`` per compressed weight with
-    every byte counted (codes, scales, codebooks).
+    every byte counted (codes, scales, codebooks). Groups are trained one task
+    each on ``executor`` (:mod:`aqformat.converters.parallel`; default: here).
     """
     from .aq_encode import aq_eligible
     from .grouping import group_tensors
@@ -218,12 +219,12 @@ def plan(tensors: ModelTensors, compress: list[str], opts: ConvertOptions) -> Pl
         groups = group_tensors(compress, opts.grouping, shapes)
         configs = {g: uniform for g in groups}
         group_of = {n: g for g, ms in groups.items() for n in ms}
-        books = _sample_and_train(configs, {n: [g] for n, g in group_of.items()}, tensors, opts)
+        books = _sample_and_train(configs, {n: [g] for n, g in group_of.items()}, tensors, opts, executor)
         return Plan(configs, group_of, books)
     budget = (_mixed_budget(tensors, compress, opts) if mixed
               else tensors.budget or size_budget(tensors.specs, compress, opts, tensors.axes))
     configs, members = _candidates(tensors, compress, opts, budget.widths)
-    books = _sample_and_train(configs, members, tensors, opts)
+    books = _sample_and_train(configs, members, tensors, opts, executor)
     choice = _allocate(budget, configs, members, books, tensors, opts)
     group_of = {n: g for n, g in choice.items() if g != "raw"}
     used = set(group_of.values())
@@ -271,7 +272,7 @@ def _candidates(tensors: ModelTensors, compress: list[str], opts: ConvertOptions
 
 
 def _sample_and_train(configs: dict[str, AQConfig], members: dict[str, list[str]], tensors: ModelTensors,
-                      opts: ConvertOptions) -> dict[str, Any]:
+                      opts: ConvertOptions, executor: Any = None) -> dict[str, Any]:
     """Pass 1: read each tensor once, sample it into every group it may join, train the groups.
 
     With ``opts.permute``, each tensor's column permutation is searched first
@@ -292,10 +293,14 @@ def _sample_and_train(configs: dict[str, AQConfig], members: dict[str, list[str]
             for g in groups:
                 trainers[g].add(n, W, tensors.H.get(n), tensors.axes.get(n), tensors.perms.get(n))
             bar.update(tensors.spec(n).numel, n)
+    from .grouping import train_codebooks
+    from .parallel import Executor, ordered
+    executor = executor or Executor()
     books = {}
+    tasks = ((g, train_codebooks, (*tr.sample(executor.share), opts.device)) for g, tr in trainers.items())
     with Progress("train", len(trainers), len(trainers), opts.progress, unit="group") as bar:
-        for g, tr in trainers.items():
-            books[g] = tr.train()
+        for g, C in ordered(executor, tasks, executor.read_ahead):
+            books[g] = C
             bar.update(1, g)
     return books
 
