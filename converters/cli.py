@@ -127,6 +127,18 @@ def _add_onnx_calib_args(p: argparse.ArgumentParser) -> None:
                      help="input layout (default: from the model input's shape, else NCHW)")
 
 
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    """``--workers``, ``--ray`` and ``--device``: where the encoder's tasks run."""
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="train codebook groups and code tensors in N local processes of one thread each; "
+                        "the file is byte-identical whatever N (default: in this process, with --threads)")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="run those tasks on a Ray cluster: auto (this machine's cluster, else a local one) "
+                        "or HOST:PORT; needs pip install 'aqformat[ray]' (default: no Ray)")
+    p.add_argument("--device", choices=("cpu", "cuda"),
+                   help="where codebooks are trained and codes searched (default: cuda when present, else cpu)")
+
+
 def _paths(p: argparse.ArgumentParser, source: str, source_help: str, output_help: str) -> None:
     """The input, ``-o`` and ``--force`` arguments that ``convert`` and ``export`` share."""
     p.add_argument(source, help=source_help)
@@ -186,14 +198,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads (default: the cores this process may use, by CPU affinity and "
                         "cgroup quota, less those busy by the 1-minute load average; at least 1)")
-    p.add_argument("--workers", type=int, metavar="N",
-                   help="train codebook groups and code tensors in N local processes of one thread each; "
-                        "the file is byte-identical whatever N (default: in this process, with --threads)")
-    p.add_argument("--ray", metavar="ADDRESS",
-                   help="run those tasks on a Ray cluster: auto (this machine's cluster, else a local one) "
-                        "or HOST:PORT; needs pip install 'aqformat[ray]' (default: no Ray)")
-    p.add_argument("--device", choices=("cpu", "cuda"),
-                   help="where codebooks are trained and codes searched (default: cuda when present, else cpu)")
+    _add_parallel_args(p)
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (default: shown when stderr is a terminal, unless -q)")
     p.set_defaults(func=_cmd_convert)
