@@ -278,6 +278,46 @@ def _json_object(raw: bytes, path: str, what: str) -> dict[str, Any]:
     return value
 
 
+_ST_INDEX = "model.safetensors.index.json"
+
+
+def _index_map(folder: str) -> dict[str, str] | None:
+    """The ``weight_map`` (tensor name -> shard file) of ``model.safetensors.index.json``, None
+    without an index; every shard must be a ``.safetensors`` file name present in the folder
+    (shards are read in file-name order: ``model-00001-of-00003.safetensors`` first)."""
+    path = os.path.join(folder, _ST_INDEX)
+    if not os.path.isfile(path):
+        return None
+    try:
+        if os.path.getsize(path) > _ST_MAX_HEADER:
+            raise AqmInputError(f"{path}: larger than {_ST_MAX_HEADER >> 20} MiB")
+        with open(path, "rb") as fh:
+            index = _json_object(fh.read(), path, "unreadable safetensors index")
+    except OSError as e:
+        raise AqmInputError(f"{path}: cannot read ({e.strerror})") from None
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or \
+            not all(isinstance(v, str) for v in weight_map.values()):
+        raise AqmInputError(f"{path}: no weight_map of tensor name -> shard file")
+    for f in dict.fromkeys(weight_map.values()):
+        if os.path.basename(f) != f or not f.endswith(".safetensors"):
+            raise AqmInputError(f"{path}: shard {_short(f)} is not a .safetensors file name in the folder")
+        if not os.path.isfile(os.path.join(folder, f)):
+            raise AqmInputError(f"{path}: shard {f} is missing")
+    return weight_map
+
+
+def _check_index(folder: str, weight_map: dict[str, str]) -> None:
+    """Each shard holds exactly the tensors the index maps to it (headers only are read)."""
+    for f in dict.fromkeys(weight_map.values()):
+        have = set(_safetensors_index(os.path.join(folder, f)))
+        listed = {n for n, shard in weight_map.items() if shard == f}
+        if have != listed:
+            n = sorted(listed - have or have - listed)[0]
+            why = f"the index puts it in {f}, which lacks it" if n in listed else f"{f} holds it, the index does not"
+            raise AqmInputError(f"{os.path.join(folder, _ST_INDEX)}: tensor {_short(n)}: {why}")
+
+
 def hf_folder_source(folder: str) -> Source:
     """Source over a Hugging Face model folder (``config.json`` + weights)."""
     cfg_path = os.path.join(folder, "config.json")
@@ -290,7 +330,12 @@ def hf_folder_source(folder: str) -> Source:
         raise AqmInputError(f"{cfg_path}: unreadable config ({e.strerror})") from None
     config = _json_object(raw, cfg_path, "unreadable config")
     name = config.get("_name_or_path") or os.path.basename(os.path.normpath(folder))
-    shards = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    # With an index, exactly the shards it names (not a consolidated copy lying beside them).
+    weight_map = _index_map(folder)
+    shards = ([os.path.join(folder, f) for f in sorted(set(weight_map.values()))] if weight_map
+              else sorted(glob.glob(os.path.join(folder, "*.safetensors"))))
+    if weight_map:
+        _check_index(folder, weight_map)
     if shards:
         src = safetensors_source(shards, name=name)
     else:
