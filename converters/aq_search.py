@@ -183,13 +183,8 @@ def kmeans(x: torch.Tensor, K: int, iters: int = 15, weights: torch.Tensor | Non
     gen = torch.Generator(device="cpu").manual_seed(seed)
     w = torch.ones(N, dtype=x.dtype, device=x.device) if weights is None else weights.to(x)
     cent = x[torch.randperm(N, generator=gen)[:K].to(x.device)].clone()
-    assign = torch.zeros(N, dtype=torch.long, device=x.device)
-    chunk = max(1, _SCORE_BUDGET // K)
     for it in range(iters + 1):
-        c2 = (cent * cent).sum(1)
-        for s in range(0, N, chunk):
-            xs = x[s:s + chunk]
-            assign[s:s + chunk] = (c2 - 2.0 * xs @ cent.T).argmin(1)
+        assign = beam_search(x, cent[None], None, beam=1, icm_sweeps=0)[:, 0]  # the nearest centroid
         if it == iters:
             break
         sums = torch.zeros(K, d, dtype=x.dtype, device=x.device).index_add_(0, assign, x * w[:, None])
