@@ -194,7 +194,7 @@ def test_ray_worker_killed_mid_task_is_retried(tmp_path, reference, ray_local):
 
 def test_ray_data_error_names_the_tensor(tmp_path, ray_local):
     weights = _weights()
-    bad = "layers.0.attn.q_proj.weight"
+    bad = "layers.1.mlp.down_proj.weight"
     poisoned = _PoisonedSecondRead(weights, bad)
     source = Source([TensorSpec(n, w.shape, "float32") for n, w in weights.items()], poisoned.load, "pytorch", "t")
     opts = ConvertOptions.build(bits=2, target_size=None, keep=(), encoder=ENCODER, progress=False, ray="auto")
