@@ -128,7 +128,10 @@ def _add_onnx_calib_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_parallel_args(p: argparse.ArgumentParser) -> None:
-    """``--workers``, ``--ray`` and ``--device``: where the encoder's tasks run."""
+    """``--threads``, ``--workers``, ``--ray`` and ``--device``: where the encoder's work runs."""
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: the cores this process may use, by CPU affinity and "
+                        "cgroup quota, less those busy by the 1-minute load average; at least 1)")
     p.add_argument("--workers", type=int, metavar="N",
                    help="train codebook groups and code tensors in N local processes of one thread each; "
                         "the file is byte-identical whatever N (default: in this process, with --threads)")
@@ -195,9 +198,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "codebooks small)")
     p.add_argument("--vector-dim", type=int, metavar="D",
                    help="AQ vector length: --bits is reached with bits*D/B codebooks (default 8)")
-    p.add_argument("--threads", type=int, metavar="N",
-                   help="CPU threads (default: the cores this process may use, by CPU affinity and "
-                        "cgroup quota, less those busy by the 1-minute load average; at least 1)")
     _add_parallel_args(p)
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (default: shown when stderr is a terminal, unless -q)")
