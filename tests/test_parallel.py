@@ -174,15 +174,21 @@ def test_ray_worker_killed_mid_task_is_retried(tmp_path, reference, ray_local):
     psutil = pytest.importorskip("psutil")
     killed: list[int] = []
 
-    def kill_one_coding_worker():
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "ray::" in " ".join(p.info["cmdline"] or [])]
+
+    def kill_one_coding_worker():  # the first Ray worker seen running a task of the conversion
         deadline = time.monotonic() + 120
         while not killed and time.monotonic() < deadline:
-            for p in psutil.process_iter(["pid", "cmdline"]):
-                if any("ray::_code_and_measure" in c for c in (p.info["cmdline"] or [])):
+            for p in workers:
+                try:
+                    cmd = " ".join(p.cmdline())
+                except psutil.Error:
+                    continue
+                if "ray::_code_and_measure" in cmd or "ray::train_codebooks" in cmd:
                     p.kill()
-                    killed.append(p.info["pid"])
+                    killed.append(p.pid)
                     return
-            time.sleep(0.01)
+            time.sleep(0.0005)
 
     killer = threading.Thread(target=kill_one_coding_worker, daemon=True)
     killer.start()
