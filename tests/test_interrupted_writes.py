@@ -20,7 +20,8 @@ import aqformat
 from aqformat import tempfiles
 
 WRITER = textwrap.dedent("""
-    import sys, time, numpy as np, aqformat
+    import signal, sys, time, numpy as np, aqformat
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal: under nohup the child would inherit SIG_IGN
     with aqformat.Writer(sys.argv[1]) as w:
         w.add_tensor("t", np.ones((256, 1024), np.float32))
         print("writing", flush=True)
