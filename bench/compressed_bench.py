@@ -31,6 +31,7 @@ import tempfile
 import time
 
 from tests.minilm import load_minilm, sentences
+from bench.report import save_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -186,9 +187,7 @@ def main() -> None:
     print(f"cosine vs fp32: decoded {lat['decoded_cosine_vs_fp32']:.4f}, compressed "
           f"{lat['compressed_cosine_vs_fp32']:.4f}; compressed vs decoded max |diff| "
           f"{lat['compressed_max_abs_diff_vs_decoded']:.2e}; threads {lat['threads']}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
+    save_json(args.out, res)
     print(f"wrote {args.out}")
 
 

@@ -26,6 +26,7 @@ from aqformat import kernels  # noqa: E402
 from aqformat.bitpack import pack, unpack  # noqa: E402
 from aqformat.codecs.aq import decode_vectors  # noqa: E402
 from aqformat.kernels.decode import compiled, decode_rows  # noqa: E402
+from bench.report import save_json  # noqa: E402
 
 _COLS = 1024  # matrix view width of the decoded tensor (a multiple of d)
 
@@ -132,9 +133,7 @@ def main() -> int:
     for r in opens:
         print(f"open() {r['file_mb']:>4} MB file ({r['tensors']} tensors): {r['open_s'] * 1e3:.2f} ms, "
               f"RSS +{r['rss_delta_bytes'] / 1e6:.2f} MB")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"decode": decode, "kernel_compile": compile_s, "open": opens}, f, indent=1)
+    save_json(args.out, {"decode": decode, "kernel_compile": compile_s, "open": opens})
     return 0
 
 

@@ -32,7 +32,6 @@ Usage: nice python -m bench.entropy_bench [--quick] [--models effnet,silero,mini
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -45,6 +44,7 @@ from aqformat import rans
 from aqformat.converters.lattice import encode_lattice, lattice_step, rdoq_indices
 from aqformat.dither import dither
 from bench.container_bench import best_of
+from bench.report import save_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MIN_VALUES = 4096
@@ -215,9 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{model:7s} RDOQ {g['bits']:g} bits lambda {g['lambda']}: rate {g['rate']:.3f} "
                       f"SQNR {g['sqnr_db']:.2f} dB, plain at that rate {g['plain_sqnr_db_at_rate']:.2f} dB, "
                       f"gain {g['gain_db']:+.2f} dB", flush=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    save_json(args.out, results)
     return 0
 
 

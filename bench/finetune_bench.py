@@ -31,6 +31,7 @@ import aqformat
 from aqformat.converters import finetune, from_torch
 from aqformat.runtime import load_torch
 from tests.minilm import batches, embed, fidelity, load_minilm, pooled, sentences
+from bench.report import save_json
 
 
 def linear_bits(path: str) -> float:
@@ -189,9 +190,7 @@ def main() -> int:
             rows += digits(sorted({1.0, *bits}), 150 if args.quick else 400, tmp)  # 1 bit: >= 12x
         if "minilm" in args.models:
             rows += minilm(bits, 500, 403, steps, tmp, args.lr, args.refresh_every)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"finetune": rows, "quick": args.quick}, f, indent=1)
+    save_json(args.out, {"finetune": rows, "quick": args.quick})
     with open(os.path.join(os.path.dirname(args.out), "FINETUNE.md"), "w") as f:
         f.write(markdown(rows, args.quick))
     return 0

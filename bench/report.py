@@ -30,6 +30,13 @@ AQM_3BIT_MAX = 3.3
 TIE = 0.002          # "matches": within this of the reference metric
 
 
+def save_json(path: str, data: Any, indent: int = 1) -> None:
+    """Write one bench script's results to ``path``, making its folder first."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=indent)
+
+
 def load(folder: str) -> tuple[dict[str, dict], dict[str, Any]]:
     """Model result files and the other JSON files (systems, container, ...)."""
     models, other = {}, {}

@@ -20,7 +20,6 @@ bits) instead of the quick 2-bit one.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -29,6 +28,7 @@ import numpy as np
 
 from tests.minilm import export_minilm_onnx, load_minilm, sentences
 from tests.runtime_fixtures import build_aqm
+from bench.report import save_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -151,9 +151,7 @@ def main() -> None:
         print("onnxruntime-extensions Python operator, ms per call returning: "
               + ", ".join(f"{k} {v:.1f}" for k, v in results["python_op_ms"].items())
               + f" (fp32 ORT's whole run: {c['onnx']['steady_s'] * 1e3:.1f})")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    save_json(args.out, results, indent=2)
     print(f"wrote {args.out}")
 
 
