@@ -4,12 +4,15 @@
 shared codebooks, its scale and permutation, and never builds its whole
 float32 value for a product:
 
-- given few input rows, a product whose matrix rows are the outputs uses the
-  lookup-table kernel of :mod:`aqformat.kernels.matmul` (dot products of every
+- given few input rows (at most :data:`DECODE_MATMUL_ROWS`), a product whose
+  matrix rows are the outputs runs in one compiled pass that decodes four
+  rows at a time into the L1 cache and multiplies them there
+  (:func:`aqformat.kernels.matmul.decode_matmul`; d = 8 and numba), else,
+  for a matrix of many rows, the lookup-table kernel (dot products of every
   input chunk with every codeword, summed by code);
 - otherwise the matrix is decoded a block of rows at a time into a reusable
   buffer of at most :data:`TILE_BYTES` bytes and each block is multiplied
-  with BLAS;
+  with BLAS (the caller's: see :meth:`AQWeight.times_rows`);
 - a row lookup (an embedding) decodes only the rows asked for.
 
 Both the PyTorch modules (:mod:`.compressed`) and the codes-resident ONNX
@@ -18,13 +21,14 @@ Runtime session (:mod:`.ort_codes`) compute with these.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..codecs.aq import parts as aq_parts
 from ..kernels.decode import check_codes, decode_rows
-from ..kernels.matmul import lut_matmul
+from ..kernels.matmul import decode_matmul, decode_matmul_ok, lut_matmul
 from ..layout import from_matrix
 from ..reader import AqmFile
 
@@ -32,7 +36,19 @@ TILE_BYTES = 4 << 20          # decoded rows held at once per product
 # the lookup table pays while its M*K*cols multiply-adds per input row stay below the
 # rows*cols a decoded weight costs; LUT_MAX_ROWS bounds the table's memory
 LUT_MAX_ROWS = 8
+# up to this many input rows, a product decodes and multiplies in one compiled pass
+# (aqformat.kernels.matmul.decode_matmul); above it, BLAS on decoded tiles is faster
+DECODE_MATMUL_ROWS = 16
 _scratch = threading.local()
+# gemm(x, w, out) writes x @ w.T into out (float32 x[T, k], w[n, k]; out[T, n] is a block of columns)
+Gemm = Callable[[np.ndarray, np.ndarray, np.ndarray], object]
+
+
+def _numpy_gemm(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    if out.flags.c_contiguous:
+        np.matmul(x, w.T, out=out)
+    else:  # numpy's BLAS path needs a contiguous output
+        out[...] = x @ w.T
 
 
 def _buffer(n: int) -> np.ndarray:
@@ -97,22 +113,30 @@ class AQWeight:
         """Whether the lookup table can pay for this matrix (rows are outputs and outnumber ``2*M*K``)."""
         return self.axes is None and self.codes.shape[1] * self.codebooks.shape[1] * 2 <= self.rows
 
-    def times_rows(self, x: np.ndarray) -> np.ndarray:
+    def times_rows(self, x: np.ndarray, gemm: Gemm | None = None) -> np.ndarray:
         """``x @ Q.T`` for float32 ``x[T, cols]`` and the matrix view ``Q[rows, cols]`` (rows are outputs).
 
         With a column permutation, ``x``'s columns are taken in the tensor's
-        order: the product is that of the tensor's own 2-D layout.
+        order: the product is that of the tensor's own 2-D layout. ``gemm``
+        multiplies decoded tiles (default: numpy's BLAS); a caller whose
+        framework has its own thread pool passes that framework's product,
+        so that two pools never compete for the cores.
         """
+        T = x.shape[0]
+        if T <= DECODE_MATMUL_ROWS and decode_matmul_ok(self.codes, self.codebooks):
+            d = self.codebooks.shape[2]
+            xp = np.zeros((T, -(-self.cols // d) * d), np.float32)
+            xp[:, :self.cols] = x[:, self.perm] if self.perm is not None else x
+            return decode_matmul(xp, self.codes, self.codebooks, self.scale, self.rows)
         x = np.ascontiguousarray(x[:, self.perm] if self.perm is not None else x, dtype=np.float32)
-        if self.lut_ok() and x.shape[0] <= LUT_MAX_ROWS:
+        if self.lut_ok() and T <= LUT_MAX_ROWS:
             return self._lut(x)
+        gemm = gemm or _numpy_gemm
         step = self.tile_rows()
-        if step >= self.rows:
-            return x @ self.matrix_rows(0, self.rows).T
-        y = np.empty((x.shape[0], self.rows), np.float32)
+        y = np.empty((T, self.rows), np.float32)
         for r0 in range(0, self.rows, step):
             r1 = min(self.rows, r0 + step)
-            np.matmul(x, self.matrix_rows(r0, r1).T, out=y[:, r0:r1])
+            gemm(x, self.matrix_rows(r0, r1), y[:, r0:r1])
         return y
 
     def times_cols(self, x: np.ndarray) -> np.ndarray:

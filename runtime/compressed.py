@@ -84,7 +84,8 @@ class AQLinear(_AQModule):
             y = F.linear(x2, torch.from_numpy(self.aq.decode()))
         else:
             x2 = x2.detach().contiguous().numpy()
-            y = torch.from_numpy(self.aq.times_rows(x2) if self.aq.axes is None else self.aq.times_cols(x2))
+            y = torch.from_numpy(self.aq.times_rows(x2, _torch_gemm) if self.aq.axes is None
+                                 else self.aq.times_cols(x2))
         if self.bias is not None:
             y = y + self.bias.to(torch.float32)
         return y.reshape(*lead, self.out_features).to(x.dtype)
@@ -142,6 +143,12 @@ class AQEmbedding(_AQModule):
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.aq.rows):
             raise IndexError(f"index out of range in AQEmbedding of {self.aq.rows} rows")
         return torch.from_numpy(self.aq.lookup(ids.numpy())).to(self.dtype)
+
+
+def _torch_gemm(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    """``out = x @ w.T`` with torch's BLAS and thread pool: numpy's BLAS has a pool of its own, and two pools
+    spinning for the same cores slow both (several times over on a loaded machine)."""
+    torch.mm(torch.from_numpy(x), torch.from_numpy(w).T, out=torch.from_numpy(out))
 
 
 def tracing() -> bool:

@@ -13,7 +13,7 @@ from aqformat.errors import AqmInputError
 from aqformat.kernels import decode as kd
 from aqformat.kernels import matmul as km
 from aqformat.runtime import load_torch
-from aqformat.runtime.aq_weight import LUT_MAX_ROWS
+from aqformat.runtime.aq_weight import DECODE_MATMUL_ROWS, LUT_MAX_ROWS
 from aqformat.runtime.compressed import AQConv, AQEmbedding, AQLinear
 
 from tests.runtime_fixtures import build_torch_aqm
@@ -67,6 +67,7 @@ def test_outputs_match_decoded_model(net_file, T, numba, monkeypatch):
     if not numba:
         monkeypatch.setattr(kd, "_kernel", lambda: None)
         monkeypatch.setattr(km, "_kernel", lambda: None)
+        monkeypatch.setattr(km, "_decode_matmul_kernel", lambda: None)
     elif not kd.compiled():
         pytest.skip("numba is not installed")
     else:
@@ -79,17 +80,27 @@ def test_outputs_match_decoded_model(net_file, T, numba, monkeypatch):
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
 
 
-def test_lookup_table_and_tiles_agree(net_file, monkeypatch):
-    """The two Linear strategies (few rows: lookup table; many: decoded tiles) give the same product."""
+@pytest.mark.parametrize("T", [3, 17])
+def test_product_strategies_agree(net_file, T, monkeypatch):
+    """The Linear strategies (decode-and-multiply, lookup table, decoded tiles with torch's or numpy's BLAS)
+    give the same product."""
     _, comp = _pair(net_file)
-    x = torch.randn(3, 48)
-    assert comp.fc.aq.lut_ok()
-    lut = comp.fc(x)
-    monkeypatch.setattr("aqformat.runtime.aq_weight.TILE_BYTES", 4 * 48 * 100)  # 11 tiles of 100 rows
-    monkeypatch.setattr("aqformat.runtime.aq_weight.LUT_MAX_ROWS", 0)
-    torch.testing.assert_close(comp.fc(x), lut, rtol=1e-5, atol=1e-6)
+    x = torch.randn(T, 48)
+    aq = comp.fc.aq
+    assert aq.lut_ok()
     with torch.no_grad():
-        torch.testing.assert_close(comp.fc(x), x @ comp.fc.weight.T + comp.fc.bias, rtol=1e-5, atol=1e-6)
+        ref = x @ comp.fc.weight.T + comp.fc.bias
+        first = comp.fc(x)
+        if T <= DECODE_MATMUL_ROWS and km.decode_matmul_ok(aq.codes, aq.codebooks):
+            monkeypatch.setattr(km, "_decode_matmul_kernel", lambda: None)  # then the lookup table
+            torch.testing.assert_close(comp.fc(x), first, rtol=1e-5, atol=1e-6)
+        monkeypatch.setattr("aqformat.runtime.aq_weight.TILE_BYTES", 4 * 48 * 100)  # 11 tiles of 100 rows
+        monkeypatch.setattr("aqformat.runtime.aq_weight.LUT_MAX_ROWS", 0)
+        monkeypatch.setattr("aqformat.runtime.aq_weight.DECODE_MATMUL_ROWS", 0)
+        torch.testing.assert_close(comp.fc(x), first, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(first, ref, rtol=1e-5, atol=1e-6)
+        xs = x.numpy()
+        torch.testing.assert_close(torch.from_numpy(aq.times_rows(xs)), first - comp.fc.bias, rtol=1e-5, atol=1e-6)
 
 
 def test_weights_state_dict_and_copies(net_file):

@@ -12,6 +12,7 @@ import aqformat
 from aqformat import kernels
 from aqformat.codecs.aq import decode_vectors
 from aqformat.kernels import decode as kd
+from aqformat.kernels import matmul as km
 
 VEC = os.path.join(os.path.dirname(__file__), "..", "spec", "vectors")
 MANIFEST = json.load(open(os.path.join(VEC, "MANIFEST.json")))
@@ -159,3 +160,36 @@ def test_compile_is_timed_and_cached_between_runs(tmp_path):
     assert runs[0]["decode"] > 0 and runs[1]["decode"] > 0
     assert any(p.suffix == ".nbi" for p in tmp_path.rglob("*")), "no cache index written"
     assert runs[1]["decode"] < runs[0]["decode"]
+
+
+@needs_numba
+@pytest.mark.parametrize("M,bits,cols,scaled,T", [(4, 8, 384, True, 1), (2, 8, 200, False, 10), (3, 12, 37, True, 16),
+                                                   (1, 4, 64, True, 7)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_decode_matmul_matches_decoded_product(M, bits, cols, scaled, T, threads, monkeypatch):
+    """Decode-and-multiply equals x @ W.T with W the (bit-exact) decoded matrix, up to float32 rounding."""
+    rng = np.random.default_rng(M * 100 + T)
+    K, rows, d = 1 << bits, 301, 8  # rows not a multiple of the kernel's 4
+    nch = -(-cols // d)
+    cb = rng.standard_normal((M, K, d)).astype(np.float32)
+    codes = rng.integers(0, K, (rows * nch, M)).astype(np.uint8 if bits <= 8 else np.uint16)
+    scale = rng.uniform(0.1, 3, rows).astype(np.float32) if scaled else None
+    x = np.zeros((T, nch * d), np.float32)
+    x[:, :cols] = rng.standard_normal((T, cols))
+    monkeypatch.setattr(km, "_MIN_TASK_VALUES", 64)  # split even these small products over the threads
+    kernels.set_threads(threads)
+    try:
+        got = km.decode_matmul(x, codes, cb, scale, rows)
+    finally:
+        kernels.set_threads(None)
+    ref = x[:, :cols].astype(np.float64) @ _reference(codes, cb, scale, cols).T.astype(np.float64)
+    assert got.shape == (T, rows) and got.dtype == np.float32
+    # float32 sums of cols products in another order
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-6 * np.sqrt(cols) * float(np.abs(ref).max()) + 1e-6)
+
+
+def test_decode_matmul_needs_d8():
+    cb = np.ones((2, 16, 4), np.float32)
+    assert not km.decode_matmul_ok(np.zeros((2, 2), np.uint8), cb)
+    with pytest.raises(RuntimeError, match="d = 8"):
+        km.decode_matmul(np.zeros((1, 8), np.float32), np.zeros((2, 2), np.uint8), cb, None, 1)

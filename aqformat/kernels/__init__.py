@@ -84,18 +84,31 @@ def compile_seconds() -> dict[str, float]:
     return dict(_compile_seconds)
 
 
-def compile_kernel(name: str, fn: Callable[..., Any], signatures: Callable[[Any], list[Any]]) -> Any:
+@functools.lru_cache(maxsize=None)
+def _inlined(fn: Callable[..., Any]) -> Any:
+    return numba_module().njit(inline="always", nogil=True)(getattr(fn, "py_func", fn))
+
+
+def compile_kernel(name: str, fn: Callable[..., Any], signatures: Callable[[Any], list[Any]],
+                   helpers: tuple[Callable[..., Any], ...] = (), fastmath: frozenset[str] = frozenset()) -> Any:
     """``fn`` compiled by numba for ``signatures(numba.types)`` (or loaded from the cache), or None without numba.
 
     Compiled eagerly, with the SLP vectoriser on and ``nogil``; the time it
-    takes is recorded under ``name`` in :func:`compile_seconds`.
+    takes is recorded under ``name`` in :func:`compile_seconds`. ``helpers``
+    are plain functions ``fn`` calls by name: each is compiled to be inlined
+    into ``fn`` and bound under its name in ``fn``'s module (so that the
+    kernels share one source of it). ``fastmath``: LLVM fast-math flags for
+    ``fn`` (e.g. ``reassoc`` to vectorise a sum, which then adds in another
+    order).
     """
     nb = numba_module()
     if nb is None:
         return None
     t = time.perf_counter()
+    for h in helpers:
+        fn.__globals__[h.__name__] = _inlined(h)
     with slp_vectorize(nb):
-        kernel = nb.njit(signatures(nb.types), cache=True, nogil=True)(fn)
+        kernel = nb.njit(signatures(nb.types), cache=True, nogil=True, fastmath=set(fastmath) or False)(fn)
     with _lock:
         _compile_seconds[name] = _compile_seconds.get(name, 0.0) + time.perf_counter() - t
     return kernel

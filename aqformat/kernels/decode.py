@@ -19,45 +19,64 @@ from ..errors import AqmIntegrityError
 from . import compile_kernel, run_parallel, threads
 
 
+def _vectors8(codes, cbf, v0, n, M, uK, s, has_scale, out, b):  # pragma: no cover - compiled by numba
+    """Decode the ``n`` d = 8 vectors coded in rows ``v0 .. v0 + n`` of ``codes`` into ``out[b : b + 8n]``
+    (flat codebooks ``cbf``), each times ``s`` when ``has_scale``.
+
+    A codeword's 8 floats are kept in scalar variables, which the SLP
+    vectoriser turns into single vector loads, additions and stores. Indices
+    are unsigned so that numba emits no negative-index wraparound.
+    """
+    u8 = np.uint64(8)
+    for j in range(n):
+        o = np.uint64(codes[v0 + j, 0]) * u8
+        a0, a1, a2, a3 = cbf[o], cbf[o + np.uint64(1)], cbf[o + np.uint64(2)], cbf[o + np.uint64(3)]
+        a4, a5, a6, a7 = cbf[o + np.uint64(4)], cbf[o + np.uint64(5)], cbf[o + np.uint64(6)], cbf[o + np.uint64(7)]
+        for m in range(1, M):
+            o = (np.uint64(m) * uK + np.uint64(codes[v0 + j, m])) * u8
+            a0 += cbf[o]
+            a1 += cbf[o + np.uint64(1)]
+            a2 += cbf[o + np.uint64(2)]
+            a3 += cbf[o + np.uint64(3)]
+            a4 += cbf[o + np.uint64(4)]
+            a5 += cbf[o + np.uint64(5)]
+            a6 += cbf[o + np.uint64(6)]
+            a7 += cbf[o + np.uint64(7)]
+        if has_scale:  # x * 1 == x, but the spec multiplies only when there is a scale
+            a0, a1, a2, a3, a4, a5, a6, a7 = a0 * s, a1 * s, a2 * s, a3 * s, a4 * s, a5 * s, a6 * s, a7 * s
+        e = b + np.uint64(j) * u8
+        out[e], out[e + np.uint64(1)], out[e + np.uint64(2)], out[e + np.uint64(3)] = a0, a1, a2, a3
+        out[e + np.uint64(4)], out[e + np.uint64(5)], out[e + np.uint64(6)], out[e + np.uint64(7)] = a4, a5, a6, a7
+
+
+def _vectors8_m(codes, cbf, v0, n, M, uK, s, has_scale, out, b):  # pragma: no cover - compiled by numba
+    """:func:`_vectors8` with ``M`` a constant for the usual 2 and 4 codebooks (their loop then unrolled)."""
+    if M == 4:
+        _vectors8(codes, cbf, v0, n, 4, uK, s, has_scale, out, b)
+    elif M == 2:
+        _vectors8(codes, cbf, v0, n, 2, uK, s, has_scale, out, b)
+    else:
+        _vectors8(codes, cbf, v0, n, M, uK, s, has_scale, out, b)
+
+
 def _decode_block(codes, cb, scale, has_scale, r0, r1, out):  # pragma: no cover - compiled by numba
     """Decode matrix rows ``r0 .. r1`` into ``out[0 : r1 - r0]``; every code must be below ``K``.
 
     The caller checks the codes (a branch per code here would halve the
-    speed: it stops the additions being vectorised). Indices are unsigned so that numba emits no negative-index wraparound and
-    LLVM sees the 8 consecutive floats of a d = 8 codeword as one vector.
+    speed: it stops the additions being vectorised).
     """
     M, K, d = cb.shape
     cols = out.shape[1]
     nch = (cols + d - 1) // d
     cbf = cb.reshape(cb.size)
     of = out.reshape(out.size)
-    u8 = np.uint64(8)
     full = cols // d if d == 8 else 0
     uK = np.uint64(K)
     ucols = np.uint64(cols)
     for r in range(r0, r1):
         s = scale[r] if has_scale else np.float32(1.0)
         v0 = r * nch
-        row = np.uint64(r - r0) * ucols
-        for j in range(full):
-            o = np.uint64(codes[v0 + j, 0]) * u8
-            a0, a1, a2, a3 = cbf[o], cbf[o + np.uint64(1)], cbf[o + np.uint64(2)], cbf[o + np.uint64(3)]
-            a4, a5, a6, a7 = cbf[o + np.uint64(4)], cbf[o + np.uint64(5)], cbf[o + np.uint64(6)], cbf[o + np.uint64(7)]
-            for m in range(1, M):
-                o = (np.uint64(m) * uK + np.uint64(codes[v0 + j, m])) * u8
-                a0 += cbf[o]
-                a1 += cbf[o + np.uint64(1)]
-                a2 += cbf[o + np.uint64(2)]
-                a3 += cbf[o + np.uint64(3)]
-                a4 += cbf[o + np.uint64(4)]
-                a5 += cbf[o + np.uint64(5)]
-                a6 += cbf[o + np.uint64(6)]
-                a7 += cbf[o + np.uint64(7)]
-            if has_scale:  # x * 1 == x, but the spec multiplies only when there is a scale
-                a0, a1, a2, a3, a4, a5, a6, a7 = a0 * s, a1 * s, a2 * s, a3 * s, a4 * s, a5 * s, a6 * s, a7 * s
-            b = row + np.uint64(j) * u8
-            of[b], of[b + np.uint64(1)], of[b + np.uint64(2)], of[b + np.uint64(3)] = a0, a1, a2, a3
-            of[b + np.uint64(4)], of[b + np.uint64(5)], of[b + np.uint64(6)], of[b + np.uint64(7)] = a4, a5, a6, a7
+        _vectors8_m(codes, cbf, v0, full, M, uK, s, has_scale, of, np.uint64(r - r0) * ucols)
         for j in range(full, nch):  # any d, and the last (partial) vector of a row
             base = j * d
             width = min(d, cols - base)
@@ -89,7 +108,7 @@ def _signatures(ty: Any) -> list[Any]:
 
 @functools.lru_cache(maxsize=None)
 def _kernel() -> Any:
-    return compile_kernel("decode", _decode_block, _signatures)
+    return compile_kernel("decode", _decode_block, _signatures, helpers=(_vectors8, _vectors8_m))
 
 
 def compiled() -> bool:
