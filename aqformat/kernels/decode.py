@@ -19,15 +19,16 @@ from ..errors import AqmIntegrityError
 from . import compile_kernel, run_parallel, threads
 
 
-def _vectors8(codes, cbf, v0, n, M, uK, s, has_scale, out, b):  # pragma: no cover - compiled by numba
-    """Decode the ``n`` d = 8 vectors coded in rows ``v0 .. v0 + n`` of ``codes`` into ``out[b : b + 8n]``
-    (flat codebooks ``cbf``), each times ``s`` when ``has_scale``.
+def _vectors8(codes, cbf, v0, n, M, s, has_scale, out):  # pragma: no cover - compiled by numba
+    """Decode the ``n`` d = 8 vectors coded in rows ``v0 .. v0 + n`` of ``codes`` into ``out[: 8n]``
+    (``M`` flat codebooks ``cbf``), each times ``s`` when ``has_scale``.
 
     A codeword's 8 floats are kept in scalar variables, which the SLP
     vectoriser turns into single vector loads, additions and stores. Indices
     are unsigned so that numba emits no negative-index wraparound.
     """
     u8 = np.uint64(8)
+    uK = np.uint64(cbf.size // (8 * M))
     for j in range(n):
         o = np.uint64(codes[v0 + j, 0]) * u8
         a0, a1, a2, a3 = cbf[o], cbf[o + np.uint64(1)], cbf[o + np.uint64(2)], cbf[o + np.uint64(3)]
@@ -44,19 +45,19 @@ def _vectors8(codes, cbf, v0, n, M, uK, s, has_scale, out, b):  # pragma: no cov
             a7 += cbf[o + np.uint64(7)]
         if has_scale:  # x * 1 == x, but the spec multiplies only when there is a scale
             a0, a1, a2, a3, a4, a5, a6, a7 = a0 * s, a1 * s, a2 * s, a3 * s, a4 * s, a5 * s, a6 * s, a7 * s
-        e = b + np.uint64(j) * u8
+        e = np.uint64(j) * u8
         out[e], out[e + np.uint64(1)], out[e + np.uint64(2)], out[e + np.uint64(3)] = a0, a1, a2, a3
         out[e + np.uint64(4)], out[e + np.uint64(5)], out[e + np.uint64(6)], out[e + np.uint64(7)] = a4, a5, a6, a7
 
 
-def _vectors8_m(codes, cbf, v0, n, M, uK, s, has_scale, out, b):  # pragma: no cover - compiled by numba
+def _vectors8_m(codes, cbf, v0, n, M, s, has_scale, out):  # pragma: no cover - compiled by numba
     """:func:`_vectors8` with ``M`` a constant for the usual 2 and 4 codebooks (their loop then unrolled)."""
     if M == 4:
-        _vectors8(codes, cbf, v0, n, 4, uK, s, has_scale, out, b)
+        _vectors8(codes, cbf, v0, n, 4, s, has_scale, out)
     elif M == 2:
-        _vectors8(codes, cbf, v0, n, 2, uK, s, has_scale, out, b)
+        _vectors8(codes, cbf, v0, n, 2, s, has_scale, out)
     else:
-        _vectors8(codes, cbf, v0, n, M, uK, s, has_scale, out, b)
+        _vectors8(codes, cbf, v0, n, M, s, has_scale, out)
 
 
 def _decode_block(codes, cb, scale, has_scale, r0, r1, out):  # pragma: no cover - compiled by numba
@@ -71,12 +72,10 @@ def _decode_block(codes, cb, scale, has_scale, r0, r1, out):  # pragma: no cover
     cbf = cb.reshape(cb.size)
     of = out.reshape(out.size)
     full = cols // d if d == 8 else 0
-    uK = np.uint64(K)
-    ucols = np.uint64(cols)
     for r in range(r0, r1):
         s = scale[r] if has_scale else np.float32(1.0)
         v0 = r * nch
-        _vectors8_m(codes, cbf, v0, full, M, uK, s, has_scale, of, np.uint64(r - r0) * ucols)
+        _vectors8_m(codes, cbf, v0, full, M, s, has_scale, of[(r - r0) * cols:])
         for j in range(full, nch):  # any d, and the last (partial) vector of a row
             base = j * d
             width = min(d, cols - base)

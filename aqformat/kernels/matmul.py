@@ -37,17 +37,16 @@ def _decode_matmul_block(x, codes, cb, scale, has_scale, r0, r1, y):  # pragma: 
 
     ``x`` is ``[T, nch * 8]``, zero-padded past the matrix's columns.
     """
-    M, K, _ = cb.shape
+    M = cb.shape[0]
     T, width = x.shape
     nch = width // 8
     cbf = cb.reshape(cb.size)
-    uK = np.uint64(K)
     one = np.float32(1.0)
     w = np.zeros(4 * width, np.float32)
     for rb in range(r0, r1, 4):
         n = min(4, r1 - rb)
         for i in range(n):
-            _vectors8_m(codes, cbf, (rb + i) * nch, nch, M, uK, one, False, w, np.uint64(i * width))
+            _vectors8_m(codes, cbf, (rb + i) * nch, nch, M, one, False, w[i * width:])
         w[n * width:] = 0
         w0, w1, w2, w3 = w[:width], w[width:2 * width], w[2 * width:3 * width], w[3 * width:]
         for t in range(T):
