@@ -12,6 +12,7 @@ from aqformat.errors import AqmInputError
 from aqformat.header import MAX_NAME_BYTES, MAX_NDIM
 
 from .options import DEFAULT_CODEC, DEFAULT_MIN_ELEMENTS, ConvertOptions, EncoderOptions, FinetuneOptions
+from .bn_fold import fold_source
 from .pipeline import ConversionSummary, run, run_and_finetune
 from .sources import Source, open_source
 
@@ -93,7 +94,7 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
                finetune_lr: float = 1e-3, finetune_raw: str = "all",
                model_code: str | Callable[[], Any] | None = None, strict: bool = False,
                workers: int | None = None, ray: str | None = None, device: str | None = None,
-               ) -> ConversionSummary:
+               fold_batchnorm: bool = True) -> ConversionSummary:
     """Convert a PyTorch model to .aqm; tensor names are its ``state_dict`` keys.
 
     Parameters
@@ -176,6 +177,11 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     device : str, optional
         ``"cpu"`` or ``"cuda"``: where codebooks are trained and codes searched
         (default: CUDA when present, else the CPU).
+    fold_batchnorm : bool
+        Fold each BatchNorm into the Conv2d/Conv3d before it (:mod:`aqformat.converters.bn_fold`;
+        needs the module or ``model_code``): the weights are coded as the model applies them,
+        and the file loads into the same module. The pairs folded are listed in the file's
+        ``source`` metadata under ``batchnorm_folded``.
 
     Returns
     -------
@@ -194,6 +200,8 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     if model_code is not None:
         from .model_code import attach_model
         source = attach_model(source, model_code)
+    if fold_batchnorm:
+        source = fold_source(source)
     from .calib import calibration_batches
     axes = _torch_axes(source.module) if source.module is not None else {}
     # resolved once: fine-tuning runs the same model (loaded once for a Hugging Face folder)
@@ -212,7 +220,7 @@ def from_onnx(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
               codec: str = DEFAULT_CODEC, encoder: EncoderOptions | Mapping[str, Any] | None = None,
               finetune_steps: int = 0, finetune_lr: float = 1e-3, finetune_raw: str = "all",
               strict: bool = False, workers: int | None = None, ray: str | None = None,
-              device: str | None = None) -> ConversionSummary:
+              device: str | None = None, fold_batchnorm: bool = True) -> ConversionSummary:
     """Convert an ONNX model (path or ``ModelProto``) to .aqm with its graph embedded.
 
     Initializers (and large Constant nodes) become .aqm tensors of the same
@@ -227,8 +235,9 @@ def from_onnx(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     Its ``X^T X`` statistics are collected through ONNX Runtime; the output
     sensitivity (``allocate``, ``target_size``) and ``finetune_steps`` run the
     graph in torch (:class:`~aqformat.converters.onnx_torch.OnnxModule`), and
-    the fine-tuned file still runs with ONNX Runtime alone. Other arguments as
-    in :func:`from_torch`.
+    the fine-tuned file still runs with ONNX Runtime alone. ``fold_batchnorm`` removes
+    each BatchNormalization that follows a Conv or Gemm, folding it into that layer's
+    weight and bias. Other arguments as in :func:`from_torch`.
     """
     from .onnx_graph import weight_axes
     opts = ConvertOptions.build(bits=bits, target_size=target_size, allocate=allocate, permute=permute,
@@ -239,6 +248,8 @@ def from_onnx(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     if source.framework != "onnx":
         raise AqmInputError("from_onnx needs an .onnx file or an onnx.ModelProto")
     check_output(source, out_path)
+    if fold_batchnorm:
+        source = fold_source(source)
     tuning = FinetuneOptions(steps=finetune_steps, lr=finetune_lr, train_raw=finetune_raw, seed=seed,
                              progress=progress)
     resolved = _onnx_calibration(source, calib, tokenizer, image)

@@ -58,7 +58,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                       allocate=args.allocate, permute=args.permute, grouping=args.grouping,
                       calib=args.calib, keep=args.keep or (), seed=args.seed, codec=args.codec,
                       progress=progress, encoder=encoder, strict=args.strict, **tuning, workers=args.workers,
-                      ray=args.ray, device=args.device,
+                      ray=args.ray, device=args.device, fold_batchnorm=not args.no_fold_batchnorm,
                       tokenizer=args.tokenizer, image=_image_preprocess(args), model_code=args.model)
     if args.verbosity < 0:
         return 0
@@ -184,6 +184,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finetune-raw", choices=("all", "1d"), default="all",
                    help="uncompressed tensors --finetune trains: all float ones, e.g. kept embeddings "
                         "(default), or norms and biases only")
+    p.add_argument("--no-fold-batchnorm", action="store_true",
+                   help="code Conv weights as they are, BatchNorm kept apart (default: each BatchNorm after a "
+                        "Conv, or an ONNX Gemm, is folded into its weights before coding)")
     p.add_argument("--strict", action="store_true",
                    help="fail when the .aqm file would not be smaller than the model's tensors "
                         "(default: write it and warn)")
