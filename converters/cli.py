@@ -99,7 +99,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    """What a conversion can learn from: ``--calib``, ``--model`` and ONNX calibration's preprocessing."""
+    """What a conversion can learn from: ``--calib``, ``--model`` (and whether BatchNorm is folded into
+    it) and ONNX calibration's preprocessing."""
     p.add_argument("--calib", metavar="PATH",
                    help="calibration inputs: .npy (one input, rows are samples), .npz (arrays keyed by "
                         "input name), a .txt of sentences (Hugging Face folders; ONNX with --tokenizer) "
@@ -109,6 +110,9 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                         "--finetune can run it: a class or function called with no arguments that "
                         "returns an nn.Module taking the checkpoint (mypkg.models:Net or "
                         "path/to/model.py:Net; default: none, a state_dict is coded without data)")
+    p.add_argument("--no-fold-batchnorm", action="store_true",
+                   help="code Conv weights as they are, BatchNorm kept apart (default: each BatchNorm after a "
+                        "Conv, or an ONNX Gemm, is folded into its weights before coding)")
     _add_onnx_calib_args(p)
 
 
@@ -184,9 +188,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--finetune-raw", choices=("all", "1d"), default="all",
                    help="uncompressed tensors --finetune trains: all float ones, e.g. kept embeddings "
                         "(default), or norms and biases only")
-    p.add_argument("--no-fold-batchnorm", action="store_true",
-                   help="code Conv weights as they are, BatchNorm kept apart (default: each BatchNorm after a "
-                        "Conv, or an ONNX Gemm, is folded into its weights before coding)")
     p.add_argument("--strict", action="store_true",
                    help="fail when the .aqm file would not be smaller than the model's tensors "
                         "(default: write it and warn)")
