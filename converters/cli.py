@@ -179,7 +179,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="codebook sharing across tensors (default by-kind: attention, MLP, conv, other)")
     _add_data_args(p)
     p.add_argument("--keep", action="append", metavar="PATTERN",
-                   help="keep tensors matching this fnmatch pattern raw (repeatable; default: none)")
+                   help="keep tensors matching this fnmatch pattern raw (repeatable; PATTERN:fp16 or "
+                        "PATTERN:bf16 keeps them at 16 bits, float32 where a value is beyond that range; "
+                        "default: none)")
     p.add_argument("--finetune", type=int, default=0, metavar="STEPS",
                    help="after coding, distil the original model into the codebooks for STEPS steps "
                         "on the --calib inputs (Hugging Face folders, ONNX models, state_dicts with --model; default 0: off)")

@@ -183,6 +183,9 @@ class ConvertOptions:
         Codebook sharing across tensors (AQ).
     keep : tuple of str
         fnmatch patterns of tensors stored raw.
+    keep_half : tuple of (str, str)
+        Those of ``keep`` stored at 16 bits instead: ``(pattern, "float16" or "bfloat16")``
+        (``--keep PATTERN:fp16`` / ``:bf16``; a tensor beyond the format's range stays float32).
     min_elements : int
         Smallest tensor compressed.
     seed : int
@@ -213,6 +216,7 @@ class ConvertOptions:
     permute: bool = False
     grouping: str = "by-kind"
     keep: tuple[str, ...] = ()
+    keep_half: tuple[tuple[str, str], ...] = ()
     min_elements: int = DEFAULT_MIN_ELEMENTS
     seed: int = 0
     progress: bool = True
@@ -247,8 +251,11 @@ class ConvertOptions:
     @classmethod
     def build(cls, *, bits: float, target_size: int | str | None, keep: Iterable[str],
               encoder: EncoderOptions | Mapping[str, Any] | None, **rest: Any) -> ConvertOptions:
-        """From the public keyword arguments: ``target_size`` parsed, ``encoder`` typed."""
-        return cls(bits_per_weight=bits, keep=tuple(keep), encoder=EncoderOptions.of(encoder),
+        """From the public keyword arguments: ``target_size`` parsed, ``encoder`` typed, ``keep``
+        patterns split into raw and 16-bit ones (:func:`aqformat.converters.half.split_keep`)."""
+        from .half import split_keep
+        plain, halves = split_keep(keep)
+        return cls(bits_per_weight=bits, keep=plain, keep_half=halves, encoder=EncoderOptions.of(encoder),
                    target_size=parse_size(target_size) if target_size is not None else None,
                    target_text=None if target_size is None else str(target_size), **rest)
 

@@ -34,6 +34,7 @@ from aqformat.writer import Writer
 
 from .affine import AffinePlan
 from .encoders import TensorEncoder
+from .half import kept_format, write_kept
 from .options import AQConfig, ConvertOptions, EncoderOptions, FinetuneOptions
 from .parallel import Executor, Task, ordered
 from .planning import ModelTensors, plan_small, select_tensors, size_budget
@@ -133,7 +134,7 @@ def run(source: Source, out_path: str | os.PathLike, opts: ConvertOptions, axes:
             with Writer(path, producer=f"aqformat {__version__} (aqformat.converters)", source=source_info) as w:
                 encoder.write_shared(w)
                 sqnr = _encode_all(w, source, encoder, tensors.small, graph_model, opts.progress,
-                                   executor)
+                                   executor, opts.keep_half)
                 if graph_model is not None:
                     w.set_graph(graph_model.SerializeToString(), format="onnx")
                 meta = encoder.metadata()
@@ -242,8 +243,9 @@ def _model_tensors(source: Source, opts: ConvertOptions, axes: dict[str, Any],
 
 
 def _encode_all(w: Writer, source: Source, encoder: TensorEncoder, small: AffinePlan, graph_model: Any,
-                progress: bool, executor: Executor) -> dict[str, float]:
-    """Pass 2: code (or copy raw) every tensor in source order, those of ``small`` as planned;
+                progress: bool, executor: Executor, halves: Sequence[tuple[str, str]] = ()) -> dict[str, float]:
+    """Pass 2: code (or copy raw) every tensor in source order, those of ``small`` as planned,
+    those kept at 16 bits by ``halves`` (``(pattern, format)``) in codec ``half``;
     each coded tensor's SQNR in dB.
 
     Tensors are coded as tasks on ``executor`` and written in source order as they come
@@ -275,7 +277,9 @@ def _encode_all(w: Writer, source: Source, encoder: TensorEncoder, small: Affine
                 small.coded[name].write(w, name, s.shape, s.dtype)
                 sqnr[name] = sqnr_db(to_float32(result, s.dtype), small.coded[name].decoded)
             else:
-                w.add_tensor(name, result, dtype="bfloat16" if s.dtype == "bfloat16" else None)
+                kept = write_kept(w, name, result, s.dtype, kept_format(name, halves))
+                if kept is not None:
+                    sqnr[name] = sqnr_db(to_float32(result, s.dtype), kept.decoded)
             if name in inits:  # its data now lives in the .aqm
                 onnx_graph.make_stub(inits[name])
             del result

@@ -120,6 +120,21 @@ def lattice_rans(w: aqformat.Writer, rng: np.random.Generator) -> None:
     w.add_lattice("rans.lanes", (40, 128), q, rng.uniform(0.01, 0.1, 40), seed=3, entropy=True)
 
 
+def half(w: aqformat.Writer, rng: np.random.Generator) -> None:
+    """Codec ``half`` (format 1.3): float16 and bfloat16 storage, decoded to float32, float16, float64
+    and bfloat16, subnormals, the largest finite float16, signed zeros, a zstd section."""
+    from aqformat.codecs.half import encode
+    a = rng.standard_normal((6, 7)).astype(np.float32)
+    a[0, :6] = [65504.0, -65504.0, 2.0 ** -24, -(2.0 ** -20), -0.0, 1e-9]   # 1e-9 rounds to +0
+    w.add_encoded("half.f16", "half", a.shape, encode(a))
+    w.add_encoded("half.bf16", "half", (3, 5), encode(rng.standard_normal((3, 5)) * 1e30, "bfloat16"))
+    w.add_encoded("half.as_f64", "half", (9,), encode(rng.standard_normal(9)), dtype="float64")
+    w.add_encoded("half.as_f16", "half", (2, 2, 2), encode(rng.standard_normal((2, 2, 2))), dtype="float16")
+    w.add_encoded("half.as_bf16", "half", (4,), encode(rng.standard_normal(4), "bfloat16"), dtype="bfloat16")
+    w.add_encoded("half.zstd", "half", (64, 16), encode(np.repeat(rng.standard_normal((1, 16)), 64, 0)),
+                  compress=("data",))
+
+
 def zstd_graph(w: aqformat.Writer, rng: np.random.Generator) -> None:
     w.add_tensor("zeros", np.zeros((64, 64), dtype=np.float32), compress=True)
     w.add_tensor("ramp", np.arange(1000, dtype=np.int64) % 7, compress=True)
@@ -145,7 +160,8 @@ def empty(w: aqformat.Writer, rng: np.random.Generator) -> None:
 
 
 VECTORS = {f.__name__: f for f in (raw_dtypes, aq_8bit_shared, aq_3bit_perm, aq_7bit_conv,
-                                   aq_12bit_bf16, aq_1bit_16bit, lattice, zstd_graph, empty, affine, lattice_rans)}
+                                   aq_12bit_bf16, aq_1bit_16bit, lattice, zstd_graph, empty, affine, lattice_rans,
+                                   half)}
 
 
 def digest(path: str) -> dict:

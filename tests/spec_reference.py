@@ -111,6 +111,13 @@ def decode_file(path: str) -> dict[str, np.ndarray]:
             a = np.frombuffer(_section(buf, secs[t["data"]]), NP[t["dtype"]]).reshape(shape)
             out[t["name"]] = (a.astype(np.uint32) << 16).view(np.float32) if t["dtype"] == "bfloat16" else a
             continue
+        if t["codec"] == "half":  # 5.6: exact to float32, then the dtype
+            data = np.frombuffer(_section(buf, secs[t["data"]]), "<u2")
+            assert len(data) == int(np.prod(shape))
+            a = (data.view("<f2").astype(np.float32) if t.get("format", "float16") == "float16"
+                 else (data.astype(np.uint32) << 16).view(np.float32)).reshape(shape)
+            out[t["name"]] = a.astype(np.float16) if t["dtype"] == "float16" else a
+            continue
         axes = t.get("axes") or list(range(len(shape)))
         s2 = [shape[a] for a in axes]
         rows, cols = (s2[0], int(np.prod(s2[1:]))) if len(s2) >= 2 else (1, s2[0])
