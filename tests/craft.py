@@ -9,12 +9,14 @@ and section payloads, so mutants can be made structurally and rebuilt.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import os
 import random
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +111,17 @@ def split(data: bytes) -> tuple[dict[str, Any], list[Blob]]:
 def rebuild(data: bytes, edit, **pre: Any) -> bytes:
     """``build(*edit(doc, blobs), **pre)`` on the parts of valid file ``data``."""
     return build(*edit(*split(data)), **pre)
+
+
+@contextlib.contextmanager
+def codec_unknown(name: str) -> Iterator[None]:
+    """Within the block, codec ``name`` is unknown to this reader (as to a reader older than it)."""
+    codec = aqformat.codecs.get(name)
+    aqformat.codecs.unregister(name)
+    try:
+        yield
+    finally:
+        aqformat.codecs.register(codec)
 
 
 def fix_crcs(data: bytes) -> bytes:

@@ -229,32 +229,33 @@ def test_torch_conv_batchnorm_pairs_fold_to_the_same_outputs_and_the_module_is_u
     assert torch.equal(folded["b4.running_var"], state["b4.running_var"])
 
 
-class Residual(torch.nn.Module):
-    """conv -> bn, with the conv's output also added back."""
+class ConvBN(torch.nn.Module):
+    """A conv ``c`` and a BatchNorm ``b``; subclasses wire them so that folding would be wrong."""
 
-    def __init__(self):
+    def __init__(self, bn=None):
         super().__init__()
-        self.c, self.b = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
+        self.c, self.b = torch.nn.Conv2d(4, 4, 3, padding=1), bn or torch.nn.BatchNorm2d(4)
 
-    def forward(self, x):
+
+class Residual(ConvBN):
+    def forward(self, x):  # the conv's output is also added back
         y = self.c(x)
         return self.b(y) + y
 
 
-class TwoBN(torch.nn.Module):
+class TwoBN(ConvBN):
     def __init__(self):
         super().__init__()
-        self.c, self.b, self.b2 = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+        self.b2 = torch.nn.BatchNorm2d(4)
 
     def forward(self, x):
         y = self.c(x)
         return self.b(y) * self.b2(y)
 
 
-class Tied(torch.nn.Module):
+class Tied(ConvBN):
     def __init__(self):
         super().__init__()
-        self.c, self.b = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
         self.c2 = torch.nn.Conv2d(4, 4, 3, padding=1)
         self.c2.weight = self.c.weight
 
@@ -262,32 +263,21 @@ class Tied(torch.nn.Module):
         return self.b(self.c(x)) + self.c2(x)
 
 
-class Twice(torch.nn.Module):
-    """One conv applied twice, once before a BatchNorm."""
-
-    def __init__(self):
-        super().__init__()
-        self.c, self.b = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
-
-    def forward(self, x):
+class Twice(ConvBN):
+    def forward(self, x):  # one conv applied twice, once before the BatchNorm
         return self.b(self.c(x)) + self.c(x)
 
 
-class Untraceable(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.c, self.b = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4)
-
+class Untraceable(ConvBN):
     def forward(self, x):
         if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
             return self.b(self.c(x))
         return self.b(self.c(-x))
 
 
-class BatchStats(torch.nn.Module):
+class BatchStats(ConvBN):
     def __init__(self):
-        super().__init__()
-        self.c, self.b = torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.BatchNorm2d(4, track_running_stats=False)
+        super().__init__(torch.nn.BatchNorm2d(4, track_running_stats=False))
 
     def forward(self, x):
         return self.b(self.c(x))
