@@ -20,8 +20,11 @@ from aqformat.writer import Writer
 
 from .affine import AffineTensor
 
-__all__ = ["HalfTensor", "encode_half", "split_keep", "kept_format", "write_kept", "KEEP_SUFFIXES"]
+__all__ = ["HalfTensor", "encode_half", "split_keep", "kept_format", "write_kept", "KEEP_SUFFIXES", "RECORD_BYTES"]
 
+RECORD_BYTES = 16
+"""Header bytes a ``half`` record takes beyond a raw one: ``"format": "float16"`` and the longer codec
+name, in msgpack (the section fields' integers may differ by a byte or two either way)."""
 #: ``--keep PATTERN:SUFFIX`` suffixes and the 16-bit format each stores.
 KEEP_SUFFIXES = {"fp16": "float16", "bf16": "bfloat16"}
 

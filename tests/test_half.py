@@ -44,6 +44,16 @@ def test_values_beyond_float16_are_refused_not_made_infinite():
     assert kept.decoded[:2].tolist() == [np.inf, -np.inf]
 
 
+def test_record_bytes_is_the_header_cost_beyond_a_raw_tensor(tmp_path):
+    from aqformat.converters.half import RECORD_BYTES
+    w = np.random.default_rng(0).standard_normal((40, 25)).astype(np.float32)
+    with aqformat.Writer(tmp_path / "r.aqm") as out:
+        out.add_tensor("t", w)
+    _write(tmp_path / "h.aqm", w)
+    lengths = [int.from_bytes((tmp_path / n).read_bytes()[24:32], "little") for n in ("r.aqm", "h.aqm")]
+    assert abs(lengths[1] - lengths[0] - RECORD_BYTES) <= 2
+
+
 def test_keep_suffixes_split_and_onnx_names_with_colons_stay_whole():
     assert split_keep(["conv1.*:fp16", "stft*:bf16", "onnx::Conv_12", "a:b"]) == (
         ("conv1.*", "stft*", "onnx::Conv_12", "a:b"), (("conv1.*", "float16"), ("stft*", "bfloat16")))
