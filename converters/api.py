@@ -12,7 +12,7 @@ from aqformat.errors import AqmInputError
 from aqformat.header import MAX_NAME_BYTES, MAX_NDIM
 
 from .options import DEFAULT_CODEC, DEFAULT_MIN_ELEMENTS, ConvertOptions, EncoderOptions, FinetuneOptions
-from .bn_fold import fold_source
+from .bn_fold import fold_calibrated, fold_source
 from .pipeline import ConversionSummary, run, run_and_finetune
 from .sources import Source, open_source
 
@@ -178,7 +178,8 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
         ``"cpu"`` or ``"cuda"``: where codebooks are trained and codes searched
         (default: CUDA when present, else the CPU).
     fold_batchnorm : bool
-        Fold each BatchNorm into the Conv2d/Conv3d before it (:mod:`aqformat.converters.bn_fold`;
+        Fold each BatchNorm into the Conv2d/Conv3d before it, and into the Linear/Conv1d before a
+        BatchNorm1d where ``calib`` shows that layer's output rank (:mod:`aqformat.converters.bn_fold`;
         needs the module or ``model_code``): the weights are coded as the model applies them,
         and the file loads into the same module. The pairs folded are listed in the file's
         ``source`` metadata under ``batchnorm_folded``.
@@ -200,12 +201,12 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     if model_code is not None:
         from .model_code import attach_model
         source = attach_model(source, model_code)
-    if fold_batchnorm:
-        source = fold_source(source)
     from .calib import calibration_batches
     axes = _torch_axes(source.module) if source.module is not None else {}
     # resolved once: fine-tuning runs the same model (loaded once for a Hugging Face folder)
     resolved = calibration_batches(calib, source) if calib is not None else None
+    if fold_batchnorm:
+        source, resolved = fold_calibrated(source, resolved)
     if not tuning.steps:
         return run(source, out_path, opts, axes, calib=resolved)
     return run_and_finetune(source, out_path, opts, axes, resolved, tuning)

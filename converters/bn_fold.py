@@ -18,8 +18,8 @@ Only patterns whose result is provably the same function are folded; anything el
 it is: a layer output read by another node besides the BatchNorm, a weight or bias shared with
 another layer (or a graph input, which a caller may override), BatchNorm in training mode or
 without running statistics, non-float32 ONNX tensors, a Gemm bias that is not per channel,
-and, for torch, Linear or Conv1d before ``BatchNorm1d`` (whose channel axis depends on the
-input's rank, which a trace does not know).
+and, for torch, Linear or Conv1d before ``BatchNorm1d`` unless a calibration input shows the
+layer's output rank (BatchNorm1d's channel axis depends on it, and a trace does not know it).
 """
 from __future__ import annotations
 
@@ -27,27 +27,39 @@ import copy
 import dataclasses
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from .sources import Source, TensorSpec, torch_source
 
-__all__ = ["fold_onnx", "fold_torch", "fold_source", "FOLDED_KEY"]
+__all__ = ["fold_onnx", "fold_torch", "fold_source", "fold_calibrated", "FOLDED_KEY"]
 
 #: ``source`` metadata key listing the folded ``[weight, batchnorm]`` pairs.
 FOLDED_KEY = "batchnorm_folded"
 
 
-def fold_source(source: Source) -> Source:
+def fold_source(source: Source, probe: Callable[[Any], Any] | None = None) -> Source:
     """``source`` with every recognised layer + BatchNorm pair folded (itself when none is).
 
     A PyTorch source needs its module (an ``nn.Module``, or a state_dict with model code);
-    the folded pairs are listed in ``source.info[FOLDED_KEY]``.
+    ``probe(module)`` runs it on one input, which Linear/Conv1d -> BatchNorm1d pairs need
+    (:func:`fold_torch`). The folded pairs are listed in ``source.info[FOLDED_KEY]``.
     """
     if source.framework == "onnx":
         return fold_onnx(source)
-    return fold_torch(source) if source.module is not None else source
+    return fold_torch(source, probe) if source.module is not None else source
+
+
+def fold_calibrated(source: Source, calib: tuple[Any, Any, Any] | None) -> tuple[Source, Any]:
+    """:func:`fold_source` with the first calibration input as the probe, and the resolved
+    calibration ``(module, batches, run)`` given the folded module in place of the source's."""
+    probe = (lambda m: calib[2](m, calib[1][0])) if calib is not None and len(calib[1]) else None
+    folded = fold_source(source, probe)
+    if calib is not None and folded is not source and calib[0] is source.module:
+        calib = (folded.module, *calib[1:])
+    return folded, calib
 
 
 def _scale(gamma: np.ndarray | None, var: np.ndarray, eps: float) -> np.ndarray | None:
@@ -167,7 +179,7 @@ def _onnx_pair(bn: Any, producer: dict[str, Any], uses: Counter, array: Any) -> 
         return None
     if uses[bn.input[0]] != 1 or len(layer.output) != 1:  # the layer's output feeds the BatchNorm alone
         return None
-    params = [array(n) for n in bn.input[1:]]
+    params = [array(_through_identity(n, producer)) for n in bn.input[1:]]
     if any(p is None for p in params) or len(layer.input) < 2:
         return None
     gamma, beta, mean, var = (p.astype(np.float64) for p in params)
@@ -205,6 +217,15 @@ def _onnx_pair(bn: Any, producer: dict[str, Any], uses: Counter, array: Any) -> 
     return layer, (w_name, w_new), (b_name or _new_name(f"{w_name}.folded_bias", uses), b_new)
 
 
+def _through_identity(name: str, producer: dict[str, Any]) -> str:
+    """The value an ``Identity`` node passes on as ``name`` (the TorchScript exporter reads one
+    initializer through Identity where two parameters are equal), else ``name``."""
+    node = producer.get(name)
+    if node is not None and node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input:
+        return node.input[0]
+    return name
+
+
 def _new_name(base: str, taken: Counter) -> str:
     """``base``, or ``base.N``, not yet a value name (and then marked taken)."""
     name, k = base, 0
@@ -217,13 +238,15 @@ def _new_name(base: str, taken: Counter) -> str:
 
 # ------------------------------------------------------------------ PyTorch
 
-def fold_torch(source: Source) -> Source:
-    """Fold Conv2d/Conv3d -> BatchNorm2d/BatchNorm3d pairs of a PyTorch source's module.
+def fold_torch(source: Source, probe: Callable[[Any], Any] | None = None) -> Source:
+    """Fold the Conv2d/Conv3d -> BatchNorm2d/BatchNorm3d pairs of a PyTorch source's module, and
+    its Linear/Conv1d -> BatchNorm1d pairs where ``probe(module)`` (one forward pass) shows that the
+    layer's output has BatchNorm1d's channels on axis 1 (Linear: 2-D; Conv1d: 3-D, batched).
 
     The module is copied when something folds (the caller's module is never changed); the
     returned source reads the copy's ``state_dict``, with the same names and shapes.
     """
-    pairs = _torch_pairs(source.module)
+    pairs = _torch_pairs(source.module, probe)
     if not pairs:
         return source
     import torch
@@ -254,7 +277,7 @@ def _fold_torch_pair(module: Any, w_name: str, b_name: str | None, bn_name: str)
         bn.weight.fill_(1.0)
 
 
-def _torch_pairs(module: Any) -> list[tuple[str, str | None, str]]:
+def _torch_pairs(module: Any, probe: Callable[[Any], Any] | None) -> list[tuple[str, str | None, str]]:
     """``(weight name, bias name or None, batchnorm name)`` of the foldable pairs of ``module``,
     from a :mod:`torch.fx` trace (none when the module cannot be traced)."""
     import torch
@@ -278,8 +301,9 @@ def _torch_pairs(module: Any) -> list[tuple[str, str | None, str]]:
             modules[node.target] += 1
             sub = module.get_submodule(node.target)
             uses.update(id(t) for t in list(sub.parameters()) + list(sub.buffers()))
-    bn_types = {nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
-    out = []
+    bn_types = {nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d, nn.Conv1d: nn.BatchNorm1d,
+                nn.Linear: nn.BatchNorm1d}
+    out, ranked = [], {}  # ranked: batchnorm -> its BatchNorm1d layer, whose output rank must be checked
     for node in graph.nodes:
         if node.op != "call_module" or type(module.get_submodule(node.target)) not in bn_types.values():
             continue
@@ -301,7 +325,32 @@ def _torch_pairs(module: Any) -> list[tuple[str, str | None, str]]:
                 or _scale(None, bn.running_var.detach().cpu().numpy(), bn.eps) is None:
             continue
         out.append((names[id(w)], names[id(b)] if b is not None else None, node.target))
-    return out
+        if type(bn) is nn.BatchNorm1d:
+            ranked[node.target] = layer.target
+    ok = _checked_ranks(module, set(ranked.values()), probe) if ranked else set()
+    return [p for p in out if p[2] not in ranked or ranked[p[2]] in ok]
+
+
+def _checked_ranks(module: Any, targets: set[str], probe: Callable[[Any], Any] | None) -> set[str]:
+    """Those of the Linear/Conv1d modules ``targets`` whose every output in ``probe(module)`` had
+    BatchNorm1d's channels on axis 1 (Linear: rank 2; Conv1d: rank 3). Nothing without a probe, or
+    when a module trains (a forward would move its BatchNorm statistics) or the probe fails."""
+    import torch
+    if probe is None or any(m.training for m in module.modules()):
+        return set()
+    want = {torch.nn.Linear: 2, torch.nn.Conv1d: 3}
+    seen: dict[str, set[int]] = {t: set() for t in targets}
+    hooks = [module.get_submodule(t).register_forward_hook(
+        lambda _m, _i, out, t=t: seen[t].add(out.dim() if isinstance(out, torch.Tensor) else -1)) for t in targets]
+    try:
+        with torch.no_grad():
+            probe(module)
+    except Exception:  # noqa: BLE001 - the calibration input is checked, with its own message, later
+        return set()
+    finally:
+        for h in hooks:
+            h.remove()
+    return {t for t, ranks in seen.items() if ranks == {want[type(module.get_submodule(t))]}}
 
 
 def _tensor_id(module: Any, target: str) -> int:

@@ -157,6 +157,26 @@ def test_onnx_patterns_that_would_change_the_result_are_left_unfolded(case):
         assert [n.op_type for n in onnx_copy.graph.node] == [n.op_type for n in model.graph.node]
 
 
+def test_onnx_batchnorm_parameters_read_through_identity_nodes_fold(tmp_path):
+    """The TorchScript exporter passes equal parameters (a fresh BatchNorm's weight and running_var)
+    through Identity nodes when it does not fold constants."""
+    import io
+    import warnings
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.BatchNorm2d(8)).eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(2, 4, 8, 8),), buf, dynamo=False, do_constant_folding=False,
+                          input_names=["x"])
+    model = onnx.load_from_string(buf.getvalue())
+    assert "Identity" in [n.op_type for n in model.graph.node]
+    x = _x()
+    ref = _run(model, x)[0]
+    folded = fold_source(onnx_source(model))
+    assert len(folded.info[FOLDED_KEY]) == 1
+    np.testing.assert_allclose(_run(folded.onnx_model, x)[0], ref, rtol=1e-5, atol=1e-5)
+
+
 def test_onnx_gemm_with_a_full_bias_matrix_is_not_folded():
     node, ts = _bn("bn", "f", "g", 6)
     model = _model([helper.make_node("Flatten", ["x"], ["fl"]), helper.make_node("Gemm", ["fl", "w", "c"], ["f"]),
@@ -327,3 +347,67 @@ def test_state_dict_with_model_code_is_folded(tmp_path):
     with aqformat.open(tmp_path / "f.aqm") as f:
         assert len(f.source[FOLDED_KEY]) == 4
     assert s.aqm_bytes > 0
+
+
+class Heads(torch.nn.Module):
+    """Conv1d -> BatchNorm1d and Linear -> BatchNorm1d (2-D), and a Linear on [N, L, F] before a
+    BatchNorm1d over L = F = 6: BatchNorm1d's channels are the Linear's only for 2-D outputs."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.conv, self.bc = nn.Conv1d(3, 6, 3), nn.BatchNorm1d(6)
+        self.tok, self.bt = nn.Linear(4, 6), nn.BatchNorm1d(6)
+        self.fc, self.bf = nn.Linear(6, 1024), nn.BatchNorm1d(1024)
+
+    def forward(self, x):
+        y = self.bc(self.conv(x))                    # [N, 6, 4]
+        y = self.bt(self.tok(y[:, :, :4].transpose(1, 2).reshape(-1, 6, 4)))  # [N, 6, 6]: axis 1 is L
+        return self.bf(self.fc(y.mean(2)))           # [N, 1024]
+
+
+def test_torch_batchnorm1d_folds_only_where_a_calibration_input_shows_the_channel_axis(tmp_path):
+    from aqformat.converters.bn_fold import fold_calibrated
+    from aqformat.converters.calib import calibration_batches
+    net = _randomise_bn(Heads())
+    x = torch.randn(8, 3, 6)
+    np.save(tmp_path / "calib.npy", x.numpy())
+    src = torch_source(net)
+    assert fold_source(src) is src  # no input: no BatchNorm1d pair is folded
+    calib = calibration_batches(str(tmp_path / "calib.npy"), src)
+    folded, calib2 = fold_calibrated(src, calib)
+    assert sorted(bn for _, bn in folded.info[FOLDED_KEY]) == ["bc", "bf"]  # not bt (axis 1 is not tok's)
+    assert calib2[0] is folded.module and calib2[1] is calib[1]
+    with torch.no_grad():
+        torch.testing.assert_close(folded.module(x), net(x), rtol=1e-4, atol=1e-4)
+    s = from_torch(net, tmp_path / "h.aqm", bits=4, calib=str(tmp_path / "calib.npy"), progress=False,
+                   encoder={"bits_per_code": 4, "d": 2})
+    with aqformat.open(s.path) as f:
+        assert len(f.source[FOLDED_KEY]) == 2
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_folds_every_batchnorm_to_the_same_outputs(tmp_path):
+    """The real model: 49 BatchNorms folded in torch, and in its ONNX export with the BatchNorms kept
+    (no constant folding), each giving the original's logits."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from bench.onnx_models import efficientnet_lite0
+    net = efficientnet_lite0()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ref = net(x)
+    src = fold_source(torch_source(net))
+    assert len(src.info[FOLDED_KEY]) == 49
+    with torch.no_grad():
+        torch.testing.assert_close(src.module(x), ref, rtol=1e-4, atol=1e-3)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x,), str(tmp_path / "e.onnx"), dynamo=False, do_constant_folding=False,
+                          input_names=["x"])
+    model = onnx.load(str(tmp_path / "e.onnx"))
+    assert sum(n.op_type == "BatchNormalization" for n in model.graph.node) == 49
+    folded = fold_source(onnx_source(model))
+    assert len(folded.info[FOLDED_KEY]) == 49
+    assert not any(n.op_type == "BatchNormalization" for n in folded.onnx_model.graph.node)
+    np.testing.assert_allclose(_run(folded.onnx_model, x.numpy())[0], ref.numpy(), rtol=1e-4, atol=1e-3)
