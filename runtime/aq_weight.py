@@ -93,12 +93,14 @@ class AQWeight:
         """Bytes this tensor holds itself (codebooks are shared and not counted)."""
         return self.codes.nbytes + sum(a.nbytes for a in (self.scale, self.perm) if a is not None)
 
-    def matrix_rows(self, r0: int, r1: int, out: np.ndarray | None = None) -> np.ndarray:
+    def matrix_rows(self, r0: int, r1: int, out: np.ndarray | None = None, max_threads: int | None = None) -> np.ndarray:
         """Rows ``r0 .. r1`` of the matrix view, scaled, columns still permuted, in ``out`` (float32
-        ``[r1 - r0, cols]``, C-contiguous; default: this thread's scratch buffer)."""
+        ``[r1 - r0, cols]``, C-contiguous; default: this thread's scratch buffer), decoded on at most
+        ``max_threads`` threads."""
         if out is None:
             out = _buffer((r1 - r0) * self.cols).reshape(r1 - r0, self.cols)
-        return decode_rows(self.codes, self.codebooks, self.scale, self.cols, out, row_start=r0)
+        return decode_rows(self.codes, self.codebooks, self.scale, self.cols, out, row_start=r0,
+                           max_threads=max_threads)
 
     def decode(self) -> np.ndarray:
         """The whole float32 tensor, newly allocated."""
@@ -136,7 +138,9 @@ class AQWeight:
         y = np.empty((T, self.rows), np.float32)
         for r0 in range(0, self.rows, step):
             r1 = min(self.rows, r0 + step)
-            gemm(x, self.matrix_rows(r0, r1), y[:, r0:r1])
+            # one thread: the decode is under 1/16 of the product's work, and waiting on a second
+            # thread (descheduled on a busy machine) would cost more than it saves
+            gemm(x, self.matrix_rows(r0, r1, max_threads=1), y[:, r0:r1])
         return y
 
     def times_cols(self, x: np.ndarray) -> np.ndarray:

@@ -116,7 +116,7 @@ def compiled() -> bool:
 
 
 def decode_rows(codes: np.ndarray, codebooks: np.ndarray, scale: np.ndarray | None, cols: int,
-                out: np.ndarray | None = None, row_start: int = 0) -> np.ndarray:
+                out: np.ndarray | None = None, row_start: int = 0, max_threads: int | None = None) -> np.ndarray:
     """Decode rows of an AQ matrix view (spec 5.2 steps 1-3) into ``out``.
 
     Parameters
@@ -134,6 +134,8 @@ def decode_rows(codes: np.ndarray, codebooks: np.ndarray, scale: np.ndarray | No
         row_start + n_rows`` are decoded into it. Default: every row.
     row_start : int
         First row to decode.
+    max_threads : int, optional
+        At most this many threads (default: :func:`aqformat.kernels.threads`).
 
     Returns
     -------
@@ -167,7 +169,7 @@ def decode_rows(codes: np.ndarray, codebooks: np.ndarray, scale: np.ndarray | No
         return out
     codes = np.ascontiguousarray(codes)
     s = np.zeros(0, np.float32) if scale is None else np.ascontiguousarray(scale, dtype=np.float32)
-    tasks = min(threads(), max(1, n * cols // _MIN_TASK_VALUES))
+    tasks = min(max_threads or threads(), threads(), max(1, n * cols // _MIN_TASK_VALUES))
     cuts = [row_start + n * i // tasks for i in range(tasks + 1)]
     run_parallel([(k, (codes, cb, s, scale is not None, a, b, out[a - row_start:b - row_start]))
                   for a, b in zip(cuts, cuts[1:])])
