@@ -23,12 +23,14 @@ import numpy as np
 import aqformat
 from aqformat import codecs
 from aqformat.codecs import affine as affine_codec
+from aqformat.codecs import half as half_codec
 from aqformat.codecs import aq
 from aqformat.codecs.aq import assemble_aq
 from aqformat.errors import AqmInputError
 
 from .affine import encode_affine
 from .calib import model_output
+from .half import encode_half
 from .options import FinetuneOptions
 
 _REFRESH_BEAM = 4  # code search width of a refresh
@@ -80,7 +82,8 @@ class _Student:
         self.aq: dict[str, tuple] = {}
         self.inv_perm: dict[str, torch.Tensor] = {}  # per permuted AQ tensor, fixed for the run
         self.trainable_raw: dict[str, torch.nn.Parameter] = {}
-        self.recode: dict[str, tuple] = {}  # trained affine tensors: (bits, axes, scope) to code them with
+        # trained affine and half tensors: value -> the coded tensor to write (None: store it raw)
+        self.recode: dict[str, Callable[[np.ndarray], Any]] = {}
         self.fixed: dict[str, torch.Tensor] = {}
         for info in f.tensors():
             # tensors decoded through a shared codebook group train that group and their row scales
@@ -104,14 +107,14 @@ class _Student:
                 # buffers (e.g. BatchNorm running statistics) stay fixed: the model runs in
                 # eval mode, where they are constants and not differentiable inputs
                 codec = codecs.get(info.codec)
-                scalar = info.codec == affine_codec.NAME  # trained as floats, coded again when written
+                # affine and half tensors are trained as floats and coded again when written
+                scalar = info.codec in _RECODED
                 floating = (codec is not None and (codec.verbatim or scalar)
                             and info.dtype in ("float32", "float16", "float64") and info.name in params)
                 if floating and (value.dim() == 1 or (train_raw == "all" and value.dim() > 1)):
                     self.trainable_raw[info.name] = torch.nn.Parameter(value.float())
                     if scalar:
-                        fl = f.record(info.name).fields
-                        self.recode[info.name] = (fl["bits"], fl["axes"], fl["scope"])
+                        self.recode[info.name] = _recoder(info.codec, f.record(info.name).fields)
                 else:
                     self.fixed[info.name] = value
 
@@ -334,10 +337,9 @@ def _write(f: aqformat.AqmFile, out_path, st: _Student, report: FinetuneReport) 
                          scale_dtype=str(parts.scale.dtype) if parts.scale is not None else "float32",
                          perm=parts.perm, axes=parts.axes)
             elif info.name in st.recode:
-                bits, axes, scope = st.recode[info.name]
                 value = st.trainable_raw[info.name].detach().cpu().numpy()
-                coded = encode_affine(value, bits, axes, scope)
-                if coded is None:  # trained beyond float16 scales: stored raw
+                coded = st.recode[info.name](value)
+                if coded is None:  # trained beyond float16's range: stored raw
                     w.add_tensor(info.name, value.astype(_np_dtype(info.dtype)))
                 else:
                     coded.write(w, info.name, info.shape, info.dtype)
@@ -348,6 +350,16 @@ def _write(f: aqformat.AqmFile, out_path, st: _Student, report: FinetuneReport) 
         graph = f.graph()
         if graph is not None:
             w.set_graph(graph[1], format=graph[0])
+
+
+_RECODED = (affine_codec.NAME, half_codec.NAME)
+
+
+def _recoder(codec: str, fields: dict[str, Any]) -> Callable[[np.ndarray], Any]:
+    """How a trained affine or half tensor is coded again: with its record's settings."""
+    if codec == half_codec.NAME:
+        return lambda value: encode_half(value, fields["format"])
+    return lambda value: encode_affine(value, fields["bits"], fields["axes"], fields["scope"])
 
 
 def _bar(steps: int, enabled: bool):
