@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..codecs.aq import parts as aq_parts
-from ..kernels.decode import check_codes, decode_rows
+from ..kernels.decode import check_codes, compiled, decode_rows
 from ..kernels.matmul import decode_matmul, decode_matmul_ok, lut_matmul
 from ..layout import from_matrix
 from ..reader import AqmFile
@@ -74,7 +74,12 @@ class AQWeight:
 
     @classmethod
     def from_file(cls, f: AqmFile, name: str, codebooks: dict[str, np.ndarray]) -> "AQWeight":
-        """Tensor ``name`` of ``f``; ``codebooks`` caches each group's codebooks (shared between tensors)."""
+        """Tensor ``name`` of ``f``; ``codebooks`` caches each group's codebooks (shared between tensors).
+
+        Loads the compiled decode kernel where numba is installed: a compressed
+        weight is decoded on every product, so the kernel pays for its loading.
+        """
+        compiled()
         info = f.info(name)
         p = aq_parts(f, name)
         cb = codebooks.get(info.group)

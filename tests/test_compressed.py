@@ -65,7 +65,7 @@ def test_modules_are_replaced_by_layout(net_file):
 @pytest.mark.parametrize("T", [3, LUT_MAX_ROWS, 30])
 def test_outputs_match_decoded_model(net_file, T, numba, monkeypatch):
     if not numba:
-        monkeypatch.setattr(kd, "_kernel", lambda: None)
+        monkeypatch.setattr(kd, "_loaded_kernel", lambda: None)
         monkeypatch.setattr(km, "_kernel", lambda: None)
         monkeypatch.setattr(km, "_decode_matmul_kernel", lambda: None)
     elif not kd.compiled():

@@ -71,7 +71,7 @@ def _decode_vectors_file(name):
 @pytest.mark.parametrize("name", sorted(MANIFEST))
 def test_numpy_fallback_decodes_frozen_vectors(name, monkeypatch):
     """With the kernel off, the numpy path still decodes every frozen vector to its recorded digest."""
-    monkeypatch.setattr(kd, "_kernel", lambda: None)
+    monkeypatch.setattr(kd, "_loaded_kernel", lambda: None)
     assert _decode_vectors_file(name) == {t: r["sha256"] for t, r in MANIFEST[name]["tensors"].items()}
 
 
@@ -84,7 +84,7 @@ def test_kernel_decodes_frozen_vectors(name):
 @pytest.mark.parametrize("use_kernel", [True, False])
 def test_out_of_range_codes_raise_integrity_error(use_kernel, monkeypatch):
     if not use_kernel:
-        monkeypatch.setattr(kd, "_kernel", lambda: None)
+        monkeypatch.setattr(kd, "_loaded_kernel", lambda: None)
     cb = np.ones((2, 16, 8), np.float32)
     codes = np.zeros((10, 2), np.uint8)
     codes[7, 1] = 200  # a 4-bit codebook indexed by a byte that cannot come from 4-bit codes
@@ -127,6 +127,28 @@ def test_missing_numba_falls_back_with_one_line_notice():
     with aqformat.open(path) as f:
         expected = sum(float(np.abs(f.read(n).astype(np.float64)).sum()) for n in f.names())
     assert float(proc.stdout.splitlines()[0]) == expected
+
+
+_ONE_SHOT = r"""
+import sys
+import numpy as np
+from aqformat.kernels import decode
+rng = np.random.default_rng(0)
+codes = rng.integers(0, 256, (512 * 48, 4)).astype(np.uint8)  # 512 x 384: above the kernel's threshold
+w = decode.decode_rows(codes, rng.standard_normal((4, 256, 8)).astype(np.float32), None, 384)
+print("numba" in sys.modules, float(np.abs(w).sum()))
+"""
+
+
+@needs_numba
+def test_one_shot_decode_does_not_load_numba_unless_asked():
+    """A single decode stays in numpy (loading numba costs more than it saves); AQFORMAT_KERNELS=numba
+    asks for the kernel, with the same bits."""
+    env = {k: v for k, v in os.environ.items() if k != "AQFORMAT_KERNELS"}
+    runs = [subprocess.run([sys.executable, "-c", _ONE_SHOT], env=dict(env, **extra), capture_output=True, text=True,
+                           check=True, timeout=300).stdout.split() for extra in ({}, {"AQFORMAT_KERNELS": "numba"})]
+    assert runs[0][0] == "False" and runs[1][0] == "True"
+    assert runs[0][1] == runs[1][1]
 
 
 def test_cache_dir_for_a_read_only_install(monkeypatch, tmp_path):

@@ -3,7 +3,10 @@
 numba is optional (``pip install 'aqformat[fast]'``). Without it, or with
 ``AQFORMAT_KERNELS=numpy`` in the environment, every kernel user falls back
 to numpy and one line saying so is logged (once per process) on the
-``aqformat`` logger.
+``aqformat`` logger. Work done once per file (reading a tensor, a resident
+decoded session) stays in numpy unless a compiled kernel is already loaded
+or ``AQFORMAT_KERNELS=numba`` asks for it (:func:`requested`): loading numba
+costs about a second and 60 MB, more than it saves on one pass.
 
 Compiled kernels are cached on disk between runs (numba ``cache=True``): next
 to this package when it is writable, otherwise in ``NUMBA_CACHE_DIR``, which
@@ -72,6 +75,11 @@ def numba_module() -> Any:
                      "(pip install 'aqformat[fast]' for the compiled ones)")
         return None
     return numba
+
+
+def requested() -> bool:
+    """Whether ``AQFORMAT_KERNELS=numba`` asks for the compiled kernels even for work done once per file."""
+    return os.environ.get("AQFORMAT_KERNELS", "").lower() == "numba"
 
 
 def available() -> bool:

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..codecs.aq import decode_vectors
 from ..errors import AqmIntegrityError
-from . import compile_kernel, run_parallel, threads
+from . import compile_kernel, requested, run_parallel, threads
 
 
 def _vectors8(codes, cbf, v0, n, M, s, has_scale, out):  # pragma: no cover - compiled by numba
@@ -94,8 +94,7 @@ def _decode_block(codes, cb, scale, has_scale, r0, r1, out):  # pragma: no cover
 
 # rows per task when several threads decode one tensor: enough work to amortise a task's start
 _MIN_TASK_VALUES = 1 << 16
-# smaller decodes stay in numpy: as fast there, and reading a small file never waits for numba
-# to load (about a second on first use)
+# smaller decodes stay in numpy even with the kernel loaded: as fast there
 _MIN_KERNEL_VALUES = 1 << 14
 
 
@@ -111,8 +110,17 @@ def _kernel() -> Any:
 
 
 def compiled() -> bool:
-    """Whether the compiled decode kernel is in use (compiling or loading it from the cache on first call)."""
+    """Whether the compiled decode kernel is in use (compiling or loading it from the cache on first call).
+
+    Calling it also makes :func:`decode_rows` use the kernel from then on; until
+    then, only ``AQFORMAT_KERNELS=numba`` does (see :mod:`aqformat.kernels`).
+    """
     return _kernel() is not None
+
+
+def _loaded_kernel() -> Any:
+    """The compiled kernel if :func:`compiled` has loaded it or the environment asks for it, else None."""
+    return _kernel() if _kernel.cache_info().currsize or requested() else None
 
 
 def decode_rows(codes: np.ndarray, codebooks: np.ndarray, scale: np.ndarray | None, cols: int,
@@ -160,7 +168,7 @@ def decode_rows(codes: np.ndarray, codebooks: np.ndarray, scale: np.ndarray | No
     sub = codes[row_start * nch:(row_start + n) * nch]
     check_codes(sub, K)
     cb = np.ascontiguousarray(codebooks, dtype=np.float32)
-    k = _kernel() if n * cols >= _MIN_KERNEL_VALUES else None
+    k = _loaded_kernel() if n * cols >= _MIN_KERNEL_VALUES else None
     if k is None or sub.dtype not in (np.uint8, np.uint16) or out.dtype != np.float32 or not out.flags.c_contiguous:
         w = decode_vectors(sub, cb).reshape(n, nch * d)[:, :cols]
         if scale is not None:
