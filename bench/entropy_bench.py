@@ -57,8 +57,7 @@ def matrices(model: str) -> dict[str, np.ndarray]:
         from bench.onnx_models import efficientnet_lite0
         arrays = {k: v.numpy() for k, v in efficientnet_lite0().state_dict().items() if v.ndim >= 2}
     elif model == "minilm":
-        sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-        from minilm import load_minilm
+        from tests.minilm import load_minilm
         arrays = {k: v.numpy() for k, v in load_minilm()[0].state_dict().items() if v.ndim >= 2}
     else:
         import onnx
