@@ -371,8 +371,17 @@ class InferenceSession:
 
     @property
     def stage_weight_bytes(self) -> list[int]:
-        """Decoded weight bytes each stage holds while it runs (``[weight_bytes]`` when resident)."""
+        """Decoded weight bytes each stage holds while it runs (``[weight_bytes]`` when resident; with
+        ``resident="compressed"``, the AQ weights each segment decodes before it runs)."""
+        if self._codes is not None:
+            return [sum(self._stubs[n].nbytes for n in seg.decoded) for seg in self._codes.segments]
         return [s.weight_bytes for s in self._plan.stages] if self._plan is not None else [self.weight_bytes]
+
+    @property
+    def codes_plan(self) -> CodesPlan | None:
+        """How ``resident="compressed"`` runs the graph (its ``steps``: ONNX Runtime segments and host
+        steps, in order), or None in the other modes."""
+        return self._codes
 
     @property
     def pinned_weight_bytes(self) -> int:

@@ -7,6 +7,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import aqformat
 from aqformat.errors import AqmInputError
 from aqformat.runtime import InferenceSession
 from aqformat.runtime.ort_codes import HostStep, Segment
@@ -77,7 +78,7 @@ def test_mlp_matches_decoded_reference(files, rows, host_products):
     path, ref = files["mlp"]
     feeds = {"x": np.random.default_rng(rows).standard_normal((rows, 32)).astype(np.float32)}
     with InferenceSession(path, resident="compressed") as s:
-        kinds = [type(t) for t in s._codes.steps]
+        kinds = [type(t) for t in s.codes_plan.steps]
         assert kinds.count(HostStep) == (11 if host_products else 0) and s.num_stages == kinds.count(Segment)
         _close(s.run(None, feeds), ref.run(None, feeds))
         _close(s.run(["y"], feeds), ref.run(["y"], feeds))
@@ -87,10 +88,10 @@ def test_every_host_node_kind(files, host_products):
     path, ref = files["mixed"]
     ids = np.array([[0, 5, 299, -1, 17, 5], [3, 3, 3, 2, 1, 0]], np.int64)
     with InferenceSession(path, resident="compressed") as s:
-        ops = sorted(t.node.op_type for t in s._codes.steps if isinstance(t, HostStep))
+        ops = sorted(t.node.op_type for t in s.codes_plan.steps if isinstance(t, HostStep))
         assert ops == (["Gather", "Gemm", "Gemm", "MatMul", "MatMul"] if host_products else ["Gather"])
         # AQ weights ONNX Runtime reads are decoded before each run; the embedding never is
-        fed = sorted(w for seg in s._codes.segments for w in seg.decoded)
+        fed = sorted(w for seg in s.codes_plan.segments for w in seg.decoded)
         assert fed == (["shift"] if host_products else ["g1", "g2", "shift", "w1"])
         assert not any(w in s.cache for w in ("emb", "g1", "g2", "shift", "w1"))
         _close(s.run(None, {"ids": ids}), ref.run(None, {"ids": ids}))
@@ -109,8 +110,9 @@ def test_codes_not_fp32_weights_are_held(files):
     path, _ = files["mlp"]
     with InferenceSession(path, resident="compressed") as s:
         s.run(None, {"x": np.ones((3, 32), np.float32)})
-        coded = [n for n in s._stubs if s._file.info(n).codec == "aq"]
-        assert s.code_bytes < sum(s._stubs[n].nbytes for n in coded) / 3
+        with aqformat.open(path) as f:
+            coded = [n for n in f.names() if f.info(n).codec == "aq"]
+            assert s.code_bytes < sum(4 * f.info(n).numel for n in coded) / 3
         assert not any(n in s.cache for n in coded)  # no coded weight was decoded whole
         assert s.cache.stats.resident_bytes < s.weight_bytes / 10  # the biases alone
 
@@ -138,7 +140,7 @@ def test_budget_bounds_the_weights_decoded_at_once(files, budget):
     path, ref = files["mlp"]
     feeds = {"x": np.random.default_rng(0).standard_normal((7, 32)).astype(np.float32)}
     with InferenceSession(path, resident="compressed", memory_budget=budget) as s:
-        sizes = [sum(s._stubs[w].nbytes for w in seg.decoded) for seg in s._codes.segments]
+        sizes = s.stage_weight_bytes
         assert max(sizes) <= (budget or 4 << 20)
         assert len(sizes) == {None: 1, 65536: 11, 200_000: 4}[budget]
         _close(s.run(None, feeds), ref.run(None, feeds))
@@ -160,5 +162,5 @@ def test_minilm_codes_resident_matches_decoded(tmp_path):
         assert comp.code_bytes < comp.weight_bytes / 8
         assert comp.cache.stats.resident_bytes < comp.weight_bytes / 20  # biases and norms only
         # the embedding Gathers on untransposed tables decode only the rows looked up
-        gathers = [s.node.input[0] for s in comp._codes.steps if isinstance(s, HostStep)]
+        gathers = [s.node.input[0] for s in comp.codes_plan.steps if isinstance(s, HostStep)]
         assert "bert.embeddings.word_embeddings.weight" in gathers and len(gathers) >= 2

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
+from aqformat import kernels
 from aqformat.converters import aq_search, search_kernel
 
-pytestmark = pytest.mark.skipif(search_kernel._kernel() is None, reason="numba is not installed (extra 'fast')")
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="numba is not installed (extra 'fast')")
 
 
 def _problem(metric: str, seed: int = 0):

@@ -76,6 +76,11 @@ def _decode_matmul_kernel() -> Any:
                           helpers=(_vectors8, _vectors8_m), fastmath=_FASTMATH)
 
 
+def compiled() -> bool:
+    """Whether the compiled product kernels are in use (compiling or loading them from the cache on first call)."""
+    return _kernel() is not None and _decode_matmul_kernel() is not None
+
+
 def decode_matmul_ok(codes: np.ndarray, codebooks: np.ndarray) -> bool:
     """Whether :func:`decode_matmul` runs compiled for these codes and codebooks (numba installed,
     uint8/uint16 codes, ``d = 8``)."""
