@@ -15,9 +15,13 @@ and permutation) and never builds its whole float32 weight:
 Decoding runs in the compiled kernels when numba is installed, else in numpy
 (same values). Reading ``module.weight`` still works: it decodes the whole
 weight into a new tensor (for code that needs it, e.g. a tied output head).
-These modules are for inference: the weight takes no gradient, and they run
-on the CPU. Traced or exported (``torch.onnx.export``), they compute with
-their decoded weight, so the exported model holds fp32 weights.
+These modules are for inference: the weight takes no gradient. On the CPU
+they compute with numpy and the compiled kernels; moved to another device
+(``.to("cuda")``, or ``load_torch(..., device="cuda")``), their codes move
+there and they compute with torch operations on that device
+(:class:`~aqformat.runtime.aq_weight_torch.DeviceAQWeight`). Traced or exported
+(``torch.onnx.export``), they compute with their decoded weight, so the
+exported model holds fp32 weights.
 """
 from __future__ import annotations
 
@@ -31,22 +35,28 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AqmInputError
-from ..layout import from_matrix
+from ..layout import from_matrix, unview
 from .aq_weight import AQWeight
+from .aq_weight_torch import DeviceAQWeight
 
 _scratch = threading.local()
 
 
 class _AQModule(torch.nn.Module):
-    """Shared behaviour: a decoded ``weight`` on demand, state_dict entries, CPU only."""
+    """Shared behaviour: a decoded ``weight`` on demand, state_dict entries, device moves."""
 
     aq: AQWeight
+    on_device: DeviceAQWeight | None = None  # the codes on a device other than the CPU
     dtype: torch.dtype = torch.float32  # of the outputs (and of ``weight``)
 
     @property
     def weight(self) -> torch.Tensor:
         """The decoded weight (a new tensor on each access: changing it changes nothing)."""
-        return torch.from_numpy(self.aq.decode()).to(self.dtype)
+        return self.decoded().to(self.dtype)
+
+    def decoded(self) -> torch.Tensor:
+        """The whole float32 weight, decoded where the codes are."""
+        return self.on_device.decode() if self.on_device is not None else torch.from_numpy(self.aq.decode())
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -55,9 +65,13 @@ class _AQModule(torch.nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         probe = fn(torch.empty(0))
-        if probe.device.type != "cpu":
-            raise AqmInputError(f"{type(self).__name__} computes from compressed weights on the CPU only; "
-                                "to run on another device load with resident='decoded'")
+        if probe.device.type == "meta":
+            raise AqmInputError(f"{type(self).__name__} holds compressed weights, which have no meta form; "
+                                "load with resident='decoded' for a model on the meta device")
+        if probe.device.type == "cpu":
+            self.on_device = None
+        elif self.on_device is None or self.on_device.device != probe.device:
+            self.on_device = DeviceAQWeight.from_weight(self.aq, probe.device)
         if probe.is_floating_point():
             self.dtype = probe.dtype  # e.g. .half(): outputs follow, the codes stay as they are
         return super()._apply(fn, recurse)
@@ -82,14 +96,20 @@ class AQLinear(_AQModule):
         bias = None if self.bias is None else self.bias.to(torch.float32)
         if tracing() or (torch.is_grad_enabled() and x2.requires_grad):
             # autograd, tracing and export need torch operations: the whole weight, for this call
-            y = F.linear(x2, torch.from_numpy(self.aq.decode()), bias)
+            y = F.linear(x2, self.decoded(), bias)
         else:
-            x2 = x2.detach().contiguous().numpy()
-            y = torch.from_numpy(self.aq.times_rows(x2, _torch_gemm) if self.aq.axes is None
-                                 else self.aq.times_cols(x2))
+            y = self._product(x2.detach().contiguous())
             if bias is not None:
                 y += bias  # in place: y is this call's own array (one activation fewer at the peak)
         return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def _product(self, x2: torch.Tensor) -> torch.Tensor:
+        """``x2 @ weight.T`` from the codes, on the device that holds them."""
+        dev = self.on_device
+        if dev is not None:
+            return dev.times_rows(x2) if dev.host.axes is None else dev.times_cols(x2)
+        x = x2.numpy()
+        return torch.from_numpy(self.aq.times_rows(x, _torch_gemm) if self.aq.axes is None else self.aq.times_cols(x))
 
 
 class AQConv(_AQModule):
@@ -119,13 +139,21 @@ class AQConv(_AQModule):
         outs = []
         for r0 in range(0, aq.shape[0], step):
             r1 = min(aq.shape[0], r0 + step)
-            w = _as_tensor(from_matrix(aq.matrix_rows(r0, r1), (r1 - r0, *aq.shape[1:]), None, aq.perm), keep)
+            w = self._block(r0, r1, keep)
             g0, g1 = r0 // per_group, r1 // per_group
             xs = x32 if self.groups == 1 else x32[:, g0 * x32.shape[1] // self.groups: g1 * x32.shape[1] // self.groups]
             b = None if self.bias is None else self.bias[r0:r1].to(torch.float32)
             outs.append(self.conv(xs, w, b, self.stride, padding, self.dilation, g1 - g0))
         y = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
         return y.to(x.dtype)
+
+    def _block(self, r0: int, r1: int, keep: bool) -> torch.Tensor:
+        """Output channels ``r0 .. r1`` of the weight, decoded where the codes are (``keep``: a tensor of
+        its own, for autograd; else the CPU's reusable buffer)."""
+        shape = (r1 - r0, *self.aq.shape[1:])
+        if self.on_device is not None:
+            return unview(self.on_device.matrix_rows(r0, r1), shape, None, self.on_device.inv_perm)
+        return _as_tensor(from_matrix(self.aq.matrix_rows(r0, r1), shape, None, self.aq.perm), keep)
 
 
 class AQEmbedding(_AQModule):
@@ -139,10 +167,12 @@ class AQEmbedding(_AQModule):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if tracing():  # torch operations only (see AQLinear.forward)
-            return F.embedding(ids, torch.from_numpy(self.aq.decode()), self.padding_idx).to(self.dtype)
+            return F.embedding(ids, self.decoded(), self.padding_idx).to(self.dtype)
         flat = ids.reshape(-1)
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.aq.rows):
             raise IndexError(f"index out of range in AQEmbedding of {self.aq.rows} rows")
+        if self.on_device is not None:
+            return self.on_device.lookup(ids).to(self.dtype)
         return torch.from_numpy(self.aq.lookup(ids.numpy())).to(self.dtype)
 
 

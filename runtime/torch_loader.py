@@ -55,7 +55,9 @@ def load_torch(path: str | os.PathLike, model: torch.nn.Module | None = None, de
         and ``nn.Embedding`` whose weight is AQ-coded by a module that computes
         from the codes (:mod:`aqformat.runtime.compressed`): the weights stay
         compressed in memory; the other tensors are decoded now (``lazy`` and
-        ``budget_bytes`` do not apply). CPU only.
+        ``budget_bytes`` do not apply). On the CPU they compute with the
+        compiled kernels (numpy without numba); on another device, with torch
+        operations there, decoding a block of rows at a time.
 
     Returns
     -------
@@ -82,8 +84,6 @@ def load_torch(path: str | os.PathLike, model: torch.nn.Module | None = None, de
     """
     if resident not in ("decoded", "compressed"):
         raise AqmInputError(f"resident must be 'decoded' or 'compressed', got {resident!r}")
-    if resident == "compressed" and str(device).split(":")[0] != "cpu":
-        raise AqmInputError(f"resident='compressed' runs on the CPU; for device={str(device)!r} use resident='decoded'")
     if budget_bytes is not None and (not isinstance(budget_bytes, int) or budget_bytes <= 0):
         raise AqmInputError(f"budget_bytes must be a positive number of bytes, got {budget_bytes!r}")
     f = open_aqm(path)
@@ -100,7 +100,7 @@ def load_torch(path: str | os.PathLike, model: torch.nn.Module | None = None, de
     present = _matching_keys(f, model, targets, strict)
     if resident == "compressed":
         from .compressed import weights_left_out
-        done = _compress_modules(f, model, targets, present)
+        done = _compress_modules(f, model, targets, present, device)
         with weights_left_out():  # state_dict() below must not decode the compressed weights
             return _fill(f, model, {k: v for k, v in targets.items() if k not in done},
                          [k for k in present if k not in done], device, False, None)
@@ -202,8 +202,8 @@ def _check_budget(model: torch.nn.Module, targets: dict[str, torch.Tensor], pres
 
 
 def _compress_modules(f: Any, model: torch.nn.Module, targets: dict[str, torch.Tensor],
-                      present: list[str]) -> set[str]:
-    """Replace the modules whose weight is AQ-coded by compressed ones; return the keys they took."""
+                      present: list[str], device: torch.device) -> set[str]:
+    """Replace the modules whose weight is AQ-coded by compressed ones on ``device``; return the keys they took."""
     from ..codecs.aq import NAME as AQ
     from .compressed import AQWeight, compress, replaceable
     uses: dict[int, int] = defaultdict(int)
@@ -226,6 +226,8 @@ def _compress_modules(f: Any, model: torch.nn.Module, targets: dict[str, torch.T
         elif bias is not None and bias.is_meta:
             raise AqmInputError(f"{bkey!r} is on the meta device and not in {f.path}")
         new = compress(mod, aq, bias)
+        if device.type != "cpu":
+            new.to(device)
         parent, _, local = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, local, new)
         done.add(key)

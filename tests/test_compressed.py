@@ -14,6 +14,7 @@ from aqformat.kernels import decode as kd
 from aqformat.kernels import matmul as km
 from aqformat.runtime import load_torch
 from aqformat.runtime.aq_weight import DECODE_MATMUL_ROWS, LUT_MAX_ROWS
+from aqformat.runtime.aq_weight_torch import DeviceAQWeight
 from aqformat.runtime.compressed import AQConv, AQEmbedding, AQLinear
 
 from tests.runtime_fixtures import build_torch_aqm
@@ -103,6 +104,46 @@ def test_product_strategies_agree(net_file, T, monkeypatch):
         torch.testing.assert_close(torch.from_numpy(aq.times_rows(xs)), first - comp.fc.bias, rtol=1e-5, atol=1e-6)
 
 
+def _on_device(model: torch.nn.Module, device: str) -> torch.nn.Module:
+    """``model`` with its compressed modules computing through the device path (torch operations) on ``device``.
+
+    On the CPU this sets the path ``.to("cuda")`` takes, so the same code is covered without a GPU."""
+    for mod in model.modules():
+        if isinstance(mod, (AQLinear, AQConv, AQEmbedding)):
+            mod.on_device = DeviceAQWeight.from_weight(mod.aq, torch.device(device))
+    return model
+
+
+@pytest.mark.parametrize("T", [3, 30])
+def test_device_path_matches_decoded_model(net_file, T, monkeypatch):
+    """Codes on a torch device: every layout (scaled, permuted, transposed, grouped, embedding) gives the
+    decoded model's outputs, decoding a few rows at a time; ``weight`` is the file's values, bit for bit."""
+    ref, comp = _pair(net_file)
+    _on_device(comp, "cpu")
+    monkeypatch.setattr("aqformat.runtime.aq_weight.TILE_BYTES", 4 * 1024 * 7)  # several tiles per product
+    ids = torch.randint(0, 100, (2, T), generator=torch.Generator().manual_seed(T))
+    with torch.no_grad():
+        a, b = ref(ids), comp(ids)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+    for name in ("emb", "conv2", "fc", "fc2", "img", "fc3"):
+        assert torch.equal(getattr(comp, name).weight, getattr(ref, name).weight), name
+    x = torch.randn(3, 48, requires_grad=True)  # autograd through the decoded weight
+    comp.fc(x).sum().backward()
+    torch.testing.assert_close(x.grad, ref.fc.weight.sum(0).expand(3, 48))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the GPU path runs on the CPU above")
+def test_cuda_compressed_matches_decoded(net_file):
+    ref = load_torch(net_file, Net().eval(), lazy=False)
+    comp = load_torch(net_file, Net().eval(), resident="compressed", device="cuda")
+    assert comp.fc.on_device is not None and comp.fc.on_device.codes.is_cuda
+    assert comp.fc.on_device.codebooks is comp.fc2.on_device.codebooks  # one copy of the group on the device
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.no_grad():
+        a, b = ref(ids), comp(ids.cuda()).cpu()
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * float(a.abs().max()))
+
+
 def test_weights_state_dict_and_copies(net_file):
     ref, comp = _pair(net_file)
     sd, rsd = comp.state_dict(), ref.state_dict()
@@ -131,8 +172,9 @@ def test_compressed_memory_is_the_codes(net_file):
 def test_bad_settings_are_refused(net_file):
     with pytest.raises(AqmInputError, match="resident must be"):
         load_torch(net_file, Net(), resident="fp8")
-    with pytest.raises(AqmInputError, match="CPU"):
-        load_torch(net_file, Net(), device="cuda", resident="compressed")
+    if not torch.cuda.is_available():
+        with pytest.raises(AqmInputError, match="not usable here"):
+            load_torch(net_file, Net(), device="cuda", resident="compressed")
     comp = load_torch(net_file, Net(), resident="compressed")
     with pytest.raises(AqmInputError, match="resident='decoded'"):
         comp.to("meta")
