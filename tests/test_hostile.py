@@ -501,6 +501,17 @@ def test_many_small_arrays_in_metadata_are_counted_too(tmp_path):
     reject(tmp_path, build(doc, blobs), f"more than {MAX_HEADER_CONTAINERS} maps and arrays")
 
 
+@pytest.mark.parametrize("byte", [2, 255])
+def test_bool_bytes_other_than_0_and_1_are_refused(tmp_path, byte):
+    """A bool is one byte, 0 or 1: another reader could take 2 as true, or refuse it."""
+    doc = {"tensors": [{"name": "t", "shape": [4], "dtype": "bool", "codec": "raw", "data": 0}]}
+    ok = build(doc, [Blob(bytes([0, 1, 1, 0]))])
+    (tmp_path / "ok.aqm").write_bytes(ok)
+    with aqformat.open(tmp_path / "ok.aqm") as f:
+        assert f.read("t").tolist() == [False, True, True, False]
+    reject(tmp_path, build(doc, [Blob(bytes([0, 1, byte, 0]))]), "bool byte is neither 0 nor 1")
+
+
 @pytest.mark.parametrize("where", ["top", "tensor", "section", "metadata"])
 def test_duplicate_map_keys_are_refused(tmp_path, where):
     """msgpack maps that name a key twice: another language's reader could pick the other value."""

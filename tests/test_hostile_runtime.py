@@ -69,10 +69,23 @@ def test_load_torch_arguments(tmp_path):
             w.add_tensor(k, v.numpy())
     with pytest.raises(AqmInputError, match="model must be a torch.nn.Module, got dict"):
         load_torch(path, model={})
-    for device in (["cuda"] if not torch.cuda.is_available() else []) + ["bogus", 5.5, "cpu:x"]:
+    for device in ["bogus", 5.5, "cpu:x"]:
         with pytest.raises(AqmInputError, match="device .* is not usable here"):
             load_torch(path, model=torch.nn.Linear(4, 3), device=device)
     load_torch(path, model=m, device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+@pytest.mark.parametrize("resident", ["decoded", "compressed"])
+def test_load_torch_on_cuda_without_cuda(tmp_path, resident):
+    """torch built without CUDA raises a bare AssertionError; loading says what is wrong in one line."""
+    m = torch.nn.Linear(64, 64)
+    path = tmp_path / "t.aqm"
+    with aqformat.Writer(path) as w:
+        for k, v in m.state_dict().items():
+            w.add_tensor(k, v.numpy())
+    with pytest.raises(AqmInputError, match="device 'cuda' is not usable here"):
+        load_torch(path, model=torch.nn.Linear(64, 64), device="cuda", resident=resident)
 
 
 def test_aqm_run_escapes_names_from_the_file(tmp_path, capsys):
