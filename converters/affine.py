@@ -10,7 +10,11 @@ of log2(row MSE) / 2`` is kept (at high rate, one more bit per weight quarters t
 :func:`plan_affine` codes the tensors a conversion gives this codec (those
 too small for AQ, and those whose AQ codebooks would outweigh their codes):
 each at 1 to 8 bits or kept raw, chosen by measured error per byte within a
-byte budget (the bytes of every tensor at its nominal rate).
+byte budget (the bytes of every tensor at its nominal rate). With calibration,
+:func:`plan_within` makes the same choice by each coding's predicted error in
+the model's *output* (:mod:`aqformat.converters.sensitivity`): a bias that the
+output barely feels no longer gets the bits of a gain it amplifies, and a tensor
+that even 8 bits leave too coarse can be kept at 16 (codec ``half``) instead of 32.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from aqformat.layout import from_matrix, matrix_shape, to_matrix
 from aqformat.writer import ZSTD_LEVEL, Writer
 
 __all__ = ["AffineTensor", "AffinePlan", "encode_affine", "codebook_dominated", "plan_affine", "small_bits",
-           "nominal_bytes", "RECORD_BYTES", "SMALL_BITS_ABOVE"]
+           "nominal_bytes", "plan_within", "RECORD_BYTES", "SMALL_BITS_ABOVE"]
 
 _FP16_MAX = 65504.0
 _FP16_TINY = np.float16(2.0 ** -24)  # smallest positive float16 step
@@ -141,18 +145,20 @@ def encode_affine(w: np.ndarray, bits: int, axes: Sequence[int] | None = None,
 class AffinePlan:
     """The tensors given to the affine codec: which are coded (and how), which stay raw.
 
-    ``coded`` holds each coded tensor's encoding (written as planned);
-    ``nbytes`` every candidate's planned bytes in the file (its section, and a
-    coded record's extra header bytes); ``budget`` the bytes it was planned in.
+    ``coded`` holds each coded tensor's encoding (written as planned): an
+    :class:`AffineTensor`, or with calibration a float16 copy
+    (:class:`~aqformat.converters.half.HalfTensor`, same interface); ``nbytes``
+    every candidate's planned bytes in the file (its section, and a coded
+    record's extra header bytes); ``budget`` the bytes it was planned in.
     """
 
-    coded: dict[str, AffineTensor] = field(default_factory=dict)
+    coded: dict[str, Any] = field(default_factory=dict)
     nbytes: dict[str, int] = field(default_factory=dict)
     budget: int = 0
 
     def bits(self) -> dict[str, int]:
-        """Code width of each coded tensor."""
-        return {n: int(t.fields["bits"]) for n, t in self.coded.items()}
+        """Code width of each coded tensor (16 for a float16 copy)."""
+        return {n: int(t.fields.get("bits", 16)) for n, t in self.coded.items()}
 
 
 def plan_affine(candidates: Mapping[str, tuple[Sequence[int], Sequence[int] | None, float, int]],
@@ -173,35 +179,82 @@ def plan_affine(candidates: Mapping[str, tuple[Sequence[int], Sequence[int] | No
         The choice minimising the sum of relative squared errors (error energy over the
         tensor's energy, raw counting 0) within the budget, greedily by error decrease per byte.
     """
+    return plan_within(candidates, load)
+
+
+def plan_within(candidates: Mapping[str, tuple[Sequence[int], Sequence[int] | None, float, int]],
+                load: Callable[[str], np.ndarray], sensitivity: Any = None) -> AffinePlan:
+    """:func:`plan_affine` weighing each coding by its predicted error in the model's output.
+
+    Parameters
+    ----------
+    candidates, load
+        As in :func:`plan_affine` (the same budget).
+    sensitivity : SmallSensitivity, optional
+        Output sensitivities from calibration
+        (:func:`aqformat.converters.sensitivity.small_sensitivity`): a coding's cost is its
+        predicted squared output error (``sensitivity.errors``) instead of its relative weight
+        error, and float16 (codec ``half``, :func:`aqformat.converters.half.encode_half`) is
+        offered between 8 bits and raw. Without it, the plan is :func:`plan_affine`'s.
+
+    Returns
+    -------
+    AffinePlan
+        The choice minimising the sum of the costs within the budget, greedily by cost decrease per byte.
+    """
     names = list(candidates)
     budget = sum(nominal_bytes(shape, axes, bits) for shape, axes, bits, _ in candidates.values())
-    widths = range(1, affine.MAX_BITS + 1)
-    cost = np.full((len(names), len(widths) + 1), np.inf)
-    size = np.full(cost.shape, np.iinfo(np.int64).max, dtype=np.int64)
-    coded: list[list[AffineTensor | None]] = []
-    for i, n in enumerate(names):
-        shape, axes, _, raw_bytes = candidates[n]
-        w = load(n)
-        energy = max(float(np.sum(np.square(w, dtype=np.float64))), 1e-30)
-        cost[i, -1], size[i, -1] = 0.0, raw_bytes  # the last option: raw
-        row = []
-        for j, b in enumerate(widths):
-            t = encode_affine(w, b, axes)
-            row.append(t)
-            if t is not None:
-                cost[i, j] = float(np.sum(np.square(t.decoded - w, dtype=np.float64))) / energy
-                size[i, j] = t.nbytes + RECORD_BYTES
-        coded.append(row)
+    if not names:
+        return AffinePlan(budget=budget)
+    options = [_options(n, load(n), candidates[n], sensitivity) for n in names]
+    cost = np.array([c for _, c, _ in options])
+    size = np.array([z for _, _, z in options], dtype=np.int64)
     pick = _choose(cost, size, budget)
     plan = AffinePlan(budget=budget)
-    for i, n in enumerate(names):
-        t = coded[i][pick[i]] if pick[i] < len(widths) else None
-        if t is None:
+    for (coded, _, _), n, j in zip(options, names, pick):
+        if coded[j] is None:  # raw
             plan.nbytes[n] = candidates[n][3]
         else:
-            plan.coded[n] = t
-            plan.nbytes[n] = t.stored_bytes() + RECORD_BYTES
+            plan.coded[n] = coded[j]
+            plan.nbytes[n] = coded[j].stored_bytes() + _record_bytes(coded[j])
     return plan
+
+
+def _options(name: str, w: np.ndarray, candidate: tuple[Sequence[int], Sequence[int] | None, float, int],
+             sensitivity: Any) -> tuple[list[Any], list[float], list[int]]:
+    """One tensor's codings (1 to 8 bits, with ``sensitivity`` float16, then raw: None), each one's
+    cost (inf: unavailable) and planned bytes (the section before zstd and the record's extra bytes)."""
+    _, axes, _, raw_bytes = candidate
+    coded: list[Any] = [encode_affine(w, b, axes) for b in range(1, affine.MAX_BITS + 1)]
+    if sensitivity is not None:
+        from .half import encode_half
+        coded.append(encode_half(w))
+    decoded = [None if t is None else t.decoded for t in coded]
+    cost = _relative_errors(w, decoded) if sensitivity is None else sensitivity.errors(name, w, decoded)
+    unavailable = int(np.iinfo(np.int64).max)
+    size = [unavailable if t is None else _coded_bytes(t) + _record_bytes(t) for t in coded]
+    return [*coded, None], [*cost.tolist(), 0.0], [*size, raw_bytes]
+
+
+def _coded_bytes(t: Any) -> int:
+    """Bytes of a coding's section before zstd (an affine code's layout, a float16 copy's data)."""
+    return t.nbytes if isinstance(t, AffineTensor) else int(t.fields["data"].nbytes)
+
+
+def _record_bytes(t: Any) -> int:
+    """Header bytes a coded record takes beyond a raw one: :data:`RECORD_BYTES`, or
+    :data:`aqformat.converters.half.RECORD_BYTES` for a float16 copy."""
+    if isinstance(t, AffineTensor):
+        return RECORD_BYTES
+    from .half import RECORD_BYTES as HALF_RECORD_BYTES
+    return HALF_RECORD_BYTES
+
+
+def _relative_errors(w: np.ndarray, decoded: Sequence[np.ndarray | None]) -> np.ndarray:
+    """Squared error of each decoded candidate over the energy of ``w`` (inf where None)."""
+    energy = max(float(np.sum(np.square(w, dtype=np.float64))), 1e-30)
+    return np.array([np.inf if d is None else float(np.sum(np.square(d - w, dtype=np.float64))) / energy
+                     for d in decoded])
 
 
 def _choose(cost: np.ndarray, size: np.ndarray, budget: int) -> np.ndarray:

@@ -223,7 +223,8 @@ def _model_tensors(source: Source, opts: ConvertOptions, axes: dict[str, Any],
                    ) -> tuple[ModelTensors, list[str]]:
     """The source's tensors with their calibration statistics and size budget, and the names
     chosen for compression; ``stored`` is ``(graph model, source description)`` as the file
-    will hold them (a size budget counts them)."""
+    will hold them (a size budget counts them). The small tensors are planned first, with
+    ``calib`` when given (their output sensitivity: :func:`plan_small`)."""
     from .calib import calibration_stats
     specs = source.specs
     by_name = {s.name: s for s in specs}
@@ -236,7 +237,7 @@ def _model_tensors(source: Source, opts: ConvertOptions, axes: dict[str, Any],
     def load(name: str) -> np.ndarray:
         return to_float32(source.load(name), by_name[name].dtype)
 
-    small, compress = plan_small(specs, compress, opts, axes, load, stored[0])
+    small, compress = plan_small(specs, compress, opts, axes, load, stored[0], calib)
     budget = size_budget(specs, compress, opts, axes, *stored, small=small)  # before anything is trained
     H, S = calibration_stats(calib, compress, sensitivity=opts.target_size is not None or opts.allocate)
     return ModelTensors(specs, load, axes, H, S, budget=budget, small=small), compress

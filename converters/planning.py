@@ -8,7 +8,9 @@ linears), and those whose AQ codebooks would take more bytes than their codes,
 go to the affine scalar codec (:func:`plan_small`): each is coded at 1 to 8
 bits or kept raw by measured error per byte, within the bytes of every such
 tensor at a nominal rate (``bits + 2``, 4 to 8, for small tensors; ``bits``
-for the others). Kept (``keep``), integer, scalar and BatchNorm-statistics
+for the others); the error is the relative weight error, or with calibration
+the predicted error in the model's output, which may also keep a tensor at 16
+bits (:mod:`aqformat.converters.sensitivity`). Kept (``keep``), integer, scalar and BatchNorm-statistics
 tensors are stored raw in their original dtype, so they round-trip bit-exactly
 (a running variance divides the activations: a small absolute error in it is a
 large relative one).
@@ -104,16 +106,21 @@ def select_tensors(specs: Sequence[TensorSpec], *, keep: Iterable[str] = (),
 
 
 def plan_small(specs: Sequence[TensorSpec], compress: list[str], opts: ConvertOptions, axes: Mapping[str, Any],
-               load: Callable[[str], np.ndarray], graph_model: Any = None) -> tuple[AffinePlan, list[str]]:
+               load: Callable[[str], np.ndarray], graph_model: Any = None,
+               calib: Any = None) -> tuple[AffinePlan, list[str]]:
     """The tensors coded by the affine codec, and the ``compress`` names left to the main encoder.
 
     Candidates: float tensors of at least one dimension not in ``compress``, not
     kept and not BatchNorm statistics; with the AQ codec, also the tensors of
     ``compress`` that AQ cannot take or whose group's codebooks would outweigh
     their codes (:func:`aqformat.converters.affine.codebook_dominated`) at the
-    nominal rate (:func:`nominal_rate`).
+    nominal rate (:func:`nominal_rate`). With ``calib`` (the conversion's resolved
+    calibration), widths are chosen by predicted output error
+    (:func:`aqformat.converters.affine.plan_within`); without it, by relative weight
+    error (:func:`aqformat.converters.affine.plan_affine`).
     """
-    from .affine import codebook_dominated, plan_affine, small_bits
+    from .affine import codebook_dominated, plan_within, small_bits
+    from .sensitivity import small_sensitivity
     bits = nominal_rate(specs, opts, graph_model)
     by_name = {s.name: s for s in specs}
     moved: list[str] = []
@@ -130,7 +137,7 @@ def plan_small(specs: Sequence[TensorSpec], compress: list[str], opts: ConvertOp
              and s.name not in stats and not any(fnmatch.fnmatchcase(s.name, p) for p in keep)]
     rate = {**{n: small_bits(bits) for n in small}, **{n: min(bits, 8.0) for n in moved}}
     candidates = {n: (by_name[n].shape, axes.get(n), r, by_name[n].nbytes) for n, r in rate.items()}
-    plan_ = plan_affine(candidates, load)
+    plan_ = plan_within(candidates, load, small_sensitivity(calib, list(candidates)))
     gone = set(moved)
     return plan_, [n for n in compress if n not in gone]
 
