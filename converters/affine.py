@@ -13,8 +13,10 @@ each at 1 to 8 bits or kept raw, chosen by measured error per byte within a
 byte budget (the bytes of every tensor at its nominal rate). With calibration,
 :func:`plan_within` makes the same choice by each coding's predicted error in
 the model's *output* (:mod:`aqformat.converters.sensitivity`): a bias that the
-output barely feels no longer gets the bits of a gain it amplifies, and a tensor
-that even 8 bits leave too coarse can be kept at 16 (codec ``half``) instead of 32.
+output barely feels no longer gets the bits of a gain it amplifies, a tensor
+that even 8 bits leave too coarse can be kept at 16 (codec ``half``) instead of 32,
+and a budget too small for the output (the small tensors together above
+:data:`SMALL_OUTPUT_ERROR` of it) is exceeded, best error decrease per byte first.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from aqformat.layout import from_matrix, matrix_shape, to_matrix
 from aqformat.writer import ZSTD_LEVEL, Writer
 
 __all__ = ["AffineTensor", "AffinePlan", "encode_affine", "codebook_dominated", "plan_affine", "small_bits",
-           "nominal_bytes", "plan_within", "RECORD_BYTES", "SMALL_BITS_ABOVE"]
+           "nominal_bytes", "plan_within", "RECORD_BYTES", "SMALL_BITS_ABOVE", "SMALL_OUTPUT_ERROR"]
 
 _FP16_MAX = 65504.0
 _FP16_TINY = np.float16(2.0 ** -24)  # smallest positive float16 step
@@ -39,6 +41,10 @@ RECORD_BYTES = 24
 """Header bytes an affine record takes beyond a raw one (``"bits"``, ``"scope"`` and their values)."""
 SMALL_BITS_ABOVE = 2
 """Small tensors' nominal rate is ``bits + SMALL_BITS_ABOVE`` (4 to 8): see :func:`small_bits`."""
+SMALL_OUTPUT_ERROR = 1e-3
+"""With calibration, the predicted squared output error all small tensors together may cause,
+relative to the output's energy: :func:`plan_within` spends beyond its budget (best error decrease
+per byte first) until they are under it."""
 
 
 def small_bits(bits: float) -> float:
@@ -194,8 +200,11 @@ def plan_within(candidates: Mapping[str, tuple[Sequence[int], Sequence[int] | No
         Output sensitivities from calibration
         (:func:`aqformat.converters.sensitivity.small_sensitivity`): a coding's cost is its
         predicted squared output error (``sensitivity.errors``) instead of its relative weight
-        error, and float16 (codec ``half``, :func:`aqformat.converters.half.encode_half`) is
-        offered between 8 bits and raw. Without it, the plan is :func:`plan_affine`'s.
+        error, float16 (codec ``half``, :func:`aqformat.converters.half.encode_half`) is
+        offered between 8 bits and raw, and where the budget leaves the small tensors' total
+        predicted output error above :data:`SMALL_OUTPUT_ERROR` of the output's energy
+        (``sensitivity.energy``), the same greedy steps continue beyond it until it does not.
+        Without it, the plan is :func:`plan_affine`'s.
 
     Returns
     -------
@@ -210,6 +219,8 @@ def plan_within(candidates: Mapping[str, tuple[Sequence[int], Sequence[int] | No
     cost = np.array([c for _, c, _ in options])
     size = np.array([z for _, _, z in options], dtype=np.int64)
     pick = _choose(cost, size, budget)
+    if sensitivity is not None:  # beyond the budget while the predicted output error is above its share
+        pick = _choose(cost, size, np.iinfo(np.int64).max // 4, pick, SMALL_OUTPUT_ERROR * sensitivity.energy)
     plan = AffinePlan(budget=budget)
     for (coded, _, _), n, j in zip(options, names, pick):
         if coded[j] is None:  # raw
@@ -257,13 +268,15 @@ def _relative_errors(w: np.ndarray, decoded: Sequence[np.ndarray | None]) -> np.
                      for d in decoded])
 
 
-def _choose(cost: np.ndarray, size: np.ndarray, budget: int) -> np.ndarray:
-    """One option per row of ``cost``/``size`` (inf: unavailable): the smallest first, then
-    greedy steps of best error decrease per byte that fit ``budget``."""
+def _choose(cost: np.ndarray, size: np.ndarray, budget: int, pick: np.ndarray | None = None,
+            target: float = 0.0) -> np.ndarray:
+    """One option per row of ``cost``/``size`` (inf: unavailable): ``pick`` (default: the smallest)
+    first, then greedy steps of best error decrease per byte that fit ``budget``, until the
+    total cost is at most ``target``."""
     rows = np.arange(cost.shape[0])
-    pick = np.argmin(size, axis=1)
+    pick = np.argmin(size, axis=1) if pick is None else pick.copy()
     spent = int(size[rows, pick].sum())
-    while True:
+    while float(cost[rows, pick].sum()) > target:
         extra = size - size[rows, pick][:, None]
         gain = cost[rows, pick][:, None] - cost
         ok = (gain > 0) & (extra <= budget - spent) & np.isfinite(cost)
@@ -273,3 +286,4 @@ def _choose(cost: np.ndarray, size: np.ndarray, budget: int) -> np.ndarray:
         i, j = np.unravel_index(int(np.argmax(ratio)), ratio.shape)
         spent += int(extra[i, j])
         pick[i] = j
+    return pick

@@ -35,14 +35,16 @@ error does not tell apart, e.g. those of a tensor the calibration data never rea
 
 @dataclass
 class SmallSensitivity:
-    """Projected output gradients of the small tensors.
+    """Projected output gradients of the small tensors, and the output's energy over the same batches.
 
-    ``grads`` maps a tensor name to float32 ``[slots, numel]``; ``scale`` converts a relative
+    ``grads`` maps a tensor name to float32 ``[slots, numel]``; ``energy`` is ``sum_k ||f(x_k)||^2``,
+    so ``errors(...) / energy`` is a relative squared output error; ``scale`` converts a relative
     weight error into an output error for tensors without gradients: the median over the measured
     tensors of the output error of a relative error of 1 spread evenly over the tensor's weights.
     """
 
     grads: dict[str, np.ndarray]
+    energy: float
     scale: float
 
     def errors(self, name: str, w: np.ndarray, decoded: Sequence[np.ndarray | None]) -> np.ndarray:
@@ -83,7 +85,7 @@ def collect_tensor_gradients(module: Any, run: Any, batches: Iterable[Any], name
     flags = [t.requires_grad for t in tensors]
     sums = [torch.zeros(slots, t.numel(), dtype=torch.float32) for t in tensors]
     gen = torch.Generator().manual_seed(seed)
-    was_training = module.training
+    energy, was_training = 0.0, module.training
     module.eval()
     try:
         for t in tensors:
@@ -96,6 +98,7 @@ def collect_tensor_gradients(module: Any, run: Any, batches: Iterable[Any], name
                 for s, g in zip(sums, grads):
                     if g is not None:
                         s[k % slots] += g.detach().reshape(-1).float()
+                energy += float(y.detach().double().square().sum())
     finally:
         for t, f in zip(tensors, flags):
             t.requires_grad_(f)
@@ -106,7 +109,7 @@ def collect_tensor_gradients(module: Any, run: Any, batches: Iterable[Any], name
             / max(t.numel(), 1)
             for n, t in zip(wanted, tensors)]
     scale = float(np.median(unit)) if unit else 0.0
-    return SmallSensitivity(grads, scale if scale > 0 else 1.0)  # 1.0: nothing measured reaches the output
+    return SmallSensitivity(grads, max(energy, 1e-30), scale if scale > 0 else 1.0)  # 1.0: nothing measured
 
 
 def small_sensitivity(calib: Any, names: Sequence[str]) -> SmallSensitivity | None:

@@ -86,6 +86,17 @@ def test_calibrated_plans_stay_within_the_budget_and_may_keep_a_tensor_at_16_bit
     assert plan.coded["loud"].fields["format"] == "float16"
 
 
+def test_a_budget_too_small_for_the_output_is_exceeded_until_the_predicted_error_is_under_its_share():
+    net = Gains()
+    sd = {k: v.detach().numpy() for k, v in net.state_dict().items() if k != "fc.weight"}
+    cands = {n: (a.shape, None, 1.0, a.nbytes) for n, a in sd.items()}  # 1 bit per weight
+    sens = small_sensitivity(_calib(net), list(cands))
+    plan = affine.plan_within(cands, sd.__getitem__, sens)
+    predicted = sum(float(sens.errors(n, sd[n], [t.decoded])[0]) for n, t in plan.coded.items())
+    assert predicted <= affine.SMALL_OUTPUT_ERROR * sens.energy < predicted * 10
+    assert sum(plan.nbytes.values()) > plan.budget and _width(plan, "loud") > _width(plan, "quiet")
+
+
 def _arrays():
     rng = np.random.default_rng(0)
     a = {"norm.weight": 1 + 0.1 * rng.standard_normal(64), "norm.bias": 0.05 * rng.standard_normal(64),
