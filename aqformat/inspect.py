@@ -56,7 +56,7 @@ def describe(path: str | os.PathLike, check: bool = True) -> dict[str, Any]:
             "tensors": [{"name": t.name, "shape": list(t.shape), "dtype": t.dtype, "codec": t.codec,
                          "bits_per_weight": round(t.bits_per_weight, 4), "stored_bytes": t.stored_bytes,
                          "offset": min((f.section(i).offset for i in f.tensor_sections(t.name)), default=None),
-                         "group": t.group}
+                         "group": t.group, **_choice(f.metadata, t.name)}
                         for t in tensors],
             "codebook_groups": [{"name": g.name, "M": g.M, "K": g.K, "d": g.d, "dtype": g.dtype,
                                  "bytes": group_bytes[g.name], "offset": f.section(g.section).offset,
@@ -68,6 +68,38 @@ def describe(path: str | os.PathLike, check: bool = True) -> dict[str, Any]:
         if integrity == "corrupted":
             report["integrity_error"] = integrity_error
     return report
+
+
+def _choice(metadata: Any, name: str) -> dict[str, Any]:
+    """``{"choice": ...}``: why ``--codec auto`` gave tensor ``name`` its codec, from the file's
+    ``conversion.choice`` metadata (``[codec, setting, bytes, relative error, {other codec: [bytes,
+    relative error]}]``); empty when the file has no such valid entry."""
+    conversion = metadata.get("conversion") if isinstance(metadata, dict) else None
+    table = conversion.get("choice") if isinstance(conversion, dict) else None
+    entry = table.get(name) if isinstance(table, dict) else None
+    if not (isinstance(entry, list) and len(entry) == 5 and isinstance(entry[4], dict)
+            and all(isinstance(v, (int, float)) for v in entry[2:4])):
+        return {}
+    others = {str(k): v for k, v in entry[4].items()
+              if isinstance(v, list) and len(v) == 2 and all(isinstance(x, (int, float)) for x in v)}
+    return {"choice": {"codec": str(entry[0]), "setting": entry[1], "bytes": entry[2], "error": entry[3],
+                       "others": others}}
+
+
+def _choice_lines(tensors: list[dict[str, Any]]) -> list[str]:
+    """The ``--codec auto`` section of :func:`render_text`: each tensor's codec, bytes and error
+    (relative to its energy) beside the best option of every other codec at the same trade."""
+    chosen = [t for t in tensors if "choice" in t]
+    if not chosen:
+        return []
+    lines = ["", "codec choice (--codec auto): bytes and error relative to the tensor's energy; "
+                 "other codecs at the same error-per-byte trade"]
+    for t in chosen:
+        c = t["choice"]
+        others = "; ".join(f"{_safe(k)} {v[0]:,} B {v[1]:.3g}" for k, v in sorted(c["others"].items()))
+        lines.append(f"  {_safe(t['name'])}: {_safe(c['codec'])} {_safe(c['setting'])}, {c['bytes']:,} B, "
+                     f"error {c['error']:.3g}" + (f" (vs {others})" if others else ""))
+    return lines
 
 
 def _onnx_io(f: Any) -> dict[str, Any]:
@@ -140,6 +172,7 @@ def render_text(r: dict[str, Any]) -> str:
     for row in [header, *rows]:
         lines.append("  ".join(c.rjust(w) if i in right else c.ljust(w)
                                for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+    lines.extend(_choice_lines(r["tensors"]))
     if r["codebook_groups"]:
         lines.append("")
         lines.append(f"codebook groups: {format_size(r['codebook_bytes'])}, {100 * r['codebook_share']:.1f}% of the file")

@@ -90,7 +90,7 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
                permute: bool = False, grouping: str = "by-kind", calib: Any = None,
                keep: Iterable[str] = (), seed: int = 0, progress: bool = True,
                min_elements: int = DEFAULT_MIN_ELEMENTS, codec: str = DEFAULT_CODEC,
-               encoder: EncoderOptions | Mapping[str, Any] | None = None, finetune_steps: int = 0,
+               codec_for: Iterable[str] = (), encoder: EncoderOptions | Mapping[str, Any] | None = None, finetune_steps: int = 0,
                finetune_lr: float = 1e-3, finetune_raw: str = "all",
                model_code: str | Callable[[], Any] | None = None, strict: bool = False,
                workers: int | None = None, ray: str | None = None, device: str | None = None,
@@ -137,7 +137,13 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
         ``"aq"``: additive quantization in shared codebooks (everything above
         applies); ``"lattice"``: dithered uniform scalar quantization with
         entropy-coded indices, every tensor at ``bits`` (no target size,
-        allocation or permutation; calibration only feeds fine-tuning).
+        allocation or permutation; calibration only feeds fine-tuning); ``"auto"``: per tensor
+        the codec (AQ, lattice, affine, float16, raw) and setting of least measured error per
+        byte within ``bits`` per compressed weight, every byte counted, or ``target_size``
+        (:mod:`aqformat.converters.codec_choice`).
+    codec_for : iterable of str
+        With ``codec="auto"``: ``"PATTERN:CODEC"`` items forcing the codec of the tensors a
+        pattern matches (``aq``, ``lattice``, ``affine``, ``fp16``/``half`` or ``raw``).
     encoder : EncoderOptions or mapping, optional
         AQ encoder settings (:class:`~aqformat.converters.options.EncoderOptions`,
         or a mapping of its field names): ``bits_per_code``, ``d`` (code width,
@@ -190,7 +196,8 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     """
     opts = ConvertOptions.build(bits=bits, target_size=target_size, allocate=allocate, permute=permute,
                                 grouping=grouping, keep=keep, seed=seed, progress=progress,
-                                min_elements=min_elements, codec=codec, encoder=encoder, strict=strict,
+                                min_elements=min_elements, codec=codec, codec_for=codec_for, encoder=encoder,
+                                strict=strict,
                                 workers=workers, ray=ray, device=device)
     tuning = FinetuneOptions(steps=finetune_steps, lr=finetune_lr, train_raw=finetune_raw, seed=seed,
                              progress=progress)
@@ -218,7 +225,8 @@ def from_onnx(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
               permute: bool = False, grouping: str = "by-kind", calib: Any = None,
               tokenizer: str | None = None, image: Any = None, keep: Iterable[str] = (),
               seed: int = 0, progress: bool = True, min_elements: int = DEFAULT_MIN_ELEMENTS,
-              codec: str = DEFAULT_CODEC, encoder: EncoderOptions | Mapping[str, Any] | None = None,
+              codec: str = DEFAULT_CODEC, codec_for: Iterable[str] = (),
+              encoder: EncoderOptions | Mapping[str, Any] | None = None,
               finetune_steps: int = 0, finetune_lr: float = 1e-3, finetune_raw: str = "all",
               strict: bool = False, workers: int | None = None, ray: str | None = None,
               device: str | None = None, fold_batchnorm: bool = True) -> ConversionSummary:
@@ -243,7 +251,8 @@ def from_onnx(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     from .onnx_graph import weight_axes
     opts = ConvertOptions.build(bits=bits, target_size=target_size, allocate=allocate, permute=permute,
                                 grouping=grouping, keep=keep, seed=seed, progress=progress,
-                                min_elements=min_elements, codec=codec, encoder=encoder, strict=strict,
+                                min_elements=min_elements, codec=codec, codec_for=codec_for, encoder=encoder,
+                                strict=strict,
                                 workers=workers, ray=ray, device=device)
     source = open_source(model)
     if source.framework != "onnx":

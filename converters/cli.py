@@ -57,6 +57,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     summary = convert(args.source, args.output, bits=args.bits, target_size=args.target_size,
                       allocate=args.allocate, permute=args.permute, grouping=args.grouping,
                       calib=args.calib, keep=args.keep or (), seed=args.seed, codec=args.codec,
+                      codec_for=args.codec_for or (),
                       progress=progress, encoder=encoder, strict=args.strict, **tuning, workers=args.workers,
                       ray=args.ray, device=args.device, fold_batchnorm=not args.no_fold_batchnorm,
                       tokenizer=args.tokenizer, image=_image_preprocess(args), model_code=args.model)
@@ -162,7 +163,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     _paths(p, "source", "model file or Hugging Face folder", "the .aqm file to write")
     p.add_argument("--codec", choices=CODECS, default=DEFAULT_CODEC,
                    help="aq: additive quantization in shared codebooks (default); lattice: dithered "
-                        "scalar quantization with entropy-coded indices, every tensor at --bits")
+                        "scalar quantization with entropy-coded indices, every tensor at --bits; auto: "
+                        "per tensor the codec (aq, lattice, affine, fp16, raw) and setting of least "
+                        "measured error per byte, all within --bits per weight (every byte counted) or "
+                        "--target-size")
+    p.add_argument("--codec-for", action="append", metavar="PATTERN:CODEC",
+                   help="with --codec auto: code the tensors matching this fnmatch pattern with CODEC "
+                        "(aq, lattice, affine, fp16 or raw), at the setting the budget gives them; "
+                        "repeatable, the first matching pattern wins; a pattern may name small tensors "
+                        "too (default: every tensor chooses)")
     p.add_argument("--bits", type=float, default=4.0,
                    help="code bits per compressed weight (default 4); with --allocate, the budget "
                         "in bits per weight with every byte counted")

@@ -38,7 +38,8 @@ from aqformat.layout import matrix_shape, to_matrix
 from .options import ConvertOptions
 from .planning import ModelTensors
 
-__all__ = ["LatticeEncoder", "LatticeTensor", "encode_lattice", "lattice_step", "rdoq_indices", "RDOQ_LAMBDA"]
+__all__ = ["LatticeEncoder", "LatticeTensor", "encode_lattice", "lattice_step", "rdoq_indices", "tensor_seed",
+           "RDOQ_LAMBDA"]
 
 _INT32_MAX = 2**31 - 1
 _ZERO_ROW_STEP = np.float32(1e-30)  # all-zero rows: any step works, a tiny one decodes ~0
@@ -134,6 +135,12 @@ def encode_lattice(w, bits_or_step: float | Sequence[float] | np.ndarray, seed: 
     return rdoq_indices(x, rdoq).astype(np.int32), step
 
 
+def tensor_seed(seed: int, name: str) -> int:
+    """The dither seed of tensor ``name`` in a conversion of ``seed``: a hash of both."""
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
 @dataclass
 class LatticeTensor:
     """One lattice-coded tensor: indices ``q[rows, cols]`` of its matrix view, per-row steps, seed."""
@@ -185,9 +192,8 @@ class LatticeEncoder:
         self.axes, self.coded = tensors.axes, list(names)
 
     def tensor_seed(self, name: str) -> int:
-        """The dither seed of tensor ``name``: a hash of the conversion seed and the name."""
-        digest = hashlib.blake2b(f"{self.opts.seed}:{name}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "little")
+        """The dither seed of tensor ``name`` (:func:`tensor_seed`)."""
+        return tensor_seed(self.opts.seed, name)
 
     def compute_codes(self, name: str, w: np.ndarray) -> LatticeTensor:
         return _code(w, name, float(self.opts.bits_per_weight), self.tensor_seed(name), self.axes.get(name))

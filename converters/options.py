@@ -30,7 +30,8 @@ __all__ = ["SearchEffort", "AQConfig", "EncoderOptions", "ConvertOptions", "Fine
 GROUPINGS = ("shared", "per-layer", "by-kind")  # codebook sharing across tensors
 # The encoders a conversion can use: codec name -> "module:class" in aqformat.converters
 # (the interface is aqformat.converters.encoders.TensorEncoder).
-ENCODERS = {aq_codec.NAME: "aq_encode:AQEncoder", lattice_codec.NAME: "lattice:LatticeEncoder"}
+ENCODERS = {aq_codec.NAME: "aq_encode:AQEncoder", lattice_codec.NAME: "lattice:LatticeEncoder",
+            "auto": "codec_choice:AutoEncoder"}
 CODECS = tuple(ENCODERS)
 DEFAULT_CODEC = aq_codec.NAME
 DEFAULT_MIN_ELEMENTS = 4096
@@ -192,8 +193,13 @@ class ConvertOptions:
         Seed of sampling, training and dithers (same inputs, same file).
     progress : bool
         Show progress bars on stderr.
-    codec : {"aq", "lattice"}
-        The encoder of the compressed tensors.
+    codec : {"aq", "lattice", "auto"}
+        The encoder of the compressed tensors; ``"auto"`` chooses per tensor among AQ, the
+        lattice, affine, float16 and raw by measured error per byte
+        (:mod:`aqformat.converters.codec_choice`).
+    codec_for : tuple of (str, str)
+        With ``"auto"``: ``(pattern, codec)`` pairs forcing the codec of the tensors a pattern
+        matches (``--codec-for PATTERN:CODEC``).
     encoder : EncoderOptions
         AQ encoder settings.
     strict : bool
@@ -221,6 +227,7 @@ class ConvertOptions:
     seed: int = 0
     progress: bool = True
     codec: str = DEFAULT_CODEC
+    codec_for: tuple[tuple[str, str], ...] = ()
     encoder: EncoderOptions = field(default_factory=EncoderOptions)
     strict: bool = False
     workers: int | None = None
@@ -240,22 +247,31 @@ class ConvertOptions:
             raise AqmInputError(f"grouping must be one of {', '.join(GROUPINGS)}, not {self.grouping!r}")
         if self.codec not in CODECS:
             raise AqmInputError(f"codec must be one of {', '.join(CODECS)}, not {self.codec!r}")
-        if self.codec == aq_codec.NAME:
+        if self.codec_for and self.codec != "auto":
+            raise AqmInputError("--codec-for forces codecs within the per-tensor choice: use it with --codec auto")
+        if self.codec in (aq_codec.NAME, "auto"):
             self.encoder.config(self.bits_per_weight)  # invalid settings fail before any work
-        elif self.target_size is not None or self.allocate or self.permute:
+        if self.codec == "auto" and self.permute:
+            raise AqmInputError("--permute is an AQ option: use it with --codec aq")
+        elif self.codec == lattice_codec.NAME and (self.target_size is not None or self.allocate or self.permute):
             raise AqmInputError("the lattice codec codes every tensor at one rate: "
                                 "target size, allocation and permutation are AQ options")
-        elif not 0 < self.bits_per_weight < 32:
+        elif self.codec == lattice_codec.NAME and not 0 < self.bits_per_weight < 32:
             raise AqmInputError(f"lattice bits must be in (0, 32), got {self.bits_per_weight}")
 
     @classmethod
     def build(cls, *, bits: float, target_size: int | str | None, keep: Iterable[str],
-              encoder: EncoderOptions | Mapping[str, Any] | None, **rest: Any) -> ConvertOptions:
+              encoder: EncoderOptions | Mapping[str, Any] | None, codec_for: Iterable[str] = (),
+              **rest: Any) -> ConvertOptions:
         """From the public keyword arguments: ``target_size`` parsed, ``encoder`` typed, ``keep``
-        patterns split into raw and 16-bit ones (:func:`aqformat.converters.half.split_keep`)."""
+        patterns split into raw and 16-bit ones (:func:`aqformat.converters.half.split_keep`),
+        ``codec_for`` ``PATTERN:CODEC`` strings parsed
+        (:func:`aqformat.converters.codec_choice.parse_codec_for`)."""
+        from .codec_choice import parse_codec_for
         from .half import split_keep
         plain, halves = split_keep(keep)
         return cls(bits_per_weight=bits, keep=plain, keep_half=halves, encoder=EncoderOptions.of(encoder),
+                   codec_for=parse_codec_for(codec_for),
                    target_size=parse_size(target_size) if target_size is not None else None,
                    target_text=None if target_size is None else str(target_size), **rest)
 

@@ -237,10 +237,29 @@ def _model_tensors(source: Source, opts: ConvertOptions, axes: dict[str, Any],
     def load(name: str) -> np.ndarray:
         return to_float32(source.load(name), by_name[name].dtype)
 
+    auto = opts.codec == "auto"
+    if auto:  # tensors a --codec-for pattern names join the choice, whatever their size
+        from .codec_choice import auto_budget, forced_names
+        compress = compress + forced_names(specs, compress, opts)
     small, compress = plan_small(specs, compress, opts, axes, load, stored[0], calib)
-    budget = size_budget(specs, compress, opts, axes, *stored, small=small)  # before anything is trained
-    H, S = calibration_stats(calib, compress, sensitivity=opts.target_size is not None or opts.allocate)
+    budget = (auto_budget(specs, compress, opts, _graph_bytes(stored[0], specs), _known_bytes(stored[1]), small)
+              if auto else size_budget(specs, compress, opts, axes, *stored, small=small))  # before training
+    H, S = calibration_stats(calib, compress, sensitivity=opts.target_size is not None or opts.allocate or auto)
     return ModelTensors(specs, load, axes, H, S, budget=budget, small=small), compress
+
+
+def _graph_bytes(graph_model: Any, specs: Sequence[Any]) -> int:
+    """Bytes the embedded graph will take (0 without one)."""
+    if graph_model is None:
+        return 0
+    from .onnx_graph import stored_graph_bytes
+    return stored_graph_bytes(graph_model, {s.name for s in specs})
+
+
+def _known_bytes(source_info: Mapping[str, Any]) -> int:
+    """Header bytes of the source's description."""
+    import msgpack
+    return len(msgpack.packb(source_info or {}, use_bin_type=True, default=str))
 
 
 def _encode_all(w: Writer, source: Source, encoder: TensorEncoder, small: AffinePlan, graph_model: Any,

@@ -1,0 +1,136 @@
+"""``--codec auto``: per-tensor codec choice by measured error per byte, within a budget of every byte."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import aqformat
+from aqformat.errors import AqmInputError
+from aqformat.inspect import describe, render_text
+from aqformat.converters.codec_choice import estimate_bits, parse_codec_for
+from aqformat.converters.options import ConvertOptions
+
+SMALL_AQ = {"bits_per_code": 4, "d": 4, "iters": 2, "beam": 4}
+
+
+def _linear(kind: str, rows: int = 512, cols: int = 256) -> torch.nn.Module:
+    """A Linear layer of i.i.d. Gaussian or Laplacian weights."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((rows, cols)) if kind == "gauss" else rng.laplace(0, 1, (rows, cols))
+    m = torch.nn.Linear(cols, rows)
+    with torch.no_grad():
+        m.weight.copy_(torch.from_numpy((w * 0.02).astype(np.float32)))
+        m.bias.copy_(torch.from_numpy(rng.uniform(-0.05, 0.05, rows).astype(np.float32)))
+    return m
+
+
+@pytest.fixture(scope="module")
+def auto_file(tmp_path_factory):
+    """Laplacian weights at 4 bits per weight: the entropy-coded lattice beats AQ and affine codes."""
+    from aqformat.converters import from_torch
+    path = str(tmp_path_factory.mktemp("auto") / "m.aqm")
+    summary = from_torch(_linear("laplace"), path, codec="auto", bits=4, encoder=SMALL_AQ, progress=False)
+    return path, summary
+
+
+def test_lattice_where_it_codes_better(auto_file):
+    """The Laplacian tensor goes to the lattice, whose error at its bytes is below what AQ and the affine
+    codec give at more bytes."""
+    path, _ = auto_file
+    with aqformat.open(path) as f:
+        assert f.info("weight").codec == "lattice"
+        codec, _, nbytes, error, others = f.metadata["conversion"]["choice"]["weight"]
+    assert codec == "lattice"
+    for other in ("aq", "affine"):
+        assert others[other][1] > error or others[other][0] > nbytes
+
+
+def test_aq_where_it_codes_better(tmp_path):
+    """At 1.5 bits per weight a Gaussian tensor is better coded by vectors: AQ is chosen (the dithered
+    lattice's error exceeds AQ's there)."""
+    from aqformat.converters import from_torch
+    path = str(tmp_path / "g.aqm")
+    from_torch(_linear("gauss"), path, codec="auto", bits=1.5, encoder=SMALL_AQ, progress=False)
+    with aqformat.open(path) as f:
+        assert f.info("weight").codec == "aq"
+        _, _, nbytes, error, others = f.metadata["conversion"]["choice"]["weight"]
+    assert others["lattice"][1] > error or others["lattice"][0] > nbytes
+
+
+def test_bits_hold_with_every_byte_counted(auto_file):
+    """--bits 4: the whole file but its raw tensors fits 4 bits per weight of the coded tensors."""
+    path, _ = auto_file
+    with aqformat.open(path) as f:
+        infos = f.tensors()
+        raw = sum(i.stored_bytes for i in infos if i.codec == "raw")
+        coded = sum(i.numel for i in infos if i.codec != "raw")
+    assert os.path.getsize(path) - raw <= 4 * coded / 8
+
+
+def test_target_size_holds(tmp_path):
+    from aqformat.converters import from_torch
+    path = str(tmp_path / "t.aqm")
+    from_torch(_linear("laplace"), path, codec="auto", target_size="40kB", encoder=SMALL_AQ, progress=False)
+    assert 0.8 * 40000 <= os.path.getsize(path) <= 40000  # one tensor: steps of 1/4 bit per weight
+
+
+def test_file_reads_back_as_chosen(auto_file):
+    path, summary = auto_file
+    with aqformat.open(path) as f:
+        for name, w in _linear("laplace").state_dict().items():
+            err = np.sum((f.read(name) - w.numpy()) ** 2) / np.sum(w.numpy() ** 2)
+            assert err < 0.02, name
+    assert summary.weight_sqnr_db["weight"] > 17
+
+
+def test_info_shows_why(auto_file):
+    path, _ = auto_file
+    r = describe(path)
+    by_name = {t["name"]: t for t in r["tensors"]}
+    assert by_name["weight"]["choice"]["codec"] == "lattice"
+    assert "aq" in by_name["weight"]["choice"]["others"]
+    assert "codec choice (--codec auto)" in render_text(r)
+
+
+def test_forced_codec(tmp_path):
+    """--codec-for forces a codec on the tensors a pattern names, small ones included."""
+    from aqformat.converters import from_torch
+    path = str(tmp_path / "f.aqm")
+    m = torch.nn.Sequential(_linear("gauss", 128, 128), _linear("laplace", 128, 128))
+    from_torch(m, path, codec="auto", bits=4, codec_for=["0.*:lattice", "1.bias:fp16", "1.weight:affine"],
+               encoder=SMALL_AQ, progress=False)
+    with aqformat.open(path) as f:
+        assert f.info("0.weight").codec == f.info("0.bias").codec == "lattice"
+        assert f.info("1.bias").codec == "half" and f.info("1.weight").codec == "affine"
+
+
+def test_forced_codec_that_cannot_code_the_tensor(tmp_path):
+    from aqformat.converters import from_torch
+    m = torch.nn.Linear(64, 1)
+    with pytest.raises(AqmInputError, match=r"tensor 'bias' cannot be coded by aq: AQ needs"):
+        from_torch(m, str(tmp_path / "a.aqm"), codec="auto", codec_for=["bias:aq"], progress=False)
+    big = torch.nn.Linear(64, 128)
+    with torch.no_grad():
+        big.weight[0, 0] = 1e30
+    with pytest.raises(AqmInputError, match=r"tensor 'weight' cannot be coded by lattice: .*int32") as e:
+        from_torch(big, str(tmp_path / "b.aqm"), codec="auto", codec_for=["weight:lattice"], progress=False)
+    assert "\n" not in str(e.value)
+
+
+def test_codec_for_parsing():
+    assert parse_codec_for(["a.*:lattice", "onnx::Conv_1:fp16"]) == (("a.*", "lattice"), ("onnx::Conv_1", "half"))
+    with pytest.raises(AqmInputError, match="PATTERN:CODEC"):
+        parse_codec_for(["a.*:zip"])
+    with pytest.raises(AqmInputError, match="--codec auto"):
+        ConvertOptions.build(bits=4, target_size=None, keep=(), encoder=None, codec_for=["*:aq"])
+
+
+def test_estimate_bits_tracks_the_entropy():
+    """The rate estimate is within a few percent of the rans stream's bytes."""
+    from aqformat import rans
+    rng = np.random.default_rng(1)
+    q = np.rint(rng.laplace(0, 3, (128, 512)) * np.linspace(0.2, 2, 128)[:, None]).astype(np.int16)
+    assert estimate_bits(q) / 8 == pytest.approx(len(rans.encode(q)), rel=0.05)
