@@ -147,6 +147,21 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
                    help="where codebooks are trained and codes searched (default: cuda when present, else cpu)")
 
 
+def _add_codec_args(p: argparse.ArgumentParser) -> None:
+    """``--codec`` and ``--codec-for``: which codec codes the compressed tensors."""
+    p.add_argument("--codec", choices=CODECS, default=DEFAULT_CODEC,
+                   help="aq: additive quantization in shared codebooks (default); lattice: dithered "
+                        "scalar quantization with entropy-coded indices, every tensor at --bits; auto: "
+                        "per tensor the codec (aq, lattice, affine, fp16, raw) and setting of least "
+                        "measured error per byte, all within --bits per weight (every byte counted) or "
+                        "--target-size")
+    p.add_argument("--codec-for", action="append", metavar="PATTERN:CODEC",
+                   help="with --codec auto: code the tensors matching this fnmatch pattern with CODEC "
+                        "(aq, lattice, affine, fp16 or raw), at the setting the budget gives them; "
+                        "repeatable, the first matching pattern wins; a pattern may name small tensors "
+                        "too (default: every tensor chooses)")
+
+
 def _paths(p: argparse.ArgumentParser, source: str, source_help: str, output_help: str) -> None:
     """The input, ``-o`` and ``--force`` arguments that ``convert`` and ``export`` share."""
     p.add_argument(source, help=source_help)
@@ -161,17 +176,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    ".safetensors, .onnx, or a Hugging Face model folder. "
                                    "An existing output is replaced only with --force.")
     _paths(p, "source", "model file or Hugging Face folder", "the .aqm file to write")
-    p.add_argument("--codec", choices=CODECS, default=DEFAULT_CODEC,
-                   help="aq: additive quantization in shared codebooks (default); lattice: dithered "
-                        "scalar quantization with entropy-coded indices, every tensor at --bits; auto: "
-                        "per tensor the codec (aq, lattice, affine, fp16, raw) and setting of least "
-                        "measured error per byte, all within --bits per weight (every byte counted) or "
-                        "--target-size")
-    p.add_argument("--codec-for", action="append", metavar="PATTERN:CODEC",
-                   help="with --codec auto: code the tensors matching this fnmatch pattern with CODEC "
-                        "(aq, lattice, affine, fp16 or raw), at the setting the budget gives them; "
-                        "repeatable, the first matching pattern wins; a pattern may name small tensors "
-                        "too (default: every tensor chooses)")
+    _add_codec_args(p)
     p.add_argument("--bits", type=float, default=4.0,
                    help="code bits per compressed weight (default 4); with --allocate, the budget "
                         "in bits per weight with every byte counted")
