@@ -170,6 +170,48 @@ def aqm_packed(path: str, covered: Sequence[str], setting: str, seconds: float,
     return p
 
 
+# Data-free rows at NNCodec's sizes, one per codec choice: --codec auto with every covered tensor forced to
+# one codec ("aq only", "lattice only"), and the automatic choice (--codec-for none).
+CODEC_CHOICES = {"aq-only": "aq", "lattice-only": "lattice", "auto": None}
+
+
+def codec_choice_rows(t: Table, convert: Callable[..., Any], names: Sequence[str], covered: Sequence[str],
+                      folder: str, metrics: Callable[[B.Packed], dict[str, float]] | None = None) -> None:
+    """Data-free ``--codec auto`` rows at the bytes of each NNCodec row of ``t``: AQ only, lattice only
+    (every covered tensor forced to it) and the automatic choice. ``convert(out, **options)`` writes
+    the file. As in NNCodec's rows, the covered tensors are the ones coded and the model's other
+    tensors (``names`` less ``covered``) stay as they are (``keep``); the target size is NNCodec's
+    bytes plus what the file holds besides the covered tensors (header, graph, kept tensors),
+    measured on a lattice-only probe at that size."""
+    import glob
+    sizes = [r["bytes_counted"] for r in t.rows if r.get("method") == "nncodec" and "bytes_counted" in r]
+    params = sum(w.size for w, _ in t.weights.values())
+    lattice = [f"{n}:lattice" for n in covered]
+    kw = {"keep": [glob.escape(n) for n in names if n not in set(covered)]}
+    for nn in sizes:
+        probe = os.path.join(folder, f"{t.model}_probe_{nn}.aqm")
+        try:
+            convert(probe, codec="auto", target_size=nn + nn // 20 + 4096, progress=False, codec_for=lattice, **kw)
+            other = os.path.getsize(probe) - aqm_packed(probe, covered, "", 0.0).bytes_counted
+        except Exception as e:  # noqa: BLE001 - e.g. a size out of reach: the rows then say so
+            other = nn // 20 + 4096
+            log(f"{t.model}: probe at {nn} bytes failed: {type(e).__name__}: {e}")
+        for label, forced in CODEC_CHOICES.items():
+            out = os.path.join(folder, f"{t.model}_{label}_{nn}.aqm")
+
+            def produce(nn=nn, label=label, forced=forced, out=out, other=other) -> B.Packed:
+                s = convert(out, codec="auto", target_size=nn + other, progress=False,
+                            codec_for=[f"{n}:{forced}" for n in covered] if forced else (), **kw)
+                p = aqm_packed(out, covered, f"{label}, data-free, at NNCodec's {8 * nn / params:.2f} b/w",
+                               s.seconds, method=f"aqm-{label}")
+                import aqformat
+                with aqformat.open(out) as f:
+                    codecs = [f.info(n).codec for n in covered]
+                p.extra["codecs"] = {c: codecs.count(c) for c in sorted(set(codecs))}
+                return p
+            t.add("aqm", produce, metrics, name=f"aqm-{label}")
+
+
 def _bits_setting(bits: int, enc: dict[str, Any], mode: str = "") -> str:
     opts = ", ".join(f"{k}={v}" for k, v in enc.items() if k != "reservoir")
     return f"{bits}-bit ({mode}{opts or 'default encoder'})"
@@ -236,6 +278,7 @@ def bench_minilm(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
         if p is not None and cfg["ft_steps"]:
             t.add("aqm", lambda p=p: _minilm_finetune(p, model, distill, list(orig), cfg),
                   name="aqm+finetune")
+    codec_choice_rows(t, lambda out, **kw: from_torch(path, out, **kw), list(model.state_dict()), list(orig), folder)
     if covered_onnx:
         from bench.onnx_models import aqm_session
         _minilm_onnx_rows(t, cfg, onnx_path, covered_onnx, calib_txt, path,
@@ -316,6 +359,8 @@ def bench_silero(cfg: dict[str, Any], folder: str, audio: np.ndarray, variant: s
         t.add("aqm", produce,
               lambda p: tasks.vad_metrics(ref, tasks.vad_probs(InferenceSession(p.path), audio)),
               name="aqm")
+    codec_choice_rows(t, lambda out, **kw: from_onnx(src_path, out, **kw), [x.name for x in src.specs], covered,
+                      sub, lambda p: tasks.vad_metrics(ref, tasks.vad_probs(InferenceSession(p.path), audio)))
     matmul = sum(1 for n in src.onnx_model.graph.node if n.op_type == "MatMul")
     return {"model": f"silero-vad ({variant})", "task": "voice activity detection",
             "metrics": {"agreement": "speech decision agreement at 0.5",
@@ -367,6 +412,7 @@ def bench_digits(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
             return aqm_packed(out, covered, _bits_setting(bits, enc), s.seconds)
         p = t.add("aqm", produce, name="aqm")
         best = best or p  # the lowest rate gains most from fine-tuning
+    codec_choice_rows(t, lambda out, **kw: from_torch(model, out, encoder=enc, **kw), list(state), covered, sub)
     if best is not None and cfg["ft_steps_small"]:
         def tuned():
             from aqformat.converters import finetune
@@ -439,6 +485,7 @@ def aqm_onnx_row(t: Table, path: str, out: str, covered: Sequence[str], setting:
 
 def bench_efficientnet(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
     """EfficientNet-Lite0 (ImageNet weights) exported to ONNX: photo crops, calibrated .aqm."""
+    from aqformat.converters import from_onnx
     from bench import onnx_models as om
     sub = os.path.join(folder, "efficientnet")
     os.makedirs(sub, exist_ok=True)
@@ -461,6 +508,8 @@ def bench_efficientnet(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
     for bits in cfg["image_bits"]:
         aqm_onnx_row(t, path, os.path.join(sub, f"eff_{bits}bit.aqm"), covered,
                      f"{bits}-bit, {cfg['image_calib']} calibration crops", run_file, bits=bits, calib=calib)
+    codec_choice_rows(t, lambda out, **kw: from_onnx(path, out, **kw), [x.name for x in src.specs], covered, sub,
+                      run_file)
     for bits in cfg["image_ft_bits"]:
         aqm_onnx_row(t, path, os.path.join(sub, f"eff_{bits}bit_ft.aqm"), covered,
                      f"{bits}-bit + distillation ({cfg['image_ft_steps']} steps)", run_file, bits=bits,
@@ -477,6 +526,7 @@ def bench_efficientnet(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
 
 def bench_ddddocr(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
     """ddddocr's float OCR model (Conv + LSTM) as shipped: rendered strings, calibrated .aqm."""
+    from aqformat.converters import from_onnx
     from bench import onnx_models as om
     sub = os.path.join(folder, "ddddocr")
     os.makedirs(sub, exist_ok=True)
@@ -499,6 +549,8 @@ def bench_ddddocr(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
                      f"{bits}-bit, {cfg['ocr_images'] // 2} calibration images",
                      lambda p: om.ocr_metrics(ref, om.ocr_read(om.aqm_session(p.path), images)),
                      bits=bits, calib=calib)
+    codec_choice_rows(t, lambda out, **kw: from_onnx(path, out, **kw), [x.name for x in src.specs], covered,
+                      sub, lambda p: om.ocr_metrics(ref, om.ocr_read(om.aqm_session(p.path), images)))
     return {"model": "ddddocr OCR (common.onnx, float32)", "task": "text recognition",
             "metrics": {"string_agreement": "recognized string equal to the original model's",
                         "char_agreement": "1 - edit distance / length, against the original's string"},
