@@ -324,7 +324,9 @@ def _allocate(budget: Budget, configs: dict[str, AQConfig], members: dict[str, l
     without ``S`` (no calibration, or not a Linear/Conv2d) are weighted relative to their
     own energy ``tr(W H W^T)``, scaled by the median sensitivity-weighted energy of the
     others so both kinds compare (measured on MiniLM: absolute errors starve sensitive
-    layers)."""
+    layers). Without calibration no tensor has ``S`` and every weight's squared error counts
+    alike: equal distortion per weight, the reverse water-filling of ``--codec auto``
+    (the relative error per tensor, used before, sent a mobile OCR model to 0.00 accuracy)."""
     import torch
 
     from .allocate import allocate
@@ -337,8 +339,8 @@ def _allocate(budget: Budget, configs: dict[str, AQConfig], members: dict[str, l
             errors[n], nbytes[n], energy[n] = _trial(n, groups, configs, books, tensors, gen)
             bar.update(tensors.spec(n).numel, n)
     weighted = [energy[n] for n in members if n in tensors.S]
-    ref = float(np.median(weighted)) if weighted else 1.0
-    sensitivity = {n: 1.0 if n in tensors.S else ref / max(energy[n], 1e-30) for n in members}
+    ref = float(np.median(weighted)) if weighted else None  # None: no calibration, every weight alike
+    sensitivity = {n: 1.0 if ref is None or n in tensors.S else ref / max(energy[n], 1e-30) for n in members}
     books_bytes = {g: cfg.codebook_bytes() for g, cfg in configs.items()}
     fallback = None
     if budget.floor:  # the choice that fills the budget best, by bytes alone
