@@ -40,22 +40,27 @@ from typing import Any
 import numpy as np
 
 from aqformat import rans
+from aqformat.codecs import affine as affine_codec
+from aqformat.codecs import aq as aq_codec
+from aqformat.codecs import half as half_codec
 from aqformat.codecs import lattice as lattice_codec
+from aqformat.codecs import raw as raw_codec
 from aqformat.dtypes import FLOAT_DTYPES
 from aqformat.errors import AqmInputError
 from aqformat.layout import to_matrix
 from aqformat.writer import ZSTD_LEVEL
 
-from .options import ConvertOptions
+from .options import AUTO, ConvertOptions
 from .planning import ModelTensors, Plan
 from .size_target import MAX_CODE_BITS, Budget
 
 __all__ = ["NAME", "FORCIBLE", "STEPS_PER_OCTAVE", "Option", "AutoEncoder", "parse_codec_for", "forced_codec",
            "forced_names", "auto_budget", "section_bytes", "estimate_bits", "choose"]
 
-NAME = "auto"
+NAME = AUTO
+AQ, LATTICE, AFFINE, HALF, RAW = aq_codec.NAME, lattice_codec.NAME, affine_codec.NAME, half_codec.NAME, raw_codec.NAME
 #: Codecs ``--codec-for`` can force (``fp16`` is read as ``half``).
-FORCIBLE = ("aq", "lattice", "affine", "half", "raw")
+FORCIBLE = (AQ, LATTICE, AFFINE, HALF, RAW)
 #: Lattice steps tried: ``2 ** (k / STEPS_PER_OCTAVE)`` for integer ``k``, the same grid for every tensor.
 STEPS_PER_OCTAVE = 4
 #: Header bytes a lattice record takes beyond an AQ one (its seed, index dtype and step section).
@@ -87,7 +92,7 @@ def parse_codec_for(items: Iterable[str]) -> tuple[tuple[str, str], ...]:
     out = []
     for item in items:
         pattern, _, codec = str(item).rpartition(":")
-        codec = "half" if codec == "fp16" else codec
+        codec = HALF if codec == "fp16" else codec
         if not pattern or codec not in FORCIBLE:
             raise AqmInputError(f"--codec-for {item!r}: give PATTERN:CODEC with CODEC one of "
                                 f"{', '.join(FORCIBLE)} (or fp16)")
@@ -203,6 +208,7 @@ class _Candidate:
     exact: set[int] = field(default_factory=set)
     reasons: dict[str, str] = field(default_factory=dict)
     k: int = 0
+    exact_only: bool = False
 
     def __post_init__(self) -> None:
         self.m = np.asarray(to_matrix(self.w, self.axes), dtype=np.float32)
@@ -218,6 +224,7 @@ class _Candidate:
 def _lattice_at(c: _Candidate, k: int, exact: bool = False) -> Option | None:
     """The option of ``c`` on lattice grid step ``k`` (memoised; None where it cannot be coded):
     measured (:func:`_exact_lattice`) when ``exact``, else estimated (:func:`_estimate_lattice`)."""
+    exact = exact or c.exact_only
     if k in c.lattice and (k in c.exact or not exact):
         return c.lattice[k]
     if abs(k) > _K_LIMIT:
@@ -227,7 +234,7 @@ def _lattice_at(c: _Candidate, k: int, exact: bool = False) -> Option | None:
     try:
         opt = _exact_lattice(c, k, step) if exact else _estimate_lattice(c, k, step)
     except AqmInputError as e:
-        c.reasons["lattice"] = str(e)
+        c.reasons[LATTICE] = str(e)
         opt = None
     c.lattice[k] = opt
     if exact:
@@ -250,7 +257,7 @@ def _estimate_lattice(c: _Candidate, k: int, step: np.float32) -> Option:
     scale = rows / len(pick)
     s = None if c.s is None else np.asarray(c.s)[pick]
     nbytes = estimate_bits(q.astype(np.int64)) / 8 * scale + 4 * rows + LATTICE_RECORD_BYTES
-    return Option("lattice", k, int(math.ceil(nbytes)), _matrix_error((q - x) * float(step), c.H, s) * scale)
+    return Option(LATTICE, k, int(math.ceil(nbytes)), _matrix_error((q - x) * float(step), c.H, s) * scale)
 
 
 def _exact_lattice(c: _Candidate, k: int, step: np.float32) -> Option:
@@ -262,7 +269,7 @@ def _exact_lattice(c: _Candidate, k: int, step: np.float32) -> Option:
     rows, cols = c.m.shape
     dec = lattice_codec.decode_lattice(fields["data"], steps, c.seed, c.m.shape, None, rows, cols)
     nbytes = section_bytes(fields["data"], entropy=True) + 4 * rows + LATTICE_RECORD_BYTES
-    return Option("lattice", k, nbytes, _matrix_error(dec - c.m, c.H, c.s))
+    return Option(LATTICE, k, nbytes, _matrix_error(dec - c.m, c.H, c.s))
 
 
 def _best_lattice(c: _Candidate, lam: float) -> Option | None:
@@ -284,21 +291,21 @@ def _fixed_options(c: _Candidate, raw_bytes: int) -> None:
     """Measure ``c``'s affine, half and raw options (AQ's come from the trained groups)."""
     from .affine import RECORD_BYTES as AFFINE_RECORD, encode_affine
     from .half import RECORD_BYTES as HALF_RECORD, encode_half
-    if c.allowed("affine"):
+    if c.allowed(AFFINE):
         for bits in _AFFINE_WIDTHS:
             t = encode_affine(c.w, bits, c.axes)
             if t is None:
-                c.reasons["affine"] = "its values do not fit float16 scales"
+                c.reasons[AFFINE] = "its values do not fit float16 scales"
                 break
-            c.options.append(Option("affine", bits, t.stored_bytes() + AFFINE_RECORD, c.distortion(t.decoded)))
-    if c.allowed("half"):
+            c.options.append(Option(AFFINE, bits, t.stored_bytes() + AFFINE_RECORD, c.distortion(t.decoded)))
+    if c.allowed(HALF):
         h = encode_half(c.w)
         if h is None:
-            c.reasons["half"] = "values beyond float16's range"
+            c.reasons[HALF] = "values beyond float16's range"
         else:
-            c.options.append(Option("half", "float16", h.stored_bytes() + HALF_RECORD, c.distortion(h.decoded)))
-    if c.allowed("raw"):
-        c.options.append(Option("raw", "", raw_bytes, 0.0))
+            c.options.append(Option(HALF, "float16", h.stored_bytes() + HALF_RECORD, c.distortion(h.decoded)))
+    if c.allowed(RAW):
+        c.options.append(Option(RAW, "", raw_bytes, 0.0))
 
 
 def choose_at(cands: Sequence[_Candidate], lam: float, books: Mapping[str, float]) -> dict[str, Option]:
@@ -307,7 +314,7 @@ def choose_at(cands: Sequence[_Candidate], lam: float, books: Mapping[str, float
     out = {}
     for c in cands:
         opts = list(c.options)
-        if c.allowed("lattice"):
+        if c.allowed(LATTICE):
             best = _best_lattice(c, lam)
             opts += [best] if best is not None else []
         out[c.name] = min(opts, key=lambda o: c.sens * o.error + lam * (o.nbytes + books.get(o.setting, 0.0)),
@@ -317,21 +324,25 @@ def choose_at(cands: Sequence[_Candidate], lam: float, books: Mapping[str, float
 
 def total_bytes(choice: Mapping[str, Option], group_bytes: Mapping[str, int]) -> int:
     """Bytes of a choice: each option's, and each used AQ group's codebooks once."""
-    used = {o.setting for o in choice.values() if o.codec == "aq"}
+    used = {o.setting for o in choice.values() if o.codec == AQ}
     return sum(o.nbytes for o in choice.values()) + sum(group_bytes[g] for g in used)
 
 
 def choose(cands: Sequence[_Candidate], budget: int, group_bytes: Mapping[str, int],
            shares: Mapping[str, float], lam0: float) -> tuple[dict[str, Option], float]:
     """The choice of least distortion whose :func:`total_bytes` fit ``budget``, and its ``lam``
-    (:func:`_bisect`), its lattice options measured on every row: the estimated ones chosen are
-    measured whole and the choice made again, until none is left (at most 8 rounds).
+    (:func:`_bisect`, then :func:`_fill`), its lattice options measured on every row: the estimated
+    ones chosen are measured whole and the choice made again, until none is left; after 4 rounds
+    the estimates are dropped and every lattice option is measured whole.
     """
-    for _ in range(8):
+    for round_ in range(6):
+        if round_ == 4:
+            for c in cands:
+                c.lattice, c.exact_only = {k: c.lattice[k] for k in c.exact}, True
         choice, lam0 = _bisect(cands, budget, group_bytes, shares, lam0)
         _fill(cands, choice, budget, group_bytes)
         stale = [(c, int(choice[c.name].setting)) for c in cands
-                 if choice[c.name].codec == "lattice" and int(choice[c.name].setting) not in c.exact]
+                 if choice[c.name].codec == LATTICE and int(choice[c.name].setting) not in c.exact]
         if not stale:
             break
         for c, k in stale:
@@ -342,7 +353,7 @@ def choose(cands: Sequence[_Candidate], budget: int, group_bytes: Mapping[str, i
 def _nearby(c: _Candidate) -> list[Option]:
     """``c``'s options the filling pass weighs: its measured ones and the lattice grid steps
     around its last best."""
-    lattice = [_lattice_at(c, k) for k in range(c.k - 3, c.k + 4)] if c.allowed("lattice") else []
+    lattice = [_lattice_at(c, k) for k in range(c.k - 3, c.k + 4)] if c.allowed(LATTICE) else []
     return [*c.options, *(o for o in lattice if o is not None)]
 
 
@@ -353,13 +364,13 @@ def _fill(cands: Sequence[_Candidate], choice: dict[str, Option], budget: int,
     option of most distortion saved per extra byte that still fits, a new AQ group paying its
     codebooks."""
     spent = total_bytes(choice, group_bytes)
-    used = {o.setting for o in choice.values() if o.codec == "aq"}
+    used = {o.setting for o in choice.values() if o.codec == AQ}
     while True:
         best: tuple[float, _Candidate, Option, int] | None = None
         for c in cands:
             cur = choice[c.name]
             for o in _nearby(c):
-                extra = o.nbytes - cur.nbytes + (group_bytes[o.setting] if o.codec == "aq" and o.setting not in used
+                extra = o.nbytes - cur.nbytes + (group_bytes[o.setting] if o.codec == AQ and o.setting not in used
                                                  else 0)
                 gain = c.sens * (cur.error - o.error)
                 if gain > 0 and spent + extra <= budget and (best is None or gain / max(extra, 1) > best[0]):
@@ -368,7 +379,7 @@ def _fill(cands: Sequence[_Candidate], choice: dict[str, Option], budget: int,
             return
         _, c, o, extra = best
         choice[c.name], spent = o, spent + extra
-        used |= {o.setting} if o.codec == "aq" else set()
+        used |= {o.setting} if o.codec == AQ else set()
 
 
 def _bisect(cands: Sequence[_Candidate], budget: int, group_bytes: Mapping[str, int],
@@ -430,7 +441,7 @@ def _aq_options(cands: Sequence[_Candidate], tensors: ModelTensors, opts: Conver
     import torch
 
     from . import planning
-    names = [c.name for c in cands if c.allowed("aq")]
+    names = [c.name for c in cands if c.allowed(AQ)]
     configs, members = planning._candidates(tensors, names, opts, list(widths))
     books = planning._sample_and_train(configs, members, tensors, opts, executor) if members else {}
     gen = torch.Generator().manual_seed(opts.seed)
@@ -438,12 +449,12 @@ def _aq_options(cands: Sequence[_Candidate], tensors: ModelTensors, opts: Conver
     for c in cands:
         if c.name not in members:
             cfg = opts.encoder.config(min(widths) * opts.encoder.bits_per_code / opts.encoder.d)
-            c.reasons["aq"] = (f"AQ needs at least {cfg.K} vectors of {cfg.d} weights "
+            c.reasons[AQ] = (f"AQ needs at least {cfg.K} vectors of {cfg.d} weights "
                                f"({cfg.M}x{cfg.b}-bit codes); the tensor has {c.w.size} weights")
             continue
         errors, nbytes, _ = planning._trial(c.name, members[c.name], configs, books, tensors, gen)
         for g in members[c.name]:
-            c.options.append(Option("aq", g, nbytes[g], errors[g]))
+            c.options.append(Option(AQ, g, nbytes[g], errors[g]))
             count[g] = count.get(g, 0) + 1
     shares = {g: configs[g].codebook_bytes() / k for g, k in count.items()}
     return Plan(configs, {}, books), shares
@@ -476,7 +487,7 @@ def _weigh(cands: Sequence[_Candidate]) -> float:
 def _check_forced(cands: Sequence[_Candidate], lam: float) -> None:
     """Raise :class:`AqmInputError` for a tensor its forced codec cannot code, naming it and why."""
     for c in cands:
-        if c.options or (c.allowed("lattice") and _best_lattice(c, lam) is not None):
+        if c.options or (c.allowed(LATTICE) and _best_lattice(c, lam) is not None):
             continue
         why = c.reasons.get(c.forced or "", "it cannot be coded")
         raise AqmInputError(f"--codec-for: tensor {c.name!r} cannot be coded by {c.forced}: {why}")
@@ -516,7 +527,7 @@ def _code_other(w: np.ndarray, name: str, codec: str, setting: Any, axes: Any) -
     from .affine import encode_affine
     from .half import encode_half
     from .pipeline import sqnr_db
-    coded = encode_affine(w, int(setting), axes) if codec == "affine" else encode_half(w)
+    coded = encode_affine(w, int(setting), axes) if codec == AFFINE else encode_half(w)
     if coded is None:  # measured codable while choosing: the same values code the same way
         raise AqmInputError(f"tensor {name!r} can no longer be coded by {codec}")
     return _Stored(name, tuple(int(v) for v in w.shape), coded), sqnr_db(w, coded.decoded)
@@ -550,7 +561,7 @@ class AutoEncoder:
         group_bytes = {g: cfg.codebook_bytes() for g, cfg in plan.configs.items()}
         self.choice, self.lam = choose(cands, budget.bytes, group_bytes, shares, lam0) if cands else ({}, 0.0)
         self.report = _report(cands, self.choice, self.lam, shares)
-        group_of = {n: str(o.setting) for n, o in self.choice.items() if o.codec == "aq"}
+        group_of = {n: str(o.setting) for n, o in self.choice.items() if o.codec == AQ}
         used = set(group_of.values())
         self._aq.tensors = tensors
         self._aq.plan = Plan({g: c for g, c in plan.configs.items() if g in used}, group_of,
@@ -559,7 +570,7 @@ class AutoEncoder:
 
     @property
     def coded(self) -> list[str]:
-        return [n for n, o in self.choice.items() if o.codec != "raw"]
+        return [n for n, o in self.choice.items() if o.codec != RAW]
 
     @property
     def groups(self) -> dict[str, list[str]]:
@@ -572,9 +583,9 @@ class AutoEncoder:
     def task(self, name: str, share: Any) -> tuple[Any, tuple[Any, ...]]:
         from . import lattice
         o = self.choice[name]
-        if o.codec == "aq":
+        if o.codec == AQ:
             return self._aq.task(name, share)
-        if o.codec == "lattice":
+        if o.codec == LATTICE:
             step = np.float32(2.0 ** (int(o.setting) / STEPS_PER_OCTAVE))
             return lattice._code_and_measure, (name, step, self._lattice.tensor_seed(name),
                                                self._lattice.axes.get(name))
@@ -584,7 +595,7 @@ class AutoEncoder:
         if isinstance(encoded, _Stored):
             return encoded.coded.decoded
         codec = self.choice[encoded.name].codec
-        return (self._aq if codec == "aq" else self._lattice).decode(encoded)
+        return (self._aq if codec == AQ else self._lattice).decode(encoded)
 
     def write_shared(self, writer: Any) -> None:
         self._aq.write_shared(writer)
@@ -592,7 +603,7 @@ class AutoEncoder:
     def write(self, writer: Any, encoded: Any, dtype: str) -> None:
         if isinstance(encoded, _Stored):
             encoded.coded.write(writer, encoded.name, encoded.shape, dtype)
-        elif self.choice[encoded.name].codec == "aq":
+        elif self.choice[encoded.name].codec == AQ:
             self._aq.write(writer, encoded, dtype)
         else:
             self._lattice.write(writer, encoded, dtype)

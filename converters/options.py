@@ -25,13 +25,14 @@ from aqformat.errors import AqmInputError
 from aqformat.units import parse_size
 
 __all__ = ["SearchEffort", "AQConfig", "EncoderOptions", "ConvertOptions", "FinetuneOptions", "GROUPINGS", "CODECS",
-           "ENCODERS", "DEFAULT_CODEC", "DEFAULT_MIN_ELEMENTS"]
+           "AUTO", "ENCODERS", "DEFAULT_CODEC", "DEFAULT_MIN_ELEMENTS"]
 
 GROUPINGS = ("shared", "per-layer", "by-kind")  # codebook sharing across tensors
 # The encoders a conversion can use: codec name -> "module:class" in aqformat.converters
 # (the interface is aqformat.converters.encoders.TensorEncoder).
+AUTO = "auto"  # not a codec of the format: the per-tensor choice among them (codec_choice.py)
 ENCODERS = {aq_codec.NAME: "aq_encode:AQEncoder", lattice_codec.NAME: "lattice:LatticeEncoder",
-            "auto": "codec_choice:AutoEncoder"}
+            AUTO: "codec_choice:AutoEncoder"}
 CODECS = tuple(ENCODERS)
 DEFAULT_CODEC = aq_codec.NAME
 DEFAULT_MIN_ELEMENTS = 4096
@@ -247,11 +248,11 @@ class ConvertOptions:
             raise AqmInputError(f"grouping must be one of {', '.join(GROUPINGS)}, not {self.grouping!r}")
         if self.codec not in CODECS:
             raise AqmInputError(f"codec must be one of {', '.join(CODECS)}, not {self.codec!r}")
-        if self.codec_for and self.codec != "auto":
+        if self.codec_for and self.codec != AUTO:
             raise AqmInputError("--codec-for forces codecs within the per-tensor choice: use it with --codec auto")
-        if self.codec in (aq_codec.NAME, "auto"):
+        if self.codec == aq_codec.NAME or self.codec == AUTO:
             self.encoder.config(self.bits_per_weight)  # invalid settings fail before any work
-        if self.codec == "auto" and self.permute:
+        if self.codec == AUTO and self.permute:
             raise AqmInputError("--permute is an AQ option: use it with --codec aq")
         elif self.codec == lattice_codec.NAME and (self.target_size is not None or self.allocate or self.permute):
             raise AqmInputError("the lattice codec codes every tensor at one rate: "

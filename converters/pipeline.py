@@ -35,7 +35,7 @@ from aqformat.writer import Writer
 from .affine import AffinePlan
 from .encoders import TensorEncoder
 from .half import kept_format, write_kept
-from .options import AQConfig, ConvertOptions, EncoderOptions, FinetuneOptions
+from .options import AUTO, AQConfig, ConvertOptions, EncoderOptions, FinetuneOptions
 from .parallel import Executor, Task, ordered
 from .planning import ModelTensors, plan_small, select_tensors, size_budget
 from .progress import Progress
@@ -237,7 +237,7 @@ def _model_tensors(source: Source, opts: ConvertOptions, axes: dict[str, Any],
     def load(name: str) -> np.ndarray:
         return to_float32(source.load(name), by_name[name].dtype)
 
-    auto = opts.codec == "auto"
+    auto = opts.codec == AUTO
     if auto:  # tensors a --codec-for pattern names join the choice, whatever their size
         from .codec_choice import auto_budget, forced_names
         compress = compress + forced_names(specs, compress, opts)
