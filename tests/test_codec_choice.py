@@ -134,3 +134,20 @@ def test_estimate_bits_tracks_the_entropy():
     rng = np.random.default_rng(1)
     q = np.rint(rng.laplace(0, 3, (128, 512)) * np.linspace(0.2, 2, 128)[:, None]).astype(np.int16)
     assert estimate_bits(q) / 8 == pytest.approx(len(rans.encode(q)), rel=0.05)
+
+
+def test_allocate_without_calibration_gives_large_weights_the_bits(tmp_path):
+    """Data-free --allocate weighs every weight's squared error alike: of two tensors alike but for a
+    factor of 1000 in scale, the large one gets the wider code (each tensor's relative error, the rule
+    before, saw them as equal)."""
+    from aqformat.converters import from_torch
+    m = torch.nn.Sequential(_linear("gauss", 256, 256), _linear("gauss", 256, 256))
+    with torch.no_grad():
+        m[1].weight.mul_(1e-3)
+    out = tmp_path / "a.aqm"
+    from_torch(m, out, bits=3, allocate=True, grouping="shared", progress=False,
+               encoder={"bits_per_code": 4, "d": 4, "beam": 2, "iters": 1})
+    with aqformat.open(out) as f:
+        books = {g.name: g.M for g in f.codebook_groups}
+        M = {i.name: books[i.group] for i in f.tensors() if i.group is not None}
+    assert M["0.weight"] > M["1.weight"]
