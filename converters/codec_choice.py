@@ -496,8 +496,9 @@ def _check_forced(cands: Sequence[_Candidate], lam: float) -> None:
 def _report(cands: Sequence[_Candidate], choice: Mapping[str, Option], lam: float,
             shares: Mapping[str, float]) -> dict[str, list[Any]]:
     """Why each tensor got its codec: ``name -> [codec, setting, bytes, error, {other codec: [bytes,
-    error]}]``, errors relative to the tensor's energy (calibration-weighted where it was), the
-    others each codec's option of least cost at the final ``lam``."""
+    error]}]`` (a lattice setting is its step), errors relative to the tensor's energy
+    (calibration-weighted where it was), the others each codec's option of least cost at the
+    final ``lam``."""
     out: dict[str, list[Any]] = {}
     for c in cands:
         best: dict[str, Option] = {}
@@ -508,7 +509,8 @@ def _report(cands: Sequence[_Candidate], choice: Mapping[str, Option], lam: floa
                     best[o.codec].nbytes + shares.get(best[o.codec].setting, 0.0)):
                 best[o.codec] = o
         o = choice[c.name]
-        out[c.name] = [o.codec, o.setting, o.nbytes, float(f"{o.error / c.energy:.3g}"),
+        setting = f"step {2.0 ** (int(o.setting) / STEPS_PER_OCTAVE):.4g}" if o.codec == LATTICE else o.setting
+        out[c.name] = [o.codec, setting, o.nbytes, float(f"{o.error / c.energy:.3g}"),
                        {k: [v.nbytes, float(f"{v.error / c.energy:.3g}")] for k, v in best.items() if k != o.codec}]
     return out
 
