@@ -353,7 +353,7 @@ def choose(cands: Sequence[_Candidate], budget: int, group_bytes: Mapping[str, i
 def _nearby(c: _Candidate) -> list[Option]:
     """``c``'s options the filling pass weighs: its measured ones and the lattice grid steps
     around its last best."""
-    lattice = [_lattice_at(c, k) for k in range(c.k - 3, c.k + 4)] if c.allowed(LATTICE) else []
+    lattice = [_lattice_at(c, k) for k in range(c.k - 8, c.k + 9)] if c.allowed(LATTICE) else []
     return [*c.options, *(o for o in lattice if o is not None)]
 
 
