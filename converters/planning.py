@@ -325,8 +325,9 @@ def _allocate(budget: Budget, configs: dict[str, AQConfig], members: dict[str, l
     own energy ``tr(W H W^T)``, scaled by the median sensitivity-weighted energy of the
     others so both kinds compare (measured on MiniLM: absolute errors starve sensitive
     layers). Without calibration no tensor has ``S`` and every weight's squared error counts
-    alike: equal distortion per weight, the reverse water-filling of ``--codec auto``
-    (the relative error per tensor, used before, sent a mobile OCR model to 0.00 accuracy)."""
+    alike: equal distortion per weight, the reverse water-filling of ``--codec auto``, in place
+    of each tensor's relative error (issue 21 reports that rule at 0.00 accuracy on a mobile OCR
+    model; on ddddocr's common.onnx at 4 bits both rules read 58-59 of 60 strings as the original)."""
     import torch
 
     from .allocate import allocate
