@@ -61,12 +61,17 @@ def test_session_options_of_the_wrong_type(tmp_path):
         InferenceSession(mlp_file(tmp_path / "m.aqm"), "x")
 
 
-def test_load_torch_arguments(tmp_path):
-    m = torch.nn.Linear(4, 3)
-    path = tmp_path / "t.aqm"
+def _saved(m: torch.nn.Module, path) -> str:
+    """``m``'s state_dict written raw to ``path``."""
     with aqformat.Writer(path) as w:
         for k, v in m.state_dict().items():
             w.add_tensor(k, v.numpy())
+    return path
+
+
+def test_load_torch_arguments(tmp_path):
+    m = torch.nn.Linear(4, 3)
+    path = _saved(m, tmp_path / "t.aqm")
     with pytest.raises(AqmInputError, match="model must be a torch.nn.Module, got dict"):
         load_torch(path, model={})
     for device in ["bogus", 5.5, "cpu:x"]:
@@ -79,11 +84,7 @@ def test_load_torch_arguments(tmp_path):
 @pytest.mark.parametrize("resident", ["decoded", "compressed"])
 def test_load_torch_on_cuda_without_cuda(tmp_path, resident):
     """torch built without CUDA raises a bare AssertionError; loading says what is wrong in one line."""
-    m = torch.nn.Linear(64, 64)
-    path = tmp_path / "t.aqm"
-    with aqformat.Writer(path) as w:
-        for k, v in m.state_dict().items():
-            w.add_tensor(k, v.numpy())
+    path = _saved(torch.nn.Linear(64, 64), tmp_path / "t.aqm")
     with pytest.raises(AqmInputError, match="device 'cuda' is not usable here"):
         load_torch(path, model=torch.nn.Linear(64, 64), device="cuda", resident=resident)
 
