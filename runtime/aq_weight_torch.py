@@ -57,11 +57,15 @@ class DeviceAQWeight:
 
     def matrix_rows(self, r0: int, r1: int) -> torch.Tensor:
         """Rows ``r0 .. r1`` of the matrix view, scaled, columns still permuted (float32, new)."""
-        d = self.codebooks.shape[2]
+        return self._rows(slice(r0, r1))
+
+    def _rows(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        """Matrix rows ``rows`` (a slice or an index tensor), decoded and scaled, columns still permuted."""
+        M, _, d = self.codebooks.shape
         nch = -(-self.host.cols // d)
-        codes = self.codes[:, r0 * nch:r1 * nch].long()
-        w = codeword_sum(self.codebooks, codes).reshape(r1 - r0, nch * d)[:, :self.host.cols]
-        return w * self.scale[r0:r1, None] if self.scale is not None else w
+        codes = self.codes.reshape(M, self.host.rows, nch)[:, rows].reshape(M, -1).long()
+        w = codeword_sum(self.codebooks, codes).reshape(-1, nch * d)[:, :self.host.cols]
+        return w * self.scale[rows, None] if self.scale is not None else w
 
     def decode(self) -> torch.Tensor:
         """The whole float32 tensor on the device, newly allocated."""
@@ -96,10 +100,5 @@ class DeviceAQWeight:
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ``ids`` (each in ``[0, rows)``) of a 2-D tensor stored without axes: ``ids.shape + (cols,)``."""
         used, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
-        d, M = self.codebooks.shape[2], self.codebooks.shape[0]
-        nch = -(-self.host.cols // d)
-        codes = self.codes.reshape(M, self.host.rows, nch)[:, used].reshape(M, -1).long()
-        w = codeword_sum(self.codebooks, codes).reshape(used.numel(), nch * d)[:, :self.host.cols]
-        if self.scale is not None:
-            w = w * self.scale[used, None]
-        return unview(w, (used.numel(), self.host.cols), None, self.inv_perm)[inverse].reshape(*ids.shape, self.host.cols)
+        w = unview(self._rows(used), (used.numel(), self.host.cols), None, self.inv_perm)
+        return w[inverse].reshape(*ids.shape, self.host.cols)
