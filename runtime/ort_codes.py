@@ -230,9 +230,49 @@ def plan_codes(model_bytes: bytes, stubs: Mapping[str, Stub], aq_weights: Mappin
         done = {id(n) for n in seg + ready}
         pending = [n for n in rest if id(n) not in done]
 
+    _sink(steps, reads, {o.name for o in g.output})
     drop = _wire(steps, stubs.keys(), aq_weights.keys(), inline.keys(), {o.name for o in g.output})
     del model.graph.node[:]
     return CodesPlan(steps, list(g.input), list(g.output), drop, model, dict(aq_weights), limit)
+
+
+def _sink(steps: list[Segment | HostStep], reads: Mapping[int, set[str]], graph_out: set[str]) -> None:
+    """Move each node that reads no AQ weight into the segment of its first consumer.
+
+    The greedy cut puts a node in the first segment that can run it, so the
+    shape arithmetic of the whole graph (``Shape``, ``Gather``, ``Concat``...)
+    lands in one early segment, and its hundreds of small results cross every
+    later cut as outputs and inputs. Placed next to its consumers, it stays
+    inside the subgraph ONNX Runtime optimises as one.
+    """
+    consumers: dict[str, list[int]] = {}
+    for i, s in enumerate(steps):
+        for node in s.nodes if isinstance(s, Segment) else [s.node]:
+            for name in used_names(node):
+                consumers.setdefault(name, []).append(i)
+    last_segment = [max((j for j in range(i + 1) if isinstance(steps[j], Segment)), default=-1)
+                    for i in range(len(steps))]  # the latest segment at or before each step
+    for i in reversed(range(len(steps))):
+        s = steps[i]
+        if not isinstance(s, Segment):
+            continue
+        stay = []
+        for node in reversed(s.nodes):  # consumers first, so a chain of such nodes moves together
+            uses = [j for o in node.output if o for j in consumers.get(o, [])]
+            target = i
+            if uses and not reads.get(id(node)) and not any(o in graph_out for o in node.output):
+                first = min(uses)
+                target = first if isinstance(steps[first], Segment) else last_segment[first - 1]
+            if target > i:
+                # in front of the target's nodes: they, and nodes moved there already, may read it
+                steps[target].nodes.insert(0, node)
+                for name in used_names(node):
+                    consumers[name].remove(i)
+                    consumers[name].append(target)
+            else:
+                stay.append(node)
+        s.nodes[:] = stay[::-1]
+    steps[:] = [s for s in steps if not isinstance(s, Segment) or s.nodes]
 
 
 def _wire(steps: list[Segment | HostStep], stubs: Any, coded: Any, inline: Any, graph_out: set[str]) -> list[list[str]]:

@@ -51,12 +51,12 @@ def test_kernel_bit_identical_to_numpy(M, bits, d, cols, scaled, threads):
     scale = rng.uniform(0.1, 3, rows).astype(np.float32) if scaled else None
     kernels.set_threads(threads)
     try:
-        kd_min = kd._MIN_TASK_VALUES
-        kd._MIN_TASK_VALUES = 64  # split even these small matrices over the threads
+        kd_min = kd._MIN_TASK_ADDS
+        kd._MIN_TASK_ADDS = 64  # split even these small matrices over the threads
         got = kd.decode_rows(codes, cb, scale, cols)
         part = kd.decode_rows(codes, cb, scale, cols, np.empty((100, cols), np.float32), row_start=150)
     finally:
-        kd._MIN_TASK_VALUES = kd_min
+        kd._MIN_TASK_ADDS = kd_min
         kernels.set_threads(None)
     ref = _reference(codes, cb, scale, cols)
     assert got.tobytes() == ref.tobytes()

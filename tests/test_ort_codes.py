@@ -146,6 +146,33 @@ def test_budget_bounds_the_weights_decoded_at_once(files, budget):
         _close(s.run(None, feeds), ref.run(None, feeds))
 
 
+def test_shape_arithmetic_runs_beside_its_consumer(tmp_path):
+    """A node reading no AQ weight runs in the segment of its first consumer, not the first that could.
+
+    ``Shape(x)`` could run first, but only the last ``Reshape`` reads it: run
+    early, its result would cross the cut as an extra output and input.
+    """
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array((rng.standard_normal(s) / 6).astype(np.float32), n)
+             for n, s in (("w1", (32, 64)), ("w2", (64, 32)))]
+    nodes = [helper.make_node("Shape", ["x"], ["s"]),
+             helper.make_node("MatMul", ["x", "w1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["o"]),
+             helper.make_node("Reshape", ["o", "s"], ["y"])]
+    g = helper.make_graph(nodes, "shape", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", 32])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    path = str(tmp_path / "shape.aqm")
+    build_aqm(model, path, min_aq=100)
+    feeds = {"x": rng.standard_normal((5, 32)).astype(np.float32)}
+    with InferenceSession(path, resident="compressed", memory_budget=32 * 64 * 4) as s:
+        first, second = s.codes_plan.segments
+        assert [n.op_type for n in first.nodes] == ["MatMul"] and first.outputs == ["h"]
+        assert [n.op_type for n in second.nodes] == ["Shape", "Relu", "MatMul", "Reshape"]
+        _close(s.run(None, feeds), ort.InferenceSession(reference_model(model, path)).run(None, feeds))
+
+
 @pytest.mark.slow
 def test_minilm_codes_resident_matches_decoded(tmp_path):
     """MiniLM's ONNX export: the compressed session agrees with the decoded one and holds codes, not weights."""
