@@ -67,12 +67,14 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     print(f"{summary}{src}" + ("; replaced the existing file" if replaced else ""))
     if args.verbosity >= 1:
         print(f"threads: {threads}")
-        group_of = {n: g for g, names in summary.groups.items() for n in names}
+        from aqformat import open as open_aqm
+        with open_aqm(summary.path) as f:  # each tensor's codec as written, whichever chose it
+            stored = {t.name: f"{t.codec} {t.group}" if t.group else t.codec for t in f.tensors()}
         width = max([len(n) for n in summary.compressed + summary.raw] + [6])
         print(f"{'tensor':<{width}}  {'stored as':<24} weight SQNR")
         for n in summary.compressed + summary.raw:
             sqnr = summary.weight_sqnr_db.get(n)
-            how = f"affine {summary.affine_bits[n]}-bit" if n in summary.affine_bits else group_of.get(n, "raw")
+            how = f"affine {summary.affine_bits[n]}-bit" if n in summary.affine_bits else stored.get(n, "raw")
             print(f"{n:<{width}}  {how:<24} "
                   + (f"{sqnr:.1f} dB" if sqnr is not None else "exact"))
     return 0

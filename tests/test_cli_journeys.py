@@ -9,6 +9,7 @@ conversion is marked slow.
 from __future__ import annotations
 
 import json
+import re
 import os
 import stat
 import subprocess
@@ -82,6 +83,8 @@ def test_torch_cnn_journey(work, capsys):
     rc, out, err = aqm("convert", work / "cnn.pt", "-o", work / "wrong.onnx", "-v", *FAST)
     assert rc == 0 and "aqm: warning: -o " in err and "`aqm export` writes ONNX" in err
     assert "threads: " in out and "weight SQNR" in out and "\n9.weight " in out  # per-tensor detail
+    rc, out, err = aqm("convert", work / "cnn.pt", "-o", work / "lattice.aqm", "-v", "--codec", "lattice", *FAST)
+    assert rc == 0 and re.search(r"\n9\.weight +lattice ", out)  # each tensor's codec as written
 
     # aqm-info: every tensor with its stored bytes and offset; metadata as JSON
     rc, out, err = aqm("info", out_path)
