@@ -155,7 +155,8 @@ class AffinePlan:
     :class:`AffineTensor`, or with calibration a float16 copy
     (:class:`~aqformat.converters.half.HalfTensor`, same interface); ``nbytes``
     every candidate's planned bytes in the file (its section, and a coded
-    record's extra header bytes); ``budget`` the bytes it was planned in.
+    record's extra header bytes), and those of the tensors ``--keep`` holds at
+    16 bits; ``budget`` the bytes it was planned in.
     """
 
     coded: dict[str, Any] = field(default_factory=dict)

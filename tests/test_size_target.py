@@ -104,6 +104,26 @@ def test_a_target_lands_within_two_percent_under_or_names_the_nearest_sizes(tmp_
     assert f"; target {typed}: " in line and "% under" in line
 
 
+def test_a_target_counts_tensors_kept_at_16_bits_at_their_stored_size(tmp_path, capsys):
+    """``--keep PATTERN:fp16`` tensors take 2 bytes a weight in the budget, not 4: the file lands just under."""
+    torch.save(mlp().state_dict(), tmp_path / "m.pt")
+    out = tmp_path / "m.aqm"
+    args = ["convert", str(tmp_path / "m.pt"), "-o", str(out), "--beam", "2", "--iters", "2",
+            "--keep", "0.weight:fp16", "--target-size"]
+    typed = "250kB"  # 0.weight: 131 kB at 16 bits, 262 kB counted at 32
+    rc = aqm_main(args + [typed])
+    if rc != 0:
+        err = capsys.readouterr().err
+        assert rc == 2 and "cannot be met within 2%" in err, err
+        typed = err.split("the nearest sizes this model takes are ")[1].split(" and ")[0].split(";")[0]
+        typed = typed.replace(" ", "")
+        assert aqm_main(args + [typed]) == 0
+    target = aqformat.units.parse_size(typed)
+    assert 0.98 * target <= os.path.getsize(out) <= target, (os.path.getsize(out), target)
+    with aqformat.open(out) as f:
+        assert f.info("0.weight").codec == "half"
+
+
 def test_allocate_with_by_kind_codebooks_on_a_small_model(tmp_path):
     """One set of codebooks per layer kind can outweigh a small model's codes (the groups where
     they outweigh them go to the affine codec): the error says what works, and shared codebooks do."""
