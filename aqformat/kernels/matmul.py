@@ -28,8 +28,10 @@ from . import compile_kernel, run_parallel, threads
 from .decode import _vectors8, _vectors8_m
 
 _FASTMATH = frozenset({"reassoc", "contract", "nsz"})  # vectorised dot products (sums in another order)
-# rows per task when several threads share one product: enough work to amortise a task's start
-_MIN_TASK_VALUES = 1 << 16
+# weights per task when several threads share one product. On the 2-core EPYC, at M = 2, a second
+# thread made every MiniLM shape (384..1536 x 384..1536, 1 to 16 input rows) slower, by the 20-25 us
+# a task's start costs; 1024 x 1024 too (0.85x at one input row), 4096 x 1024 faster (1.32x).
+_MIN_TASK_VALUES = 1 << 21
 
 
 def _decode_matmul_block(x, codes, cb, scale, has_scale, r0, r1, y):  # pragma: no cover - compiled by numba
