@@ -6,7 +6,8 @@ BatchNorm in inference mode is ``y = s * (x - mean) + beta`` per output channel,
 so the codec spends its error where the model's output sees it (a channel that BatchNorm
 scales by 10 no longer has its weight error multiplied by 10 after coding).
 
-* ONNX graphs (:func:`fold_onnx`): the BatchNormalization node is removed, the Conv or Gemm
+* ONNX graphs (:func:`fold_onnx`): the BatchNormalization node is removed, the Conv,
+  ConvTranspose or Gemm
   takes its output name, its weight is scaled and its bias added or updated.
 * PyTorch modules (:func:`fold_torch`): the module keeps its structure, so the file still loads
   into the same code: the convolution's weight and bias are scaled, and the BatchNorm is left
@@ -18,6 +19,7 @@ Only patterns whose result is provably the same function are folded; anything el
 it is: a layer output read by another node besides the BatchNorm, a weight or bias shared with
 another layer (or a graph input, which a caller may override), BatchNorm in training mode or
 without running statistics, non-float32 ONNX tensors, a Gemm bias that is not per channel,
+a grouped ConvTranspose (its output channels are spread over the weight's first two axes),
 and, for torch, Linear or Conv1d before ``BatchNorm1d`` unless a calibration input shows the
 layer's output rank (BatchNorm1d's channel axis depends on it, and a trace does not know it).
 """
@@ -175,7 +177,7 @@ def _onnx_pair(bn: Any, producer: dict[str, Any], uses: Counter, array: Any) -> 
     if _attr(bn, "training_mode", 0) or not _attr(bn, "spatial", 1) or any(o for o in bn.output[1:]):
         return None
     layer = producer.get(bn.input[0])
-    if layer is None or layer.domain not in ("", "ai.onnx") or layer.op_type not in ("Conv", "Gemm"):
+    if layer is None or layer.domain not in ("", "ai.onnx") or layer.op_type not in ("Conv", "ConvTranspose", "Gemm"):
         return None
     if uses[bn.input[0]] != 1 or len(layer.output) != 1:  # the layer's output feeds the BatchNorm alone
         return None
@@ -193,10 +195,12 @@ def _onnx_pair(bn: Any, producer: dict[str, Any], uses: Counter, array: Any) -> 
     if s is None or not all(p.shape == s.shape == (s.size,) for p in (gamma, beta, mean, var)):
         return None
     c = s.size
-    if layer.op_type == "Conv":
-        if w.ndim < 3 or w.shape[0] != c:
+    if layer.op_type in ("Conv", "ConvTranspose"):
+        # Conv weights are [C_out, C_in/group, k...]; ConvTranspose's [C_in, C_out/group, k...]
+        axis = 0 if layer.op_type == "Conv" else 1
+        if w.ndim < 3 or w.shape[axis] != c or (axis == 1 and _attr(layer, "group", 1) != 1):
             return None
-        axis, bias = 0, (np.zeros(c) if b is None else b.astype(np.float64))
+        bias = np.zeros(c) if b is None else b.astype(np.float64)
         if bias.shape != (c,):
             return None
     else:  # Gemm: Y = alpha * A @ op(B) + beta * C, channel j is op(B)[:, j]
@@ -267,7 +271,9 @@ def _fold_torch_pair(module: Any, w_name: str, b_name: str | None, bn_name: str)
     w = module.get_parameter(w_name)
     s = torch.from_numpy(_scale(None if bn.weight is None else bn.weight.detach().cpu().numpy(),
                                 bn.running_var.detach().cpu().numpy(), bn.eps).copy())
-    w.copy_((w.double() * s.reshape(-1, *[1] * (w.dim() - 1)).to(w.device)).to(w.dtype))
+    shape = [1] * w.dim()
+    shape[_channel_axis(module, w_name)] = -1
+    w.copy_((w.double() * s.reshape(shape).to(w.device)).to(w.dtype))
     if b_name is not None:
         b = module.get_parameter(b_name)
         b.copy_((b.double() * s.to(b.device)).to(b.dtype))
@@ -275,6 +281,13 @@ def _fold_torch_pair(module: Any, w_name: str, b_name: str | None, bn_name: str)
     bn.running_var.fill_(1.0 - bn.eps)
     if bn.weight is not None:
         bn.weight.fill_(1.0)
+
+
+def _channel_axis(module: Any, w_name: str) -> int:
+    """The output-channel axis of weight ``w_name``: 1 for a ConvTranspose module's, else 0."""
+    import torch
+    owner = module.get_submodule(w_name.rpartition(".")[0])
+    return 1 if isinstance(owner, torch.nn.modules.conv._ConvTransposeNd) else 0
 
 
 def _torch_pairs(module: Any, probe: Callable[[Any], Any] | None) -> list[tuple[str, str | None, str]]:
@@ -302,7 +315,7 @@ def _torch_pairs(module: Any, probe: Callable[[Any], Any] | None) -> list[tuple[
             sub = module.get_submodule(node.target)
             uses.update(id(t) for t in list(sub.parameters()) + list(sub.buffers()))
     bn_types = {nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d, nn.Conv1d: nn.BatchNorm1d,
-                nn.Linear: nn.BatchNorm1d}
+                nn.Linear: nn.BatchNorm1d, nn.ConvTranspose2d: nn.BatchNorm2d, nn.ConvTranspose3d: nn.BatchNorm3d}
     out, ranked = [], {}  # ranked: batchnorm -> its BatchNorm1d layer, whose output rank must be checked
     for node in graph.nodes:
         if node.op != "call_module" or type(module.get_submodule(node.target)) not in bn_types.values():
@@ -321,7 +334,11 @@ def _torch_pairs(module: Any, probe: Callable[[Any], Any] | None) -> list[tuple[
         bn_tensors = [t for t in (bn.weight, bn.bias, bn.running_mean, bn.running_var) if t is not None]
         if any(uses[id(t)] != 1 for t in [w, *([b] if b is not None else []), *bn_tensors]):
             continue
-        if w.shape[0] != bn.num_features or not w.is_floating_point() \
+        sub = module.get_submodule(layer.target) if layer.op == "call_module" else None
+        axis = 1 if isinstance(sub, nn.modules.conv._ConvTransposeNd) else 0
+        if axis and sub.groups != 1:
+            continue  # a grouped ConvTranspose spreads its output channels over two axes
+        if w.shape[axis] != bn.num_features or not w.is_floating_point() \
                 or _scale(None, bn.running_var.detach().cpu().numpy(), bn.eps) is None:
             continue
         out.append((names[id(w)], names[id(b)] if b is not None else None, node.target))

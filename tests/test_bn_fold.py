@@ -177,6 +177,20 @@ def test_onnx_batchnorm_parameters_read_through_identity_nodes_fold(tmp_path):
     np.testing.assert_allclose(_run(folded.onnx_model, x)[0], ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("group", [1, 2])
+def test_onnx_conv_transpose_batchnorm_folds_on_the_output_channel_axis_unless_grouped(group):
+    """ConvTranspose weights are ``[C_in, C_out/group, k, k]``: BatchNorm scales axis 1. Grouped, the
+    output channels span both axes, and the pair is left unfolded."""
+    bn, inits = _bn("bn", "t", "y", 16)
+    inits += [_init("wt", 4, 16 // group, 3, 3), _init("bt", 16)]
+    model = _model([helper.make_node("ConvTranspose", ["x", "wt", "bt"], ["t"], pads=[1, 1, 1, 1], group=group),
+                    bn], inits, ["y"])
+    x = _x()
+    ref = _run(model, x)[0]
+    assert _folded_names(model) == ({"bn"} if group == 1 else set())
+    np.testing.assert_allclose(_run(model, x)[0], ref, rtol=1e-4, atol=1e-4)  # folded in place
+
+
 def test_onnx_gemm_with_a_full_bias_matrix_is_not_folded():
     node, ts = _bn("bn", "f", "g", 6)
     model = _model([helper.make_node("Flatten", ["x"], ["fl"]), helper.make_node("Gemm", ["fl", "w", "c"], ["f"]),
@@ -247,6 +261,17 @@ def test_torch_conv_batchnorm_pairs_fold_to_the_same_outputs_and_the_module_is_u
     folded = src.module.state_dict()
     assert torch.all(folded["b0.weight"] == 1) and torch.allclose(folded["b0.running_var"], torch.tensor(1 - 1e-5))
     assert torch.equal(folded["b4.running_var"], state["b4.running_var"])
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_torch_conv_transpose_batchnorm_folds_on_the_output_channel_axis_unless_grouped(groups):
+    net = _randomise_bn(torch.nn.Sequential(torch.nn.ConvTranspose2d(4, 8, 3, stride=2, groups=groups),
+                                            torch.nn.BatchNorm2d(8)))
+    src = fold_source(torch_source(net))
+    assert src.info.get(FOLDED_KEY, []) == ([["0.weight", "1"]] if groups == 1 else [])
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(src.module(x), net(x), rtol=1e-4, atol=1e-4)
 
 
 class ConvBN(torch.nn.Module):
