@@ -192,7 +192,8 @@ def size_budget(specs: list[TensorSpec], compress: list[str], opts: ConvertOptio
 
     def reach(grouping: str, other_bytes: int = 0) -> Reach:
         return size_target.reach(shapes, axes, group_tensors(eligible, grouping, shapes), raw, b=uniform.b,
-                                 d=uniform.d, other_bytes=other_bytes, permute=opts.permute, header_known=known)
+                                 d=uniform.d, other_bytes=other_bytes, permute=opts.permute, header_known=known,
+                                 small=len(small.coded))
     if opts.target_size is not None:
         from .onnx_graph import stored_graph_bytes
         r = reach(opts.grouping, stored_graph_bytes(graph_model, set(raw)) if graph_model is not None else 0)

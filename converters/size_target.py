@@ -43,13 +43,28 @@ def reserved_bytes(n_tensors: int) -> int:
     return 1024 + 224 * n_tensors
 
 
-def header_bytes(names: Sequence[str], known: int = 0) -> tuple[int, int]:
+#: Header bytes per tensor beyond its name, by how it is stored: its record, its sections'
+#: records (about 53 bytes each) and their padding to 64 bytes (about 17 on average). Fitted on
+#: converter output (the digits CNN, silero-vad, EfficientNet-Lite0 at 3 and 4 bits: 10 to 93
+#: tensors) within 140 bytes.
+RAW_TENSOR_BYTES = 116     # one section
+SMALL_TENSOR_BYTES = 140   # affine or float16: codec fields, one section
+AQ_TENSOR_BYTES = 224      # codec fields, the codes' and the row scales' sections
+GROUP_BYTES = 120          # a codebook group's record and section
+BASE_BYTES = 400           # preamble, the conversion's metadata, the header's framing
+HEADER_MARGIN = 250        # each bound's margin beyond the estimate
+
+
+def header_bytes(names: Sequence[str], known: int = 0, coded: int = 0, small: int = 0,
+                 groups: int = 0) -> tuple[int, int]:
     """Bounds ``(low, high)`` of the bytes of header, metadata and section padding of a file
-    holding tensors ``names``, ``known`` of them already counted (e.g. the source's description):
-    about 450 + 130 per tensor + its name, measured on files of 8 to 104 tensors within
-    -110..+520 bytes (a size target lands between the target and 2% under, so both count)."""
-    estimate = 450 + known + sum(130 + len(n.encode("utf-8")) for n in names)
-    return estimate - 150, estimate + 600
+    holding tensors ``names``, ``known`` of them already counted (e.g. the source's description),
+    ``coded`` of the tensors offered to AQ (each may yet stay raw), ``small`` coded by the affine
+    codec or at 16 bits and the rest raw, with ``groups`` codebook groups. A size target lands
+    between the target and 2% under, so both bounds count."""
+    base = BASE_BYTES + known + sum(len(n.encode("utf-8")) for n in names) + GROUP_BYTES * groups \
+        + RAW_TENSOR_BYTES * (len(names) - coded - small) + SMALL_TENSOR_BYTES * small
+    return base + RAW_TENSOR_BYTES * coded - HEADER_MARGIN, base + AQ_TENSOR_BYTES * coded + HEADER_MARGIN
 
 
 @dataclass(frozen=True)
@@ -118,7 +133,7 @@ class Reach:
 
 def reach(shapes: Mapping[str, Sequence[int]], axes: Mapping[str, Sequence[int] | None],
           groups: Mapping[str, Sequence[str]], raw_bytes: Mapping[str, int], *, b: int = 8, d: int = 8,
-          other_bytes: int = 0, permute: bool = False, header_known: int = 0) -> Reach:
+          other_bytes: int = 0, permute: bool = False, header_known: int = 0, small: int = 0) -> Reach:
     """The sizes reachable by a model.
 
     Parameters
@@ -137,8 +152,11 @@ def reach(shapes: Mapping[str, Sequence[int]], axes: Mapping[str, Sequence[int] 
         Coded tensors store a column permutation.
     header_known : int
         Header bytes known in advance (the source's description).
+    small : int
+        How many of the other tensors the affine codec or a 16-bit copy stores.
     """
     members = {n for names in groups.values() for n in names}
+    header = header_bytes(list(raw_bytes), header_known, len(members), small, len(groups))
     coded, code_bits, books = {}, {}, {}
     options: dict[str, dict[str, int]] = {n: {"raw": raw_bytes[n]} for n in members}
     for M in range(1, MAX_CODE_BITS * d // b + 1):
@@ -151,8 +169,7 @@ def reach(shapes: Mapping[str, Sequence[int]], axes: Mapping[str, Sequence[int] 
             + len(groups) * cfg.codebook_bytes()
         code_bits[M] = cfg.code_bits
     return Reach(coded, code_bits, fixed=other_bytes + sum(v for n, v in raw_bytes.items() if n not in members),
-                 raw=sum(raw_bytes[n] for n in members), header=header_bytes(list(raw_bytes), header_known)[1],
-                 header_low=header_bytes(list(raw_bytes), header_known)[0], reserve=reserved_bytes(len(raw_bytes)),
+                 raw=sum(raw_bytes[n] for n in members), header=header[1], header_low=header[0], reserve=reserved_bytes(len(raw_bytes)),
                  weights=sum(math.prod(shapes[n]) for n in members), options=options, books=books)
 
 
@@ -235,10 +252,12 @@ def _landing(r: Reach, target: int) -> tuple[int, int | None]:
 
 
 def _lands(r: Reach, filled: int, target: int) -> bool:
-    """Whether a file of ``filled`` bytes of compressible tensors may land within
-    :data:`LANDING` under ``target``: with the largest header it may have (on files of a few
-    kB the header's uncertainty is wider than the window; the summary tells where it landed)."""
-    return r.header + r.fixed + filled >= (1 - LANDING) * target
+    """Whether a file of ``filled`` bytes of compressible tensors lands within :data:`LANDING`
+    under ``target``, by the header's estimate (its high bound less the margin). Where the window
+    is narrower than the estimate's margins (files of a few kB), by the high bound: no target
+    could be promised otherwise (the summary tells where the file landed)."""
+    narrow = LANDING * target < 2 * HEADER_MARGIN
+    return r.header - (0 if narrow else HEADER_MARGIN) + r.fixed + filled >= (1 - LANDING) * target
 
 
 def _file_bytes(r: Reach, filled: int) -> int:
