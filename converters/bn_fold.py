@@ -272,7 +272,7 @@ def _fold_torch_pair(module: Any, w_name: str, b_name: str | None, bn_name: str)
     s = torch.from_numpy(_scale(None if bn.weight is None else bn.weight.detach().cpu().numpy(),
                                 bn.running_var.detach().cpu().numpy(), bn.eps).copy())
     shape = [1] * w.dim()
-    shape[_channel_axis(module, w_name)] = -1
+    shape[_channel_axis(module.get_submodule(w_name.rpartition(".")[0]))] = -1
     w.copy_((w.double() * s.reshape(shape).to(w.device)).to(w.dtype))
     if b_name is not None:
         b = module.get_parameter(b_name)
@@ -283,10 +283,10 @@ def _fold_torch_pair(module: Any, w_name: str, b_name: str | None, bn_name: str)
         bn.weight.fill_(1.0)
 
 
-def _channel_axis(module: Any, w_name: str) -> int:
-    """The output-channel axis of weight ``w_name``: 1 for a ConvTranspose module's, else 0."""
+def _channel_axis(owner: Any) -> int:
+    """The output-channel axis of the weight of module ``owner`` (None for a functional
+    convolution): 1 for a ConvTranspose's ``[C_in, C_out/groups, k...]``, else 0."""
     import torch
-    owner = module.get_submodule(w_name.rpartition(".")[0])
     return 1 if isinstance(owner, torch.nn.modules.conv._ConvTransposeNd) else 0
 
 
@@ -335,7 +335,7 @@ def _torch_pairs(module: Any, probe: Callable[[Any], Any] | None) -> list[tuple[
         if any(uses[id(t)] != 1 for t in [w, *([b] if b is not None else []), *bn_tensors]):
             continue
         sub = module.get_submodule(layer.target) if layer.op == "call_module" else None
-        axis = 1 if isinstance(sub, nn.modules.conv._ConvTransposeNd) else 0
+        axis = _channel_axis(sub)
         if axis and sub.groups != 1:
             continue  # a grouped ConvTranspose spreads its output channels over two axes
         if w.shape[axis] != bn.num_features or not w.is_floating_point() \

@@ -34,7 +34,7 @@ from aqformat.writer import Writer
 
 from .affine import AffinePlan
 from .encoders import TensorEncoder
-from .half import RECORD_BYTES as HALF_RECORD_BYTES, encode_half, kept_format, write_kept
+from .half import kept_format, write_kept
 from .options import AUTO, AQConfig, ConvertOptions, EncoderOptions, FinetuneOptions
 from .parallel import Executor, Task, ordered
 from .planning import ModelTensors, plan_small, select_tensors, size_budget
@@ -242,12 +242,6 @@ def _model_tensors(source: Source, opts: ConvertOptions, axes: dict[str, Any],
         from .codec_choice import auto_budget, forced_names
         compress = compress + forced_names(specs, compress, opts)
     small, compress = plan_small(specs, compress, opts, axes, load, stored[0], calib)
-    for s in specs:  # a size budget counts the tensors --keep holds at 16 bits at their coded bytes
-        fmt = kept_format(s.name, opts.keep_half)
-        if fmt is not None and s.dtype in ("float32", "float64") and s.name not in small.nbytes:
-            coded = encode_half(load(s.name), fmt)
-            if coded is not None:
-                small.nbytes[s.name] = coded.stored_bytes() + HALF_RECORD_BYTES
     budget = (auto_budget(specs, compress, opts, _graph_bytes(stored[0], specs), _known_bytes(stored[1]), small)
               if auto else size_budget(specs, compress, opts, axes, *stored, small=small))  # before training
     H, S = calibration_stats(calib, compress, sensitivity=opts.target_size is not None or opts.allocate or auto)

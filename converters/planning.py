@@ -38,6 +38,7 @@ from aqformat.errors import AqmInputError
 from . import size_target
 from .options import DEFAULT_MIN_ELEMENTS, AQConfig, ConvertOptions
 from .affine import AffinePlan
+from .half import RECORD_BYTES as HALF_RECORD_BYTES, encode_half, kept_format
 from .progress import Progress
 from .size_target import MAX_CODE_BITS, Budget, Reach
 from .sources import TensorSpec
@@ -114,8 +115,9 @@ def plan_small(specs: Sequence[TensorSpec], compress: list[str], opts: ConvertOp
     kept and not BatchNorm statistics; with the AQ codec, also the tensors of
     ``compress`` that AQ cannot take or whose group's codebooks would outweigh
     their codes (:func:`aqformat.converters.affine.codebook_dominated`) at the
-    nominal rate (:func:`nominal_rate`). With ``calib`` (the conversion's resolved
-    calibration), widths are chosen by predicted output error
+    nominal rate (:func:`nominal_rate`). The plan's ``nbytes`` also holds the coded bytes of
+    the tensors ``--keep`` holds at 16 bits, which a size budget counts. With ``calib``
+    (the conversion's resolved calibration), widths are chosen by predicted output error
     (:func:`aqformat.converters.affine.plan_within`); without it, by relative weight
     error (:func:`aqformat.converters.affine.plan_affine`).
     """
@@ -138,6 +140,12 @@ def plan_small(specs: Sequence[TensorSpec], compress: list[str], opts: ConvertOp
     rate = {**{n: small_bits(bits) for n in small}, **{n: min(bits, 8.0) for n in moved}}
     candidates = {n: (by_name[n].shape, axes.get(n), r, by_name[n].nbytes) for n, r in rate.items()}
     plan_ = plan_within(candidates, load, small_sensitivity(calib, list(candidates)))
+    for s in specs:  # a size budget counts the tensors --keep holds at 16 bits at their coded bytes
+        fmt = kept_format(s.name, opts.keep_half)
+        if fmt is not None and s.dtype in ("float32", "float64") and s.name not in plan_.nbytes:
+            coded = encode_half(load(s.name), fmt)
+            if coded is not None:
+                plan_.nbytes[s.name] = coded.stored_bytes() + HALF_RECORD_BYTES
     gone = set(moved)
     return plan_, [n for n in compress if n not in gone]
 

@@ -245,11 +245,7 @@ def _sink(steps: list[Segment | HostStep], reads: Mapping[int, set[str]], graph_
     later cut as outputs and inputs. Placed next to its consumers, it stays
     inside the subgraph ONNX Runtime optimises as one.
     """
-    consumers: dict[str, list[int]] = {}
-    for i, s in enumerate(steps):
-        for node in s.nodes if isinstance(s, Segment) else [s.node]:
-            for name in used_names(node):
-                consumers.setdefault(name, []).append(i)
+    consumers = _readers(steps)
     last_segment = [max((j for j in range(i + 1) if isinstance(steps[j], Segment)), default=-1)
                     for i in range(len(steps))]  # the latest segment at or before each step
     for i in reversed(range(len(steps))):
@@ -275,13 +271,19 @@ def _sink(steps: list[Segment | HostStep], reads: Mapping[int, set[str]], graph_
     steps[:] = [s for s in steps if not isinstance(s, Segment) or s.nodes]
 
 
-def _wire(steps: list[Segment | HostStep], stubs: Any, coded: Any, inline: Any, graph_out: set[str]) -> list[list[str]]:
-    """Fill each segment's inputs, outputs and lent weights; return the values each step is the last to read."""
-    last_use: dict[str, int] = {}
+def _readers(steps: list[Segment | HostStep]) -> dict[str, list[int]]:
+    """The indices of the steps reading each value, once per reading node."""
+    out: dict[str, list[int]] = {}
     for i, s in enumerate(steps):
         for node in s.nodes if isinstance(s, Segment) else [s.node]:
             for name in used_names(node):
-                last_use[name] = i
+                out.setdefault(name, []).append(i)
+    return out
+
+
+def _wire(steps: list[Segment | HostStep], stubs: Any, coded: Any, inline: Any, graph_out: set[str]) -> list[list[str]]:
+    """Fill each segment's inputs, outputs and lent weights; return the values each step is the last to read."""
+    last_use = {name: max(steps_reading) for name, steps_reading in _readers(steps).items()}
     for i, s in enumerate(steps):
         if not isinstance(s, Segment):
             continue
