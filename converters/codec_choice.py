@@ -134,7 +134,7 @@ def auto_budget(specs: Sequence[Any], compress: Sequence[str], opts: ConvertOpti
         rest = sum(small.nbytes.get(s.name, s.nbytes) for s in specs if s.name not in names)
         header = size_target.header_bytes([s.name for s in specs], known, coded=len(names),
                                           small=len(small.coded))[1]
-        nbytes = int(opts.target_size / 1.002) - header - other_bytes - rest - reserve
+        nbytes = int(opts.target_size / size_target.SLACK) - header - other_bytes - rest - reserve
         rate = 8.0 * nbytes / max(numel, 1)
     else:
         side = [s for s in specs if s.name in small.coded]

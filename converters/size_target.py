@@ -23,14 +23,14 @@ from aqformat.units import format_size, parse_size
 from .allocate import aq_tensor_bytes
 from .options import AQConfig
 
-__all__ = ["LANDING", "MAX_CODE_BITS", "Budget", "Reach", "fullest", "reach", "target_widths", "header_bytes", "reserved_bytes", "allocate_budget",
+__all__ = ["LANDING", "MAX_CODE_BITS", "SLACK", "Budget", "Reach", "fullest", "reach", "target_widths", "header_bytes", "reserved_bytes", "allocate_budget",
            "target_budget"]
 
 #: Widest code searched, in code bits per weight (8 codebooks of 8-bit codes over 8-vectors by
 #: default); budgets between it and the uncompressed model are met by keeping tensors raw.
 MAX_CODE_BITS = 8
 #: Slack kept under a budget for the header estimate (see :func:`reserved_bytes`).
-_SLACK = 1.002
+SLACK = 1.002
 #: A file lands at most this fraction under its target size, or the target is refused.
 LANDING = 0.02
 
@@ -101,7 +101,7 @@ class Reach:
 
     def file_size(self, M: int) -> int:
         """File bytes with every compressible tensor at width ``M`` (the budget's slack included)."""
-        return int((self.header + self.fixed + self.coded[M]) * _SLACK)
+        return int((self.header + self.fixed + self.coded[M]) * SLACK)
 
     @property
     def smallest(self) -> int:
@@ -109,7 +109,7 @@ class Reach:
 
     @property
     def uncompressed(self) -> int:
-        return int((self.header + self.fixed + self.raw) * _SLACK)
+        return int((self.header + self.fixed + self.raw) * SLACK)
 
     def top_width(self, budget: int) -> int:
         """The widest code width (M) at which every compressible tensor fits ``budget`` bytes."""
@@ -212,7 +212,7 @@ def target_budget(target: int, typed: str | int, r: Reach) -> Budget:
     if target >= r.uncompressed:
         raise AqmInputError(f"--target-size {typed} needs no compression: {span}; give a target "
                             f"below {size(r.uncompressed, 'down')}")
-    budget = int(target / _SLACK) - r.header - r.fixed
+    budget = int(target / SLACK) - r.header - r.fixed
     landed, above = _landing(r, target)
     if not _lands(r, landed, target):
         nearest = list(dict.fromkeys(_landable(r, n, typed) or format_size(_file_bytes(r, n), like=str(typed))
@@ -238,7 +238,7 @@ def fullest(nbytes: Mapping[str, Mapping[str, int]], code_bits: Mapping[str, flo
 def target_widths(r: Reach, target: int) -> list[int]:
     """Code widths (M) to train for a file of ``target`` bytes: of the three-width windows
     around the widest uniform width that fits, the one the budget fills best."""
-    budget = int(target / _SLACK) - r.header - r.fixed
+    budget = int(target / SLACK) - r.header - r.fixed
     top = r.top_width(budget)
     windows = [[m for m in (c - 1, c, c + 1) if m in r.coded] for c in (top - 1, top, top + 1)]
     return max((w for w in windows if w), key=lambda w: _fullest(r, w, budget)[0])
@@ -247,7 +247,7 @@ def target_widths(r: Reach, target: int) -> list[int]:
 def _landing(r: Reach, target: int) -> tuple[int, int | None]:
     """Bytes of compressible tensors a ``target`` is filled with, and the next amount above
     it (None if none)."""
-    budget = int(target / _SLACK) - r.header - r.fixed
+    budget = int(target / SLACK) - r.header - r.fixed
     return _fullest(r, target_widths(r, target), budget)
 
 
@@ -262,7 +262,7 @@ def _lands(r: Reach, filled: int, target: int) -> bool:
 
 def _file_bytes(r: Reach, filled: int) -> int:
     """A target a file of ``filled`` bytes of compressible tensors surely fits under."""
-    return int((r.header + r.fixed + filled) * _SLACK)
+    return int((r.header + r.fixed + filled) * SLACK)
 
 
 def _landable(r: Reach, size: int, typed: str | int) -> str | None:
