@@ -12,15 +12,18 @@ codebooks.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from aqformat.codecs.aq import stored_bytes
 from aqformat.errors import AqmInputError
 
 from .options import AQConfig
 
-__all__ = ["aq_tensor_bytes", "allocate"]
+__all__ = ["aq_tensor_bytes", "allocate", "bisect_multiplier", "upgrade"]
+
+K, V, T = TypeVar("K"), TypeVar("V"), TypeVar("T")
 
 
 def aq_tensor_bytes(shape: Sequence[int], cfg: AQConfig, axes: Sequence[int] | None = None,
@@ -104,42 +107,79 @@ class _Problem:
 
 def _relax(p: _Problem, budget: int) -> dict[str, str]:
     """The Lagrangian relaxation's best choice within ``budget`` (bisection on the multiplier)."""
-    lo, hi = 0.0, 1.0
-    while p.total(p.lagrangian(hi)) > budget and hi < 1e30:
-        hi *= 10.0
-    choice = p.lagrangian(hi)
-    if p.total(choice) > budget:  # group overheads defeat the relaxation: start from the smallest
-        return {t: p.opts[t][0] for t in p.names}
-    for _ in range(60):
-        mid = math.sqrt(max(lo, 1e-300) * hi) if lo > 0 else hi / 1e6
-        c = p.lagrangian(mid)
-        if p.total(c) <= budget:
-            hi, choice = mid, c
-        else:
-            lo = mid
-        if hi / max(lo, 1e-300) < 1.0001:
-            break
-    return choice
+    found = bisect_multiplier(lambda lam: (p.total(c := p.lagrangian(lam)) <= budget, c), 1.0, tol=1.0001)
+    # group overheads can defeat the relaxation: then start from the smallest options
+    return found[1] if found is not None else {t: p.opts[t][0] for t in p.names}
 
 
 def _upgrade(p: _Problem, choice: dict[str, str], budget: int) -> dict[str, str]:
     """Greedy upgrades: best error decrease per extra byte that still fits."""
+    spent = [p.total(choice)]
+
+    def extra(t: str, o: str) -> int:
+        return p.total(dict(choice, **{t: o})) - spent[0]
+
+    def take(t: str, o: str, added: int) -> None:
+        choice[t] = o
+        spent[0] += added
+    upgrade(p.names, lambda t: (o for o in p.opts[t] if o != choice[t]),
+            lambda t, o: p.cost(t, choice[t]) - p.cost(t, o), extra, budget - spent[0], take)
+    return choice
+
+
+def bisect_multiplier(fits: Callable[[float], tuple[bool, T]], lam0: float, tol: float = 1.02,
+                      span: float = 4.0 ** 40) -> tuple[float, T] | None:
+    """The smallest Lagrange multiplier (within a factor ``tol``) whose choice fits, and that choice.
+
+    ``fits(lam)`` makes the choice at ``lam`` and says whether it fits. The
+    bracket grows from ``lam0`` by factors of 4 (up to ``span`` either way),
+    then ``log lam`` is bisected. None when no multiplier up to ``lam0 * span``
+    gives a choice that fits.
+    """
+    lo = hi = lam0
+    ok, choice = fits(lam0)
+    while not ok and hi < lam0 * span:
+        lo, hi = hi, hi * 4.0
+        ok, choice = fits(hi)
+    if not ok:
+        return None
+    while lo == hi and lo > lam0 / span:
+        ok_lo, c_lo = fits(lo / 4.0)
+        if not ok_lo:
+            lo /= 4.0
+            break
+        lo, hi, choice = lo / 4.0, lo / 4.0, c_lo
+    while hi / lo >= tol:
+        mid = math.sqrt(lo * hi)
+        ok, c = fits(mid)
+        lo, hi, choice = (lo, mid, c) if ok else (mid, hi, choice)
+    return hi, choice
+
+
+def upgrade(names: Iterable[K], moves: Callable[[K], Iterable[V]], gain: Callable[[K, V], float],
+            extra: Callable[[K, V], int], room: int, take: Callable[[K, V, int], None]) -> None:
+    """Make, one at a time, the move of most gain per extra byte that still fits in ``room`` bytes.
+
+    ``moves(t)`` are the options ``t`` may change to, ``gain(t, o)`` the
+    error the change saves and ``extra(t, o)`` the bytes it adds (both
+    against the current choice); ``take(t, o, extra)`` makes it. A move
+    that saves error without adding bytes counts as adding one.
+    """
     while True:
-        spent = p.total(choice)
-        best, best_gain = None, 0.0
-        for t in p.names:
-            for o in p.opts[t]:
-                if o == choice[t]:
+        best: tuple[float, K, V, int] | None = None
+        for t in names:
+            for o in moves(t):
+                g = gain(t, o)
+                if g <= 0:
                     continue
-                extra = p.total(dict(choice, **{t: o})) - spent
-                gain = p.cost(t, choice[t]) - p.cost(t, o)
-                if gain > 0 and spent + extra <= budget:
-                    ratio = gain / max(extra, 1e-9)
-                    if ratio > best_gain:
-                        best, best_gain = (t, o), ratio
+                x = extra(t, o)
+                if x <= room and (best is None or g / max(x, 1) > best[0]):
+                    best = g / max(x, 1), t, o, x
         if best is None:
-            return choice
-        choice[best[0]] = best[1]
+            return
+        _, t, o, x = best
+        take(t, o, x)
+        room -= x
 
 
 def _fill_in_pairs(p: _Problem, choice: dict[str, str], budget: int, floor: int, rounds: int = 16) -> None:

@@ -50,6 +50,7 @@ from aqformat.errors import AqmInputError
 from aqformat.layout import to_matrix
 from aqformat.writer import ZSTD_LEVEL
 
+from .allocate import bisect_multiplier, upgrade
 from .options import AUTO, ConvertOptions
 from .planning import ModelTensors, Plan
 from .size_target import MAX_CODE_BITS, Budget
@@ -364,57 +365,38 @@ def _fill(cands: Sequence[_Candidate], choice: dict[str, Option], budget: int,
     each tensor's options, which may stop far below the budget): change, one at a time, the
     option of most distortion saved per extra byte that still fits, a new AQ group paying its
     codebooks."""
-    spent = total_bytes(choice, group_bytes)
     used = {o.setting for o in choice.values() if o.codec == AQ}
-    while True:
-        best: tuple[float, _Candidate, Option, int] | None = None
-        for c in cands:
-            cur = choice[c.name]
-            for o in _nearby(c):
-                extra = o.nbytes - cur.nbytes + (group_bytes[o.setting] if o.codec == AQ and o.setting not in used
-                                                 else 0)
-                gain = c.sens * (cur.error - o.error)
-                if gain > 0 and spent + extra <= budget and (best is None or gain / max(extra, 1) > best[0]):
-                    best = gain / max(extra, 1), c, o, extra
-        if best is None:
-            return
-        _, c, o, extra = best
-        choice[c.name], spent = o, spent + extra
-        used |= {o.setting} if o.codec == AQ else set()
+    by_name = {c.name: c for c in cands}
+
+    def extra(name: str, o: Option) -> int:
+        new_group = o.codec == AQ and o.setting not in used
+        return o.nbytes - choice[name].nbytes + (group_bytes[o.setting] if new_group else 0)
+
+    def take(name: str, o: Option, _: int) -> None:
+        choice[name] = o
+        used.update([o.setting] if o.codec == AQ else [])
+    upgrade(list(by_name), lambda name: _nearby(by_name[name]),
+            lambda name, o: by_name[name].sens * (choice[name].error - o.error), extra,
+            budget - total_bytes(choice, group_bytes), take)
 
 
 def _bisect(cands: Sequence[_Candidate], budget: int, group_bytes: Mapping[str, int],
             shares: Mapping[str, float], lam0: float) -> tuple[dict[str, Option], float]:
-    """The choice of least distortion whose :func:`total_bytes` fit ``budget``, and its ``lam``:
-    bracketing from ``lam0`` by factors of 4, then bisecting ``log lam``.
+    """The choice of least distortion whose :func:`total_bytes` fit ``budget``, and its ``lam``
+    (:func:`~aqformat.converters.allocate.bisect_multiplier` from ``lam0``).
 
     Raises :class:`AqmInputError` when the smallest choice does not fit.
     """
     def fits(lam: float) -> tuple[bool, dict[str, Option]]:
         c = choose_at(cands, lam, shares)
         return total_bytes(c, group_bytes) <= budget, c
-    lo, hi = lam0, lam0
-    ok, choice = fits(lam0)
-    while not ok and hi < lam0 * 4.0 ** 40:
-        lo, hi = hi, hi * 4.0
-        ok, choice = fits(hi)
-    if not ok:
+    found = bisect_multiplier(fits, lam0)
+    if found is None:
+        smallest = total_bytes(fits(lam0 * 4.0 ** 40)[1], group_bytes)
         raise AqmInputError(f"the budget of {max(budget, 0):,} bytes for the compressed tensors is out of reach: "
-                            f"the smallest coding takes {total_bytes(choice, group_bytes):,} bytes; give a "
-                            "larger --bits or --target-size")
-    while lo == hi and lo > lam0 * 4.0 ** -40:
-        ok_lo, c_lo = fits(lo / 4.0)
-        if not ok_lo:
-            lo /= 4.0
-            break
-        lo, hi, choice = lo / 4.0, lo / 4.0, c_lo
-    for _ in range(24):
-        mid = math.sqrt(lo * hi)
-        ok, c = fits(mid)
-        lo, hi, choice = (lo, mid, c) if ok else (mid, hi, choice)
-        if hi / lo < 1.02:
-            break
-    return choice, hi
+                            f"the smallest coding takes {smallest:,} bytes; give a larger --bits or --target-size")
+    lam, choice = found
+    return choice, lam
 
 
 def _candidates(tensors: ModelTensors, names: Sequence[str], opts: ConvertOptions,
