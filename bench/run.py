@@ -182,7 +182,7 @@ def codec_choice_rows(t: Table, convert: Callable[..., Any], names: Sequence[str
     the file. As in NNCodec's rows, the covered tensors are the ones coded and the model's other
     tensors (``names`` less ``covered``) stay as they are (``keep``); the target size is NNCodec's
     bytes plus what the file holds besides the covered tensors (header, graph, kept tensors),
-    measured on a lattice-only probe at that size."""
+    measured on a lattice-only probe at NNCodec's bits per covered weight."""
     import glob
     sizes = [r["bytes_counted"] for r in t.rows if r.get("method") == "nncodec" and "bytes_counted" in r]
     params = sum(w.size for w, _ in t.weights.values())
@@ -191,7 +191,8 @@ def codec_choice_rows(t: Table, convert: Callable[..., Any], names: Sequence[str
     for nn in sizes:
         probe = os.path.join(folder, f"{t.model}_probe_{nn}.aqm")
         try:
-            convert(probe, codec="auto", target_size=nn + nn // 20 + 4096, progress=False, codec_for=lattice, **kw)
+            # sized by --bits, which counts the coded tensors only: a target size would count the kept ones
+            convert(probe, codec="auto", bits=8 * nn / params, progress=False, codec_for=lattice, **kw)
             other = os.path.getsize(probe) - aqm_packed(probe, covered, "", 0.0).bytes_counted
         except Exception as e:  # noqa: BLE001 - e.g. a size out of reach: the rows then say so
             other = nn // 20 + 4096
