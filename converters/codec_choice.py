@@ -19,9 +19,10 @@ energy, as ``--allocate`` does). The choice minimises ``D + lam * bytes`` per
 tensor, a shared group's codebooks counted in its members' bytes, and ``lam``
 is bisected so that every byte fits the budget (``--target-size``, or
 ``--bits`` per compressed weight with codes, scales, codebooks, steps, headers
-and the small tensors counted). Without calibration every tensor's error counts
-the same per weight, so the lattice tensors end on one common step (reverse
-water-filling) and AQ and the others join where they are cheaper at that slope.
+and the small tensors counted). Without calibration a tensor's squared error is
+weighed by its mean energy to the power ``-DATA_FREE_EXPONENT`` (a quarter), so the
+lattice steps grow as a power of each tensor's RMS and AQ and the others join
+where they are cheaper at that slope.
 Lattice steps are measured lazily: per ``lam``, each tensor walks the step grid
 from its last best step to the cheapest one.
 
@@ -55,8 +56,8 @@ from .options import AUTO, ConvertOptions
 from .planning import ModelTensors, Plan
 from .size_target import MAX_CODE_BITS, Budget
 
-__all__ = ["NAME", "FORCIBLE", "STEPS_PER_OCTAVE", "Option", "AutoEncoder", "parse_codec_for", "forced_codec",
-           "forced_names", "auto_budget", "section_bytes", "estimate_bits", "choose"]
+__all__ = ["NAME", "FORCIBLE", "STEPS_PER_OCTAVE", "DATA_FREE_EXPONENT", "Option", "AutoEncoder", "parse_codec_for",
+           "forced_codec", "forced_names", "auto_budget", "section_bytes", "estimate_bits", "choose"]
 
 NAME = AUTO
 AQ, LATTICE, AFFINE, HALF, RAW = aq_codec.NAME, lattice_codec.NAME, affine_codec.NAME, half_codec.NAME, raw_codec.NAME
@@ -70,6 +71,13 @@ LATTICE_RECORD_BYTES = 48
 CHOICE_METADATA_BYTES = 128
 #: Weights a lattice option is estimated from while choosing (the chosen ones are then measured whole).
 LATTICE_SAMPLE = 1 << 16
+#: Without calibration, each tensor's squared weight error is weighed by its mean energy to the power
+#: ``-DATA_FREE_EXPONENT``: 0 is equal error per weight (one global lattice step, NNCodec's implicit
+#: allocation), 1 equal relative error per tensor. Measured data-free at NNCodec's sizes
+#: (bench/codec_choice_bench.py): EfficientNet-Lite0's top-1 agreement at 3.72 bits/weight is 0.27 at 0,
+#: 0.445 at 0.25, 0.555 at 0.5 and 0.37 at 1, but at 0.5 silero-vad falls from 0.96 to 0.69 at 3.79
+#: bits/weight (0.96 at 0.25); digits and MiniLM hardly move.
+DATA_FREE_EXPONENT = 0.25
 _AFFINE_WIDTHS = range(2, 9)
 _K_LIMIT = 48 * STEPS_PER_OCTAVE  # steps from 2**-48 to 2**48
 
@@ -446,9 +454,10 @@ def _aq_options(cands: Sequence[_Candidate], tensors: ModelTensors, opts: Conver
 def _weigh(cands: Sequence[_Candidate]) -> float:
     """Set each candidate's sensitivity and return a starting ``lam``.
 
-    Without calibration every weight's squared error counts alike (weight 1). With it, tensors
-    with an output sensitivity count as measured; the others relative to their energy, scaled by
-    the median energy of the first (as ``--allocate``). The start is the slope of the lattice at
+    Without calibration a tensor's squared error is weighed by ``(typical / e) **
+    DATA_FREE_EXPONENT``, ``e`` its mean squared weight and ``typical`` the median of them. With
+    it, tensors with an output sensitivity count as measured; the others relative to their
+    energy, scaled by the median energy of the first (as ``--allocate``). The start is the slope of the lattice at
     each tensor's starting step, ``lam = 8 ln2 f step**2 / 6`` with ``f`` a weight's error
     factor, the median over tensors.
     """
@@ -457,9 +466,13 @@ def _weigh(cands: Sequence[_Candidate]) -> float:
     measured = [c.energy for c in cands if c.s is not None]
     ref = float(np.median(measured)) if measured else None
     slopes = []
+    mean_energy = {c.name: c.energy / c.m.size for c in cands}
+    typical = float(np.median(list(mean_energy.values()))) if cands else 1.0
     for c in cands:
         if ref is not None and c.s is None:
             c.sens = ref / c.energy
+        elif ref is None and c.H is None:
+            c.sens = (typical / mean_energy[c.name]) ** DATA_FREE_EXPONENT
         cols = c.m.shape[1]
         f = c.sens * (float(np.trace(np.asarray(c.H, np.float64))) / cols if c.H is not None else 1.0) \
             * (float(np.mean(np.asarray(c.s, np.float64))) if c.s is not None else 1.0)

@@ -151,3 +151,24 @@ def test_allocate_without_calibration_gives_large_weights_the_bits(tmp_path):
         books = {g.name: g.M for g in f.codebook_groups}
         M = {i.name: books[i.group] for i in f.tensors() if i.group is not None}
     assert M["0.weight"] > M["1.weight"]
+
+
+def test_data_free_steps_follow_a_power_of_each_tensors_scale(tmp_path):
+    """Without calibration a tensor's squared error is weighed by its mean energy to the power
+    -DATA_FREE_EXPONENT, so the equal-slope lattice step grows as its RMS to the power
+    DATA_FREE_EXPONENT: of two lattice tensors alike but for a factor of 100 in scale, the large
+    one's step is 100 ** DATA_FREE_EXPONENT times the small one's, within a factor of 3 above (the
+    budget's last bytes go by greedy upgrades, off the equal slope: with one global step the ratio
+    is 2.4, not 1)."""
+    from aqformat.converters import from_torch
+    from aqformat.converters.codec_choice import DATA_FREE_EXPONENT
+    m = torch.nn.Sequential(_linear("laplace", 256, 256), _linear("laplace", 256, 256))
+    with torch.no_grad():
+        m[1].weight.mul_(1e-2)
+    path = str(tmp_path / "s.aqm")
+    from_torch(m, path, codec="auto", bits=4, codec_for=["*.weight:lattice"], encoder=SMALL_AQ, progress=False)
+    with aqformat.open(path) as f:
+        choice = f.metadata["conversion"]["choice"]
+    step = {n: float(choice[n][1].split()[-1]) for n in ("0.weight", "1.weight")}
+    expected = 100 ** DATA_FREE_EXPONENT
+    assert 1.5 * expected <= step["0.weight"] / step["1.weight"] <= 3 * expected, step
