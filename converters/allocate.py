@@ -107,34 +107,36 @@ class _Problem:
 
 def _relax(p: _Problem, budget: int) -> dict[str, str]:
     """The Lagrangian relaxation's best choice within ``budget`` (bisection on the multiplier)."""
-    found = bisect_multiplier(lambda lam: (p.total(c := p.lagrangian(lam)) <= budget, c), 1.0, tol=1.0001)
+    lam, choice = bisect_multiplier(lambda lam: (p.total(c := p.lagrangian(lam)) <= budget, c), 1.0, tol=1.0001)
     # group overheads can defeat the relaxation: then start from the smallest options
-    return found[1] if found is not None else {t: p.opts[t][0] for t in p.names}
+    return choice if lam is not None else {t: p.opts[t][0] for t in p.names}
 
 
 def _upgrade(p: _Problem, choice: dict[str, str], budget: int) -> dict[str, str]:
     """Greedy upgrades: best error decrease per extra byte that still fits."""
-    spent = [p.total(choice)]
+    spent = p.total(choice)
 
     def extra(t: str, o: str) -> int:
-        return p.total(dict(choice, **{t: o})) - spent[0]
+        return p.total(dict(choice, **{t: o})) - spent
 
     def take(t: str, o: str, added: int) -> None:
+        nonlocal spent
         choice[t] = o
-        spent[0] += added
+        spent += added
     upgrade(p.names, lambda t: (o for o in p.opts[t] if o != choice[t]),
-            lambda t, o: p.cost(t, choice[t]) - p.cost(t, o), extra, budget - spent[0], take)
+            lambda t, o: p.cost(t, choice[t]) - p.cost(t, o), extra, budget - spent, take)
     return choice
 
 
 def bisect_multiplier(fits: Callable[[float], tuple[bool, T]], lam0: float, tol: float = 1.02,
-                      span: float = 4.0 ** 40) -> tuple[float, T] | None:
+                      span: float = 4.0 ** 40) -> tuple[float | None, T]:
     """The smallest Lagrange multiplier (within a factor ``tol``) whose choice fits, and that choice.
 
     ``fits(lam)`` makes the choice at ``lam`` and says whether it fits. The
     bracket grows from ``lam0`` by factors of 4 (up to ``span`` either way),
-    then ``log lam`` is bisected. None when no multiplier up to ``lam0 * span``
-    gives a choice that fits.
+    then ``log lam`` is bisected. When no multiplier up to ``lam0 * span``
+    gives a choice that fits, the multiplier is None and the choice is the
+    one at ``lam0 * span`` (the smallest there is).
     """
     lo = hi = lam0
     ok, choice = fits(lam0)
@@ -142,7 +144,7 @@ def bisect_multiplier(fits: Callable[[float], tuple[bool, T]], lam0: float, tol:
         lo, hi = hi, hi * 4.0
         ok, choice = fits(hi)
     if not ok:
-        return None
+        return None, choice
     while lo == hi and lo > lam0 / span:
         ok_lo, c_lo = fits(lo / 4.0)
         if not ok_lo:

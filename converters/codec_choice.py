@@ -398,12 +398,11 @@ def _bisect(cands: Sequence[_Candidate], budget: int, group_bytes: Mapping[str, 
     def fits(lam: float) -> tuple[bool, dict[str, Option]]:
         c = choose_at(cands, lam, shares)
         return total_bytes(c, group_bytes) <= budget, c
-    found = bisect_multiplier(fits, lam0)
-    if found is None:
-        smallest = total_bytes(fits(lam0 * 4.0 ** 40)[1], group_bytes)
+    lam, choice = bisect_multiplier(fits, lam0)
+    if lam is None:
         raise AqmInputError(f"the budget of {max(budget, 0):,} bytes for the compressed tensors is out of reach: "
-                            f"the smallest coding takes {smallest:,} bytes; give a larger --bits or --target-size")
-    lam, choice = found
+                            f"the smallest coding takes {total_bytes(choice, group_bytes):,} bytes; give a "
+                            "larger --bits or --target-size")
     return choice, lam
 
 
