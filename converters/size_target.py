@@ -169,7 +169,8 @@ def reach(shapes: Mapping[str, Sequence[int]], axes: Mapping[str, Sequence[int] 
             + len(groups) * cfg.codebook_bytes()
         code_bits[M] = cfg.code_bits
     return Reach(coded, code_bits, fixed=other_bytes + sum(v for n, v in raw_bytes.items() if n not in members),
-                 raw=sum(raw_bytes[n] for n in members), header=header[1], header_low=header[0], reserve=reserved_bytes(len(raw_bytes)),
+                 raw=sum(raw_bytes[n] for n in members), header=header[1], header_low=header[0],
+                 reserve=reserved_bytes(len(raw_bytes)),
                  weights=sum(math.prod(shapes[n]) for n in members), options=options, books=books)
 
 
