@@ -208,20 +208,31 @@ def _report(results: dict[int, dict[str, float]], counts: list[int], params: int
         print(f"speed-up {base} -> {n} workers: {results[base]['wall_s'] / results[n]['wall_s']:.2f}x")
     digests = {r["sha256"] for r in results.values()}
     print("same bytes for every worker count" if len(digests) == 1 else f"FILES DIFFER: {digests}")
+    _extrapolate(results, counts, params)
+    if len(digests) != 1:
+        raise SystemExit(1)
+
+
+def _extrapolate(results: dict[int, dict[str, float]], counts: list[int], params: int) -> None:
+    """Hours for 7 B and 70 B parameters on 8, 64 and 512 workers, by Amdahl's law."""
+    base = counts[0]
     one = results[base]["wall_s"] * base  # worker-seconds at the first count
     serial = 0.0
     if len(counts) > 1 and base == 1:  # Amdahl: T(n) = serial + parallel / n, from the first two counts
         n = counts[1]
+        if results[n]["wall_s"] >= results[1]["wall_s"]:
+            # Amdahl's law has no parallel part to scale then: the workers did not get their cores
+            print(f"no extrapolation: {n} workers were not faster than 1 (load average "
+                  f"{os.getloadavg()[0]:.1f}); rerun on an idle machine")
+            return
         serial = max(0.0, (n * results[n]["wall_s"] - results[1]["wall_s"]) / (n - 1))
         print(f"serial part (reading, sampling, writing): {serial:.0f} s of {results[1]['wall_s']:.0f} s")
-    parallel = max(one - serial, 1e-9)
+    parallel = one - serial
     for size in (7e9, 70e9):
         k = size / params
         cells = ", ".join(f"{w} workers {(serial + parallel / w) * k / 3600:.1f} h" for w in (8, 64, 512))
         print(f"extrapolated {size / 1e9:.0f} B ({params / parallel / 1e3:.0f} k weights/s per worker in the "
               f"parallel part, {serial * k / 3600:.1f} h serial): {cells}")
-    if len(digests) != 1:
-        raise SystemExit(1)
 
 
 if __name__ == "__main__":

