@@ -289,13 +289,20 @@ def output_error(W: torch.Tensor, W_hat: torch.Tensor | float, H=None, row_weigh
     return float(rows.sum())
 
 
-def _code_and_measure(w: np.ndarray, name: str, C: torch.Tensor, *args: Any) -> tuple[AQTensor, float]:
-    """One tensor coded (:func:`encode_tensor`'s arguments: ``H, axes, perm, device``) and its
-    weight SQNR: one task of a conversion."""
-    from .pipeline import sqnr_db
+ROW_BLOCK = 1 << 22
+"""Weights per encoding task: a tensor over twice this is coded as blocks of rows, in parallel
+(rows are coded independently, so the codes are the same), and no worker waits alone on it."""
+
+
+def _code_and_measure(w: np.ndarray, name: str, C: torch.Tensor, *args: Any) -> tuple[AQTensor, float, float]:
+    """One tensor, or a block of rows of its matrix view, coded (:func:`encode_tensor`'s arguments:
+    ``cfg, H, axes, perm, device``), with its squared weight error and squared weights: one task
+    of a conversion."""
     cfg, H, axes, perm, device = args
     t = encode_tensor(name, w, C, cfg, H, axes, perm, device=device)
-    return t, sqnr_db(w, decode_tensor(t, C))
+    e = (np.asarray(w, dtype=np.float64) - decode_tensor(t, C)).ravel()
+    v = np.asarray(w, dtype=np.float64).ravel()
+    return t, float(e @ e), float(v @ v)
 
 
 class AQEncoder:
@@ -337,14 +344,31 @@ class AQEncoder:
         return encode_tensor(name, w, self.plan.books[g], self.plan.configs[g], t.H.get(name),
                              t.axes.get(name), t.perms.get(name), device=self.opts.device)
 
-    def task(self, name: str, share: Any) -> tuple[Any, tuple[Any, ...]]:
+    def tasks(self, name: str, w: np.ndarray, share: Any) -> list[tuple[Any, tuple[Any, ...]]]:
         g, t = self.plan.group_of[name], self.tensors
         if g not in self._shared:  # a group's codebooks go to the object store once
             self._shared[g] = share(self.plan.books[g])
-        H = t.H.get(name)
-        return _code_and_measure, (name, self._shared[g], self.plan.configs[g],
-                                   None if H is None else share(H), t.axes.get(name), t.perms.get(name),
-                                   self.opts.device)
+        H, axes, perm = t.H.get(name), t.axes.get(name), t.perms.get(name)
+        rest = (self.plan.configs[g], None if H is None else share(H))
+        m = to_matrix(w, axes)  # each block keeps the column permutation, so H applies as it is
+        rows, cols, cfg = *m.shape, self.plan.configs[g]
+        min_rows = -(-cfg.K // -(-cols // cfg.d))  # rows holding K vectors, what AQ needs of a tensor
+        blocks = min(rows // min_rows, -(-m.size // ROW_BLOCK))  # of about ROW_BLOCK weights
+        if m.size <= 2 * ROW_BLOCK or blocks < 2:
+            return [(_code_and_measure, (w, name, self._shared[g], *rest, axes, perm, self.opts.device))]
+        cuts = np.linspace(0, rows, blocks + 1).astype(int)
+        return [(_code_and_measure, (m[a:b], name, self._shared[g], *rest, None, perm, self.opts.device))
+                for a, b in zip(cuts[:-1], cuts[1:])]
+
+    def join(self, name: str, results: list[Any]) -> tuple[AQTensor, float]:
+        from .pipeline import sqnr_from
+        t = results[0][0]
+        if len(results) > 1:
+            spec = self.tensors.spec(name)
+            t = AQTensor(name=name, shape=tuple(spec.shape), axes=self.tensors.axes.get(name), perm=t.perm,
+                         scale=np.concatenate([r[0].scale for r in results]),
+                         codes=np.concatenate([r[0].codes for r in results]), d=t.d, b=t.b)
+        return t, sqnr_from(sum(r[1] for r in results), sum(r[2] for r in results))
 
     def decode(self, encoded: AQTensor) -> np.ndarray:
         return decode_tensor(encoded, self.plan.books[self.plan.group_of[encoded.name]])

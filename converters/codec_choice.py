@@ -574,19 +574,21 @@ class AutoEncoder:
         return self._aq.groups
 
     def compute_codes(self, name: str, w: np.ndarray) -> Any:
-        fn, args = self.task(name, lambda obj: obj)
-        return fn(w, *args)[0]
+        return self.join(name, [fn(*args) for fn, args in self.tasks(name, w, lambda obj: obj)])[0]
 
-    def task(self, name: str, share: Any) -> tuple[Any, tuple[Any, ...]]:
+    def tasks(self, name: str, w: np.ndarray, share: Any) -> list[tuple[Any, tuple[Any, ...]]]:
         from . import lattice
         o = self.choice[name]
         if o.codec == AQ:
-            return self._aq.task(name, share)
+            return self._aq.tasks(name, w, share)
         if o.codec == LATTICE:
             step = np.float32(2.0 ** (int(o.setting) / STEPS_PER_OCTAVE))
-            return lattice._code_and_measure, (name, step, self._lattice.tensor_seed(name),
-                                               self._lattice.axes.get(name))
-        return _code_other, (name, o.codec, o.setting, self._lattice.axes.get(name))
+            return [(lattice._code_and_measure, (w, name, step, self._lattice.tensor_seed(name),
+                                                 self._lattice.axes.get(name)))]
+        return [(_code_other, (w, name, o.codec, o.setting, self._lattice.axes.get(name)))]
+
+    def join(self, name: str, results: list[Any]) -> tuple[Any, float]:
+        return self._aq.join(name, results) if self.choice[name].codec == AQ else results[0]
 
     def decode(self, encoded: Any) -> np.ndarray:
         if isinstance(encoded, _Stored):

@@ -42,10 +42,14 @@ class TensorEncoder(Protocol):
     def compute_codes(self, name: str, w: np.ndarray) -> Any:
         """Code one tensor (float32, logical shape)."""
 
-    def task(self, name: str, share: Callable[[Any], Any]) -> tuple[Callable[..., Any], tuple[Any, ...]]:
-        """A module-level function and its arguments that code tensor ``name`` wherever they run:
-        ``fn(w, *args)`` returns ``(encoded, weight SQNR in dB)``; large objects many tasks read
+    def tasks(self, name: str, w: np.ndarray, share: Callable[[Any], Any]
+              ) -> list[tuple[Callable[..., Any], tuple[Any, ...]]]:
+        """Module-level functions and their arguments that code tensor ``name`` (``w``, float32)
+        wherever they run, one task or (a large tensor) several; large objects many tasks read
         are passed through ``share`` (:meth:`aqformat.converters.parallel.Executor.share`)."""
+
+    def join(self, name: str, results: list[Any]) -> tuple[Any, float]:
+        """``(encoded, weight SQNR in dB)`` of tensor ``name`` from the results of its tasks."""
 
     def decode(self, encoded: Any) -> np.ndarray:
         """The float32 tensor a reader will decode from ``encoded``."""

@@ -198,9 +198,13 @@ class LatticeEncoder:
     def compute_codes(self, name: str, w: np.ndarray) -> LatticeTensor:
         return _code(w, name, float(self.opts.bits_per_weight), self.tensor_seed(name), self.axes.get(name))
 
-    def task(self, name: str, share: Any) -> tuple[Any, tuple[Any, ...]]:
-        return _code_and_measure, (name, float(self.opts.bits_per_weight), self.tensor_seed(name),
-                                   self.axes.get(name))
+    def tasks(self, name: str, w: np.ndarray, share: Any) -> list[tuple[Any, tuple[Any, ...]]]:
+        """One task: the entropy model of its indices spans the whole tensor."""
+        return [(_code_and_measure, (w, name, float(self.opts.bits_per_weight), self.tensor_seed(name),
+                                     self.axes.get(name)))]
+
+    def join(self, name: str, results: list[Any]) -> tuple[LatticeTensor, float]:
+        return results[0]
 
     def decode(self, encoded: LatticeTensor) -> np.ndarray:
         return _decode(encoded)

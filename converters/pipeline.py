@@ -268,8 +268,8 @@ def _encode_all(w: Writer, source: Source, encoder: TensorEncoder, small: Affine
     those kept at 16 bits by ``halves`` (``(pattern, format)``) in codec ``half``;
     each coded tensor's SQNR in dB.
 
-    Tensors are coded as tasks on ``executor`` and written in source order as they come
-    back, with at most two tasks per worker read ahead (:func:`~aqformat.converters.parallel.ordered`).
+    Tensors are coded as tasks on ``executor`` (a large one as several, :meth:`TensorEncoder.tasks`)
+    and written in source order as they come back, with at most two tasks per worker read ahead (:func:`~aqformat.converters.parallel.ordered`).
     """
     from . import onnx_graph
     inits = {t.name: t for t in graph_model.graph.initializer} if graph_model is not None else {}
@@ -277,12 +277,16 @@ def _encode_all(w: Writer, source: Source, encoder: TensorEncoder, small: Affine
     specs = {s.name: s for s in source.specs}
     sqnr: dict[str, float] = {}
 
+    parts: dict[str, int] = {}  # coded tensor -> the tasks it is coded in
+    done: list[Any] = []  # results of the current tensor's tasks so far
+
     def tasks() -> Iterator[Task]:
         for s in source.specs:
             arr = source.load(s.name)
             if s.name in coded:
-                fn, args = encoder.task(s.name, executor.share)
-                yield s.name, fn, (to_float32(arr, s.dtype), *args)
+                todo = encoder.tasks(s.name, to_float32(arr, s.dtype), executor.share)
+                parts[s.name] = len(todo)
+                yield from ((s.name, fn, args) for fn, args in todo)
             else:
                 yield s.name, None, (arr,)
             del arr
@@ -291,7 +295,11 @@ def _encode_all(w: Writer, source: Source, encoder: TensorEncoder, small: Affine
         for name, result in ordered(executor, tasks(), executor.read_ahead):
             s = specs[name]
             if name in coded:
-                t, sqnr[name] = result
+                done.append(result)
+                if len(done) < parts[name]:
+                    continue
+                t, sqnr[name] = encoder.join(name, done)
+                done.clear()
                 encoder.write(w, t, s.dtype)
             elif name in small.coded:  # coded while planning
                 small.coded[name].write(w, name, s.shape, s.dtype)
@@ -305,6 +313,14 @@ def _encode_all(w: Writer, source: Source, encoder: TensorEncoder, small: Affine
             del result
             bar.update(s.numel, name)
     return sqnr
+
+
+def sqnr_from(err: float, sig: float) -> float:
+    """SQNR in dB of a squared error ``err`` on weights of squared norm ``sig``: +inf only when
+    the error is 0, -inf for all-zero weights decoded with an error."""
+    if err == 0:
+        return float("inf")
+    return 10 * float(np.log10(sig / err)) if sig > 0 else float("-inf")
 
 
 def sqnr_db(W: np.ndarray, W_hat: np.ndarray) -> float:

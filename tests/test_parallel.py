@@ -56,6 +56,18 @@ def test_in_process_matches_workers(tmp_path, reference):
     assert _convert(tmp_path, "here") == reference
 
 
+@pytest.mark.parametrize("workers", [None, 2])
+def test_large_tensors_coded_as_row_blocks_give_the_same_bytes(tmp_path, reference, monkeypatch, workers):
+    """A tensor over twice ROW_BLOCK weights is coded as several tasks of rows, joined back."""
+    from aqformat.converters import aq_encode
+    split = []
+    join = aq_encode.AQEncoder.join
+    monkeypatch.setattr(aq_encode, "ROW_BLOCK", 512)
+    monkeypatch.setattr(aq_encode.AQEncoder, "join", lambda self, n, r: split.append(len(r)) or join(self, n, r))
+    assert _convert(tmp_path, "blocks", workers=workers) == reference
+    assert split and max(split) > 1
+
+
 def test_ordered_keeps_order_and_bounds_tasks_in_flight():
     class Counting(Executor):
         workers = 2
