@@ -216,10 +216,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iters", type=int, metavar="N",
                    help=f"codebook training iterations: more is slower and more accurate (default {DEFAULT_ITERS})")
     p.add_argument("--bits-per-code", type=int, metavar="B",
-                   help="AQ code width: codebooks of 2**B codewords (default 8; small models: 4 keeps "
-                        "codebooks small)")
+                   help="AQ code width: codebooks of 2**B codewords (default: 8, or on a small model, "
+                        "where codebooks weigh, the code width and vector length measured best at equal bytes)")
     p.add_argument("--vector-dim", type=int, metavar="D",
-                   help="AQ vector length: --bits is reached with bits*D/B codebooks (default 8)")
+                   help="AQ vector length: --bits is reached with bits*D/B codebooks (default: 8, or chosen "
+                        "with --bits-per-code's)")
     _add_parallel_args(p)
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (default: shown when stderr is a terminal, unless -q)")

@@ -151,7 +151,7 @@ def auto_budget(specs: Sequence[Any], compress: Sequence[str], opts: ConvertOpti
         nbytes = int(opts.bits_per_weight * weights / 8) - size_target.reserved_bytes(len(specs)) \
             - sum(small.nbytes[s.name] for s in side) - reserve
         rate = float(opts.bits_per_weight)
-    b, d = int(opts.encoder.bits_per_code), int(opts.encoder.d)
+    b, d = opts.encoder.code_width, opts.encoder.vector_dim
     M = int(round(min(max(rate, b / d), MAX_CODE_BITS) * d / b))
     return Budget(nbytes, [m for m in (M - 1, M, M + 1) if 1 <= m <= MAX_CODE_BITS * d // b])
 
@@ -438,7 +438,7 @@ def _aq_options(cands: Sequence[_Candidate], tensors: ModelTensors, opts: Conver
     count: dict[str, int] = {}
     for c in cands:
         if c.name not in members:
-            cfg = opts.encoder.config(min(widths) * opts.encoder.bits_per_code / opts.encoder.d)
+            cfg = opts.encoder.config(min(widths) * opts.encoder.code_width / opts.encoder.vector_dim)
             c.reasons[AQ] = (f"AQ needs at least {cfg.K} vectors of {cfg.d} weights "
                                f"({cfg.M}x{cfg.b}-bit codes); the tensor has {c.w.size} weights")
             continue

@@ -25,7 +25,7 @@ from aqformat.errors import AqmInputError
 from aqformat.units import parse_size
 
 __all__ = ["SearchEffort", "AQConfig", "EncoderOptions", "ConvertOptions", "FinetuneOptions", "GROUPINGS", "CODECS",
-           "AUTO", "ENCODERS", "DEFAULT_CODEC", "DEFAULT_MIN_ELEMENTS"]
+           "AUTO", "CODEBOOK_CODECS", "ENCODERS", "DEFAULT_CODEC", "DEFAULT_MIN_ELEMENTS"]
 
 GROUPINGS = ("shared", "per-layer", "by-kind")  # codebook sharing across tensors
 # The encoders a conversion can use: codec name -> "module:class" in aqformat.converters
@@ -34,8 +34,11 @@ AUTO = "auto"  # not a codec of the format: the per-tensor choice among them (co
 ENCODERS = {aq_codec.NAME: "aq_encode:AQEncoder", lattice_codec.NAME: "lattice:LatticeEncoder",
             AUTO: "codec_choice:AutoEncoder"}
 CODECS = tuple(ENCODERS)
+CODEBOOK_CODECS = (aq_codec.NAME, AUTO)  # the --codec values whose encoder may train AQ codebooks
 DEFAULT_CODEC = aq_codec.NAME
 DEFAULT_MIN_ELEMENTS = 4096
+DEFAULT_BITS_PER_CODE = 8  # K = 256 codewords
+DEFAULT_VECTOR_DIM = 8
 
 
 @dataclass(frozen=True)
@@ -112,20 +115,37 @@ class EncoderOptions(SearchEffort):
     ----------
     beam, iters, feedback, damp
         Search effort (:class:`SearchEffort`).
-    bits_per_code : int
+    bits_per_code : int, optional
         Bits of one code (``K = 2**bits_per_code`` codewords per codebook).
-    d : int
-        Vector length.
+    d : int, optional
+        Vector length. Where neither is given, both are 8, or on a model small enough for
+        8-bit codebooks to weigh, chosen by measured rate and distortion
+        (:mod:`aqformat.converters.shape_choice`).
     reservoir : int
         Training vectors sampled per codebook group.
     perm_iters : int
         Rounds of the column permutation search (``permute``).
     """
 
-    bits_per_code: int = 8
-    d: int = 8
+    bits_per_code: int | None = None
+    d: int | None = None
     reservoir: int = 1 << 16
     perm_iters: int = 2000
+
+    @property
+    def code_width(self) -> int:
+        """Bits of one code: ``bits_per_code``, 8 where not given."""
+        return DEFAULT_BITS_PER_CODE if self.bits_per_code is None else int(self.bits_per_code)
+
+    @property
+    def vector_dim(self) -> int:
+        """Vector length: ``d``, 8 where not given."""
+        return DEFAULT_VECTOR_DIM if self.d is None else int(self.d)
+
+    @property
+    def shape_given(self) -> bool:
+        """Whether the user set the code width or the vector length (then no shape is chosen)."""
+        return self.bits_per_code is not None or self.d is not None
 
     @classmethod
     def of(cls, value: EncoderOptions | Mapping[str, Any] | None) -> EncoderOptions:
@@ -145,7 +165,7 @@ class EncoderOptions(SearchEffort):
     def exact(self, bits_per_weight: float) -> bool:
         """Whether ``bits_per_weight`` is a whole number of codebooks (``bits * d / b``); other
         rates mix the two code widths around them."""
-        M = bits_per_weight * int(self.d) / int(self.bits_per_code)
+        M = bits_per_weight * self.vector_dim / self.code_width
         return abs(M - round(M)) < 1e-9
 
     def config(self, bits_per_weight: float) -> AQConfig:
@@ -154,7 +174,7 @@ class EncoderOptions(SearchEffort):
         Raises :class:`AqmInputError` naming the reachable range (1 to 64 codebooks of ``b``
         bits over ``d``-vectors) when ``bits_per_weight`` is outside it.
         """
-        b, d = int(self.bits_per_code), int(self.d)
+        b, d = self.code_width, self.vector_dim
         M = int(round(bits_per_weight * d / b))
         if not (b / d - 1e-9 <= bits_per_weight <= 64 * b / d + 1e-9 and 1 <= M <= 64):
             raise AqmInputError(f"bits={bits_per_weight:g} is out of reach: {b}-bit codes over {d}-vectors "
@@ -250,7 +270,7 @@ class ConvertOptions:
             raise AqmInputError(f"codec must be one of {', '.join(CODECS)}, not {self.codec!r}")
         if self.codec_for and self.codec != AUTO:
             raise AqmInputError("--codec-for forces codecs within the per-tensor choice: use it with --codec auto")
-        if self.codec == aq_codec.NAME or self.codec == AUTO:
+        if self.codec in CODEBOOK_CODECS:
             self.encoder.config(self.bits_per_weight)  # invalid settings fail before any work
         if self.codec == AUTO and self.permute:
             raise AqmInputError("--permute is an AQ option: use it with --codec aq")

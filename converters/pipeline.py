@@ -35,7 +35,7 @@ from aqformat.writer import Writer
 from .affine import AffinePlan
 from .encoders import TensorEncoder
 from .half import kept_format, write_kept
-from .options import AUTO, AQConfig, ConvertOptions, EncoderOptions, FinetuneOptions
+from .options import AUTO, CODEBOOK_CODECS, AQConfig, ConvertOptions, EncoderOptions, FinetuneOptions
 from .parallel import Executor, Task, ordered
 from .planning import ModelTensors, plan_small, select_tensors, size_budget
 from .progress import Progress
@@ -118,6 +118,7 @@ def run(source: Source, out_path: str | os.PathLike, opts: ConvertOptions, axes:
     t0 = time.monotonic()
     if (opts.device or "").startswith("cuda") and not torch.cuda.is_available():
         raise AqmInputError("--device cuda: no CUDA device is available to torch (use --device cpu)")
+    opts = _resolve_shape(source, opts, axes)
     encoder = make_encoder(opts)
     source_info = {"framework": source.framework, "name": source.name, **source.info}
     with make_executor(opts.workers, opts.ray) as executor:  # an unreachable cluster fails before any work
@@ -246,6 +247,18 @@ def _model_tensors(source: Source, opts: ConvertOptions, axes: dict[str, Any],
               if auto else size_budget(specs, compress, opts, axes, *stored, small=small))  # before training
     H, S = calibration_stats(calib, compress, sensitivity=opts.target_size is not None or opts.allocate or auto)
     return ModelTensors(specs, load, axes, H, S, budget=budget, small=small), compress
+
+
+def _resolve_shape(source: Source, opts: ConvertOptions, axes: dict[str, Any]) -> ConvertOptions:
+    """``opts`` with the AQ codebook shape set (:func:`aqformat.converters.shape_choice.choose_shape`)
+    for the tensors chosen for compression, where AQ may code them."""
+    if opts.codec not in CODEBOOK_CODECS:
+        return opts
+    from .shape_choice import choose_shape
+    by_name = {s.name: s for s in source.specs}
+    names = select_tensors(source.specs, keep=opts.keep, min_elements=opts.min_elements)
+    return choose_shape(opts, {n: tuple(by_name[n].shape) for n in names},
+                        lambda n: to_float32(source.load(n), by_name[n].dtype), axes)
 
 
 def _graph_bytes(graph_model: Any, specs: Sequence[Any]) -> int:

@@ -255,9 +255,9 @@ def _mixed_budget(tensors: ModelTensors, compress: list[str], opts: ConvertOptio
     from .aq_encode import aq_eligible
     from .grouping import group_tensors
     enc = opts.encoder
-    exact = opts.bits_per_weight * enc.d / enc.bits_per_code
-    lo, hi = enc.config(math.floor(exact) * enc.bits_per_code / enc.d), \
-        enc.config(math.ceil(exact) * enc.bits_per_code / enc.d)
+    exact = opts.bits_per_weight * enc.vector_dim / enc.code_width
+    lo, hi = enc.config(math.floor(exact) * enc.code_width / enc.vector_dim), \
+        enc.config(math.ceil(exact) * enc.code_width / enc.vector_dim)
     frac = exact - lo.M
     shapes = {n: tensors.spec(n).shape for n in compress}
     names = [n for n in compress if aq_eligible(shapes[n], hi, tensors.axes.get(n))]
@@ -272,7 +272,7 @@ def _candidates(tensors: ModelTensors, compress: list[str], opts: ConvertOptions
     """Candidate groups (``widths``: codebooks per vector, per grouping key) and each tensor's candidates."""
     from .aq_encode import aq_eligible
     from .grouping import group_tensors
-    b, d = int(opts.encoder.bits_per_code), int(opts.encoder.d)
+    b, d = opts.encoder.code_width, opts.encoder.vector_dim
     shapes = {n: tensors.spec(n).shape for n in compress}
     configs: dict[str, AQConfig] = {}
     members: dict[str, list[str]] = {}
