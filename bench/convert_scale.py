@@ -154,7 +154,7 @@ def convert(folder: str, out: str, workers: int, args: argparse.Namespace) -> di
     with open(out, "rb") as fh:
         digest = hashlib.file_digest(fh, "sha256").hexdigest()
     return {"wall_s": wall, "main_rss_mb": main_rss / 1e6, "worker_rss_mb": max(peaks.values(), default=0) / 1e6,
-            "sha256": digest, "summary": stdout.strip().splitlines()[-1] if stdout.strip() else ""}
+            "sha256": digest, "summary": stdout.strip().splitlines()[0] if stdout.strip() else ""}
 
 
 def main() -> None:
