@@ -42,7 +42,8 @@ SHAPES = tuple((b, d) for b in (8, 6, 4) for d in (8, 4, 2, 1))
 OVERHEAD = 0.01
 """Codebook bytes, as a share of the code bytes, above which the shape is measured."""
 MAX_M = 8  # more codebooks per vector multiply the search time for no gain at these sizes
-SAMPLE = 1 << 15  # 8-vectors trained on: all of a small model's
+SAMPLE = 1 << 14  # 8-vectors trained on: all of a small model's
+EFFORT = 4  # the largest beam and codebook iterations of the trials: the ranking, not the codes, is sought
 
 
 def choose_shape(opts: ConvertOptions, shapes: dict[str, tuple[int, ...]], load: Callable[[str], np.ndarray],
@@ -67,32 +68,37 @@ def choose_shape(opts: ConvertOptions, shapes: dict[str, tuple[int, ...]], load:
     n = sum(numel[k] for k in names)
     if not names or len(groups) * default.codebook_bytes() <= OVERHEAD * n * bits / 8:
         return opts
-    errors = shape_errors(_sample(names, load, axes, opts.seed), bits, enc, opts.seed)
+    errors = shape_errors(_sample(names, load, axes, opts.seed), bits, enc, opts.seed, opts.progress)
     if not errors:
         return opts
     best = min(errors, key=lambda s: errors[s] * 4.0 ** (8 * len(groups) * s.codebook_bytes() / n))
     return dataclasses.replace(opts, encoder=dataclasses.replace(enc, bits_per_code=best.b, d=best.d))
 
 
-def shape_errors(x: np.ndarray, bits: float, enc: Any, seed: int) -> dict[AQConfig, float]:
+def shape_errors(x: np.ndarray, bits: float, enc: Any, seed: int, progress: bool = False) -> dict[AQConfig, float]:
     """Mean squared error per weight of the 8-vectors ``x`` (rows) coded by each shape of
     :data:`SHAPES` at ``bits`` code bits per weight (the shapes it reaches with 1 to
     :data:`MAX_M` codebooks and has enough vectors for)."""
     import torch
 
     from .aq_search import decode_vectors, train_aq
-    out: dict[AQConfig, float] = {}
+    from .progress import Progress
+    shapes = []
     for b, d in SHAPES:
         M = bits * d / b
-        if abs(M - round(M)) > 1e-9 or not 1 <= round(M) <= MAX_M:
-            continue
-        cfg = AQConfig(M=int(round(M)), b=b, d=d, beam=enc.beam, iters=enc.iters, damp=enc.damp)
-        v = torch.from_numpy(np.ascontiguousarray(x.reshape(-1, d)))
-        try:
-            C, codes = train_aq(v, cfg, None, seed=seed)
-        except TooSmallForAQ:
-            continue
-        out[cfg] = float((v - decode_vectors(C, codes)).pow(2).mean())
+        if abs(M - round(M)) < 1e-9 and 1 <= round(M) <= MAX_M:
+            shapes.append(AQConfig(M=int(round(M)), b=b, d=d, beam=min(enc.beam, EFFORT),
+                                   iters=min(enc.iters, EFFORT), damp=enc.damp))
+    out: dict[AQConfig, float] = {}
+    with Progress("shape", len(shapes), len(shapes), progress, unit="shape") as bar:
+        for cfg in shapes:
+            v = torch.from_numpy(np.ascontiguousarray(x.reshape(-1, cfg.d)))
+            try:
+                C, codes = train_aq(v, cfg, None, seed=seed)
+                out[cfg] = float((v - decode_vectors(C, codes)).pow(2).mean())
+            except TooSmallForAQ:
+                pass
+            bar.update(1, f"{cfg.K}x{cfg.d}")
     return out
 
 
