@@ -41,6 +41,16 @@ def set_threads(n: int | None) -> int:
     return n
 
 
+def _code_width(text: str) -> int | str:
+    """``--bits-per-code``: a number of bits, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of bits or 'auto', got {text!r}") from None
+
+
 def _cmd_convert(args: argparse.Namespace) -> int:
     replaced = _check_output(args.output, args.force)
     if not args.output.lower().endswith(".aqm"):
@@ -215,12 +225,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"code search beam width: larger is slower and more accurate (default {DEFAULT_BEAM})")
     p.add_argument("--iters", type=int, metavar="N",
                    help=f"codebook training iterations: more is slower and more accurate (default {DEFAULT_ITERS})")
-    p.add_argument("--bits-per-code", type=int, metavar="B",
-                   help="AQ code width: codebooks of 2**B codewords (default: 8, or on a small model, "
-                        "where codebooks weigh, the code width and vector length measured best at equal bytes)")
+    p.add_argument("--bits-per-code", type=_code_width, metavar="B",
+                   help="AQ code width: codebooks of 2**B codewords (default 8); 'auto': the code width and "
+                        "vector length measured best at equal bytes where 8-bit codebooks weigh (small models)")
     p.add_argument("--vector-dim", type=int, metavar="D",
-                   help="AQ vector length: --bits is reached with bits*D/B codebooks (default: 8, or chosen "
-                        "with --bits-per-code's)")
+                   help="AQ vector length: --bits is reached with bits*D/B codebooks (default 8)")
     _add_parallel_args(p)
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (default: shown when stderr is a terminal, unless -q)")

@@ -115,27 +115,33 @@ class EncoderOptions(SearchEffort):
     ----------
     beam, iters, feedback, damp
         Search effort (:class:`SearchEffort`).
-    bits_per_code : int, optional
-        Bits of one code (``K = 2**bits_per_code`` codewords per codebook).
+    bits_per_code : int or "auto", optional
+        Bits of one code (``K = 2**bits_per_code`` codewords per codebook); default 8.
+        ``"auto"``: the code width and the vector length are chosen by measured rate and
+        distortion where 8-bit codebooks weigh (:mod:`aqformat.converters.shape_choice`).
     d : int, optional
-        Vector length. Where neither is given, both are 8, or on a model small enough for
-        8-bit codebooks to weigh, chosen by measured rate and distortion
-        (:mod:`aqformat.converters.shape_choice`).
+        Vector length; default 8.
     reservoir : int
         Training vectors sampled per codebook group.
     perm_iters : int
         Rounds of the column permutation search (``permute``).
     """
 
-    bits_per_code: int | None = None
+    bits_per_code: int | str | None = None
     d: int | None = None
     reservoir: int = 1 << 16
     perm_iters: int = 2000
 
+    def __post_init__(self) -> None:
+        if self.bits_per_code == AUTO and self.d is not None:
+            raise AqmInputError("bits_per_code 'auto' chooses the vector length too: give no d with it")
+        if not (self.bits_per_code in (None, AUTO) or isinstance(self.bits_per_code, int)):
+            raise AqmInputError(f"bits_per_code must be a number of bits or 'auto', not {self.bits_per_code!r}")
+
     @property
     def code_width(self) -> int:
-        """Bits of one code: ``bits_per_code``, 8 where not given."""
-        return DEFAULT_BITS_PER_CODE if self.bits_per_code is None else int(self.bits_per_code)
+        """Bits of one code: ``bits_per_code``, 8 where not given (or still to be chosen)."""
+        return DEFAULT_BITS_PER_CODE if self.bits_per_code in (None, AUTO) else int(self.bits_per_code)
 
     @property
     def vector_dim(self) -> int:
@@ -143,9 +149,9 @@ class EncoderOptions(SearchEffort):
         return DEFAULT_VECTOR_DIM if self.d is None else int(self.d)
 
     @property
-    def shape_given(self) -> bool:
-        """Whether the user set the code width or the vector length (then no shape is chosen)."""
-        return self.bits_per_code is not None or self.d is not None
+    def choose_shape(self) -> bool:
+        """Whether the code width and vector length are to be chosen (``bits_per_code="auto"``)."""
+        return self.bits_per_code == AUTO
 
     @classmethod
     def of(cls, value: EncoderOptions | Mapping[str, Any] | None) -> EncoderOptions:

@@ -70,8 +70,7 @@ def test_reach_counts_the_bytes_a_file_holds(tmp_path):
         raw = {n: small.nbytes.get(n, p.numel() * 4) for n, p in sd.items()}
         r = size_target.reach(shapes, {}, {"shared": names}, raw)
         out = tmp_path / f"m{bits}.aqm"
-        from_torch(model, out, bits=bits, grouping="shared", progress=False,
-                   encoder={"beam": 1, "iters": 1, "bits_per_code": 8, "d": 8})  # reach's shape
+        from_torch(model, out, bits=bits, grouping="shared", progress=False, encoder={"beam": 1, "iters": 1})
         with aqformat.open(out) as f:
             coded = sum(t.stored_bytes for t in f.tensors() if t.codec == "aq")
             books = sum(f.group_bytes(g.name) for g in f.codebook_groups)
