@@ -11,6 +11,7 @@ Usage: ``python -m bench.shape_choice_bench``
 """
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 import time
@@ -26,7 +27,28 @@ SETTINGS = (("auto (chosen)", {"bits_per_code": "auto"}), ("8-bit codes, d=8 (de
             ("4-bit codes, d=4", {"bits_per_code": 4, "d": 4}))
 
 
-def main() -> None:
+def silero() -> None:
+    import silero_vad
+
+    from aqformat.converters import from_onnx
+    from aqformat.runtime import InferenceSession
+    audio, source = tasks.speech_audio(12)
+    src = os.path.join(os.path.dirname(silero_vad.__file__), "data", "silero_vad_16k_op15.onnx")
+    ref = tasks.vad_probs(tasks.ort_session(src, threads=1), audio)
+    print(f"silero_vad_16k_op15.onnx, {len(audio) / tasks.SR:.1f} s of {source} audio")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "vad.aqm")
+        for bits in (3, 4):
+            for label, enc in SETTINGS[:2]:
+                from_onnx(src, path, bits=bits, progress=False, encoder=enc)
+                m = tasks.vad_metrics(ref, tasks.vad_probs(InferenceSession(path), audio))
+                with aqformat.open(path) as f:
+                    groups = [(g.M, g.K, g.d) for g in f.codebook_groups]
+                print(f"--bits {bits} {label:26s} {os.path.getsize(path):8,d} B  mean |dp| {m['mean_abs_diff']:.4f} "
+                      f"agreement {m['agreement']:.4f}  groups (M, K, d) {groups}", flush=True)
+
+
+def digits() -> None:
     Xtr, ytr, Xte, yte = tasks.digits_data()
     model = tasks.train_digits(Xtr, ytr)
     ref = tasks.digits_predict(model, Xte)
@@ -50,6 +72,12 @@ def main() -> None:
                 print(f"--bits {bits} {label:26s} {size:7,d} B {8 * size / params:5.2f} b/param "
                       f"{4 * params / size:5.2f}x  top-1 {m['top1']:.4f} agreement {m['agreement']:.4f}  "
                       f"groups (M, K, d) {groups}  {time.perf_counter() - t:.1f} s", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=("digits", "silero"), default="digits")
+    {"digits": digits, "silero": silero}[ap.parse_args().model]()
 
 
 if __name__ == "__main__":

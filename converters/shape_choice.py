@@ -25,10 +25,10 @@ gave 22.1 dB where the best small shape gave 21.1 dB in a larger file).
 
 It is not the default: weight error at equal bytes ranks shapes well on the
 digits CNN (files 0.67-0.72x the 8-bit default's, agreement within 0.011),
-but on silero-vad (16 kHz, 12 espeak-ng utterances) the shape it chose
-(8-bit codes over 4-vectors) made files 0.85-0.88x the default's whose mean
+but on silero-vad (16 kHz, 12 espeak-ng utterances) the shapes it chose
+(6- and 8-bit codes over 4-vectors) made files 0.85-0.88x the default's whose mean
 speech-probability error was 0.20 / 0.18 at 3 / 4 bits, against the
-default's 0.017 / 0.009.
+default's 0.017 / 0.009 (``python -m bench.shape_choice_bench --model silero``).
 """
 from __future__ import annotations
 
