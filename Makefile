@@ -26,6 +26,9 @@ BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[all,dev,bench]'
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps nncodec==2.1.3 ddddocr==1.6.1
+	@# silero-vad is measured on espeak-ng speech; without it the bench falls back to synthetic audio
+	@command -v espeak-ng >/dev/null || (command -v apt-get >/dev/null && apt-get install -y -q espeak-ng >/dev/null 2>&1) \
+		|| echo "warning: espeak-ng is not installed (apt-get install espeak-ng): silero-vad rows use synthetic audio"
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)  ## full benchmark: bench/results/*.json, RESULTS.md, plots
