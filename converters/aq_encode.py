@@ -25,7 +25,7 @@ import torch
 from aqformat.codecs import aq as aq_codec
 from aqformat.codecs.aq import stored_bytes, vector_count
 from aqformat.errors import AqmInputError, TooSmallForAQ
-from aqformat.layout import from_matrix, to_matrix
+from aqformat.layout import from_matrix, matrix_shape, to_matrix
 
 from .aq_search import _fp16, beam_search, decode_vectors, default_device
 from .options import AQConfig, ConvertOptions
@@ -300,8 +300,8 @@ def _code_and_measure(w: np.ndarray, name: str, C: torch.Tensor, *args: Any) -> 
     of a conversion."""
     cfg, H, axes, perm, device = args
     t = encode_tensor(name, w, C, cfg, H, axes, perm, device=device)
-    e = (np.asarray(w, dtype=np.float64) - decode_tensor(t, C)).ravel()
     v = np.asarray(w, dtype=np.float64).ravel()
+    e = v - decode_tensor(t, C).ravel()
     return t, float(e @ e), float(v @ v)
 
 
@@ -350,12 +350,12 @@ class AQEncoder:
             self._shared[g] = share(self.plan.books[g])
         H, axes, perm = t.H.get(name), t.axes.get(name), t.perms.get(name)
         rest = (self.plan.configs[g], None if H is None else share(H))
-        m = to_matrix(w, axes)  # each block keeps the column permutation, so H applies as it is
-        rows, cols, cfg = *m.shape, self.plan.configs[g]
+        (rows, cols), cfg = matrix_shape(np.shape(w), axes), self.plan.configs[g]
         min_rows = -(-cfg.K // -(-cols // cfg.d))  # rows holding K vectors, what AQ needs of a tensor
-        blocks = min(rows // min_rows, -(-m.size // ROW_BLOCK))  # of about ROW_BLOCK weights
-        if m.size <= 2 * ROW_BLOCK or blocks < 2:
+        blocks = min(rows // min_rows, -(-rows * cols // ROW_BLOCK))  # of about ROW_BLOCK weights
+        if rows * cols <= 2 * ROW_BLOCK or blocks < 2:
             return [(_code_and_measure, (w, name, self._shared[g], *rest, axes, perm, self.opts.device))]
+        m = to_matrix(w, axes)  # each block keeps the column permutation, so H applies as it is
         cuts = np.linspace(0, rows, blocks + 1).astype(int)
         return [(_code_and_measure, (m[a:b], name, self._shared[g], *rest, None, perm, self.opts.device))
                 for a, b in zip(cuts[:-1], cuts[1:])]
