@@ -57,8 +57,8 @@ EFFORT = 4  # the largest beam and codebook iterations of the trials: the rankin
 def choose_shape(opts: ConvertOptions, shapes: dict[str, tuple[int, ...]], load: Callable[[str], np.ndarray],
                  axes: dict[str, Any]) -> ConvertOptions:
     """``opts`` with the encoder's ``bits_per_code`` and ``d`` set for AQ-coding the tensors of
-    ``shapes`` (name -> shape) at ``opts.bits_per_weight``: the user's when given, else the best
-    measured shape (module doc). The groups whose default codebooks outweigh their codes are left
+    ``shapes`` (name -> shape) at ``opts.bits_per_weight``: unchanged unless ``bits_per_code`` is
+    ``"auto"``, then the best measured shape (module doc). The groups whose default codebooks outweigh their codes are left
     out: the affine codec takes those (:func:`aqformat.converters.affine.codebook_dominated`).
     A rate the default shape reaches only by mixing two code widths is reached exactly when a
     measured shape wins."""
@@ -91,12 +91,9 @@ def shape_errors(x: np.ndarray, bits: float, enc: Any, seed: int, progress: bool
 
     from .aq_search import decode_vectors, train_aq
     from .progress import Progress
-    shapes = []
-    for b, d in SHAPES:
-        M = bits * d / b
-        if abs(M - round(M)) < 1e-9 and 1 <= round(M) <= MAX_M:
-            shapes.append(AQConfig(M=int(round(M)), b=b, d=d, beam=min(enc.beam, EFFORT),
-                                   iters=min(enc.iters, EFFORT), damp=enc.damp))
+    trial = dataclasses.replace(enc, beam=min(enc.beam, EFFORT), iters=min(enc.iters, EFFORT))
+    candidates = [dataclasses.replace(trial, bits_per_code=b, d=d) for b, d in SHAPES]
+    shapes = [e.config(bits) for e in candidates if e.exact(bits) and bits * e.d / e.bits_per_code <= MAX_M]
     out: dict[AQConfig, float] = {}
     with Progress("shape", len(shapes), len(shapes), progress, unit="shape") as bar:
         for cfg in shapes:
