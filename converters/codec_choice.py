@@ -57,7 +57,7 @@ from .planning import ModelTensors, Plan
 from .size_target import MAX_CODE_BITS, Budget
 
 __all__ = ["NAME", "FORCIBLE", "STEPS_PER_OCTAVE", "DATA_FREE_EXPONENT", "Option", "AutoEncoder", "parse_codec_for",
-           "forced_codec", "forced_names", "auto_budget", "section_bytes", "estimate_bits", "choose"]
+           "forced_codec", "forced_names", "auto_budget", "section_bytes", "choose"]
 
 NAME = AUTO
 AQ, LATTICE, AFFINE, HALF, RAW = aq_codec.NAME, lattice_codec.NAME, affine_codec.NAME, half_codec.NAME, raw_codec.NAME
@@ -182,21 +182,7 @@ def _matrix_error(E: np.ndarray, H: Any, s: Any) -> float:
     import torch
 
     from .aq_encode import output_error
-    return output_error(torch.from_numpy(np.ascontiguousarray(E, np.float32)), 0.0, H, s)
-
-
-def estimate_bits(q: np.ndarray, tables: int = rans.MAX_TABLES) -> float:
-    """Bits of the integer matrix ``q`` under an entropy coder with ``tables`` frequency tables:
-    rows sorted by spread into ``tables`` equal classes, each class at its empirical entropy,
-    plus about 3 bytes per table entry (what :mod:`aqformat.rans` stores)."""
-    rows = q.shape[0]
-    order = np.argsort(np.abs(q).sum(axis=1), kind="stable")
-    bits = 0.0
-    for part in np.array_split(order, min(tables, rows)):
-        _, counts = np.unique(q[part], return_counts=True)
-        p = counts / counts.sum()
-        bits += float(-(counts * np.log2(p)).sum()) + 24.0 * counts.size
-    return bits
+    return output_error(torch.tensor(E, dtype=torch.float32), 0.0, H, s)  # a copy: E may be read-only
 
 
 @dataclass
@@ -254,7 +240,7 @@ def _lattice_at(c: _Candidate, k: int, exact: bool = False) -> Option | None:
 
 def _estimate_lattice(c: _Candidate, k: int, step: np.float32) -> Option:
     """The lattice option at ``step`` estimated from plain rounding of up to :data:`LATTICE_SAMPLE`
-    weights (evenly spaced rows) and :func:`estimate_bits`, scaled to every row."""
+    weights (evenly spaced rows) and :func:`aqformat.rans.estimate_bits`, scaled to every row."""
     from aqformat.dither import dither
     rows, cols = c.m.shape
     pick = np.unique(np.linspace(0, rows - 1, max(1, min(rows, LATTICE_SAMPLE // cols)), dtype=np.int64))
@@ -266,7 +252,7 @@ def _estimate_lattice(c: _Candidate, k: int, step: np.float32) -> Option:
     q = np.rint(x)
     scale = rows / len(pick)
     s = None if c.s is None else np.asarray(c.s)[pick]
-    nbytes = estimate_bits(q.astype(np.int64)) / 8 * scale + 4 * rows + LATTICE_RECORD_BYTES
+    nbytes = rans.estimate_bits(q) / 8 * scale + 4 * rows + LATTICE_RECORD_BYTES
     return Option(LATTICE, k, int(math.ceil(nbytes)), _matrix_error((q - x) * float(step), c.H, s) * scale)
 
 

@@ -10,7 +10,7 @@ import torch
 import aqformat
 from aqformat.errors import AqmInputError
 from aqformat.inspect import describe, render_text
-from aqformat.converters.codec_choice import estimate_bits, parse_codec_for
+from aqformat.converters.codec_choice import parse_codec_for
 from aqformat.converters.options import ConvertOptions
 
 SMALL_AQ = {"bits_per_code": 4, "d": 4, "iters": 2, "beam": 4}
@@ -128,12 +128,15 @@ def test_codec_for_parsing():
         ConvertOptions.build(bits=4, target_size=None, keep=(), encoder=None, codec_for=["*:aq"])
 
 
-def test_estimate_bits_tracks_the_entropy():
-    """The rate estimate is within a few percent of the rans stream's bytes."""
+@pytest.mark.parametrize("scale", [0.5, 3, 40, 400])
+def test_estimate_bits_tracks_the_rans_stream(scale):
+    """The fast rate estimate the codec choice searches with is within 2% of the rans stream's
+    bytes, at low rates and at high ones, where the alphabet is wide and the tables are a large
+    part of the stream (an estimate charging 3 bytes per table entry read 25% high there)."""
     from aqformat import rans
     rng = np.random.default_rng(1)
-    q = np.rint(rng.laplace(0, 3, (128, 512)) * np.linspace(0.2, 2, 128)[:, None]).astype(np.int16)
-    assert estimate_bits(q) / 8 == pytest.approx(len(rans.encode(q)), rel=0.05)
+    q = np.rint(rng.laplace(0, scale, (128, 512)) * np.linspace(0.2, 2, 128)[:, None]).astype(np.int32)
+    assert rans.estimate_bits(q) / 8 == pytest.approx(len(rans.encode(q)), rel=0.02)
 
 
 def test_allocate_without_calibration_gives_large_weights_the_bits(tmp_path):
@@ -157,9 +160,9 @@ def test_data_free_steps_follow_a_power_of_each_tensors_scale(tmp_path):
     """Without calibration a tensor's squared error is weighed by its mean energy to the power
     -DATA_FREE_EXPONENT, so the equal-slope lattice step grows as its RMS to the power
     DATA_FREE_EXPONENT: of two lattice tensors alike but for a factor of 100 in scale, the large
-    one's step is 100 ** DATA_FREE_EXPONENT times the small one's, within a factor of 3 above (the
-    budget's last bytes go by greedy upgrades, off the equal slope: with one global step the ratio
-    is 2.4, not 1)."""
+    one's step is 100 ** DATA_FREE_EXPONENT times the small one's, within 1.5x either way (steps
+    lie on a grid of 4 per octave, and the budget's last bytes go by greedy upgrades, off the equal
+    slope; one global step would give a ratio near 1)."""
     from aqformat.converters import from_torch
     from aqformat.converters.codec_choice import DATA_FREE_EXPONENT
     m = torch.nn.Sequential(_linear("laplace", 256, 256), _linear("laplace", 256, 256))
@@ -171,4 +174,4 @@ def test_data_free_steps_follow_a_power_of_each_tensors_scale(tmp_path):
         choice = f.metadata["conversion"]["choice"]
     step = {n: float(choice[n][1].split()[-1]) for n in ("0.weight", "1.weight")}
     expected = 100 ** DATA_FREE_EXPONENT
-    assert 1.5 * expected <= step["0.weight"] / step["1.weight"] <= 3 * expected, step
+    assert expected / 1.5 <= step["0.weight"] / step["1.weight"] <= 1.5 * expected, step
