@@ -155,6 +155,19 @@ def _session(model: Any, outputs: Sequence[str], fill: Any, threads: int | None)
         raise AqmInputError(f"ONNX Runtime cannot run the model for calibration: {_first_line(e)}") from None
 
 
+def _nothing_to_calibrate(model: Any, names: Sequence[str]) -> str:
+    """Why no weight in ``names`` has an ``H``: the one-line error, naming the subgraph ops holding
+    them where that is the cause (ONNX Runtime exposes main-graph values only)."""
+    from aqformat.onnx_stubs import all_graphs, subgraphs
+    wanted, ops = set(names), set()
+    for node in model.graph.node:
+        if any(wanted & set(n.input) for sub in subgraphs(node) for g in all_graphs(sub) for n in g.node):
+            ops.add(node.op_type)
+    where = (f"; the tensors to compress are used inside {'/'.join(sorted(ops))} subgraphs, which calibration "
+             "cannot reach: convert without --calib" if ops else "")
+    return f"calibration found no main-graph MatMul/Gemm/Conv weight among the tensors to compress{where}"
+
+
 def collect_onnx_hessians(model: Any, batches: Iterable[dict[str, np.ndarray]], names: Iterable[str],
                           fill: Any = None, threads: int | None = None) -> dict[str, np.ndarray]:
     """``H = X^T X / n`` of every weight in ``names`` used by a MatMul, Gemm or Conv.
@@ -237,7 +250,7 @@ class OnnxCalibration:
         """``(H, S)`` for the weights in ``names``; ``S`` only when ``sensitivity``."""
         H = collect_onnx_hessians(self.model, self.data.batches, names, fill=self.load)
         if not H:
-            raise AqmInputError("calibration found no MatMul/Gemm/Conv weight among the tensors to compress")
+            raise AqmInputError(_nothing_to_calibrate(self.model, names))
         if not sensitivity:
             return H, {}
         from .onnx_torch import unsupported_ops

@@ -280,3 +280,15 @@ def test_unsupported_operators_are_named_and_plain_conversion_still_works(tmp_pa
     x = np.load(tmp_path / "c.npy")[:2]
     out = InferenceSession(tmp_path / "ok.aqm").run(None, {"x": x})[0]
     assert out.shape == ort.InferenceSession(str(tmp_path / "cs.onnx")).run(None, {"x": x})[0].shape
+
+
+def test_weights_only_inside_subgraphs_are_named_as_the_reason_calibration_cannot_run(tmp_path):
+    """silero_vad.onnx holds its weights in If branches (lifted to main-graph initializers, used in
+    the branches): ONNX Runtime cannot expose the branches' activations, so --calib fails before
+    encoding with an error saying so, and the conversion without it works."""
+    from tests.runtime_fixtures import silero_feeds, silero_path
+    path = silero_path("silero_vad.onnx")
+    feeds = [silero_feeds(batch=4)]
+    with pytest.raises(aqformat.AqmInputError, match="used inside If subgraphs, which calibration cannot reach"):
+        from_onnx(path, tmp_path / "s.aqm", bits=4, calib=feeds, progress=False, encoder=ENC)
+    assert not (tmp_path / "s.aqm").exists()
