@@ -10,6 +10,10 @@ EfficientNet-Lite0 exported to ONNX, ddddocr's OCR model) every
 method writes a real file; its bytes on disk are counted (bits per weight
 over the parameters those bytes cover) and the weights decoded from that file
 are put back into the model to measure the task metric, all in this run.
+The .aqm rows at each model's rates come twice, with the default codec and with
+``--codec auto`` at the same ``--bits`` and data (which counts every byte in
+``--bits``), and again data-free at each NNCodec size with AQ only, the lattice
+only and ``--codec auto``.
 The systems scripts of bench/ (container decode and open() cost, runtime
 load/latency/RSS, quantizer studies, streaming conversion) run as
 subprocesses where they exist and their JSON is collected. Results go to
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -37,6 +42,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
+from aqformat.converters.options import AUTO, DEFAULT_CODEC  # noqa: E402
 from bench import baselines as B  # noqa: E402
 from bench import tasks  # noqa: E402
 
@@ -173,6 +179,8 @@ def aqm_packed(path: str, covered: Sequence[str], setting: str, seconds: float,
 # Data-free rows at NNCodec's sizes, one per codec choice: --codec auto with every covered tensor forced to
 # one codec ("aq only", "lattice only"), and the automatic choice (--codec-for none).
 CODEC_CHOICES = {"aq-only": "aq", "lattice-only": "lattice", "auto": None}
+#: The .aqm rows at each model's rates: the default codec, and ``--codec auto`` at the same --bits and data.
+DEFAULT_AND_AUTO = (DEFAULT_CODEC, AUTO)
 
 
 def codec_choice_rows(t: Table, convert: Callable[..., Any], names: Sequence[str], covered: Sequence[str],
@@ -211,6 +219,11 @@ def codec_choice_rows(t: Table, convert: Callable[..., Any], names: Sequence[str
                 p.extra["codecs"] = {c: codecs.count(c) for c in sorted(set(codecs))}
                 return p
             t.add("aqm", produce, metrics, name=f"aqm-{label}")
+
+
+def _codec_mode(codec: str) -> str:
+    """The setting's words for ``--codec``: none for the default."""
+    return "" if codec == DEFAULT_CODEC else f"--codec {codec}, "
 
 
 def _bits_setting(bits: int, enc: dict[str, Any], mode: str = "") -> str:
@@ -279,6 +292,12 @@ def bench_minilm(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
         if p is not None and cfg["ft_steps"]:
             t.add("aqm", lambda p=p: _minilm_finetune(p, model, distill, list(orig), cfg),
                   name="aqm+finetune")
+
+        def produce_auto(bits=bits, out=out.replace(".aqm", "_auto.aqm")):
+            s = from_torch(path, out, bits=bits, codec=AUTO, calib=calib_txt, keep=["embeddings.*"],
+                           progress=False, encoder=enc)
+            return aqm_packed(out, list(orig), _bits_setting(bits, enc, _codec_mode(AUTO)), s.seconds)
+        t.add("aqm", produce_auto, name="aqm")
     codec_choice_rows(t, lambda out, **kw: from_torch(path, out, **kw), list(model.state_dict()), list(orig), folder)
     if covered_onnx:
         from bench.onnx_models import aqm_session
@@ -351,12 +370,12 @@ def bench_silero(cfg: dict[str, Any], folder: str, audio: np.ndarray, variant: s
           lambda p: tasks.vad_metrics(ref, tasks.vad_probs(tasks.ort_session(p.path, threads=1), audio)),
           name="ort-dynamic-int8")
     enc = cfg["encoder_small"]
-    for bits in cfg["aqm_bits"]:
-        out = os.path.join(sub, f"{tag}_{bits}bit.aqm")
+    for bits, codec in itertools.product(cfg["aqm_bits"], DEFAULT_AND_AUTO):
+        out = os.path.join(sub, f"{tag}_{bits}bit_{codec}.aqm")
 
-        def produce(bits=bits, out=out):
-            s = from_onnx(src_path, out, bits=bits, progress=False, encoder=enc)
-            return aqm_packed(out, covered, _bits_setting(bits, enc), s.seconds)
+        def produce(bits=bits, out=out, codec=codec):
+            s = from_onnx(src_path, out, bits=bits, progress=False, encoder=enc, codec=codec)
+            return aqm_packed(out, covered, _bits_setting(bits, enc, _codec_mode(codec)), s.seconds)
         t.add("aqm", produce,
               lambda p: tasks.vad_metrics(ref, tasks.vad_probs(InferenceSession(p.path), audio)),
               name="aqm")
@@ -405,14 +424,15 @@ def bench_digits(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
     standard_baselines(t, sub, cfg, {b: b for b in cfg["digits_bits"]}, 4, 4)
     calib = [torch.from_numpy(Xtr[i:i + 32]) for i in range(0, 512, 32)]
     best = None
-    for bits in cfg["digits_bits"]:
-        out = os.path.join(sub, f"digits_{bits}bit.aqm")
+    for bits, codec in itertools.product(cfg["digits_bits"], DEFAULT_AND_AUTO):
+        out = os.path.join(sub, f"digits_{bits}bit_{codec}.aqm")
 
-        def produce(bits=bits, out=out):
-            s = from_torch(model, out, bits=bits, calib=calib, progress=False, encoder=enc)
-            return aqm_packed(out, covered, _bits_setting(bits, enc), s.seconds)
+        def produce(bits=bits, out=out, codec=codec):
+            s = from_torch(model, out, bits=bits, calib=calib, progress=False, encoder=enc, codec=codec)
+            return aqm_packed(out, covered, _bits_setting(bits, enc, _codec_mode(codec)), s.seconds)
         p = t.add("aqm", produce, name="aqm")
-        best = best or p  # the lowest rate gains most from fine-tuning
+        if codec == DEFAULT_CODEC:
+            best = best or p  # the lowest rate gains most from fine-tuning
     codec_choice_rows(t, lambda out, **kw: from_torch(model, out, encoder=enc, **kw), list(state), covered, sub)
     if best is not None and cfg["ft_steps_small"]:
         def tuned():
@@ -506,9 +526,10 @@ def bench_efficientnet(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
     t = Table("efficientnet_lite0", evaluate, W)
     onnx_baselines(t, sub, cfg)
     calib_s = calibration_seconds(path, calib, covered)
-    for bits in cfg["image_bits"]:
-        aqm_onnx_row(t, path, os.path.join(sub, f"eff_{bits}bit.aqm"), covered,
-                     f"{bits}-bit, {cfg['image_calib']} calibration crops", run_file, bits=bits, calib=calib)
+    for bits, codec in itertools.product(cfg["image_bits"], DEFAULT_AND_AUTO):
+        aqm_onnx_row(t, path, os.path.join(sub, f"eff_{bits}bit_{codec}.aqm"), covered,
+                     f"{bits}-bit, {_codec_mode(codec)}{cfg['image_calib']} calibration crops", run_file, bits=bits,
+                     calib=calib, codec=codec)
     codec_choice_rows(t, lambda out, **kw: from_onnx(path, out, **kw), [x.name for x in src.specs], covered, sub,
                       run_file)
     for bits in cfg["image_ft_bits"]:
@@ -545,11 +566,11 @@ def bench_ddddocr(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
     t = Table("ddddocr", evaluate, W)
     onnx_baselines(t, sub, cfg)
     calib_s = calibration_seconds(path, calib, covered)
-    for bits in cfg["ocr_bits"]:
-        aqm_onnx_row(t, path, os.path.join(sub, f"ocr_{bits}bit.aqm"), covered,
-                     f"{bits}-bit, {cfg['ocr_images'] // 2} calibration images",
+    for bits, codec in itertools.product(cfg["ocr_bits"], DEFAULT_AND_AUTO):
+        aqm_onnx_row(t, path, os.path.join(sub, f"ocr_{bits}bit_{codec}.aqm"), covered,
+                     f"{bits}-bit, {_codec_mode(codec)}{cfg['ocr_images'] // 2} calibration images",
                      lambda p: om.ocr_metrics(ref, om.ocr_read(om.aqm_session(p.path), images)),
-                     bits=bits, calib=calib)
+                     bits=bits, calib=calib, codec=codec)
     codec_choice_rows(t, lambda out, **kw: from_onnx(path, out, **kw), [x.name for x in src.specs], covered,
                       sub, lambda p: om.ocr_metrics(ref, om.ocr_read(om.aqm_session(p.path), images)))
     return {"model": "ddddocr OCR (common.onnx, float32)", "task": "text recognition",
