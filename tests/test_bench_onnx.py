@@ -52,8 +52,12 @@ def test_report_onnx_targets():
     # NNCodec reaches 0.93 at 3 + 0.13/0.15*2 = 4.73 b/w: 3.0/4.73 = 0.63x; 0.80 at "at most" 3.0 b/w: 0.67x
     target = checks["aqm <= 0.9x NNCodec at every rate"]
     assert target["answer"] is True and target["worst"] == pytest.approx(2 / 3)
+    untuned = "whole file >= 6x smaller without fine-tuning with top1_agreement >= int8 per-channel's"
+    assert checks[untuned]["answer"] is True
     data["rows"][3]["whole_file_ratio"] = 7.9
     assert report.checks(data)["whole file >= 8x smaller with top1_agreement >= int8 per-channel's"]["answer"] is False
+    data["rows"][3]["method"] = "aqm+finetune"  # a fine-tuned file does not count without fine-tuning
+    assert report.checks(data)[untuned]["answer"] is False
 
 
 def test_report_onnx_minilm_against_hugging_face_path():
