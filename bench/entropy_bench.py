@@ -25,6 +25,9 @@ rans compiled (numba), as ratios to zstd in the same run. Then rate-distortion
 optimised quantization (:func:`aqformat.converters.lattice.rdoq`): the
 weight SQNR at the rate RDOQ reaches, against plain rounding interpolated to
 that rate on its own curve (steps swept), so the gain is at equal rate.
+Last, the coders alone against NNCodec's (EfficientNet, silero-vad): both at
+one global step, the lattice's bits at each NNCodec file's weight SQNR
+(:func:`nncodec_gap`).
 
 Usage: nice python -m bench.entropy_bench [--quick] [--models effnet,silero,minilm]
        [--out bench/results/entropy.json]
@@ -36,6 +39,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import numpy as np
 import zstandard
@@ -156,12 +160,14 @@ def throughput(streams, zs, n: int, repeat: int) -> dict:
     return out
 
 
-def rd_point(mats: dict[str, np.ndarray], bits: float, lam: float) -> tuple[float, float]:
-    """(bits per weight in rans bytes, weight SQNR in dB) of the model at ``bits``, RDOQ at ``lam``."""
+def rd_point(mats: dict[str, np.ndarray], step_of: Callable[[np.ndarray], np.ndarray],
+             lam: float) -> tuple[float, float]:
+    """(bits per weight in rans bytes, weight SQNR in dB) of the model at the per-row steps
+    ``step_of(W)``, RDOQ at ``lam``."""
     nbits, err, sig, n = 0, 0.0, 0.0, 0
     for i, (name, W) in enumerate(mats.items()):
         W64 = W.astype(np.float64)
-        step = lattice_step(W, bits).astype(np.float64)
+        step = np.asarray(step_of(W), np.float64)
         u = dither(i + 1, W.size).reshape(W.shape)
         q = rdoq_indices(W64 / step[:, None] + u, lam)
         nbits += 8 * len(rans.encode(narrow(q)))
@@ -173,15 +179,42 @@ def rd_point(mats: dict[str, np.ndarray], bits: float, lam: float) -> tuple[floa
 
 def rdoq_gains(mats: dict[str, np.ndarray], bits_list: list[float], lams: list[float]) -> list[dict]:
     grid = np.arange(min(bits_list) - 1, max(bits_list) + 0.75, 0.5)
-    plain = [rd_point(mats, b, 0.0) for b in grid]
+    plain = [rd_point(mats, lambda W, b=b: lattice_step(W, b), 0.0) for b in grid]
     pr, ps = np.array([p[0] for p in plain]), np.array([p[1] for p in plain])
     out = []
     for bits in bits_list:
         for lam in lams:
-            r, s = rd_point(mats, bits, lam)
+            r, s = rd_point(mats, lambda W: lattice_step(W, bits), lam)
             ref = float(np.interp(r, pr, ps))
             out.append({"bits": bits, "lambda": lam, "rate": r, "sqnr_db": s, "plain_sqnr_db_at_rate": ref,
                         "gain_db": s - ref})
+    return out
+
+
+def nncodec_gap(mats: dict[str, np.ndarray], qps: list[int]) -> list[dict]:
+    """NNCodec against the lattice with rans, both at one global step (NNCodec's allocation): the
+    lattice's bits at the weight SQNR of each NNCodec file, interpolated on a sweep of steps, RDOQ
+    at the converter's lambda. What is left between the two is the coders: DeepCABAC's context
+    modelling and dependent quantization against per-row rans tables and scalar RDOQ."""
+    import tempfile
+
+    from aqformat.converters.lattice import RDOQ_LAMBDA
+    from bench import baselines as B
+    n = sum(W.size for W in mats.values())
+    sig = sum(float(np.sum(np.square(W, dtype=np.float64))) for W in mats.values())
+    sweep = [rd_point(mats, lambda W, s=2.0 ** (-k / 2): np.full(W.shape[0], s), RDOQ_LAMBDA) for k in range(2, 24)]
+    sweep.sort(key=lambda p: p[1])
+    rate, sqnr = np.array([p[0] for p in sweep]), np.array([p[1] for p in sweep])
+    out = []
+    with tempfile.TemporaryDirectory() as folder:
+        for qp in qps:
+            p = B.nncodec({k: (W, None) for k, W in mats.items()}, folder, qp)
+            err = sum(float(np.sum((p.decoded[k].astype(np.float64) - W) ** 2)) for k, W in mats.items())
+            s = 10 * math.log10(sig / err)
+            nb = 8 * p.bytes_counted / n
+            ours = float(np.interp(s, sqnr, rate)) if sqnr[0] <= s <= sqnr[-1] else None
+            out.append({"qp": qp, "sqnr_db": s, "nncodec_bits": nb, "lattice_bits": ours,
+                        "nncodec_over_lattice": None if ours is None else nb / ours})
     return out
 
 
@@ -214,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{model:7s} RDOQ {g['bits']:g} bits lambda {g['lambda']}: rate {g['rate']:.3f} "
                       f"SQNR {g['sqnr_db']:.2f} dB, plain at that rate {g['plain_sqnr_db_at_rate']:.2f} dB, "
                       f"gain {g['gain_db']:+.2f} dB", flush=True)
+        if model != "minilm":
+            results[model]["nncodec_gap"] = nncodec_gap(mats, [-32, -26, -20] if args.quick else [-38, -32, -26, -20, -14])
+            for g in results[model]["nncodec_gap"]:
+                ours = "-" if g["lattice_bits"] is None else f"{g['lattice_bits']:.3f}"
+                print(f"{model:7s} one global step, NNCodec QP {g['qp']}: {g['sqnr_db']:.2f} dB at "
+                      f"{g['nncodec_bits']:.3f} b/w; lattice + rans at that SQNR {ours} b/w "
+                      f"(NNCodec / lattice {g['nncodec_over_lattice'] or float('nan'):.3f})", flush=True)
     save_json(args.out, results)
     return 0
 
