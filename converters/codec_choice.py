@@ -205,9 +205,16 @@ class _Candidate:
     reasons: dict[str, str] = field(default_factory=dict)
     k: int = 0
     exact_only: bool = False
+    _zero: float | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.m = np.asarray(to_matrix(self.w, self.axes), dtype=np.float32)
+
+    def zero_error(self) -> float:
+        """The distortion of decoding all zeros: no option worse than that is worth its bytes."""
+        if self._zero is None:
+            self._zero = max(_matrix_error(self.m, self.H, self.s), 1e-30)
+        return self._zero
 
     def distortion(self, decoded: np.ndarray) -> float:
         """Output error of ``decoded`` (logical shape; squared weight error without calibration)."""
@@ -231,6 +238,10 @@ def _lattice_at(c: _Candidate, k: int, exact: bool = False) -> Option | None:
         opt = _exact_lattice(c, k, step) if exact else _estimate_lattice(c, k, step)
     except AqmInputError as e:
         c.reasons[LATTICE] = str(e)
+        opt = None
+    if opt is not None and opt.error >= c.zero_error():
+        # A step so coarse that the dither's noise (step**2 / 12 a weight) outweighs the tensor: the
+        # walk to coarser steps stops here, and a budget needing such steps is out of reach.
         opt = None
     c.lattice[k] = opt
     if exact:
@@ -447,7 +458,7 @@ def _weigh(cands: Sequence[_Candidate]) -> float:
     factor, the median over tensors.
     """
     for c in cands:
-        c.energy = max(_matrix_error(c.m, c.H, c.s), 1e-30)
+        c.energy = c.zero_error()
     measured = [c.energy for c in cands if c.s is not None]
     ref = float(np.median(measured)) if measured else None
     slopes = []
