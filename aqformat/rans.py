@@ -213,8 +213,9 @@ def estimate_bits(values: np.ndarray, max_tables: int = MAX_TABLES) -> float:
     For the direct ranges :func:`plan` weighs most (none, the typical one and
     at most 4 bits), the rows are split by spread into 1, 2, 4, 8 or 16 equal
     classes, each at the empirical entropy of its tokens, plus escape bits,
-    the stored tables (a byte per frequency, two from 1/32), row classes,
-    header and lane states; the cheapest of these is the estimate. It skips
+    the stored tables (:func:`_table_bytes` of each class's frequencies over
+    its token range), row classes, header and lane states; the cheapest of
+    these is the estimate. It skips
     :func:`plan`'s refinement of the classes, so it errs high by a little,
     at a small part of its cost: it is what a rate search calls many times.
     """
@@ -238,10 +239,11 @@ def _class_bits_estimate(v: np.ndarray, e: int, order: np.ndarray, max_tables: i
             break
         bits = 0.0
         for part in np.array_split(order, t):
-            _, counts = np.unique(tok[part], return_counts=True)
+            values, counts = np.unique(tok[part], return_counts=True)
             p = counts / counts.sum()
-            table = _TABLE.size + counts.size + int(np.count_nonzero(p * TOTAL >= 128))
-            bits += float(-(counts * np.log2(p)).sum()) + 8 * table
+            freqs = np.zeros(int(values[-1] - values[0]) + 1, np.int64)  # a table spans lowest to highest
+            freqs[values - values[0]] = np.maximum(1, p * TOTAL)
+            bits += float(-(counts * np.log2(p)).sum()) + 8 * _table_bytes([freqs])
         best = min(best, bits + (rows * _class_bits(t) if t > 1 else 0))
     return best + float(nb.sum())
 

@@ -198,7 +198,6 @@ class _Candidate:
     H: Any = None
     s: Any = None
     sens: float = 1.0
-    energy: float = 1.0
     options: list[Option] = field(default_factory=list)
     lattice: dict[int, Option | None] = field(default_factory=dict)
     exact: set[int] = field(default_factory=set)
@@ -211,7 +210,8 @@ class _Candidate:
         self.m = np.asarray(to_matrix(self.w, self.axes), dtype=np.float32)
 
     def zero_error(self) -> float:
-        """The distortion of decoding all zeros: no option worse than that is worth its bytes."""
+        """The distortion of decoding all zeros, the tensor's energy under the metric: the scale of its
+        weighting and of the errors ``aqm-info`` shows; no option worse than that is worth its bytes."""
         if self._zero is None:
             self._zero = max(_matrix_error(self.m, self.H, self.s), 1e-30)
         return self._zero
@@ -457,16 +457,14 @@ def _weigh(cands: Sequence[_Candidate]) -> float:
     each tensor's starting step, ``lam = 8 ln2 f step**2 / 6`` with ``f`` a weight's error
     factor, the median over tensors.
     """
-    for c in cands:
-        c.energy = c.zero_error()
-    measured = [c.energy for c in cands if c.s is not None]
+    measured = [c.zero_error() for c in cands if c.s is not None]
     ref = float(np.median(measured)) if measured else None
     slopes = []
-    mean_energy = {c.name: c.energy / c.m.size for c in cands}
+    mean_energy = {c.name: c.zero_error() / c.m.size for c in cands}
     typical = float(np.median(list(mean_energy.values()))) if cands else 1.0
     for c in cands:
         if ref is not None and c.s is None:
-            c.sens = ref / c.energy
+            c.sens = ref / c.zero_error()
         elif ref is None and c.H is None:
             c.sens = (typical / mean_energy[c.name]) ** DATA_FREE_EXPONENT
         cols = c.m.shape[1]
@@ -502,8 +500,8 @@ def _report(cands: Sequence[_Candidate], choice: Mapping[str, Option], lam: floa
                 best[o.codec] = o
         o = choice[c.name]
         setting = f"step {2.0 ** (int(o.setting) / STEPS_PER_OCTAVE):.4g}" if o.codec == LATTICE else o.setting
-        out[c.name] = [o.codec, setting, o.nbytes, float(f"{o.error / c.energy:.3g}"),
-                       {k: [v.nbytes, float(f"{v.error / c.energy:.3g}")] for k, v in best.items() if k != o.codec}]
+        out[c.name] = [o.codec, setting, o.nbytes, float(f"{o.error / c.zero_error():.3g}"),
+                       {k: [v.nbytes, float(f"{v.error / c.zero_error():.3g}")] for k, v in best.items() if k != o.codec}]
     return out
 
 
