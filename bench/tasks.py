@@ -139,18 +139,24 @@ def digits_cnn():
 
 
 def train_digits(Xtr: np.ndarray, ytr: np.ndarray, epochs: int = 40, seed: int = 0):
-    """Train :func:`digits_cnn` with Adam (deterministic under ``seed``)."""
+    """Train :func:`digits_cnn` with Adam: the same model under ``seed`` on every machine and in every
+    run (on one thread: the kernels' sums, and so the weights, depend on the thread count)."""
     import torch
-    torch.manual_seed(seed)
-    model = digits_cnn()
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    X, y = torch.from_numpy(Xtr), torch.from_numpy(ytr)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(X), generator=g).split(64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
-            opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        model = digits_cnn()
+        opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+        X, y = torch.from_numpy(Xtr), torch.from_numpy(ytr)
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(epochs):
+            for idx in torch.randperm(len(X), generator=g).split(64):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+                opt.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.eval()
 
 

@@ -1,4 +1,5 @@
-"""The ONNX models' bench metrics and targets (bench/onnx_models.py, bench/report.py) on known inputs."""
+"""The bench's models and metrics on known inputs: the ONNX models' metrics and targets (bench/onnx_models.py,
+bench/report.py) and the digits reference model (bench/tasks.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -71,3 +72,22 @@ def test_report_onnx_minilm_against_hugging_face_path():
          "metrics": {"cosine": 0.975}}]}
     check = report.checks(data)["ONNX source within 0.002 cosine of the Hugging Face path"]
     assert check["answer"] is False and list(check["differences"].values()) == [-0.001, -0.005]
+
+
+def test_digits_cnn_is_the_same_model_whatever_the_callers_thread_count():
+    """The bench's digits reference model: trained on one thread, so a run that left torch on 2
+    threads (or a machine with more cores) trains the same weights, and the caller's count is kept."""
+    torch = pytest.importorskip("torch")
+    from bench import tasks
+    Xtr, ytr, _, _ = tasks.digits_data()
+    before = torch.get_num_threads()
+    weights = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            m = tasks.train_digits(Xtr[:256], ytr[:256], epochs=2)
+            assert torch.get_num_threads() == threads
+            weights.append(torch.cat([p.detach().flatten() for p in m.parameters()]))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(weights[0], weights[1])
