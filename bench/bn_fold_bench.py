@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                 for fold in (False, True):
                     out = os.path.join(tmp, "m.aqm")
                     t0 = time.monotonic()
-                    s = from_torch(weights, out, bits=bits, calib=calib, progress=False,
+                    s = from_torch(weights, out, bits=bits, codec="aq", calib=calib, progress=False,
                                    model_code=om.efficientnet_lite0, fold_batchnorm=fold,
                                    encoder={"beam": args.beam, "iters": args.iters})
                     got = _logits(load_torch(out, model=om.efficientnet_lite0(), lazy=False).eval(), x)

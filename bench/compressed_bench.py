@@ -165,7 +165,7 @@ def _spawn(*args: str) -> dict:
 def convert(path: str, bits: float) -> float:
     from aqformat.converters import from_torch
     t = time.perf_counter()
-    from_torch(load_minilm()[0], path, bits=bits, progress=False,
+    from_torch(load_minilm()[0], path, bits=bits, codec="aq", progress=False,
                encoder={"beam": 1, "iters": 2, "reservoir": 1 << 14})
     return time.perf_counter() - t
 

@@ -139,6 +139,7 @@ def convert(folder: str, out: str, workers: int, args: argparse.Namespace) -> di
     """``aqm convert --workers N`` in a fresh process: wall seconds, peak RSS of the main process
     and the largest of its workers (MB), and the file's digest."""
     cmd = [sys.executable, "-m", "aqformat.cli", "convert", folder, "-o", out, "--force", "--no-progress",
+           "--codec", "aq",
            "--bits", str(args.bits), "--beam", str(args.beam), "--iters", str(args.iters),
            "--workers", str(workers)]
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}

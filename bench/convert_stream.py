@@ -28,7 +28,7 @@ CHILD_CONVERT = """
 import json, sys, time
 from aqformat.converters import convert
 t = time.monotonic()
-s = convert(sys.argv[1], sys.argv[2], bits=2, keep=json.loads(sys.argv[3]), progress=False,
+s = convert(sys.argv[1], sys.argv[2], bits=2, codec="aq", keep=json.loads(sys.argv[3]), progress=False,
             encoder={"bits_per_code": 8, "d": 8, "beam": 2, "iters": 1, "reservoir": 8192})
 print(json.dumps({"seconds": time.monotonic() - t, "aqm_bytes": s.aqm_bytes,
                   "coded": s.compressed, "source_bytes": s.source_bytes}))

@@ -12,6 +12,7 @@ import copy
 import os
 import sys
 import time
+from collections import Counter
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -50,12 +51,14 @@ def main() -> int:
     print("3/3 results")
     r = describe(path)
     with aqformat.open(path) as f:
-        aq = [t for t in f.tensors() if t.codec == "aq"]
-        aq_bytes = sum(t.stored_bytes for t in aq) + sum(f.group_bytes(g) for g in {t.group for t in aq})
-        aq_bits = 8.0 * aq_bytes / max(1, sum(t.numel for t in aq))
+        coded = [t for t in f.tensors() if t.codec != "raw"]
+        coded_bytes = sum(t.stored_bytes for t in coded) + sum(f.group_bytes(g.name) for g in f.codebook_groups)
+        coded_bits = 8.0 * coded_bytes / max(1, sum(t.numel for t in coded))
+        codecs = Counter(t.codec for t in f.tensors())
     print(f"  original     {original_bytes / 1e6:8.2f} MB   ({r['parameters']:,} parameters)")
     print(f"  .aqm         {r['file_bytes'] / 1e6:8.2f} MB   {original_bytes / r['file_bytes']:.1f}x smaller, "
-          f"{r['bits_per_weight']:.2f} bits/weight overall, {aq_bits:.2f} on the {len(aq)} quantized tensors")
+          f"{r['bits_per_weight']:.2f} bits/weight overall, {coded_bits:.2f} on the {len(coded)} coded tensors")
+    print("  codecs       " + ", ".join(f"{n} {c}" for c, n in codecs.most_common()) + " tensors (aqm-info shows why)")
     print(f"  fidelity     cosine {fid['cosine']:.4f} (min {fid['min_cosine']:.4f}), "
           f"top-10 retrieval overlap {fid['top10']:.3f} on {len(eval_s)} held-out sentences")
     print(f"  time         convert {convert_s:.0f} s, load + embed {run_s:.1f} s; integrity {r['integrity']}")

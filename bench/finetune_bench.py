@@ -132,7 +132,8 @@ def digits(bits_list: list[float], steps: int, tmp: str) -> list[dict]:
     for bits in bits_list:
         q = os.path.join(tmp, f"digits{bits}.aqm")
         # Small tensors matter here: compress everything with >= 256 weights.
-        from_torch(net, q, bits=bits, calib=[b[0] for b in batches], progress=False, min_elements=256)
+        from_torch(net, q, bits=bits, codec="aq", calib=[b[0] for b in batches], progress=False,
+                   min_elements=256)
         row = {"model": "digits-CNN", "bits_linear": linear_bits(q), "file_bytes": os.path.getsize(q),
                "ratio_whole_model": fp32_bytes / os.path.getsize(q), "original_top1": base,
                "no_finetune": {"top1": top1(load_torch(q, copy.deepcopy(net), lazy=False))}}

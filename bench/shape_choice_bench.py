@@ -40,7 +40,7 @@ def silero() -> None:
         path = os.path.join(d, "vad.aqm")
         for bits in (3, 4):
             for label, enc in SETTINGS[:2]:
-                from_onnx(src, path, bits=bits, progress=False, encoder=enc)
+                from_onnx(src, path, bits=bits, codec="aq", progress=False, encoder=enc)
                 m = tasks.vad_metrics(ref, tasks.vad_probs(InferenceSession(path), audio))
                 with aqformat.open(path) as f:
                     groups = [(g.M, g.K, g.d) for g in f.codebook_groups]
@@ -61,7 +61,7 @@ def digits() -> None:
         for bits in (2, 3, 4):
             for label, enc in SETTINGS:
                 t = time.perf_counter()
-                from_torch(model, path, bits=bits, progress=False, encoder=enc)
+                from_torch(model, path, bits=bits, codec="aq", progress=False, encoder=enc)
                 with aqformat.open(path) as f:
                     decoded = {n: torch.from_numpy(np.array(f.read(n))) for n in state}
                     groups = [(g.M, g.K, g.d) for g in f.codebook_groups]

@@ -11,7 +11,7 @@ from typing import Any
 from aqformat.errors import AqmInputError
 from aqformat.header import MAX_NAME_BYTES, MAX_NDIM
 
-from .options import DEFAULT_CODEC, DEFAULT_MIN_ELEMENTS, ConvertOptions, EncoderOptions, FinetuneOptions
+from .options import DEFAULT_MIN_ELEMENTS, ConvertOptions, EncoderOptions, FinetuneOptions
 from .bn_fold import fold_calibrated, fold_source
 from .pipeline import ConversionSummary, run, run_and_finetune
 from .sources import Source, open_source
@@ -89,7 +89,7 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
                target_size: int | str | None = None, allocate: bool = False,
                permute: bool = False, grouping: str = "by-kind", calib: Any = None,
                keep: Iterable[str] = (), seed: int = 0, progress: bool = True,
-               min_elements: int = DEFAULT_MIN_ELEMENTS, codec: str = DEFAULT_CODEC,
+               min_elements: int = DEFAULT_MIN_ELEMENTS, codec: str | None = None,
                codec_for: Iterable[str] = (), encoder: EncoderOptions | Mapping[str, Any] | None = None, finetune_steps: int = 0,
                finetune_lr: float = 1e-3, finetune_raw: str = "all",
                model_code: str | Callable[[], Any] | None = None, strict: bool = False,
@@ -106,9 +106,9 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     out_path : str or os.PathLike
         The .aqm file to write (replaced atomically; nothing is left on failure).
     bits : float
-        Code bits per compressed weight (AQ: ``M = bits * d / bits_per_code`` codebooks,
-        with the default encoder M 256-entry codebooks over 8-vectors, M = bits; lattice:
-        the quantizer's entropy per weight).
+        Bits per compressed weight (auto: the budget, see ``codec``; AQ: code bits,
+        ``M = bits * d / bits_per_code`` codebooks, with the default encoder M 256-entry
+        codebooks over 8-vectors, M = bits; lattice: the quantizer's entropy per weight).
     target_size : int or str, optional
         File size budget (e.g. ``"5MB"``): bits are allocated per tensor to fit it.
     allocate : bool
@@ -133,14 +133,16 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
         Show progress bars on stderr.
     min_elements : int
         Smallest tensor compressed.
-    codec : {"aq", "lattice"}
-        ``"aq"``: additive quantization in shared codebooks (everything above
-        applies); ``"lattice"``: dithered uniform scalar quantization with
-        entropy-coded indices, every tensor at ``bits`` (no target size,
-        allocation or permutation; calibration only feeds fine-tuning); ``"auto"``: per tensor
-        the codec (AQ, lattice, affine, float16, raw) and setting of least measured error per
-        byte within ``bits`` per compressed weight, every byte counted, or ``target_size``
-        (:mod:`aqformat.converters.codec_choice`).
+    codec : {"auto", "aq", "lattice"}, optional
+        ``"auto"`` (the default): per tensor the codec (AQ, lattice, affine, float16, raw) and
+        setting of least measured error per byte, all within ``bits`` per compressed weight
+        (their codes, indices, scales, steps, codebooks and records counted) or ``target_size``
+        (every byte of the file) (:mod:`aqformat.converters.codec_choice`); ``"aq"``: additive
+        quantization in shared codebooks, ``bits`` code bits per weight (the default when
+        ``permute``, ``allocate`` or ``finetune_steps`` is set: they are AQ's options, fine-tuning
+        training codebooks); ``"lattice"``: dithered
+        uniform scalar quantization with entropy-coded indices, every tensor at ``bits`` (no
+        target size, allocation or permutation; calibration only feeds fine-tuning).
     codec_for : iterable of str
         With ``codec="auto"``: ``"PATTERN:CODEC"`` items forcing the codec of the tensors a
         pattern matches (``aq``, ``lattice``, ``affine``, ``fp16``/``half`` or ``raw``).
@@ -197,7 +199,7 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     opts = ConvertOptions.build(bits=bits, target_size=target_size, allocate=allocate, permute=permute,
                                 grouping=grouping, keep=keep, seed=seed, progress=progress,
                                 min_elements=min_elements, codec=codec, codec_for=codec_for, encoder=encoder,
-                                strict=strict,
+                                strict=strict, finetune=finetune_steps > 0,
                                 workers=workers, ray=ray, device=device)
     tuning = FinetuneOptions(steps=finetune_steps, lr=finetune_lr, train_raw=finetune_raw, seed=seed,
                              progress=progress)
@@ -225,7 +227,7 @@ def from_onnx(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
               permute: bool = False, grouping: str = "by-kind", calib: Any = None,
               tokenizer: str | None = None, image: Any = None, keep: Iterable[str] = (),
               seed: int = 0, progress: bool = True, min_elements: int = DEFAULT_MIN_ELEMENTS,
-              codec: str = DEFAULT_CODEC, codec_for: Iterable[str] = (),
+              codec: str | None = None, codec_for: Iterable[str] = (),
               encoder: EncoderOptions | Mapping[str, Any] | None = None,
               finetune_steps: int = 0, finetune_lr: float = 1e-3, finetune_raw: str = "all",
               strict: bool = False, workers: int | None = None, ray: str | None = None,
@@ -252,7 +254,7 @@ def from_onnx(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     opts = ConvertOptions.build(bits=bits, target_size=target_size, allocate=allocate, permute=permute,
                                 grouping=grouping, keep=keep, seed=seed, progress=progress,
                                 min_elements=min_elements, codec=codec, codec_for=codec_for, encoder=encoder,
-                                strict=strict,
+                                strict=strict, finetune=finetune_steps > 0,
                                 workers=workers, ray=ray, device=device)
     source = open_source(model)
     if source.framework != "onnx":

@@ -161,12 +161,13 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
 
 def _add_codec_args(p: argparse.ArgumentParser) -> None:
     """``--codec`` and ``--codec-for``: which codec codes the compressed tensors."""
-    p.add_argument("--codec", choices=CODECS, default=DEFAULT_CODEC,
-                   help="aq: additive quantization in shared codebooks (default); lattice: dithered "
-                        "scalar quantization with entropy-coded indices, every tensor at --bits; auto: "
-                        "per tensor the codec (aq, lattice, affine, fp16, raw) and setting of least "
-                        "measured error per byte, all within --bits per weight (every byte counted) or "
-                        "--target-size")
+    p.add_argument("--codec", choices=CODECS,
+                   help="auto: per tensor the codec (aq, lattice, affine, fp16, raw) and setting of least "
+                        "measured error per byte, all within --bits per compressed weight (codes, "
+                        "scales, steps, codebooks and records counted) or --target-size; aq: additive "
+                        "quantization in shared codebooks at --bits code bits; lattice: dithered "
+                        "scalar quantization with entropy-coded indices, every tensor at --bits "
+                        f"(default: {DEFAULT_CODEC}, or aq with --permute, --allocate or --finetune, AQ's options)")
     p.add_argument("--codec-for", action="append", metavar="PATTERN:CODEC",
                    help="with --codec auto: code the tensors matching this fnmatch pattern with CODEC "
                         "(aq, lattice, affine, fp16 or raw), at the setting the budget gives them; "
@@ -190,8 +191,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     _paths(p, "source", "model file or Hugging Face folder", "the .aqm file to write")
     _add_codec_args(p)
     p.add_argument("--bits", type=float, default=4.0,
-                   help="code bits per compressed weight (default 4); with --allocate, the budget "
-                        "in bits per weight with every byte counted")
+                   help="bits per compressed weight (default 4): with --codec auto the budget of the "
+                        "compressed tensors' bytes; with --codec aq code bits (with --allocate, the "
+                        "budget in bits per weight with every byte counted)")
     p.add_argument("--target-size", metavar="SIZE",
                    help=f"file size budget, e.g. 250kB or 5MB ({UNITS_HELP}): code bits are allocated "
                         "per tensor to land just under it, between 1 and 8 bits per weight; a size "

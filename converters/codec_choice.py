@@ -17,9 +17,9 @@ weight error, or with calibration the output error ``tr(E H E^T)`` weighted by
 each row's output sensitivity (tensors lacking it weighted relative to their
 energy, as ``--allocate`` does). The choice minimises ``D + lam * bytes`` per
 tensor, a shared group's codebooks counted in its members' bytes, and ``lam``
-is bisected so that every byte fits the budget (``--target-size``, or
-``--bits`` per compressed weight with codes, scales, codebooks, steps, headers
-and the small tensors counted). Without calibration a tensor's squared error is
+is bisected so that the bytes fit the budget (``--target-size``: every byte of
+the file; ``--bits``: per compressed weight, with codes, scales, codebooks, steps,
+the tensors' records and the small tensors counted, see :func:`auto_budget`). Without calibration a tensor's squared error is
 weighed by its mean energy to the power ``-DATA_FREE_EXPONENT`` (a quarter), so the
 lattice steps grow as a power of each tensor's RMS and AQ and the others join
 where they are cheaper at that slope.
@@ -131,9 +131,11 @@ def auto_budget(specs: Sequence[Any], compress: Sequence[str], opts: ConvertOpti
     ``--target-size``: the target less the header's upper estimate, ``other_bytes`` (the
     embedded graph), the other tensors and the small ones (``small``, an
     :class:`~aqformat.converters.affine.AffinePlan`). Otherwise ``--bits`` per weight of the
-    compressed and affine-coded tensors, every byte counted: the header reserve and the
-    affine tensors' bytes come off. ``known`` is the header bytes known in advance. The bytes
-    may be 0 or fewer: the choice then reports the budget out of reach.
+    compressed and affine-coded tensors, their every byte counted: their records in the header
+    and the affine tensors' bytes come off. The file's own header (preamble, metadata, the raw
+    tensors' records) is left out: it does not grow with the weights, and on a model of a few
+    thousand weights it alone would exceed a rate of 4 bits. ``known`` is the header bytes known
+    in advance. The bytes may be 0 or fewer: the choice then reports the budget out of reach.
     """
     from . import size_target
     names = set(compress)
@@ -148,8 +150,8 @@ def auto_budget(specs: Sequence[Any], compress: Sequence[str], opts: ConvertOpti
     else:
         side = [s for s in specs if s.name in small.coded]
         weights = numel + sum(s.numel for s in side)
-        nbytes = int(opts.bits_per_weight * weights / 8) - size_target.reserved_bytes(len(specs)) \
-            - sum(small.nbytes[s.name] for s in side) - reserve
+        records = sum(size_target.AQ_TENSOR_BYTES + len(n.encode("utf-8")) for n in names)
+        nbytes = int(opts.bits_per_weight * weights / 8) - records - sum(small.nbytes[s.name] for s in side) - reserve
         rate = float(opts.bits_per_weight)
     b, d = opts.encoder.code_width, opts.encoder.vector_dim
     M = int(round(min(max(rate, b / d), MAX_CODE_BITS) * d / b))
@@ -397,10 +399,34 @@ def _bisect(cands: Sequence[_Candidate], budget: int, group_bytes: Mapping[str, 
         return total_bytes(c, group_bytes) <= budget, c
     lam, choice = bisect_multiplier(fits, lam0)
     if lam is None:
-        raise AqmInputError(f"the budget of {max(budget, 0):,} bytes for the compressed tensors is out of reach: "
-                            f"the smallest coding takes {total_bytes(choice, group_bytes):,} bytes; give a "
-                            "larger --bits or --target-size")
+        raise _out_of_reach(budget, total_bytes(choice, group_bytes))
     return choice, lam
+
+
+def _out_of_reach(budget: int, smallest: int) -> AqmInputError:
+    return AqmInputError(f"the budget of {max(budget, 0):,} bytes for the compressed tensors is out of reach: "
+                         f"the smallest coding takes {smallest:,} bytes; give a larger --bits or --target-size")
+
+
+def _check_reach(cands: Sequence[_Candidate], budget: int, aq_bits: float) -> None:
+    """Refuse, before any codebook is trained, a budget below what the tensors take at their
+    cheapest: each one's coarsest useful lattice step or narrowest affine coding, or its codes at
+    ``aq_bits`` per weight (the narrowest AQ width, codebooks not counted), whichever is less."""
+    walked = {c.name: c.k for c in cands}
+    cheapest = choose_at(cands, 1e30, {})
+    for c in cands:
+        c.k = walked[c.name]  # the choice walks from where the candidate started, as without this check
+    floor = 0.0
+    for c in cands:
+        if c.forced is not None:
+            continue  # a forced codec that cannot code its tensor: _check_forced says why
+        o = cheapest[c.name]
+        least = o.nbytes if o is not None else math.inf
+        if c.allowed(AQ):
+            least = min(least, c.w.size * aq_bits / 8)
+        floor += least if least < math.inf else 0.0
+    if floor > max(budget, 0):  # a budget of 0 or less with nothing to code: the choice is empty
+        raise _out_of_reach(budget, math.ceil(floor))
 
 
 def _candidates(tensors: ModelTensors, names: Sequence[str], opts: ConvertOptions,
@@ -547,6 +573,8 @@ class AutoEncoder:
         budget = tensors.budget or auto_budget(tensors.specs, names, self.opts, 0, 0, tensors.small)
         weights = sum(tensors.spec(n).numel for n in names)
         cands = _candidates(tensors, names, self.opts, 8.0 * budget.bytes / max(weights, 1))
+        _check_reach(cands, budget.bytes, min(budget.widths) * self.opts.encoder.code_width
+                     / self.opts.encoder.vector_dim)
         plan, shares = _aq_options(cands, tensors, self.opts, budget.widths, executor)
         lam0 = _weigh(cands)
         _check_forced(cands, lam0)

@@ -25,7 +25,7 @@ from aqformat.errors import AqmInputError
 from aqformat.units import parse_size
 
 __all__ = ["SearchEffort", "AQConfig", "EncoderOptions", "ConvertOptions", "FinetuneOptions", "GROUPINGS", "CODECS",
-           "AUTO", "CODEBOOK_CODECS", "ENCODERS", "DEFAULT_CODEC", "DEFAULT_MIN_ELEMENTS"]
+           "AUTO", "CODEBOOK_CODECS", "ENCODERS", "DEFAULT_CODEC", "DEFAULT_MIN_ELEMENTS", "resolve_codec"]
 
 GROUPINGS = ("shared", "per-layer", "by-kind")  # codebook sharing across tensors
 # The encoders a conversion can use: codec name -> "module:class" in aqformat.converters
@@ -35,10 +35,21 @@ ENCODERS = {aq_codec.NAME: "aq_encode:AQEncoder", lattice_codec.NAME: "lattice:L
             AUTO: "codec_choice:AutoEncoder"}
 CODECS = tuple(ENCODERS)
 CODEBOOK_CODECS = (aq_codec.NAME, AUTO)  # the --codec values whose encoder may train AQ codebooks
-DEFAULT_CODEC = aq_codec.NAME
+DEFAULT_CODEC = AUTO  # a conversion that names no codec; AQ where it asks for an AQ option (resolve_codec)
 DEFAULT_MIN_ELEMENTS = 4096
 DEFAULT_BITS_PER_CODE = 8  # K = 256 codewords
 DEFAULT_VECTOR_DIM = 8
+
+
+def resolve_codec(codec: str | None, *, permute: bool = False, allocate: bool = False, finetune: bool = False) -> str:
+    """The codec of a conversion: ``codec``, or where it is None the default, :data:`DEFAULT_CODEC`
+    (``auto``), unless an option that belongs to AQ is set: ``permute`` and ``allocate`` (auto
+    allocates by itself and has no permutation) or ``finetune``, which distils into codebooks and
+    scales where a lattice tensor's indices stay as coded (on the digits MLP at 2 bits per weight,
+    fine-tuning an auto file left its output error at 2.04, its lattice tensor fixed)."""
+    if codec is not None:
+        return codec
+    return aq_codec.NAME if permute or allocate or finetune else DEFAULT_CODEC
 
 
 @dataclass(frozen=True)
@@ -278,8 +289,9 @@ class ConvertOptions:
             raise AqmInputError("--codec-for forces codecs within the per-tensor choice: use it with --codec auto")
         if self.codec in CODEBOOK_CODECS:
             self.encoder.config(self.bits_per_weight)  # invalid settings fail before any work
-        if self.codec == AUTO and self.permute:
-            raise AqmInputError("--permute is an AQ option: use it with --codec aq")
+        if self.codec == AUTO and (self.permute or self.allocate):
+            raise AqmInputError("--permute and --allocate are AQ options (auto allocates by itself): "
+                                "use them with --codec aq, or leave --codec out")
         elif self.codec == lattice_codec.NAME and (self.target_size is not None or self.allocate or self.permute):
             raise AqmInputError("the lattice codec codes every tensor at one rate: "
                                 "target size, allocation and permutation are AQ options")
@@ -289,8 +301,10 @@ class ConvertOptions:
     @classmethod
     def build(cls, *, bits: float, target_size: int | str | None, keep: Iterable[str],
               encoder: EncoderOptions | Mapping[str, Any] | None, codec_for: Iterable[str] = (),
-              **rest: Any) -> ConvertOptions:
-        """From the public keyword arguments: ``target_size`` parsed, ``encoder`` typed, ``keep``
+              codec: str | None = None, finetune: bool = False, **rest: Any) -> ConvertOptions:
+        """From the public keyword arguments: ``codec`` resolved (:func:`resolve_codec`, ``finetune``
+        telling whether fine-tuning follows),
+        ``target_size`` parsed, ``encoder`` typed, ``keep``
         patterns split into raw and 16-bit ones (:func:`aqformat.converters.half.split_keep`),
         ``codec_for`` ``PATTERN:CODEC`` strings parsed
         (:func:`aqformat.converters.codec_choice.parse_codec_for`)."""
@@ -299,6 +313,8 @@ class ConvertOptions:
         plain, halves = split_keep(keep)
         return cls(bits_per_weight=bits, keep=plain, keep_half=halves, encoder=EncoderOptions.of(encoder),
                    codec_for=parse_codec_for(codec_for),
+                   codec=resolve_codec(codec, permute=rest.get("permute", False),
+                                       allocate=rest.get("allocate", False), finetune=finetune),
                    target_size=parse_size(target_size) if target_size is not None else None,
                    target_text=None if target_size is None else str(target_size), **rest)
 

@@ -1,4 +1,4 @@
-"""``--codec auto``: per-tensor codec choice by measured error per byte, within a budget of every byte."""
+"""``--codec auto``, the default: per-tensor codec choice by measured error per byte, within a budget of every byte."""
 from __future__ import annotations
 
 import os
@@ -61,13 +61,16 @@ def test_aq_where_it_codes_better(tmp_path):
 
 
 def test_bits_hold_with_every_byte_counted(auto_file):
-    """--bits 4: the whole file but its raw tensors fits 4 bits per weight of the coded tensors."""
+    """--bits 4: the whole file but its raw tensors and the header's fixed part fits 4 bits per weight
+    of the coded tensors (their records in the header counted)."""
+    from aqformat.converters.size_target import header_bytes
     path, _ = auto_file
     with aqformat.open(path) as f:
         infos = f.tensors()
-        raw = sum(i.stored_bytes for i in infos if i.codec == "raw")
+        raw = [i for i in infos if i.codec == "raw"]
         coded = sum(i.numel for i in infos if i.codec != "raw")
-    assert os.path.getsize(path) - raw <= 4 * coded / 8
+    fixed = header_bytes([i.name for i in raw])[1]
+    assert os.path.getsize(path) - sum(i.stored_bytes for i in raw) - fixed <= 4 * coded / 8
 
 
 def test_target_size_holds(tmp_path):
@@ -125,7 +128,20 @@ def test_codec_for_parsing():
     with pytest.raises(AqmInputError, match="PATTERN:CODEC"):
         parse_codec_for(["a.*:zip"])
     with pytest.raises(AqmInputError, match="--codec auto"):
-        ConvertOptions.build(bits=4, target_size=None, keep=(), encoder=None, codec_for=["*:aq"])
+        ConvertOptions.build(bits=4, target_size=None, keep=(), encoder=None, codec_for=["*:aq"], codec="aq")
+
+
+def test_the_default_codec_is_auto_and_aq_options_ask_for_aq():
+    """No --codec: the per-tensor choice, unless --permute, --allocate or --finetune (AQ's options) is given; the first two
+    with --codec auto are an error saying so."""
+    def build(**kw):
+        return ConvertOptions.build(bits=4, target_size=None, keep=(), encoder=None, **kw).codec
+    assert build() == "auto"
+    assert build(permute=True) == build(allocate=True) == build(finetune=True) == "aq"
+    assert build(codec="lattice") == "lattice"
+    for option in ("permute", "allocate"):
+        with pytest.raises(AqmInputError, match="AQ options"):
+            build(codec="auto", **{option: True})
 
 
 @pytest.mark.parametrize("scale", [0.5, 3, 40, 400])

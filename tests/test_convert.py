@@ -50,7 +50,7 @@ def _dir_entries(path) -> list[str]:
 def converted(tmp_path_factory):
     out = tmp_path_factory.mktemp("conv") / "net.aqm"
     net = Net()
-    summary = from_torch(net, out, bits=2, progress=False, encoder=FAST)
+    summary = from_torch(net, out, bits=2, codec="aq", progress=False, encoder=FAST)
     return net, out, summary
 
 
@@ -94,7 +94,7 @@ def test_permutation_is_stored_and_decodes(tmp_path):
 def test_same_seed_same_file(converted, tmp_path):
     net, out, _ = converted
     again = tmp_path / "again.aqm"
-    from_torch(net, again, bits=2, progress=False, encoder=FAST)
+    from_torch(net, again, bits=2, codec="aq", progress=False, encoder=FAST)
     assert again.read_bytes() == out.read_bytes()
 
 
@@ -144,8 +144,8 @@ def test_target_size_allocates_bits_per_tensor(tmp_path):
     out = tmp_path / "t.aqm"
     with pytest.raises(AqmInputError, match=r"--target-size 7.798kB cannot be met within 2%: .* nearest sizes "
                                             r"this model takes are \d\.\d+ kB"):
-        from_torch(net, out, bits=2, target_size="7.798kB", progress=False, encoder=FAST, grouping="shared")
-    summary = from_torch(net, out, bits=2, target_size="8kB", progress=False, encoder=FAST, grouping="shared")
+        from_torch(net, out, bits=2, target_size="7.798kB", codec="aq", progress=False, encoder=FAST, grouping="shared")
+    summary = from_torch(net, out, bits=2, target_size="8kB", codec="aq", progress=False, encoder=FAST, grouping="shared")
     # an 8 kB file: the header estimate's uncertainty (0.75 kB) is wider than the 2% window
     assert os.path.getsize(out) <= 8000 and "; target 8kB: " in str(summary)
     with aqformat.open(out) as f:
@@ -153,7 +153,7 @@ def test_target_size_allocates_bits_per_tensor(tmp_path):
         assert meta["allocated"] and set(meta["groups"]) <= {f"shared:{m}x4d4" for m in range(1, 9)}
         assert {g.name for g in f.codebook_groups} == set(summary.groups)
     with pytest.raises(AqmInputError, match="--target-size 1000 is out of reach"):
-        from_torch(net, tmp_path / "u.aqm", target_size=1000, progress=False, encoder=FAST)
+        from_torch(net, tmp_path / "u.aqm", target_size=1000, codec="aq", progress=False, encoder=FAST)
     assert not (tmp_path / "u.aqm").exists()
 
 
@@ -162,7 +162,7 @@ def test_calibration_with_module_inputs(tmp_path):
     ids = np.random.default_rng(0).integers(0, 100, size=(16, 7))
     np.save(tmp_path / "ids.npy", ids)
     out = tmp_path / "c.aqm"
-    summary = from_torch(net, out, bits=2, calib=str(tmp_path / "ids.npy"), progress=False,
+    summary = from_torch(net, out, bits=2, codec="aq", calib=str(tmp_path / "ids.npy"), progress=False,
                          encoder=FAST)
     with aqformat.open(out) as f:
         assert f.metadata["conversion"]["calibrated"] is True
@@ -208,7 +208,7 @@ def _ort(model, feeds):
 def test_onnx_contract_axes_and_export(tmp_path, variant):
     path, weights = _onnx_mlp(tmp_path, external=variant == "external", as_constant=variant == "constant")
     out = tmp_path / "mlp.aqm"
-    from_onnx(path, out, bits=2, progress=False, encoder=FAST, keep=["b2"])
+    from_onnx(path, out, bits=2, codec="aq", progress=False, encoder=FAST, keep=["b2"])
     with aqformat.open(out) as f:
         assert f.source["framework"] == "onnx"
         assert sorted(f.names()) == ["b2", "w1", "w2"]     # "shape" (2 elements) stays inline
@@ -279,7 +279,7 @@ def test_torch_to_onnx_in_one_step(tmp_path):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.ReLU(), torch.nn.Linear(128, 8))
     out = tmp_path / "seq.aqm"
-    from_torch_via_onnx(net, torch.randn(1, 32), out, input_names=["x"], bits=2,
+    from_torch_via_onnx(net, torch.randn(1, 32), out, input_names=["x"], bits=2, codec="aq",
                         progress=False, encoder=FAST)
     with aqformat.open(out) as f:
         assert f.graph_format == "onnx" and {"0.weight", "2.weight"} <= set(f.names())
@@ -295,7 +295,7 @@ def test_torch_to_onnx_in_one_step(tmp_path):
 def test_cli_convert_prints_summary(tmp_path, capsys):
     torch.save(Net().state_dict(), tmp_path / "net.pt")
     rc = aqm_main(["convert", str(tmp_path / "net.pt"), "-o", str(tmp_path / "net.aqm"),
-                   "--keep", "emb.*", "--keep", "fc1.*", "--no-progress"])
+                   "--keep", "emb.*", "--keep", "fc1.*", "--codec", "aq", "--no-progress"])
     cap = capsys.readouterr()
     out = cap.out
     assert rc == 0 and "3 tensors coded (3 affine)" in out and "bits/weight" in out and "x," in out

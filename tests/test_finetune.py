@@ -165,9 +165,9 @@ def test_convert_with_finetune_distils_into_the_output(tmp_path):
     net, X, _, _ = _digits_net()
     np.save(tmp_path / "calib.npy", X[:256].numpy())
     enc = {"bits_per_code": 6, "d": 4, "beam": 2, "iters": 2}
-    plain = from_torch(net, tmp_path / "plain.aqm", bits=1.5, calib=str(tmp_path / "calib.npy"),
+    plain = from_torch(net, tmp_path / "plain.aqm", bits=1.5, codec="aq", calib=str(tmp_path / "calib.npy"),
                        progress=False, encoder=enc)
-    tuned = from_torch(net, tmp_path / "tuned.aqm", bits=1.5, calib=str(tmp_path / "calib.npy"),
+    tuned = from_torch(net, tmp_path / "tuned.aqm", bits=1.5, codec="aq", calib=str(tmp_path / "calib.npy"),
                        progress=False, encoder=enc, finetune_steps=60, finetune_lr=3e-3)
     assert plain.finetune is None and tuned.finetune.steps_done == 60 and "fine-tuned by distill" in str(tuned)
     assert sorted(os.listdir(tmp_path)) == ["calib.npy", "plain.aqm", "tuned.aqm"]  # no leftover
@@ -176,7 +176,7 @@ def test_convert_with_finetune_distils_into_the_output(tmp_path):
     with aqformat.open(tmp_path / "tuned.aqm") as f:
         assert f.metadata["finetune"]["objective"] == "distill" and f.metadata["conversion"]["calibrated"]
         assert f.metadata["finetune"]["train_raw"] == "all"
-    from_torch(net, tmp_path / "norms.aqm", bits=1.5, calib=str(tmp_path / "calib.npy"), progress=False,
+    from_torch(net, tmp_path / "norms.aqm", bits=1.5, codec="aq", calib=str(tmp_path / "calib.npy"), progress=False,
                encoder=enc, finetune_steps=20, finetune_lr=3e-3, finetune_raw="1d")
     with aqformat.open(tmp_path / "norms.aqm") as f, aqformat.open(tmp_path / "plain.aqm") as g:
         assert f.info("4.weight").codec == "affine" and f.metadata["finetune"]["train_raw"] == "1d"
@@ -226,7 +226,8 @@ def test_batchnorm_runs_in_eval_mode_running_stats_fixed_affine_trained(tmp_path
     net, X = _digits_bn_cnn()
     np.save(tmp_path / "calib.npy", X[:256].numpy())
     enc = {"bits_per_code": 6, "d": 4, "beam": 2, "iters": 2}
-    kw = dict(bits=1.5, calib=str(tmp_path / "calib.npy"), progress=False, encoder=enc, min_elements=1024)
+    kw = dict(bits=1.5, codec="aq", calib=str(tmp_path / "calib.npy"), progress=False, encoder=enc,
+              min_elements=1024)
     plain = from_torch(net, tmp_path / "plain.aqm", **kw)
     tuned = from_torch(net, tmp_path / "tuned.aqm", finetune_steps=40, finetune_lr=3e-3,
                        finetune_raw=train_raw, **kw)

@@ -61,7 +61,7 @@ def test_torch_source(tmp_path, name):
     torch.manual_seed(0)
     model, x = _models()[name]
     model.eval()
-    s = from_torch(model, tmp_path / "m.aqm", bits=4, progress=False, encoder=FAST)
+    s = from_torch(model, tmp_path / "m.aqm", bits=4, codec="aq", progress=False, encoder=FAST)
     assert s.groups and s.affine_bits or name in ("matmul",), str(s)  # AQ and affine both used
     with aqformat.open(tmp_path / "m.aqm") as f:
         state = {k: torch.from_numpy(np.array(f.read(k))) for k in f.names()}
@@ -83,7 +83,8 @@ def test_onnx_source(tmp_path, name):
     torch.manual_seed(0)
     model, x = _models()[name]
     model.eval()
-    from_torch_via_onnx(model, x, tmp_path / "m.aqm", input_names=["x"], bits=4, progress=False, encoder=FAST)
+    from_torch_via_onnx(model, x, tmp_path / "m.aqm", input_names=["x"], bits=4, codec="aq", progress=False,
+                        encoder=FAST)
     with aqformat.open(tmp_path / "m.aqm") as f:
         assert "aq" in {t.codec for t in f.tensors()}
     with torch.no_grad():

@@ -150,10 +150,10 @@ def _out_err(model_path, aqm_path, X):
 def test_calibration_and_finetuning_of_an_onnx_source(digits_onnx, tmp_path):
     path, X, _ = digits_onnx
     held = X[1400:]
-    kw = dict(bits=1.5, progress=False, encoder=ENC, min_elements=1024)
+    kw = dict(bits=1.5, codec="aq", progress=False, encoder=ENC, min_elements=1024)
     plain = from_onnx(path, tmp_path / "plain.aqm", **kw)
     cal = from_onnx(path, tmp_path / "cal.aqm", calib=str(path.parent / "calib.npy"), **kw)
-    kw4 = dict(bits=3, progress=False, encoder={"bits_per_code": 4, "d": 4, "beam": 2, "iters": 2})
+    kw4 = dict(bits=3, codec="aq", progress=False, encoder={"bits_per_code": 4, "d": 4, "beam": 2, "iters": 2})
     plain3 = from_onnx(path, tmp_path / "plain3.aqm", **kw4)
     alloc = from_onnx(path, tmp_path / "alloc.aqm", calib=str(path.parent / "calib.npy"), allocate=True, **kw4)
     tuned = from_onnx(path, tmp_path / "tuned.aqm", calib=str(path.parent / "calib.npy"), finetune_steps=60,

@@ -35,9 +35,10 @@ def _weights(seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def _convert(tmp_path, name: str, **kw) -> bytes:
+def _convert(tmp_path, name: str, codec: str = "aq", **kw) -> bytes:
     path = tmp_path / f"{name}.aqm"
-    from_torch({k: torch.from_numpy(v) for k, v in _weights().items()}, str(path), bits=2, grouping="by-kind", progress=False, encoder=ENCODER, **kw)
+    from_torch({k: torch.from_numpy(v) for k, v in _weights().items()}, str(path), bits=2, grouping="by-kind",
+               codec=codec, progress=False, encoder=ENCODER, **kw)
     return path.read_bytes()
 
 
@@ -50,6 +51,11 @@ def reference(tmp_path_factory) -> bytes:
 def test_same_bytes_whatever_the_workers(tmp_path, reference, workers):
     assert hashlib.sha256(_convert(tmp_path, f"w{workers}", workers=workers)).digest() == \
         hashlib.sha256(reference).digest()
+
+
+def test_the_default_codec_gives_the_same_bytes_whatever_the_workers(tmp_path):
+    """--codec auto (the default) trains its AQ options and codes its lattice tensors in the workers too."""
+    assert _convert(tmp_path, "auto1", codec="auto", workers=2) == _convert(tmp_path, "auto", codec="auto")
 
 
 def test_in_process_matches_workers(tmp_path, reference):

@@ -50,7 +50,7 @@ def test_a_small_model_gets_small_codebooks_that_pay_for_themselves(tmp_path):
     they save; the chosen shape gives a smaller file with less error per byte."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(64, 384), torch.nn.ReLU(), torch.nn.Linear(384, 64))
-    kw = dict(bits=3, progress=False, grouping="shared")
+    kw = dict(bits=3, codec="aq", progress=False, grouping="shared")
     chosen = from_torch(net, tmp_path / "auto.aqm", encoder={"beam": 2, "iters": 1, "bits_per_code": "auto"}, **kw)
     fixed = from_torch(net, tmp_path / "fixed.aqm", encoder={"beam": 2, "iters": 1, "bits_per_code": 8, "d": 8}, **kw)
     with aqformat.open(tmp_path / "auto.aqm") as f:

@@ -37,12 +37,13 @@ def no_training(monkeypatch):
         raise AssertionError("codebooks were trained before the budget was checked")
     monkeypatch.setattr(planning, "_sample_and_train", refuse)
     monkeypatch.setattr(calib, "calibration_stats", refuse)
+    return refuse
 
 
 @pytest.mark.parametrize("typed,unit", [("20kB", "kB"), ("20KiB", "KiB"), ("0.02MB", "MB")])
 def test_out_of_reach_fails_before_training_in_the_users_units(tmp_path, no_training, typed, unit):
     with pytest.raises(AqmInputError) as e:
-        from_torch(mlp(), tmp_path / "m.aqm", target_size=typed, progress=False)
+        from_torch(mlp(), tmp_path / "m.aqm", target_size=typed, codec="aq", progress=False)
     msg = str(e.value)
     assert msg.startswith(f"--target-size {typed} is out of reach: this model reaches ")
     low, high = msg.split("reaches ")[1].split(" (1 code bit per weight) to ")
@@ -50,10 +51,20 @@ def test_out_of_reach_fails_before_training_in_the_users_units(tmp_path, no_trai
     assert not os.path.exists(tmp_path / "m.aqm")
 
 
+def test_the_default_codec_refuses_a_budget_out_of_reach_before_training(tmp_path, no_training, monkeypatch):
+    """--codec auto: the tensors' cheapest codings are summed before any codebook is trained (the
+    calibration statistics, none here, come first: the choice weighs its options by them)."""
+    monkeypatch.undo()
+    monkeypatch.setattr(planning, "_sample_and_train", no_training)
+    with pytest.raises(AqmInputError, match=r"is out of reach: the smallest coding takes [\d,]+ bytes"):
+        from_torch(mlp(), tmp_path / "m.aqm", target_size="2kB", progress=False)
+    assert not os.path.exists(tmp_path / "m.aqm")
+
+
 def test_above_the_uncompressed_size_is_refused(tmp_path, no_training):
     with pytest.raises(AqmInputError, match=r"--target-size 5MB needs no compression: .* to 0\.\d+ MB "
                                             r"\(uncompressed\); give a target below 0\.\d+ MB"):
-        from_torch(mlp(), tmp_path / "m.aqm", target_size="5MB", progress=False)
+        from_torch(mlp(), tmp_path / "m.aqm", target_size="5MB", codec="aq", progress=False)
 
 
 def test_reach_counts_the_bytes_a_file_holds(tmp_path):
@@ -64,13 +75,14 @@ def test_reach_counts_the_bytes_a_file_holds(tmp_path):
     shapes = {n: tuple(p.shape) for n, p in sd.items()}
     specs = [sources.TensorSpec(n, shapes[n], "float32") for n in sd]
     for bits in (3,):
-        opts = ConvertOptions(bits_per_weight=bits, grouping="shared")
+        opts = ConvertOptions(bits_per_weight=bits, grouping="shared", codec="aq")
         small, left = planning.plan_small(specs, names, opts, {}, lambda n: sd[n].numpy())
         assert left == names and len(small.coded) == 4  # the biases
         raw = {n: small.nbytes.get(n, p.numel() * 4) for n, p in sd.items()}
         r = size_target.reach(shapes, {}, {"shared": names}, raw)
         out = tmp_path / f"m{bits}.aqm"
-        from_torch(model, out, bits=bits, grouping="shared", progress=False, encoder={"beam": 1, "iters": 1})
+        from_torch(model, out, bits=bits, grouping="shared", codec="aq", progress=False,
+                   encoder={"beam": 1, "iters": 1})
         with aqformat.open(out) as f:
             coded = sum(t.stored_bytes for t in f.tensors() if t.codec == "aq")
             books = sum(f.group_bytes(g.name) for g in f.codebook_groups)
@@ -165,9 +177,13 @@ def test_silero_targets(tmp_path, typed):
 
 
 @pytest.mark.slow
-def test_silero_16k_unreachable_fails_at_once(tmp_path, no_training):
+def test_silero_16k_unreachable_fails_at_once(tmp_path, no_training, monkeypatch):
     with pytest.raises(AqmInputError, match=r"--target-size 20KB is out of reach: this model reaches \d+\.\d+ kB"):
-        from_onnx(silero_path(), tmp_path / "vad.aqm", target_size="20KB", bits=2, progress=False)
+        from_onnx(silero_path(), tmp_path / "vad.aqm", target_size="20KB", bits=2, codec="aq", progress=False)
+    monkeypatch.undo()  # the choice needs the calibration statistics (none here) before its check
+    monkeypatch.setattr(planning, "_sample_and_train", no_training)
+    with pytest.raises(AqmInputError, match=r"out of reach: the smallest coding takes"):
+        from_onnx(silero_path(), tmp_path / "vad.aqm", target_size="20KB", progress=False)
 
 
 @pytest.mark.slow

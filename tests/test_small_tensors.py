@@ -43,7 +43,7 @@ def test_a_small_mlp_shrinks_five_times_at_4_bits_and_keeps_its_accuracy(digits_
     net, X, y = digits_mlp
     with torch.no_grad():
         ref = float((net(X).argmax(1) == y).float().mean())
-    s = from_torch(net, tmp_path / "m.aqm", bits=4, progress=False)
+    s = from_torch(net, tmp_path / "m.aqm", bits=4, codec="aq", progress=False)
     assert os.path.getsize(tmp_path / "m.aqm") * 5 <= s.source_bytes, str(s)  # the whole file
     assert "0.weight" in s.affine_bits and not s.groups  # 16 KiB of codebooks for 4 KiB of codes: affine
     assert _accuracy(net, tmp_path / "m.aqm", X, y) >= ref - 0.01
@@ -57,10 +57,10 @@ def test_planned_bytes_are_the_bytes_on_disk(digits_mlp, tmp_path):
     sd = {k: v.numpy() for k, v in net.state_dict().items()}
     specs = [sources.TensorSpec(n, a.shape, "float32") for n, a in sd.items()]
     for bits in (2, 2.5, 4, 6):
-        plan, left = planning.plan_small(specs, ["0.weight"], ConvertOptions(bits_per_weight=bits), {},
+        plan, left = planning.plan_small(specs, ["0.weight"], ConvertOptions(bits_per_weight=bits, codec="aq"), {},
                                          sd.__getitem__)
         assert left == [] and sum(plan.nbytes.values()) <= plan.budget
-        from_torch(net, tmp_path / "m.aqm", bits=bits, progress=False)
+        from_torch(net, tmp_path / "m.aqm", bits=bits, codec="aq", progress=False)
         with aqformat.open(tmp_path / "m.aqm") as f:
             for n in sd:
                 info = f.info(n)
@@ -72,7 +72,7 @@ def test_fractional_rates_mix_widths_and_are_not_rounded(digits_mlp, tmp_path):
     net, _, _ = digits_mlp
     sizes = {}
     for bits in (2, 2.5, 3):
-        from_torch(net, tmp_path / f"{bits}.aqm", bits=bits, progress=False)
+        from_torch(net, tmp_path / f"{bits}.aqm", bits=bits, codec="aq", progress=False)
         sizes[bits] = os.path.getsize(tmp_path / f"{bits}.aqm")
     assert sizes[2] < sizes[2.5] < sizes[3]
 
@@ -127,8 +127,8 @@ def test_aq_rates_between_two_widths_mix_them_and_out_of_range_rates_are_refused
     sizes = {}
     for bits in ("2", "2.5", "3"):
         out = tmp_path / f"{bits}.aqm"
-        assert aqm_main(["convert", str(tmp_path / "m.pt"), "-o", str(out), "--bits", bits, "--bits-per-code", "4",
-                         "--vector-dim", "4", "--beam", "2", "--iters", "1", "--grouping", "shared",
+        assert aqm_main(["convert", str(tmp_path / "m.pt"), "-o", str(out), "--bits", bits, "--codec", "aq",
+                         "--bits-per-code", "4", "--vector-dim", "4", "--beam", "2", "--iters", "1", "--grouping", "shared",
                          "--no-progress", "-q"]) == 0
         sizes[bits] = os.path.getsize(out)
         with aqformat.open(out) as f:
@@ -139,7 +139,8 @@ def test_aq_rates_between_two_widths_mix_them_and_out_of_range_rates_are_refused
         assert widths == ({2, 3} if bits == "2.5" else {int(bits)})
         assert achieved == float(bits) if bits != "2.5" else 2 < achieved < 3
     assert sizes["2"] < sizes["2.5"] < sizes["3"]
-    rc = aqm_main(["convert", str(tmp_path / "m.pt"), "-o", str(tmp_path / "x.aqm"), "--bits", "0.5"])
+    rc = aqm_main(["convert", str(tmp_path / "m.pt"), "-o", str(tmp_path / "x.aqm"), "--bits", "0.5",
+                   "--codec", "aq"])
     err = capsys.readouterr().err
     assert rc == 2 and "out of reach" in err and "1 to 64 bits per weight" in err and not (tmp_path / "x.aqm").exists()
 
