@@ -10,10 +10,10 @@ EfficientNet-Lite0 exported to ONNX, ddddocr's OCR model) every
 method writes a real file; its bytes on disk are counted (bits per weight
 over the parameters those bytes cover) and the weights decoded from that file
 are put back into the model to measure the task metric, all in this run.
-The .aqm rows at each model's rates come twice, with the default codec and with
-``--codec auto`` at the same ``--bits`` and data (which counts every byte in
-``--bits``), and again data-free at each NNCodec size with AQ only, the lattice
-only and ``--codec auto``.
+The .aqm rows at each model's rates come twice, with ``--codec aq`` and with
+``--codec auto`` (the default, whose ``--bits`` counts the coded tensors' every
+byte) at the same ``--bits`` and data, and again data-free at each NNCodec size
+with AQ only, the lattice only and ``--codec auto``.
 The systems scripts of bench/ (container decode and open() cost, runtime
 load/latency/RSS, quantizer studies, streaming conversion) run as
 subprocesses where they exist and their JSON is collected. Results go to
@@ -42,7 +42,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
-from aqformat.converters.options import AUTO, DEFAULT_CODEC  # noqa: E402
+from aqformat.codecs.aq import NAME as AQ  # noqa: E402
+from aqformat.converters.options import AUTO  # noqa: E402
 from bench import baselines as B  # noqa: E402
 from bench import tasks  # noqa: E402
 
@@ -179,8 +180,8 @@ def aqm_packed(path: str, covered: Sequence[str], setting: str, seconds: float,
 # Data-free rows at NNCodec's sizes, one per codec choice: --codec auto with every covered tensor forced to
 # one codec ("aq only", "lattice only"), and the automatic choice (--codec-for none).
 CODEC_CHOICES = {"aq-only": "aq", "lattice-only": "lattice", "auto": None}
-#: The .aqm rows at each model's rates: the default codec, and ``--codec auto`` at the same --bits and data.
-DEFAULT_AND_AUTO = (DEFAULT_CODEC, AUTO)
+#: The .aqm rows at each model's rates: AQ, and ``--codec auto`` (the default) at the same --bits and data.
+AQ_AND_AUTO = (AQ, AUTO)
 
 
 def codec_choice_rows(t: Table, convert: Callable[..., Any], names: Sequence[str], covered: Sequence[str],
@@ -222,8 +223,8 @@ def codec_choice_rows(t: Table, convert: Callable[..., Any], names: Sequence[str
 
 
 def _codec_mode(codec: str) -> str:
-    """The setting's words for ``--codec``: none for the default."""
-    return "" if codec == DEFAULT_CODEC else f"--codec {codec}, "
+    """The setting's words for ``--codec``, named whichever is the converter's default."""
+    return f"--codec {codec}, "
 
 
 def _bits_setting(bits: int, enc: dict[str, Any], mode: str = "") -> str:
@@ -370,7 +371,7 @@ def bench_silero(cfg: dict[str, Any], folder: str, audio: np.ndarray, variant: s
           lambda p: tasks.vad_metrics(ref, tasks.vad_probs(tasks.ort_session(p.path, threads=1), audio)),
           name="ort-dynamic-int8")
     enc = cfg["encoder_small"]
-    for bits, codec in itertools.product(cfg["aqm_bits"], DEFAULT_AND_AUTO):
+    for bits, codec in itertools.product(cfg["aqm_bits"], AQ_AND_AUTO):
         out = os.path.join(sub, f"{tag}_{bits}bit_{codec}.aqm")
 
         def produce(bits=bits, out=out, codec=codec):
@@ -424,14 +425,14 @@ def bench_digits(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
     standard_baselines(t, sub, cfg, {b: b for b in cfg["digits_bits"]}, 4, 4)
     calib = [torch.from_numpy(Xtr[i:i + 32]) for i in range(0, 512, 32)]
     best = None
-    for bits, codec in itertools.product(cfg["digits_bits"], DEFAULT_AND_AUTO):
+    for bits, codec in itertools.product(cfg["digits_bits"], AQ_AND_AUTO):
         out = os.path.join(sub, f"digits_{bits}bit_{codec}.aqm")
 
         def produce(bits=bits, out=out, codec=codec):
             s = from_torch(model, out, bits=bits, calib=calib, progress=False, encoder=enc, codec=codec)
             return aqm_packed(out, covered, _bits_setting(bits, enc, _codec_mode(codec)), s.seconds)
         p = t.add("aqm", produce, name="aqm")
-        if codec == DEFAULT_CODEC:
+        if codec == AQ:
             best = best or p  # the lowest rate gains most from fine-tuning
     codec_choice_rows(t, lambda out, **kw: from_torch(model, out, encoder=enc, **kw), list(state), covered, sub)
     if best is not None and cfg["ft_steps_small"]:
@@ -526,7 +527,7 @@ def bench_efficientnet(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
     t = Table("efficientnet_lite0", evaluate, W)
     onnx_baselines(t, sub, cfg)
     calib_s = calibration_seconds(path, calib, covered)
-    for bits, codec in itertools.product(cfg["image_bits"], DEFAULT_AND_AUTO):
+    for bits, codec in itertools.product(cfg["image_bits"], AQ_AND_AUTO):
         aqm_onnx_row(t, path, os.path.join(sub, f"eff_{bits}bit_{codec}.aqm"), covered,
                      f"{bits}-bit, {_codec_mode(codec)}{cfg['image_calib']} calibration crops", run_file, bits=bits,
                      calib=calib, codec=codec)
@@ -566,7 +567,7 @@ def bench_ddddocr(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
     t = Table("ddddocr", evaluate, W)
     onnx_baselines(t, sub, cfg)
     calib_s = calibration_seconds(path, calib, covered)
-    for bits, codec in itertools.product(cfg["ocr_bits"], DEFAULT_AND_AUTO):
+    for bits, codec in itertools.product(cfg["ocr_bits"], AQ_AND_AUTO):
         aqm_onnx_row(t, path, os.path.join(sub, f"ocr_{bits}bit_{codec}.aqm"), covered,
                      f"{bits}-bit, {_codec_mode(codec)}{cfg['ocr_images'] // 2} calibration images",
                      lambda p: om.ocr_metrics(ref, om.ocr_read(om.aqm_session(p.path), images)),
