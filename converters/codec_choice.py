@@ -175,6 +175,12 @@ def section_bytes(data: np.ndarray, entropy: bool = False) -> int:
     return best
 
 
+def _step_bytes(step: np.float32, rows: int) -> int:
+    """Stored bytes of a lattice tensor's step section: one float32 a row, all ``step`` here, which
+    the writer zstd-codes (a few dozen bytes however many rows)."""
+    return section_bytes(np.full(rows, step, dtype="<f4"))
+
+
 def _matrix_error(E: np.ndarray, H: Any, s: Any) -> float:
     """``tr(E H E^T)`` of an error matrix ``E`` (rows of the matrix view), each row's term weighted
     by ``s`` (the squared error where ``H`` is None, in numpy)."""
@@ -265,7 +271,7 @@ def _estimate_lattice(c: _Candidate, k: int, step: np.float32) -> Option:
     q = np.rint(x)
     scale = rows / len(pick)
     s = None if c.s is None else np.asarray(c.s)[pick]
-    nbytes = rans.estimate_bits(q) / 8 * scale + 4 * rows + LATTICE_RECORD_BYTES
+    nbytes = rans.estimate_bits(q) / 8 * scale + _step_bytes(step, rows) + LATTICE_RECORD_BYTES
     return Option(LATTICE, k, int(math.ceil(nbytes)), _matrix_error((q - x) * float(step), c.H, s) * scale)
 
 
@@ -277,7 +283,7 @@ def _exact_lattice(c: _Candidate, k: int, step: np.float32) -> Option:
     fields = lattice_codec.fields(c.name, c.m.shape, q, steps, c.seed)
     rows, cols = c.m.shape
     dec = lattice_codec.decode_lattice(fields["data"], steps, c.seed, c.m.shape, None, rows, cols)
-    nbytes = section_bytes(fields["data"], entropy=True) + 4 * rows + LATTICE_RECORD_BYTES
+    nbytes = section_bytes(fields["data"], entropy=True) + _step_bytes(step, rows) + LATTICE_RECORD_BYTES
     return Option(LATTICE, k, nbytes, _matrix_error(dec - c.m, c.H, c.s))
 
 

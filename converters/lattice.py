@@ -216,7 +216,7 @@ class LatticeEncoder:
         fields = lattice_codec.fields(encoded.name, encoded.shape, encoded.q, encoded.step, encoded.seed,
                                       encoded.axes)
         writer.add_encoded(encoded.name, lattice_codec.NAME, encoded.shape, fields, dtype=dtype,
-                           compress=("data",), entropy=("data",))
+                           compress=("data", "step"), entropy=("data",))
 
     def metadata(self) -> dict[str, Any]:
         o = self.opts
