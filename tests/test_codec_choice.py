@@ -80,6 +80,17 @@ def test_target_size_holds(tmp_path):
     assert 0.8 * 40000 <= os.path.getsize(path) <= 40000  # one tensor: steps of 1/4 bit per weight
 
 
+def test_lattice_step_section_is_stored_compressed_and_counted_so(auto_file):
+    """The tensor's one step repeated a row is zstd-coded (not 4 bytes a row), and the bytes the
+    choice counted for the tensor are at least what it takes in the file."""
+    path, _ = auto_file
+    with aqformat.open(path) as f:
+        step = f.section(f.record("weight").fields["step"])
+        assert step.encoding == "zstd" and step.length < 64 and step.size == 512 * 4
+        counted = f.metadata["conversion"]["choice"]["weight"][2]
+        assert f.info("weight").stored_bytes <= counted
+
+
 def test_file_reads_back_as_chosen(auto_file):
     path, summary = auto_file
     with aqformat.open(path) as f:
