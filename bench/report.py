@@ -271,6 +271,8 @@ def systems_lines(models: dict[str, dict], other: dict[str, Any]) -> list[str]:
         out.append("")
         if "rss_trace" in rb.get("resident", {}).get("aqm", {}):
             out += ["![memory over time](memory.png)", ""]
+    if other.get("device"):
+        out += _device_lines(other["device"])
     out += ["### .aqm container overhead (header + alignment padding) per file", "",
             "| model | file | file bytes | overhead |", "|---|---|---|---|"]
     for key, data in models.items():
@@ -291,6 +293,37 @@ def systems_lines(models: dict[str, dict], other: dict[str, Any]) -> list[str]:
         for s, rec in sysd.items():
             tail = rec.get("json_file") or ("<br>".join(rec.get("stdout_tail", [])[-4:]).replace("|", "/") or "-")
             out.append(f"| {s} | {rec['status']} | {_f(rec.get('seconds'), 1)} | {tail} |")
+    return out + [""]
+
+
+def _device_lines(dv: dict) -> list[str]:
+    """bench/device_bench.py's results: AQ codes on a GPU against fp16 weights."""
+    out = [f"### Codes on a GPU ({dv['name']}, torch {dv['torch']}, `python -m bench.device_bench`)", "",
+           "Decode: every weight to fp32 by the Triton kernel, time against a pinned host-to-device copy of the "
+           "fp16 weights. Products: ratio of time to cuBLAS fp16 with decoded weights (eager, one launch per "
+           "weight; `graph`: the batch-1 products replayed as one CUDA graph).", "",
+           "| weights | codes | decode GB/s (Triton / torch ops) | decode time / fp16 copy time | T=1 table "
+           "| T=1 table, graph | T=1 fp16 graph us | T=8 table | T=8 decode+GEMM | T=64 decode+GEMM |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for key, r in dv["sets"].items():
+        name, codes = key.split()
+        m, gb = r["matvec"], 4 * r["weights"] / 1e9
+        one, eight, big = m["1"], m["8"], m["64"]
+        out.append(f"| {name} ({r['weights'] / 1e6:.1f}M) | {codes} | {gb / r['decode_triton_s']:.0f} / "
+                   f"{gb / r['decode_torch_s']:.0f} | {r['decode_triton_s'] / r['h2d_fp16_s']:.3f} | "
+                   f"{one['triton_lut_s'] / one['fp16_s']:.2f}x | "
+                   f"{one['graph_triton_lut_s'] / one['graph_fp16_s']:.2f}x | {one['graph_fp16_s'] * 1e6:.0f} | "
+                   f"{eight['triton_lut_s'] / eight['fp16_s']:.2f}x | "
+                   f"{eight['triton_gemm_s'] / eight['fp16_s']:.2f}x | "
+                   f"{big['triton_gemm_s'] / big['fp16_s']:.2f}x |")
+    mm = dv.get("minilm")
+    if mm:
+        out += ["", f"MiniLM end to end on the GPU ({mm['sequence_tokens']} tokens a sequence, eager):", "",
+                "| weights | 1 sequence ms | 8 sequences ms | min cosine to fp32-decoded |", "|---|---|---|---|"]
+        for v in ("decoded_fp32", "decoded_fp16", "compressed"):
+            r = mm[v]
+            out.append(f"| {v.replace('_', ' ')} | {r['latency_1_s'] * 1e3:.2f} | {r['latency_8_s'] * 1e3:.2f} | "
+                       f"{r['cosine_to_fp32']:.6f} |")
     return out + [""]
 
 
