@@ -11,6 +11,7 @@ or the user's own task loss.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 import time
@@ -232,17 +233,26 @@ def finetune(aqm_path: str | os.PathLike, out_path: str | os.PathLike, model, ca
         raise AqmInputError("steps must be at least 1")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
-    teacher = model.to(dev).eval()
-    student = copy.deepcopy(teacher)
-    if loss_fn is None:
-        task.targets = _teacher_outputs(teacher, task, dev)
-    names = set(student.state_dict())
-    params = {n for n, _ in student.named_parameters(remove_duplicate=False)}
-    with aqformat.open(aqm_path) as f:
-        st = _Student(f, names, params, dev, train_raw)
-        originals = teacher.state_dict() if refresh_every else {}
-        report = _train(st, student, task, opts, originals, dev)
-        _write(f, out_path, st, report)
+    # the caller's model serves as the teacher in place (no second copy of it); it is moved to the
+    # training device and put in eval mode for the run, then handed back where and as it was
+    home = next(itertools.chain(model.parameters(), model.buffers()), None)
+    was_training = model.training
+    try:
+        teacher = model.to(dev).eval()
+        student = copy.deepcopy(teacher)
+        if loss_fn is None:
+            task.targets = _teacher_outputs(teacher, task, dev)
+        names = set(student.state_dict())
+        params = {n for n, _ in student.named_parameters(remove_duplicate=False)}
+        with aqformat.open(aqm_path) as f:
+            st = _Student(f, names, params, dev, train_raw)
+            originals = teacher.state_dict() if refresh_every else {}
+            report = _train(st, student, task, opts, originals, dev)
+            _write(f, out_path, st, report)
+    finally:
+        if home is not None:
+            model.to(home.device)
+        model.train(was_training)
     return report
 
 
@@ -372,9 +382,10 @@ def _np_dtype(name: str):
 
 
 def _to(item: Any, dev):
+    """``item`` with its tensors and numpy arrays (e.g. an ONNX source's feeds) as tensors on ``dev``."""
     import torch
-    if isinstance(item, torch.Tensor):
-        return item.to(dev)
+    if isinstance(item, (torch.Tensor, np.ndarray)):
+        return torch.as_tensor(item, device=dev)
     if isinstance(item, dict):
         return {k: _to(v, dev) for k, v in item.items()}
     if isinstance(item, (tuple, list)):

@@ -240,3 +240,17 @@ def test_batchnorm_runs_in_eval_mode_running_stats_fixed_affine_trained(tmp_path
         assert not np.array_equal(f.read("4.bias"), coded.read("4.bias"))
     held_out = X[1400:]
     assert _err(_load(net, tmp_path / "tuned.aqm"), net, held_out) < _err(_load(net, tmp_path / "plain.aqm"), net, held_out)
+
+
+def test_the_callers_model_comes_back_as_it_was(digits_model, tmp_path):
+    """Fine-tuning runs the caller's model as its teacher, in eval mode on the training device, and hands it
+    back in its own mode and place; numpy calibration items (an ONNX source's feeds) go to that device too."""
+    from aqformat.converters.finetuning import _to
+    net, X, _, path = digits_model
+    net.train()
+    finetune(path, tmp_path / "ft.aqm", net, [X[:100]], steps=2, progress=False, device="cpu")
+    assert net.training and next(net.parameters()).device.type == "cpu"
+    fed = _to({"x": X[:3].numpy(), "ids": [np.arange(2)]}, torch.device("cpu"))
+    assert isinstance(fed["x"], torch.Tensor) and torch.equal(fed["x"], X[:3])
+    assert isinstance(fed["ids"][0], torch.Tensor)
+    net.eval()
