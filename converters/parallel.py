@@ -11,8 +11,9 @@ Ray they are put in the object store once and passed by reference.
 Results come back in submission order (:func:`ordered`), with at most
 ``limit`` tasks in flight, so the single writer appends tensors in file order
 and memory stays bounded whatever the model size. Every task computes the
-same thing wherever it runs, and workers use one thread each, so the file is
-byte-identical for 1, 2 or N workers.
+same thing wherever it runs, and workers use one thread each, so on the CPU
+the file is byte-identical for 1, 2 or N workers (a GPU's float sums are not
+reproducible from run to run, and nor are codes that depend on them).
 
 A task that fails for a reason of the data (NaN weights) raises its
 :class:`AqmError` here, naming the tensor; anything else a worker raises, or

@@ -36,6 +36,9 @@ def _weights(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def _convert(tmp_path, name: str, codec: str = "aq", **kw) -> bytes:
+    """The conversion's bytes; on the CPU unless ``device`` says otherwise: byte-identity across workers
+    is the CPU's promise (a GPU's float sums, and so its codes, may differ from run to run)."""
+    kw.setdefault("device", "cpu")
     path = tmp_path / f"{name}.aqm"
     from_torch({k: torch.from_numpy(v) for k, v in _weights().items()}, str(path), bits=2, grouping="by-kind",
                codec=codec, progress=False, encoder=ENCODER, **kw)
