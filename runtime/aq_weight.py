@@ -112,9 +112,9 @@ class AQWeight:
         w = decode_rows(self.codes, self.codebooks, self.scale, self.cols)
         return np.ascontiguousarray(from_matrix(w, self.shape, self.axes, self.perm))
 
-    def tile_rows(self) -> int:
-        """Matrix rows decoded at once by a tiled product."""
-        return max(1, min(self.rows, TILE_BYTES // (4 * max(self.cols, 1))))
+    def tile_rows(self, tile_bytes: int | None = None) -> int:
+        """Matrix rows decoded at once by a tiled product holding ``tile_bytes`` (default :data:`TILE_BYTES`)."""
+        return max(1, min(self.rows, (tile_bytes or TILE_BYTES) // (4 * max(self.cols, 1))))
 
     def lut_ok(self) -> bool:
         """Whether the lookup table can pay for this matrix (rows are outputs and outnumber ``2*M*K``)."""

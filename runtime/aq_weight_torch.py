@@ -7,9 +7,10 @@ on the device. A product decodes a block of matrix rows at a time with torch
 operations (one gathered codeword per codebook, summed in codebook order, as
 :func:`aqformat.codecs.aq.codeword_sum` does, so the decoded values are the
 file's, bit for bit) into at most :data:`TILE_BYTES` of scratch on the CPU
-(:data:`DEVICE_TILE_BYTES` elsewhere), and multiplies each block with the device's GEMM. The whole float32 weight never
-exists, and nothing goes through the host: the same code serves any torch
-device, which is how the CPU tests cover it. On a CUDA device with Triton
+(:data:`DEVICE_TILE_BYTES` elsewhere), and multiplies each block with the
+device's GEMM. The whole float32 weight never exists, and nothing goes
+through the host: the same code serves any torch device, which is how the
+CPU tests cover it. On a CUDA device with Triton
 installed, the decode and the product for a few input rows run in the
 kernels of :mod:`.triton_kernels` instead (same decoded values).
 """
@@ -88,9 +89,7 @@ class DeviceAQWeight:
 
     def tile_rows(self) -> int:
         """Matrix rows decoded at once by a product."""
-        if self.device.type == "cpu":
-            return self.host.tile_rows()
-        return max(1, min(self.host.rows, DEVICE_TILE_BYTES // (4 * max(self.host.cols, 1))))
+        return self.host.tile_rows(None if self.device.type == "cpu" else DEVICE_TILE_BYTES)
 
     def times_rows(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ Q.T`` for float32 ``x[T, cols]`` in the tensor's column order (rows are outputs)."""
