@@ -20,7 +20,7 @@ from .dtypes import DTYPES, FLOAT_DTYPES
 from .errors import AqmFormatError, AqmIntegrityError, AqmVersionError
 
 MAGIC = b"\x89AQM\r\n\x1a\n"
-MAJOR, MINOR = 1, 3  # MINOR: the newest minor version this reader knows
+MAJOR, MINOR = 1, 4  # MINOR: the newest minor version this reader knows
 PREAMBLE = struct.Struct("<8sHHIQQIIQ12sI")  # 64 bytes
 PREAMBLE_SIZE = PREAMBLE.size
 ALIGNMENT = 64

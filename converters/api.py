@@ -134,7 +134,7 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     min_elements : int
         Smallest tensor compressed.
     codec : {"auto", "aq", "lattice"}, optional
-        ``"auto"`` (the default): per tensor the codec (AQ, lattice, affine, float16, raw) and
+        ``"auto"`` (the default): per tensor the codec (AQ, uniform, affine, float16, raw) and
         setting of least measured error per byte, all within ``bits`` per compressed weight
         (their codes, indices, scales, steps, codebooks and records counted) or ``target_size``
         (every byte of the file) (:mod:`aqformat.converters.codec_choice`); ``"aq"``: additive
@@ -145,7 +145,7 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
         target size, allocation or permutation; calibration only feeds fine-tuning).
     codec_for : iterable of str
         With ``codec="auto"``: ``"PATTERN:CODEC"`` items forcing the codec of the tensors a
-        pattern matches (``aq``, ``lattice``, ``affine``, ``fp16``/``half`` or ``raw``).
+        pattern matches (``aq``, ``uniform``, ``lattice``, ``affine``, ``fp16``/``half`` or ``raw``).
     encoder : EncoderOptions or mapping, optional
         AQ encoder settings (:class:`~aqformat.converters.options.EncoderOptions`,
         or a mapping of its field names): ``bits_per_code``, ``d`` (code width,

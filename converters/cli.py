@@ -162,7 +162,7 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
 def _add_codec_args(p: argparse.ArgumentParser) -> None:
     """``--codec`` and ``--codec-for``: which codec codes the compressed tensors."""
     p.add_argument("--codec", choices=CODECS,
-                   help="auto: per tensor the codec (aq, lattice, affine, fp16, raw) and setting of least "
+                   help="auto: per tensor the codec (aq, uniform, affine, fp16, raw) and setting of least "
                         "measured error per byte, all within --bits per compressed weight (codes, "
                         "scales, steps, codebooks and records counted) or --target-size; aq: additive "
                         "quantization in shared codebooks at --bits code bits; lattice: dithered "
@@ -170,7 +170,7 @@ def _add_codec_args(p: argparse.ArgumentParser) -> None:
                         f"(default: {DEFAULT_CODEC}, or aq with --permute, --allocate or --finetune, AQ's options)")
     p.add_argument("--codec-for", action="append", metavar="PATTERN:CODEC",
                    help="with --codec auto: code the tensors matching this fnmatch pattern with CODEC "
-                        "(aq, lattice, affine, fp16 or raw), at the setting the budget gives them; "
+                        "(aq, uniform, lattice, affine, fp16 or raw), at the setting the budget gives them; "
                         "repeatable, the first matching pattern wins; a pattern may name small tensors "
                         "too (default: every tensor chooses)")
 

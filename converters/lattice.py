@@ -30,6 +30,7 @@ import numpy as np
 
 from aqformat import rans
 from aqformat.codecs import lattice as lattice_codec
+from aqformat.codecs import uniform as uniform_codec
 from aqformat.codecs.lattice import decode_lattice
 from aqformat.dither import dither
 from aqformat.errors import AqmInputError
@@ -101,8 +102,8 @@ def encode_lattice(w, bits_or_step: float | Sequence[float] | np.ndarray, seed: 
         A float ``< 32`` with ``float`` type is read as target bits per weight
         (see :func:`lattice_step`); an array of ``rows`` values, or a
         ``numpy.float32`` scalar, is the step itself.
-    seed : int
-        Unsigned 64-bit dither seed.
+    seed : int or None
+        Unsigned 64-bit dither seed; None: no dither (codec ``uniform``, ``W = q * step``).
     axes : sequence of int, optional
         Transpose before flattening (matrix view as in the AQ codec).
     name : str
@@ -126,10 +127,11 @@ def encode_lattice(w, bits_or_step: float | Sequence[float] | np.ndarray, seed: 
         step = np.broadcast_to(np.asarray(bits_or_step, dtype=np.float32), (rows,)).copy()
         if not (np.isfinite(step).all() and (step > 0).all()):
             raise AqmInputError(f"lattice steps of {name!r} must be finite and > 0")
-    if not 0 <= int(seed) < 2**64:
+    if seed is not None and not 0 <= int(seed) < 2**64:
         raise AqmInputError("lattice seed must be an unsigned 64-bit integer")
-    u = dither(int(seed), rows * cols).reshape(rows, cols)
-    x = W / step.astype(np.float64)[:, None] + u
+    x = W / step.astype(np.float64)[:, None]
+    if seed is not None:
+        x += dither(int(seed), rows * cols).reshape(rows, cols)
     if np.abs(x).max(initial=0) > _INT32_MAX - 1:
         raise AqmInputError(f"lattice step too small for {name!r}: integers exceed int32")
     return rdoq_indices(x, rdoq).astype(np.int32), step
@@ -143,17 +145,18 @@ def tensor_seed(seed: int, name: str) -> int:
 
 @dataclass
 class LatticeTensor:
-    """One lattice-coded tensor: indices ``q[rows, cols]`` of its matrix view, per-row steps, seed."""
+    """One lattice-coded tensor: indices ``q[rows, cols]`` of its matrix view, per-row steps, dither
+    seed (None: no dither, codec ``uniform``)."""
 
     name: str
     shape: tuple[int, ...]
     axes: tuple[int, ...] | None
     q: np.ndarray
     step: np.ndarray
-    seed: int
+    seed: int | None
 
 
-def _code(w: np.ndarray, name: str, bits: float, seed: int, axes: tuple[int, ...] | None) -> LatticeTensor:
+def _code(w: np.ndarray, name: str, bits: float, seed: int | None, axes: tuple[int, ...] | None) -> LatticeTensor:
     q, step = encode_lattice(w, bits, seed, axes, name, rdoq=RDOQ_LAMBDA)
     return LatticeTensor(name, tuple(int(v) for v in np.shape(w)), axes, q, step, seed)
 
@@ -213,10 +216,12 @@ class LatticeEncoder:
         """Nothing is shared between lattice tensors."""
 
     def write(self, writer, encoded: LatticeTensor, dtype: str) -> None:
-        fields = lattice_codec.fields(encoded.name, encoded.shape, encoded.q, encoded.step, encoded.seed,
-                                      encoded.axes)
-        writer.add_encoded(encoded.name, lattice_codec.NAME, encoded.shape, fields, dtype=dtype,
-                           compress=("data", "step"), entropy=("data",))
+        e = encoded
+        if e.seed is None:
+            codec, fields = uniform_codec.NAME, uniform_codec.fields(e.name, e.shape, e.q, e.step, e.axes)
+        else:
+            codec, fields = lattice_codec.NAME, lattice_codec.fields(e.name, e.shape, e.q, e.step, e.seed, e.axes)
+        writer.add_encoded(e.name, codec, e.shape, fields, dtype=dtype, compress=("data", "step"), entropy=("data",))
 
     def metadata(self) -> dict[str, Any]:
         o = self.opts

@@ -135,6 +135,25 @@ def half(w: aqformat.Writer, rng: np.random.Generator) -> None:
                   compress=("data",))
 
 
+def uniform(w: aqformat.Writer, rng: np.random.Generator) -> None:
+    """Codec ``uniform`` (format 1.4): indices of widths 1, 2 and 4 times per-row steps, decoded to
+    float32, float16 and bfloat16, axes, zstd and rans sections, a zero row."""
+    from aqformat.codecs.uniform import NAME, fields
+
+    def add(name, shape, q, step, axes=None, **kw):
+        w.add_encoded(name, NAME, shape, fields(name, shape, q, step, axes), **kw)
+    q = np.rint(rng.laplace(0, 2, (12, 20)))
+    q[3] = 0
+    add("un.int8", (12, 20), q, rng.uniform(0.01, 0.1, 12), compress=("data",))
+    add("un.int16_conv", (4, 3, 3, 3), np.rint(rng.laplace(0, 300, (4, 27))), rng.uniform(1e-4, 1e-3, 4),
+        dtype="float16", entropy=("data",))
+    q = np.rint(rng.laplace(0, 3, (7, 9))).astype(np.int64)
+    q[:, 0] = [-2**31, 2**31 - 1, 70000, -3, 2**20, 0, 1]
+    add("un.int32_axes", (9, 7), q, rng.uniform(1e-9, 1e-8, 7), axes=(1, 0), dtype="bfloat16")
+    add("un.rans", (40, 128), np.rint(rng.standard_normal((40, 128)) * 3), rng.uniform(0.01, 0.1, 40),
+        entropy=("data",), compress=("step",))
+
+
 def zstd_graph(w: aqformat.Writer, rng: np.random.Generator) -> None:
     w.add_tensor("zeros", np.zeros((64, 64), dtype=np.float32), compress=True)
     w.add_tensor("ramp", np.arange(1000, dtype=np.int64) % 7, compress=True)
@@ -161,7 +180,7 @@ def empty(w: aqformat.Writer, rng: np.random.Generator) -> None:
 
 VECTORS = {f.__name__: f for f in (raw_dtypes, aq_8bit_shared, aq_3bit_perm, aq_7bit_conv,
                                    aq_12bit_bf16, aq_1bit_16bit, lattice, zstd_graph, empty, affine, lattice_rans,
-                                   half)}
+                                   half, uniform)}
 
 
 def digest(path: str) -> dict:

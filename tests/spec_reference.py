@@ -152,10 +152,10 @@ def decode_file(path: str) -> dict[str, np.ndarray]:
             c = (bits[: rows * cols * b].reshape(-1, b).astype(np.int64) << np.arange(b)).sum(1).reshape(rows, cols)
             p = np.arange(rows) if pairs == rows else np.zeros(rows, np.int64)
             w = offset[p][:, None] + (c.astype(np.float32) * scale[p][:, None]).astype(np.float32)
-        else:
+        else:  # lattice (5.3), or uniform (5.7): no dither
             q = np.frombuffer(_section(buf, secs[t["data"]]), NP[t["index_dtype"]]).reshape(rows, cols)
             step = np.frombuffer(_section(buf, secs[t["step"]]), "<f4").astype(np.float64)
-            u = _splitmix(t["seed"], rows * cols).reshape(rows, cols)
+            u = _splitmix(t["seed"], rows * cols).reshape(rows, cols) if t["codec"] == "lattice" else 0.0
             w = ((q - u) * step[:, None]).astype(np.float32)
         full = np.empty(shape, np.float32)
         full[...] = np.transpose(w.reshape(s2), np.argsort(axes))

@@ -109,7 +109,7 @@ def _codec_name_uses(path: pathlib.Path, names: set[str]) -> list[str]:
 def test_only_the_registry_and_the_encoders_name_codecs():
     """Header, reader, writer, aqm-info, the runtimes and the pipeline dispatch through the registry."""
     builtin = set(codecs.names()) - {"raw"}
-    assert builtin == {"aq", "lattice", "affine", "half"}
+    assert builtin == {"aq", "lattice", "affine", "half", "uniform"}
     encoders = {ROOT / "converters" / "aq_encode.py", ROOT / "converters" / "lattice.py", ROOT / "converters" / "affine.py"}
     assert all(p.exists() for p in encoders)  # the exemptions follow the encoders when they move
     files = [p for d in ("aqformat", "runtime", "converters") for p in sorted((ROOT / d).rglob("*.py"))

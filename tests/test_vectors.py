@@ -19,7 +19,7 @@ def test_manifest_covers_at_least_eight_files():
     for name in MANIFEST:
         with aqformat.open(os.path.join(VEC, f"{name}.aqm")) as f:
             codecs |= {t.codec for t in f.tensors()}
-    assert codecs == {"raw", "aq", "lattice", "affine", "half"}
+    assert codecs == {"raw", "aq", "lattice", "affine", "half", "uniform"}
 
 
 @pytest.mark.parametrize("name", sorted(MANIFEST))
@@ -48,8 +48,8 @@ def test_vector_matches_independent_spec_decoder(name):
 
 def test_vectors_say_the_lowest_minor_version_that_describes_them():
     """A file is written with the lowest minor version describing its codecs and section encodings
-    (spec, "Version rules"): affine needs 1.1, rans sections 1.2, half 1.3, the rest 1.0."""
-    minor = {"affine": 1, "lattice_rans": 2, "half": 3}
+    (spec, "Version rules"): affine needs 1.1, rans sections 1.2, half 1.3, uniform 1.4, the rest 1.0."""
+    minor = {"affine": 1, "lattice_rans": 2, "half": 3, "uniform": 4}
     for name in MANIFEST:
         with open(os.path.join(VEC, f"{name}.aqm"), "rb") as fh:
             assert fh.read(12)[8:12] == bytes([1, 0, minor.get(name, 0), 0]), name

@@ -108,4 +108,4 @@ def names() -> list[str]:
 
 
 # The built-in codecs register themselves on import.
-from . import affine, aq, half, lattice, raw  # noqa: E402,F401
+from . import affine, aq, half, lattice, raw, uniform  # noqa: E402,F401
