@@ -50,10 +50,10 @@ CODEBOOK_DTYPES = ("float16", "float32")
 
 
 def pack_preamble(minor: int, header_offset: int, header_length: int, header_crc: int,
-                  file_length: int) -> bytes:
+                  file_length: int, alignment: int = ALIGNMENT) -> bytes:
     """Serialise the 64-byte preamble (its own CRC-32 in the last 4 bytes)."""
     body = PREAMBLE.pack(MAGIC, MAJOR, minor, 0, header_offset, header_length, header_crc,
-                         ALIGNMENT, file_length, b"\0" * 12, 0)[:-4]
+                         alignment, file_length, b"\0" * 12, 0)[:-4]
     return body + struct.pack("<I", zlib.crc32(body))
 
 

@@ -98,6 +98,7 @@ class AqmFile:
         try:
             pre = parse_preamble(self._pread(0, PREAMBLE_SIZE).tobytes(), size)
             self.version = (pre.major, pre.minor)
+            self.alignment = pre.alignment
             self._h: Header = parse_header(self._pread(pre.header_offset, pre.header_length).tobytes(), pre)
             self._by_name = {t.name: t for t in self._h.tensors}
             self._groups = {g.name: g for g in self._h.codebooks}

@@ -152,8 +152,8 @@ def auto_budget(specs: Sequence[Any], compress: Sequence[str], opts: ConvertOpti
     reserve = sum(CHOICE_METADATA_BYTES + len(n.encode("utf-8")) for n in names)
     if opts.target_size is not None:
         rest = sum(small.nbytes.get(s.name, s.nbytes) for s in specs if s.name not in names)
-        header = size_target.header_bytes([s.name for s in specs], known, coded=len(names),
-                                          small=len(small.coded))[1]
+        header = size_target.header_bytes([s.name for s in specs], known, coded=len(names), small=len(small.coded),
+                                          alignment=size_target.section_alignment(sum(s.nbytes for s in specs)))[1]
         nbytes = int(opts.target_size / size_target.SLACK) - header - other_bytes - rest - reserve
         rate = 8.0 * nbytes / max(numel, 1)
     else:

@@ -334,7 +334,7 @@ def _train(st: _Student, student: Any, task: _Task, opts: FinetuneOptions, origi
 def _write(f: aqformat.AqmFile, out_path, st: _Student, report: FinetuneReport) -> None:
     """Copy ``f`` to ``out_path`` with the trained values and the (possibly refreshed) codes."""
     groups = {g.name: g for g in f.codebook_groups}
-    with aqformat.Writer(out_path, producer=f.producer, source=f.source,
+    with aqformat.Writer(out_path, producer=f.producer, source=f.source, alignment=f.alignment,
                          metadata={**f.metadata, "finetune": report.as_metadata()}) as w:
         for name, p in st.groups.items():
             w.add_codebooks(name, p.detach().cpu().numpy(), dtype=groups[name].dtype)

@@ -32,6 +32,7 @@ from aqformat.errors import AqmInputError, AqmWarning
 from aqformat.units import format_size, parse_size
 from aqformat.writer import Writer
 
+from . import size_target
 from .affine import AffinePlan
 from .encoders import TensorEncoder
 from .half import kept_format, write_kept
@@ -132,7 +133,8 @@ def run(source: Source, out_path: str | os.PathLike, opts: ConvertOptions, axes:
         # --strict writes beside the output first: a refused file never replaces an existing one
         path = _sibling(out_path, ".strict") if opts.strict else out_path
         try:
-            with Writer(path, producer=f"aqformat {__version__} (aqformat.converters)", source=source_info) as w:
+            with Writer(path, producer=f"aqformat {__version__} (aqformat.converters)", source=source_info,
+                        alignment=size_target.section_alignment(source_bytes)) as w:
                 encoder.write_shared(w)
                 sqnr = _encode_all(w, source, encoder, tensors.small, graph_model, opts.progress,
                                    executor, opts.keep_half)

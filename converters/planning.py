@@ -160,7 +160,8 @@ def nominal_rate(specs: Sequence[TensorSpec], opts: ConvertOptions, graph_model:
     if graph_model is not None:
         from .onnx_graph import stored_graph_bytes
         other += stored_graph_bytes(graph_model, {s.name for s in specs})
-    other += size_target.header_bytes([s.name for s in specs])[1]
+    other += size_target.header_bytes([s.name for s in specs], alignment=size_target.section_alignment(
+        sum(s.nbytes for s in specs)))[1]
     weights = max(sum(s.numel for s in floats), 1)
     return float(min(max(8.0 * (opts.target_size - other) / weights, 1.0), 8.0))
 

@@ -144,6 +144,25 @@ def test_sections_are_aligned_and_file_is_deterministic(tmp_path):
         assert f.graph() is None and f.graph_bytes == 0
 
 
+@pytest.mark.parametrize("alignment", [8, 16, 4096])
+def test_a_writer_aligns_sections_as_asked_and_the_reader_reports_it(tmp_path, alignment):
+    with aqformat.Writer(tmp_path / "a.aqm", alignment=alignment) as w:
+        w.add_tensor("x", np.arange(3, dtype=np.float64))
+        w.add_tensor("y", np.ones((5, 7), np.float32))
+    with aqformat.open(tmp_path / "a.aqm") as f:
+        assert f.alignment == alignment
+        assert all(f.section(f.record(n).fields["data"]).offset % alignment == 0 for n in ("x", "y"))
+        assert (f.read("x") == np.arange(3)).all() and (f.read("y") == 1).all()
+    assert struct.unpack_from("<Q", (tmp_path / "a.aqm").read_bytes(), 16)[0] % alignment == 0
+
+
+@pytest.mark.parametrize("alignment", [4, 12, 1 << 17, "64"])
+def test_a_writer_refuses_an_alignment_the_format_does_not_allow(tmp_path, alignment):
+    with pytest.raises(aqformat.AqmInputError, match="power of two in \\[8, 65536\\]"):
+        aqformat.Writer(tmp_path / "a.aqm", alignment=alignment)
+    assert not list(tmp_path.iterdir())
+
+
 def test_corrupted_section_is_found_lazily_and_named(tmp_path):
     path = tmp_path / "m.aqm"
     with aqformat.Writer(path) as w:

@@ -81,6 +81,7 @@ def test_distillation_reduces_output_error_and_records_itself(digits_model, tmp_
     with aqformat.open(tmp_path / "ft.aqm") as f:
         assert f.metadata["finetune"]["objective"] == "distill"
         with aqformat.open(path) as g:  # codes are unchanged, only codebooks/scales/biases move
+            assert f.alignment == g.alignment
             for name in g.names():
                 if g.info(name).codec == "aq":
                     np.testing.assert_array_equal(aq_parts(f, name).codes, aq_parts(g, name).codes)
