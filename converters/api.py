@@ -134,7 +134,7 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     min_elements : int
         Smallest tensor compressed.
     codec : {"auto", "aq", "lattice"}, optional
-        ``"auto"`` (the default): per tensor the codec (AQ, uniform, affine, float16, raw) and
+        ``"auto"`` (the default): per tensor the codec (AQ, lattice or uniform, affine, float16, raw) and
         setting of least measured error per byte, all within ``bits`` per compressed weight
         (their codes, indices, scales, steps, codebooks and records counted) or ``target_size``
         (every byte of the file) (:mod:`aqformat.converters.codec_choice`); ``"aq"``: additive

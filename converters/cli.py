@@ -162,7 +162,7 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
 def _add_codec_args(p: argparse.ArgumentParser) -> None:
     """``--codec`` and ``--codec-for``: which codec codes the compressed tensors."""
     p.add_argument("--codec", choices=CODECS,
-                   help="auto: per tensor the codec (aq, uniform, affine, fp16, raw) and setting of least "
+                   help="auto: per tensor the codec (aq, lattice or uniform, affine, fp16, raw) and setting of least "
                         "measured error per byte, all within --bits per compressed weight (codes, "
                         "scales, steps, codebooks and records counted) or --target-size; aq: additive "
                         "quantization in shared codebooks at --bits code bits; lattice: dithered "

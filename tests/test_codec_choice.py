@@ -33,21 +33,21 @@ def _linear(kind: str, rows: int = 512, cols: int = 256) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def auto_file(tmp_path_factory):
-    """Laplacian weights at 4 bits per weight: entropy-coded scalar indices beat AQ and affine codes."""
+    """Laplacian weights at 4 bits per weight: the entropy-coded lattice beats AQ and affine codes."""
     from aqformat.converters import from_torch
     path = str(tmp_path_factory.mktemp("auto") / "m.aqm")
     summary = from_torch(_linear("laplace"), path, codec="auto", bits=4, encoder=SMALL_AQ, progress=False)
     return path, summary
 
 
-def test_uniform_where_it_codes_better(auto_file):
-    """The Laplacian tensor goes to the uniform codec, whose error at its bytes is below what AQ and the
-    affine codec give at more bytes."""
+def test_lattice_where_it_codes_better(auto_file):
+    """The Laplacian tensor goes to the lattice, whose error at its bytes is below what AQ and the affine
+    codec give at more bytes."""
     path, _ = auto_file
     with aqformat.open(path) as f:
-        assert f.info("weight").codec == "uniform"
+        assert f.info("weight").codec == "lattice"
         codec, _, nbytes, error, others = f.metadata["conversion"]["choice"]["weight"]
-    assert codec == "uniform"
+    assert codec == "lattice"
     for other in ("aq", "affine"):
         assert others[other][1] > error or others[other][0] > nbytes
 
@@ -62,7 +62,23 @@ def test_aq_where_it_codes_better(tmp_path):
     with aqformat.open(path) as f:
         assert f.info("weight").codec == "aq"
         _, _, nbytes, error, others = f.metadata["conversion"]["choice"]["weight"]
-    assert others["uniform"][1] > error or others["uniform"][0] > nbytes
+    grid = next(v for k, v in others.items() if k in ("lattice", "uniform"))
+    assert grid[1] > error or grid[0] > nbytes
+
+
+def test_uniform_where_the_dither_would_drown_the_weights(tmp_path):
+    """At 1 bit per weight the Laplacian tensor's step is so coarse that the lattice's dither noise
+    exceeds NOISY_LATTICE of its energy: it takes the uniform codec, which rounds most weights to
+    zero, while the lattice forced on it cannot reach that budget at all."""
+    from aqformat.converters import from_torch
+    path = str(tmp_path / "u.aqm")
+    from_torch(_linear("laplace"), path, codec="auto", bits=1.0, encoder=SMALL_AQ, progress=False)
+    with aqformat.open(path) as f:
+        codec, _, _, error, _ = f.metadata["conversion"]["choice"]["weight"]
+        assert codec == f.info("weight").codec == "uniform" and error < 0.6  # 0.53 of its energy
+    with pytest.raises(AqmInputError, match="out of reach"):
+        from_torch(_linear("laplace"), path, codec="auto", bits=1.0, codec_for=["weight:lattice"],
+                   encoder=SMALL_AQ, progress=False)
 
 
 def test_bits_hold_with_every_byte_counted(auto_file):
@@ -85,7 +101,7 @@ def test_target_size_holds(tmp_path):
     assert 0.8 * 40000 <= os.path.getsize(path) <= 40000  # one tensor: steps of 1/4 bit per weight
 
 
-def test_step_section_is_stored_compressed_and_counted_so(auto_file):
+def test_lattice_step_section_is_stored_compressed_and_counted_so(auto_file):
     """The tensor's one step repeated a row is zstd-coded (not 4 bytes a row), and the bytes the
     choice counted for the tensor are at least what it takes in the file."""
     path, _ = auto_file
@@ -109,7 +125,7 @@ def test_info_shows_why(auto_file):
     path, _ = auto_file
     r = describe(path)
     by_name = {t["name"]: t for t in r["tensors"]}
-    assert by_name["weight"]["choice"]["codec"] == "uniform"
+    assert by_name["weight"]["choice"]["codec"] == "lattice"
     assert "aq" in by_name["weight"]["choice"]["others"]
     assert "codec choice (--codec auto)" in render_text(r)
 
