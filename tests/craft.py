@@ -124,6 +124,32 @@ def codec_unknown(name: str) -> Iterator[None]:
         aqformat.codecs.register(codec)
 
 
+def assert_edited_record_refused(folder: os.PathLike | str, data: bytes, change: dict[str, Any], match: str,
+                                 minor: int) -> None:
+    """Valid file ``data`` with ``change`` merged into its first tensor record (CRCs fixed): reading
+    that tensor fails with an ``AqmFormatError`` matching ``match``."""
+    import pytest
+
+    def edit(doc, blobs):
+        doc["tensors"][0].update(change)
+        return doc, blobs
+    path = os.path.join(folder, "edited.aqm")
+    with open(path, "wb") as fh:
+        fh.write(rebuild(data, edit, minor=minor))
+    with pytest.raises(aqformat.AqmFormatError, match=match), aqformat.open(path) as f:
+        f.read(f.names()[0])
+
+
+def assert_listed_but_unreadable_without(path: os.PathLike | str, codec: str, name: str = "t") -> None:
+    """A reader that does not know ``codec`` lists tensor ``name`` of ``path`` and refuses to read
+    it with a clear error (spec, "Version rules")."""
+    import pytest
+    with codec_unknown(codec), aqformat.open(path) as f:
+        assert f.info(name).codec == codec and f.info(name).shape
+        with pytest.raises(aqformat.AqmUnsupportedError, match=f"codec '{codec}'"):
+            f.read(name)
+
+
 def fix_crcs(data: bytes) -> bytes:
     """Recompute preamble, header and (when the header still parses) section CRCs.
 
