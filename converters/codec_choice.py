@@ -285,8 +285,9 @@ def _lattice_at(c: _Candidate, k: int, exact: bool = False) -> Option | None:
 
 
 def _estimate_lattice(c: _Candidate, k: int, step: np.float32, codec: str) -> Option:
-    """The lattice option at ``step`` estimated from plain rounding of up to :data:`LATTICE_SAMPLE`
-    weights (evenly spaced rows) and :func:`aqformat.rans.estimate_bits`, scaled to every row."""
+    """The option of grid codec ``codec`` (``lattice`` or ``uniform``) at ``step`` estimated from
+    plain rounding of up to :data:`LATTICE_SAMPLE` weights (evenly spaced rows) and
+    :func:`aqformat.rans.estimate_bits`, scaled to every row."""
     from aqformat.dither import dither
     rows, cols = c.m.shape
     pick = np.unique(np.linspace(0, rows - 1, max(1, min(rows, LATTICE_SAMPLE // cols)), dtype=np.int64))
@@ -303,8 +304,8 @@ def _estimate_lattice(c: _Candidate, k: int, step: np.float32, codec: str) -> Op
 
 
 def _exact_lattice(c: _Candidate, k: int, step: np.float32, codec: str) -> Option:
-    """The lattice option at ``step`` as the encoder will write it: its bytes (rans or raw
-    indices, steps, record) and the error of the decoded weights."""
+    """The option of grid codec ``codec`` at ``step`` as the encoder will write it: its bytes (rans
+    or raw indices, steps, record) and the error of the decoded weights."""
     from .lattice import RDOQ_LAMBDA, encode_lattice
     seed = c.seed if codec == LATTICE else None
     q, steps = encode_lattice(c.m, step, seed, None, c.name, rdoq=RDOQ_LAMBDA)
