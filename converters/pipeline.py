@@ -132,7 +132,8 @@ def run(source: Source, out_path: str | os.PathLike, opts: ConvertOptions, axes:
                            if s.name not in set(encoder.coded)), source_bytes, opts.strict, before=True)
         # --strict writes beside the output first: a refused file never replaces an existing one
         path = _sibling(out_path, ".strict") if opts.strict else out_path
-        try:
+
+        def write() -> dict[str, float]:
             with Writer(path, producer=f"aqformat {__version__} (aqformat.converters)", source=source_info,
                         alignment=size_target.section_alignment(source_bytes)) as w:
                 encoder.write_shared(w)
@@ -143,6 +144,14 @@ def run(source: Source, out_path: str | os.PathLike, opts: ConvertOptions, axes:
                 meta = encoder.metadata()
                 w.update_metadata(conversion={**meta, **_affine_metadata(tensors.small),
                                               **_achieved_rate(meta, encoder.groups, tensors)})
+            return sqnr
+        try:
+            sqnr = write()
+            for _ in range(REFILLS if opts.target_size is not None and opts.codec == AUTO else 0):
+                extra = _shortfall(os.path.getsize(path), opts.target_size)
+                if not extra or not encoder.refill(extra):
+                    break
+                sqnr = write()
             _check_shrinks(os.path.getsize(path), source_bytes, opts.strict, before=False)
             os.replace(path, out_path)
         finally:
@@ -161,6 +170,20 @@ def run(source: Source, out_path: str | os.PathLike, opts: ConvertOptions, axes:
         groups=encoder.groups, affine_bits=tensors.small.bits(), codebook_bytes=_codebook_bytes(out_path),
         seconds=time.monotonic() - t0, weight_sqnr_db=sqnr, target_size=opts.target_text,
         notes=_notes(calib))
+
+
+#: Times a ``--codec auto`` file that missed its ``--target-size`` window is chosen and written again.
+REFILLS = 3
+
+
+def _shortfall(size: int, target: int) -> int:
+    """Bytes to add to (negative: take from) the budget of a file of ``size`` bytes so that it
+    lands within :data:`~aqformat.converters.size_target.LANDING` under ``target``, aiming at the
+    window's upper quarter (the choice's own byte counts are exact to a few bytes a tensor); 0
+    where it lands already."""
+    if (1 - size_target.LANDING) * target <= size <= target:
+        return 0
+    return int(target * (1 - size_target.LANDING / 4) / size_target.SLACK) - size
 
 
 def _codebook_bytes(path: str | os.PathLike) -> int:
