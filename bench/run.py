@@ -191,7 +191,8 @@ def codec_choice_rows(t: Table, convert: Callable[..., Any], names: Sequence[str
     the file. As in NNCodec's rows, the covered tensors are the ones coded and the model's other
     tensors (``names`` less ``covered``) stay as they are (``keep``); the target size is NNCodec's
     bytes plus what the file holds besides the covered tensors (header, graph, kept tensors),
-    measured on a lattice-only probe at NNCodec's bits per covered weight."""
+    measured on a lattice-only probe at NNCodec's bits per covered weight (an automatic one where the
+    lattice cannot code every tensor at that rate)."""
     import glob
     sizes = [r["bytes_counted"] for r in t.rows if r.get("method") == "nncodec" and "bytes_counted" in r]
     params = sum(w.size for w, _ in t.weights.values())
@@ -199,13 +200,15 @@ def codec_choice_rows(t: Table, convert: Callable[..., Any], names: Sequence[str
     kw = {"keep": [glob.escape(n) for n in names if n not in set(covered)]}
     for nn in sizes:
         probe = os.path.join(folder, f"{t.model}_probe_{nn}.aqm")
-        try:
-            # sized by --bits, which counts the coded tensors only: a target size would count the kept ones
-            convert(probe, codec="auto", bits=8 * nn / params, progress=False, codec_for=lattice, **kw)
-            other = os.path.getsize(probe) - aqm_packed(probe, covered, "", 0.0).bytes_counted
-        except Exception as e:  # noqa: BLE001 - e.g. a size out of reach: the rows then say so
-            other = nn // 20 + 4096
-            log(f"{t.model}: probe at {nn} bytes failed: {type(e).__name__}: {e}")
+        other = nn // 20 + 4096  # a guess, where neither probe runs
+        for codec_for in (lattice, ()):
+            try:
+                # sized by --bits, which counts the coded tensors only: a target size would count the kept ones
+                convert(probe, codec="auto", bits=8 * nn / params, progress=False, codec_for=codec_for, **kw)
+                other = os.path.getsize(probe) - aqm_packed(probe, covered, "", 0.0).bytes_counted
+                break
+            except Exception as e:  # noqa: BLE001 - e.g. a size out of reach: the rows then say so
+                log(f"{t.model}: probe at {nn} bytes failed: {type(e).__name__}: {e}")
         for label, forced in CODEC_CHOICES.items():
             out = os.path.join(folder, f"{t.model}_{label}_{nn}.aqm")
 
