@@ -20,7 +20,7 @@ from .dtypes import DTYPES, FLOAT_DTYPES
 from .errors import AqmFormatError, AqmIntegrityError, AqmVersionError
 
 MAGIC = b"\x89AQM\r\n\x1a\n"
-MAJOR, MINOR = 1, 4  # MINOR: the newest minor version this reader knows
+MAJOR, MINOR = 1, 5  # MINOR: the newest minor version this reader knows
 PREAMBLE = struct.Struct("<8sHHIQQIIQ12sI")  # 64 bytes
 PREAMBLE_SIZE = PREAMBLE.size
 ALIGNMENT = 64
@@ -44,8 +44,9 @@ MAX_HEADER_CONTAINERS = 1 << 20
 MAX_GRAPH_RATIO = 1 << 10
 MAX_DEPTH = 32  # nesting of source/metadata values, so printing them never hits the recursion limit
 
-ENCODINGS = ("raw", "zstd", "rans")
-ENCODING_MINOR = {"raw": 0, "zstd": 0, "rans": 2}  # the minor version that introduced each encoding
+ENCODINGS = ("raw", "zstd", "rans", "rans-context")
+# the minor version that introduced each encoding
+ENCODING_MINOR = {"raw": 0, "zstd": 0, "rans": 2, "rans-context": 5}
 CODEBOOK_DTYPES = ("float16", "float32")
 
 
@@ -325,7 +326,7 @@ def _parse_section(s: Any, i: int, pre: Preamble) -> Section:
         raise _fail(f"{what} is raw but its size {size} differs from its length {length}")
     if enc == "zstd" and size > max(1 << 20, length * MAX_ZSTD_RATIO):
         raise _fail(f"{what} claims {size} decoded bytes from {length} (decompression bomb)")
-    if enc == "rans" and size > max(1 << 20, length * rans.MAX_RATIO):
+    if enc in rans.ENCODINGS and size > max(1 << 20, length * rans.MAX_RATIO):
         raise _fail(f"{what} claims {size} decoded bytes from {length} (decompression bomb)")
     return Section(off, length, size, enc, crc)
 

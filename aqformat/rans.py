@@ -10,8 +10,15 @@ Values beyond a direct range ``|v| <= 2**e - 1`` are coded as an escape
 token for their bit length plus that many raw bits, so tables stay small
 whatever the index range.
 
+Encoding ``rans-context`` (format 1.5) selects the table of each symbol by
+its context instead: the sum of the magnitudes of the two tokens before it in
+its row, as DeepCABAC's neighbour contexts do (weights of similar size cluster
+along a row: on silero-vad at 3.7 bits/weight this is 0.19 bits a weight
+below the order-0 entropy, bench/entropy_bench.py --gap-only). Its lanes hold
+runs of consecutive symbols, so a symbol's context is decoded before it.
+
 Symbols are dealt to ``lanes`` independent rANS states (symbol ``i`` to lane
-``i mod lanes``), which share one word stream: a decoder advances every
+``i mod lanes``; ``rans-context``: to lane ``i // ceil(n / lanes)``), which share one word stream: a decoder advances every
 lane one symbol per step, so numpy decodes a step for all lanes at once
 (a Python loop over about 2048 steps per tensor, never one per symbol) and
 the compiled kernel (numba, ``aqformat[fast]``) runs the same integer
@@ -31,7 +38,7 @@ from .bitpack import pack, packed_size, unpack
 from .errors import AqmFormatError
 
 __all__ = ["Model", "plan", "encode", "decode", "compiled", "work_bound", "code_lengths", "model_bits", "estimate_bits",
-           "MAX_RATIO"]
+           "MAX_RATIO", "ENCODINGS"]
 
 PRECISION = 12
 TOTAL = 1 << PRECISION           # frequencies of a table sum to this
@@ -45,7 +52,12 @@ MAX_STEPS = 4096                 # the format's bound on symbols per lane: numpy
 # claiming more per stored byte is a bomb.
 MAX_RATIO = 1 << 17
 WIDTHS = (1, 2, 4)
-_HEAD = struct.Struct("<BBBBIIII")  # width, e, tables, 0, cols, lanes, words, extra bytes
+_HEAD = struct.Struct("<BBBBIIII")  # width, e, tables, mode, cols, lanes, words, extra bytes
+#: Section encodings of this module by the mode byte their streams carry: tables chosen per row
+#: (format 1.2), or per symbol by the context of the two tokens before it in its row (1.5).
+ENCODINGS = {"rans": 0, "rans-context": 1}
+#: Table counts the encoder tries for ``rans-context`` (the context is capped at the count less one).
+CONTEXT_TABLES = (3, 4, 6, 8)
 _TABLE = struct.Struct("<hH")       # lowest token, token count; then LEB128 frequencies
 _LUT_BYTES = MAX_TABLES * TOTAL * 12
 
@@ -85,7 +97,37 @@ class Model:
     e: int
     lo: list[int]              # lowest token of each table
     freqs: list[np.ndarray]    # each table's frequencies (sum TOTAL), token lo + j at j
-    row_table: np.ndarray      # [rows] table index per row
+    row_table: np.ndarray      # [rows] table index per row (all 0 with contexts)
+    contexts: bool = False     # tables by neighbour context (encoding rans-context)
+
+    @property
+    def encoding(self) -> str:
+        return "rans-context" if self.contexts else "rans"
+
+
+def _lane_count(n: int) -> int:
+    return max(1, -(-n // SYMBOLS_PER_LANE))
+
+
+def _context(tok: np.ndarray, cols: int, run: int, n_tables: int) -> np.ndarray:
+    """Table of each token of ``tok`` (flat, C order) under ``rans-context``: the magnitudes of the two
+    tokens before it in its row and its lane's run of ``run`` symbols, summed and capped at ``n_tables - 1``."""
+    a = np.minimum(np.abs(tok.astype(np.int64)), n_tables)
+    i = np.arange(a.size)
+    inside = np.minimum(i % cols, i % run)  # tokens before it in both its row and its run
+    ctx = np.zeros_like(a)
+    ctx[1:] += np.where(inside[1:] >= 1, a[:-1], 0)
+    ctx[2:] += np.where(inside[2:] >= 2, a[:-2], 0)
+    return np.minimum(ctx, n_tables - 1)
+
+
+def _step(n: int, lanes: int, contexts: bool, t: int) -> np.ndarray | slice:
+    """Positions of the symbols decoded at step ``t``, lane by lane: ``t * lanes`` onwards (one
+    symbol of each lane in turn), or with contexts the ``t``-th of each lane's run."""
+    if not contexts:
+        return slice(t * lanes, min(n, (t + 1) * lanes))
+    run = -(-n // lanes)
+    return np.arange(min(lanes, -(-(n - t) // run))) * run + t
 
 
 def _table_bytes(freqs: list[np.ndarray]) -> int:
@@ -174,9 +216,10 @@ def _stream_overhead_bits(n: int) -> int:
     return 8 * _HEAD.size + 32 * max(1, -(-n // SYMBOLS_PER_LANE))
 
 
-def plan(values: np.ndarray, max_tables: int = MAX_TABLES) -> Model:
+def plan(values: np.ndarray, max_tables: int = MAX_TABLES, contexts: bool = True) -> Model:
     """Choose the direct range and up to ``max_tables`` tables for ``values`` ([rows, cols] integers)
-    by estimated code length (tables, row classes, symbols and escape bits included)."""
+    by estimated code length (tables, row classes, symbols and escape bits included): per row, or
+    (``contexts``) per neighbour context where that is shorter."""
     v = np.asarray(values).astype(np.int64)
     rows, cols = v.shape
     a = np.abs(v)
@@ -203,8 +246,29 @@ def plan(values: np.ndarray, max_tables: int = MAX_TABLES) -> Model:
             if total >= previous:
                 break
             previous = total
+        if contexts:
+            for t in CONTEXT_TABLES:
+                tables, bits = _fit_contexts(tok, cols, base, bound, t)
+                if bits + float(nb.sum()) < best[0]:
+                    best = bits + float(nb.sum()), Model(e, [lo for lo, _ in tables], [f for _, f in tables],
+                                                         np.zeros(rows, np.int64), True)
     assert best is not None
     return best[1]
+
+
+def _fit_contexts(tok: np.ndarray, cols: int, base: int, bound: int,
+                  n_tables: int) -> tuple[list[tuple[int, np.ndarray]], float]:
+    """Tables of ``rans-context`` with ``n_tables`` contexts for tokens ``tok`` ([rows, cols]) and
+    their estimated bits (tables and tokens)."""
+    flat = tok.reshape(-1)
+    ctx = _context(flat, cols, -(-flat.size // _lane_count(flat.size)), n_tables)
+    width = int(flat.max()) - base + 1
+    hist = np.bincount(ctx * width + flat - base, minlength=n_tables * width).reshape(n_tables, width)
+    empty = hist.sum(axis=1) == 0
+    hist[empty, -base if 0 <= -base < width else 0] = 1  # an unused context still stores a table
+    tables = [_table(h, base, bound) for h in hist]
+    lengths = _code_lengths(hist, tables, base)
+    return tables, float(np.trace(lengths)) + 8 * _table_bytes([f for _, f in tables])
 
 
 def estimate_bits(values: np.ndarray, max_tables: int = MAX_TABLES) -> float:
@@ -214,8 +278,9 @@ def estimate_bits(values: np.ndarray, max_tables: int = MAX_TABLES) -> float:
     at most 4 bits), the rows are split by spread into 1, 2, 4, 8 or 16 equal
     classes, each at the empirical entropy of its tokens, plus escape bits,
     the stored tables (:func:`_table_bytes` of each class's frequencies over
-    its token range), row classes, header and lane states; the cheapest of
-    these is the estimate. It skips
+    its token range), row classes, header and lane states; and the tokens
+    by neighbour context (``rans-context``); the cheapest of these is the
+    estimate. It skips
     :func:`plan`'s refinement of the classes, so it errs high by a little,
     at a small part of its cost: it is what a rate search calls many times.
     """
@@ -224,8 +289,30 @@ def estimate_bits(values: np.ndarray, max_tables: int = MAX_TABLES) -> float:
         return 0.0
     p = min(MAX_EXP, _typical_exp(np.abs(v)))
     order = np.argsort(np.abs(v).sum(axis=1), kind="stable")
-    return min(_class_bits_estimate(v, e, order, max_tables) for e in sorted({0, min(p, 4), p})) \
-        + _stream_overhead_bits(v.size)
+    es = sorted({0, min(p, 4), p})
+    rows = min(_class_bits_estimate(v, e, order, max_tables) for e in es)
+    return min(rows, min(_context_bits_estimate(v, e) for e in es)) + _stream_overhead_bits(v.size)
+
+
+def _context_bits_estimate(v: np.ndarray, e: int) -> float:
+    """Bits of ``rans-context`` tables, tokens and escapes at direct range ``e``, at the empirical
+    entropy of each context's tokens, for the table count of :data:`CONTEXT_TABLES` in the middle."""
+    tok, nb, _ = _tokens(v, e)
+    flat = tok.reshape(-1).astype(np.int64)
+    n_tables = CONTEXT_TABLES[len(CONTEXT_TABLES) // 2]
+    ctx = _context(flat, v.shape[1], -(-flat.size // _lane_count(flat.size)), n_tables)
+    base = int(flat.min())
+    width = int(flat.max()) - base + 1
+    hist = np.bincount(ctx * width + flat - base, minlength=n_tables * width).reshape(n_tables, width)
+    bits = 0.0
+    for h in hist:
+        nz = np.flatnonzero(h)
+        span = nz[-1] - nz[0] + 1 if nz.size else 2
+        bits += 8 * (_TABLE.size + span)  # a table spans its lowest to highest token
+        if nz.size:
+            c = h[nz].astype(np.float64)
+            bits += float(-(c * np.log2(c / c.sum())).sum())
+    return bits + float(nb.sum())
 
 
 def _class_bits_estimate(v: np.ndarray, e: int, order: np.ndarray, max_tables: int) -> float:
@@ -250,12 +337,17 @@ def _class_bits_estimate(v: np.ndarray, e: int, order: np.ndarray, max_tables: i
 
 def code_lengths(values: np.ndarray, model: Model, absent: float = np.inf) -> np.ndarray:
     """Bits each of ``values`` ([rows, cols]) costs under ``model``: ``-log2`` of its token's probability
-    in its row's table plus its escape bits; ``absent`` (plus escape bits) where the table lacks the token."""
+    in its table (its row's or its context's) plus its escape bits; ``absent`` (plus escape bits) where the table lacks the token."""
     v = np.asarray(values)
     tok, nb, _ = _tokens(v, model.e)
     out = np.full(v.shape, float(absent))
+    if model.contexts:
+        at = _context(tok.reshape(-1), v.shape[1], -(-v.size // _lane_count(v.size)), len(model.freqs))
+        at = at.reshape(v.shape)
+    else:
+        at = np.repeat(model.row_table[:, None], v.shape[1], axis=1)
     for c, (lo, f) in enumerate(zip(model.lo, model.freqs)):
-        rows = model.row_table == c
+        rows = at == c
         t = tok[rows] - lo
         inside = (t >= 0) & (t < f.size)
         fv = np.where(inside, f[np.clip(t, 0, f.size - 1)], 0)
@@ -282,15 +374,15 @@ def _leb128(f: np.ndarray) -> bytes:
 
 
 def encode(values: np.ndarray, model: Model | None = None) -> bytes:
-    """The ``rans`` stream of ``values`` ([rows, cols] int8, int16 or int32), which decodes to their
-    little-endian bytes.
+    """The stream of ``values`` ([rows, cols] int8, int16 or int32), which decodes to their
+    little-endian bytes, in the model's encoding (:attr:`Model.encoding`).
 
     Parameters
     ----------
     values : numpy.ndarray
         Non-empty 2-D signed integer array; its itemsize is the decoded width.
     model : Model, optional
-        Tables and row classes (default: :func:`plan`'s choice).
+        Tables and row classes or contexts (default: :func:`plan`'s choice).
     """
     values = np.asarray(values)
     if values.ndim != 2 or values.size == 0 or values.dtype.kind != "i" or values.itemsize not in WIDTHS:
@@ -300,7 +392,11 @@ def encode(values: np.ndarray, model: Model | None = None) -> bytes:
     n = values.size
     tok, nb, extra = _tokens(values, model.e)
     tok, nb, extra = tok.reshape(-1), nb.reshape(-1), extra.reshape(-1)
-    cls = np.repeat(model.row_table.astype(np.int64), cols)
+    lanes = _lane_count(n)
+    if model.contexts:
+        cls = _context(tok, cols, -(-n // lanes), len(model.freqs))
+    else:
+        cls = np.repeat(model.row_table.astype(np.int64), cols)
     offsets = np.concatenate([[0], np.cumsum([f.size for f in model.freqs])])
     lo = np.asarray(model.lo, np.int64)
     flat_f = np.concatenate(model.freqs).astype(np.int64)
@@ -309,14 +405,13 @@ def encode(values: np.ndarray, model: Model | None = None) -> bytes:
     if np.any((tok < lo[cls]) | (j >= offsets[cls + 1])) or np.any(flat_f[j] == 0):
         raise ValueError("a value has no frequency in its row's table")
     F, C = flat_f[j], flat_c[j]
-    lanes = max(1, -(-n // SYMBOLS_PER_LANE))
-    steps = -(-n // lanes)
     x = np.full(lanes, LOW, np.int64)
     chunks = []
-    for t in range(steps - 1, -1, -1):
-        a = t * lanes
-        m = min(lanes, n - a)
-        f, c, xs = F[a:a + m], C[a:a + m], x[:m]
+    for t in range(-(-n // lanes) - 1, -1, -1):
+        at = _step(n, lanes, model.contexts, t)
+        f, c = F[at], C[at]
+        m = f.size
+        xs = x[:m]
         emit = xs >= (f << (32 - PRECISION))
         chunks.append((xs[emit] & 0xFFFF).astype("<u2"))
         xs = np.where(emit, xs >> 16, xs)
@@ -330,10 +425,11 @@ def encode(values: np.ndarray, model: Model | None = None) -> bytes:
     else:
         extra_bytes = b""
     n_tables = len(model.freqs)
-    parts = [_HEAD.pack(values.itemsize, model.e, n_tables, 0, cols, lanes, words.size, len(extra_bytes))]
+    parts = [_HEAD.pack(values.itemsize, model.e, n_tables, int(model.contexts), cols, lanes, words.size,
+                        len(extra_bytes))]
     for lo_t, f in zip(model.lo, model.freqs):
         parts += [_TABLE.pack(lo_t, f.size), _leb128(f)]
-    if n_tables > 1:
+    if n_tables > 1 and not model.contexts:
         parts.append(pack(model.row_table, _class_bits(n_tables)))
     parts += [x.astype("<u4").tobytes(), words.tobytes(), extra_bytes]
     return b"".join(parts)
@@ -388,6 +484,17 @@ def _kernel() -> Any:
                                                ty.Array(ty.int32, 1, "C"))])
 
 
+@functools.lru_cache(maxsize=None)
+def _context_kernel() -> Any:
+    from .kernels import compile_kernel
+    return compile_kernel("rans-context", _decode_context_lanes,
+                          lambda ty: [ty.int64(ty.Array(ty.uint32, 1, "C"), ty.Array(ty.uint16, 1, "C", readonly=True),
+                                               ty.int64, ty.int64, ty.Array(ty.int32, 1, "C", readonly=True),
+                                               ty.Array(ty.uint32, 1, "C", readonly=True),
+                                               ty.Array(ty.uint32, 1, "C", readonly=True),
+                                               ty.Array(ty.int32, 1, "C"))])
+
+
 def compiled() -> bool:
     """Whether large sections decode with the compiled kernel (compiling or loading it on first call)."""
     return _kernel() is not None
@@ -415,22 +522,57 @@ def _decode_lanes(x, words, table_at, lut_tok, lut_f, lut_bias, out):  # pragma:
     return ptr
 
 
+def _decode_context_lanes(x, words, cols, n_tables, lut_tok, lut_f, lut_bias, out):  # pragma: no cover - numba
+    """Compiled twin of :func:`_decode_contexts`; returns the words read, or -1 when the stream ends early."""
+    lanes = x.size
+    n = out.size
+    run = (n + lanes - 1) // lanes
+    ptr = 0
+    for t in range(run):
+        for lane in range(lanes):
+            i = lane * run + t
+            if i >= n:
+                break  # the lanes after it have no symbol at this step either
+            before = min(i % cols, t)
+            ctx = 0
+            if before >= 1:
+                ctx += min(abs(np.int64(out[i - 1])), n_tables)
+            if before >= 2:
+                ctx += min(abs(np.int64(out[i - 2])), n_tables)
+            s = x[lane]
+            idx = min(ctx, n_tables - 1) * TOTAL + (s & (TOTAL - 1))
+            out[i] = lut_tok[idx]
+            s = lut_f[idx] * (s >> PRECISION) + lut_bias[idx]
+            if s < LOW:
+                if ptr >= words.size:
+                    return -1
+                s = (s << 16) | words[ptr]
+                ptr += 1
+            x[lane] = s
+    return ptr
+
+
 # Below this, numpy's at most 2048 steps (~30 ms) cost less than loading numba (~1 s and ~80 MiB
 # the first time in a process): a small file, and the fuzzer's 4 MiB decode budget, never load it.
 _MIN_KERNEL_SYMBOLS = 1 << 18
 
 
-def decode(stored: np.ndarray | bytes, size: int) -> np.ndarray:
-    """Decode a ``rans`` stream to exactly ``size`` bytes (a new uint8 array).
+def decode(stored: np.ndarray | bytes, size: int, encoding: str | None = None) -> np.ndarray:
+    """Decode a stream to exactly ``size`` bytes (a new uint8 array). ``encoding``, a key of
+    :data:`ENCODINGS` (a section's declared one), must match the mode the stream carries; None
+    takes the stream's.
 
     Every count is checked against ``size`` and the stream's length before
     anything sized by it is allocated; AqmFormatError on any inconsistency.
     """
     buf = np.frombuffer(stored, np.uint8) if isinstance(stored, (bytes, bytearray, memoryview)) else stored
     cur = _Cursor(buf)
-    width, e, n_tables, zero, cols, lanes, n_words, n_extra = _HEAD.unpack(cur.take(_HEAD.size, "the header").tobytes())
-    if width not in WIDTHS or e > MAX_EXP or not 1 <= n_tables <= MAX_TABLES or zero:
-        raise _fail(f"width {width}, exponent {e}, {n_tables} tables or reserved byte {zero} out of range")
+    width, e, n_tables, mode, cols, lanes, n_words, n_extra = _HEAD.unpack(cur.take(_HEAD.size, "the header").tobytes())
+    modes = ENCODINGS.values() if encoding is None else [ENCODINGS[encoding]]
+    if width not in WIDTHS or e > MAX_EXP or not 1 <= n_tables <= MAX_TABLES or mode not in modes:
+        raise _fail(f"width {width}, exponent {e}, {n_tables} tables or mode {mode} out of range"
+                    + (f" for {encoding}" if encoding else ""))
+    contexts = mode == ENCODINGS["rans-context"]
     n = size // width
     if size % width or n == 0 or cols == 0 or n % cols:
         raise _fail(f"{size} bytes are not rows of {cols} integers of {width} bytes")
@@ -441,7 +583,7 @@ def decode(stored: np.ndarray | bytes, size: int) -> np.ndarray:
     bound = E + 32 - e
     tables = [_read_table(cur, bound) for _ in range(n_tables)]
     row_table = np.zeros(rows, np.int64)
-    if n_tables > 1:
+    if n_tables > 1 and not contexts:
         b = _class_bits(n_tables)
         row_table = unpack(cur.take(packed_size(rows, b), "the row tables"), rows, b).astype(np.int64)
         if int(row_table.max()) >= n_tables:
@@ -464,9 +606,17 @@ def decode(stored: np.ndarray | bytes, size: int) -> np.ndarray:
         lut_tok[sl] = lo + sym
         lut_f[sl] = f[sym]
         lut_bias[sl] = np.arange(TOTAL) - cum[sym]
-    table_at = np.repeat((row_table * TOTAL).astype(np.uint16), cols) if n_tables > 1 else None
     tok = np.empty(n, np.int32)
-    kernel = _kernel_for(n)
+    if contexts:
+        kernel = _kernel_for(n, _context_kernel)
+        if kernel is None:
+            read = _decode_contexts(x, words, cols, n_tables, lut_tok, lut_f, lut_bias, tok)
+        elif (read := kernel(x, np.ascontiguousarray(words, np.uint16), cols, n_tables, lut_tok, lut_f, lut_bias,
+                             tok)) < 0:
+            raise _fail("the words end before the symbols")
+        return _finish(read, n_words, x, tok, e, extra, width)
+    table_at = np.repeat((row_table * TOTAL).astype(np.uint16), cols) if n_tables > 1 else None
+    kernel = _kernel_for(n, _kernel)
     if kernel is not None:
         at = table_at if table_at is not None else np.zeros(n, np.uint16)
         read = kernel(x, np.ascontiguousarray(words, np.uint16), at, lut_tok, lut_f, lut_bias, tok)
@@ -474,16 +624,23 @@ def decode(stored: np.ndarray | bytes, size: int) -> np.ndarray:
             raise _fail("the words end before the symbols")
     else:
         read = _decode_numpy(x, words, table_at, lut_tok, lut_f, lut_bias, tok)
+    return _finish(read, n_words, x, tok, e, extra, width)
+
+
+def _finish(read: int, n_words: int, x: np.ndarray, tok: np.ndarray, e: int, extra: np.ndarray,
+            width: int) -> np.ndarray:
+    """The decoded bytes, once the stream is checked to end where its encoder started."""
     if read != n_words or np.any(x != LOW):
         raise _fail("the stream does not end where its encoder started (corrupted or truncated)")
     return _values(tok, e, extra, width).view(np.uint8)
 
 
-def _kernel_for(n: int) -> Any:
-    """The compiled kernel for a section of ``n`` symbols, or None to decode in numpy: large sections
-    load it; once it is loaded in the process (a large section, :func:`compiled`), smaller ones use it too."""
-    if n >= _MIN_KERNEL_SYMBOLS or (n >= 1 << 10 and _kernel.cache_info().currsize):
-        return _kernel()
+def _kernel_for(n: int, factory: Any) -> Any:
+    """The compiled kernel ``factory()`` for a section of ``n`` symbols, or None to decode in numpy:
+    large sections load it; once it is loaded in the process (a large section, :func:`compiled`),
+    smaller ones use it too."""
+    if n >= _MIN_KERNEL_SYMBOLS or (n >= 1 << 10 and factory.cache_info().currsize):
+        return factory()
     return None
 
 
@@ -502,6 +659,41 @@ def _decode_numpy(x: np.ndarray, words: np.ndarray, table_at: np.ndarray | None,
         if table_at is not None:
             idx += table_at[a:a + m]
         out[a:a + m] = lut_tok[idx]
+        s = f64[idx] * (s >> PRECISION) + bias64[idx]
+        need = s < LOW
+        k = int(np.count_nonzero(need))
+        if k:
+            if ptr + k > words.size:
+                raise _fail("the words end before the symbols")
+            s[need] = (s[need] << 16) | words[ptr:ptr + k]
+            ptr += k
+        state[:m] = s
+    x[:] = state
+    return ptr
+
+
+def _decode_contexts(x: np.ndarray, words: np.ndarray, cols: int, n_tables: int, lut_tok: np.ndarray,
+                     lut_f: np.ndarray, lut_bias: np.ndarray, out: np.ndarray) -> int:
+    """Decode ``out.size`` tokens of ``rans-context``, one step of every lane at a time (each lane a run
+    of consecutive symbols, so the tokens a context reads were decoded at earlier steps); returns the
+    words read."""
+    lanes, n = x.size, out.size
+    run = -(-n // lanes)
+    state = x.astype(np.int64)
+    words = words.astype(np.int64)
+    f64, bias64 = lut_f.astype(np.int64), lut_bias.astype(np.int64)
+    ptr = 0
+    for t in range(run):
+        at = _step(n, lanes, True, t)
+        m = at.size
+        inside = np.minimum(at % cols, t)
+        ctx = np.zeros(m, np.int64)
+        for back in (1, 2):
+            seen = np.minimum(np.abs(out[np.maximum(at - back, 0)].astype(np.int64)), n_tables)
+            ctx += np.where(inside >= back, seen, 0)
+        s = state[:m]
+        idx = np.minimum(ctx, n_tables - 1) * TOTAL + (s & (TOTAL - 1))
+        out[at] = lut_tok[idx]
         s = f64[idx] * (s >> PRECISION) + bias64[idx]
         need = s < LOW
         k = int(np.count_nonzero(need))

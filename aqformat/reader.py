@@ -197,7 +197,7 @@ class AqmFile:
 
     def _section_need(self, index: int) -> int:
         s = self._h.sections[index]
-        if s.encoding == "rans":
+        if s.encoding in rans.ENCODINGS:
             return s.size + s.length + rans.work_bound(s.size)
         return s.size + (s.length if s.encoding != "raw" else 0)
 
@@ -375,9 +375,9 @@ class AqmFile:
             return stored
         if s.encoding not in ENCODINGS:
             raise AqmUnsupportedError(f"section {index} uses encoding {s.encoding!r}, unknown to this reader")
-        if s.encoding == "rans":
+        if s.encoding in rans.ENCODINGS:
             try:
-                return rans.decode(stored, s.size)
+                return rans.decode(stored, s.size, s.encoding)
             except AqmFormatError as e:
                 raise AqmFormatError(f"section {index}: {e}") from None
         data = memoryview(stored)

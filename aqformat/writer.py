@@ -104,9 +104,9 @@ class Writer:
 
     def _section(self, data: bytes | np.ndarray, compress: bool = False,
                  size_limit: Callable[[int], int] | None = None, integers: np.ndarray | None = None) -> int:
-        """Encode ``data`` (zstd if asked, smaller, and within ``size_limit(stored bytes)``; ``rans``
-        too when ``integers``, the same bytes as a 2-D signed integer array, is given, and the smallest
-        wins), append it, return its index."""
+        """Encode ``data`` (zstd if asked, smaller, and within ``size_limit(stored bytes)``; ``rans`` or
+        ``rans-context`` too when ``integers``, the same bytes as a 2-D signed integer array, is given,
+        and the smallest wins), append it, return its index."""
         if isinstance(data, np.ndarray):
             data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         raw = memoryview(data)
@@ -117,9 +117,10 @@ class Writer:
             if len(z) < raw.nbytes and (size_limit is None or raw.nbytes <= size_limit(len(z))):
                 stored, encoding = z, "zstd"
         if integers is not None and integers.size:
-            r = rans.encode(integers)
+            model = rans.plan(integers)
+            r = rans.encode(integers, model)
             if len(r) < len(stored) and raw.nbytes <= max(1 << 20, len(r) * rans.MAX_RATIO):
-                stored, encoding = r, "rans"
+                stored, encoding = r, model.encoding
         return self._append(stored, raw.nbytes, encoding, zlib.crc32(stored))
 
     def _append(self, stored: bytes | memoryview, size: int, encoding: str, crc: int) -> int:

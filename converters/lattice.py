@@ -69,7 +69,7 @@ def rdoq_indices(x: np.ndarray, lam: float, rounds: int = 2) -> np.ndarray:
         return q.astype(np.int64)
     lo = np.floor(x)
     for _ in range(rounds):
-        model = rans.plan(q.astype(np.int64))
+        model = rans.plan(q.astype(np.int64), contexts=False)  # a cost per index independent of its neighbours
         # an index its row's table lacks costs a little more than the rarest one it has
         j_lo = (x - lo) ** 2 + lam * rans.code_lengths(lo.astype(np.int64), model, absent=rans.PRECISION + 1)
         j_hi = (x - lo - 1) ** 2 + lam * rans.code_lengths(lo.astype(np.int64) + 1, model, absent=rans.PRECISION + 1)

@@ -154,6 +154,33 @@ def uniform(w: aqformat.Writer, rng: np.random.Generator) -> None:
         entropy=("data",), compress=("step",))
 
 
+def rans_context(w: aqformat.Writer, rng: np.random.Generator) -> None:
+    """Section encoding ``rans-context`` (format 1.5): rows whose magnitude comes in runs (quiet and
+    loud stretches, where a neighbour context pays), widths 1, 2 and 4, escapes, several lanes whose
+    runs start inside rows, a uniform tensor."""
+    from aqformat.codecs.uniform import NAME, fields
+
+    def sines(rows, cols, amp):
+        loud = np.sin(rng.uniform(0, 2 * np.pi, (rows, 1)) + np.arange(cols) * rng.uniform(0.1, 0.4, (rows, 1))) > 0
+        return np.rint(rng.laplace(0, np.where(loud, amp, 0.15)))
+    w.add_lattice("ctx.int8", (32, 60), sines(32, 60, 20).clip(-127, 127), rng.uniform(0.01, 0.1, 32), seed=17,
+                  entropy=True)
+    q = sines(30, 64, 200)
+    far = rng.random(q.shape) < 0.02
+    q[far] = rng.integers(-30000, 30000, size=int(far.sum()))
+    w.add_lattice("ctx.escapes", (30, 64), q, rng.uniform(1e-4, 1e-3, 30), seed=2**63 + 9, entropy=True)
+    q = sines(16, 120, 9).astype(np.int64)
+    q[:6, ::40] = [[-2**31], [2**31 - 1], [70000], [-3], [2**20], [0]]
+    w.add_lattice("ctx.int32", (16, 120), q, rng.uniform(1e-9, 1e-8, 16), seed=13, entropy=True)
+    # values a bit-length escape would code badly: a direct range
+    q = rng.choice([-6, -5, 5, 6], size=(8, 300)) * (np.abs(sines(8, 300, 9)) > 1)
+    w.add_lattice("ctx.direct", (8, 300), q, rng.uniform(0.01, 0.1, 8), seed=23, entropy=True)
+    # 5120 indices: three lanes of runs 1707, 1707 and 1706, each starting inside a row of 128
+    w.add_lattice("ctx.lanes", (40, 128), sines(40, 128, 12), rng.uniform(0.01, 0.1, 40), seed=19, entropy=True)
+    w.add_encoded("ctx.uniform", NAME, (24, 50), fields("ctx.uniform", (24, 50), sines(24, 50, 6),
+                                                        rng.uniform(0.01, 0.1, 24)), entropy=("data",))
+
+
 def zstd_graph(w: aqformat.Writer, rng: np.random.Generator) -> None:
     w.add_tensor("zeros", np.zeros((64, 64), dtype=np.float32), compress=True)
     w.add_tensor("ramp", np.arange(1000, dtype=np.int64) % 7, compress=True)
@@ -180,7 +207,7 @@ def empty(w: aqformat.Writer, rng: np.random.Generator) -> None:
 
 VECTORS = {f.__name__: f for f in (raw_dtypes, aq_8bit_shared, aq_3bit_perm, aq_7bit_conv,
                                    aq_12bit_bf16, aq_1bit_16bit, lattice, zstd_graph, empty, affine, lattice_rans,
-                                   half, uniform)}
+                                   half, uniform, rans_context)}
 
 
 def digest(path: str) -> dict:

@@ -21,14 +21,15 @@ NP = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "float64": "<f8", "
 def _section(buf: bytes, s: dict) -> bytes:
     data = buf[s["offset"]: s["offset"] + s["length"]]
     assert zlib.crc32(data) == s["crc32"]
-    if s["encoding"] == "rans":
-        return _rans(data, s["size"])
+    if s["encoding"] in ("rans", "rans-context"):
+        return _rans(data, s["size"], s["encoding"])
     return zstandard.ZstdDecompressor().decompress(data) if s["encoding"] == "zstd" else data
 
 
-def _rans(data: bytes, size: int) -> bytes:
-    """Section encoding ``rans`` (spec 4.5), one symbol at a time."""
-    w, e, T, _, cols, lanes, n_words, n_extra = struct.unpack_from("<BBBBIIII", data)
+def _rans(data: bytes, size: int, encoding: str) -> bytes:
+    """Section encodings ``rans`` and ``rans-context`` (spec 4.5), one symbol at a time."""
+    w, e, T, mode, cols, lanes, n_words, n_extra = struct.unpack_from("<BBBBIIII", data)
+    assert mode == {"rans": 0, "rans-context": 1}[encoding]
     pos, E = 20, 2**e - 1
     tables = []
     for _ in range(T):
@@ -48,7 +49,7 @@ def _rans(data: bytes, size: int) -> bytes:
     n = size // w
     rows = n // cols
     row_table = [0] * rows
-    if T > 1:
+    if T > 1 and mode == 0:
         b = (T - 1).bit_length()
         nbytes = -(-rows * b // 8)
         bits = np.unpackbits(np.frombuffer(data[pos: pos + nbytes], np.uint8), bitorder="little")
@@ -60,18 +61,30 @@ def _rans(data: bytes, size: int) -> bytes:
     pos += 2 * n_words
     extra = np.unpackbits(np.frombuffer(data[pos: pos + n_extra], np.uint8), bitorder="little")
     assert pos + n_extra == len(data)
-    nxt = bitpos = 0
-    out = []
-    for i in range(n):
-        lo, f, c = tables[row_table[i // cols]]
-        lane = i % lanes
+    if mode == 0:
+        order = [(i, i % lanes) for i in range(n)]
+    else:  # rans-context: lane l holds symbols l*run .. l*run + run - 1, decoded a step of every lane at a time
+        run = -(-n // lanes)
+        order = [(lane * run + t, lane) for t in range(run) for lane in range(lanes) if lane * run + t < n]
+    tok = [0] * n
+    nxt = 0
+    for i, lane in order:
+        if mode == 0:
+            lo, f, c = tables[row_table[i // cols]]
+        else:
+            before = min(i % cols, i % run)
+            ctx = sum(abs(tok[i - b]) for b in (1, 2) if before >= b)
+            lo, f, c = tables[min(ctx, T - 1)]
         s = x[lane] % 4096
         j = next(j for j in range(len(f)) if c[j] <= s < c[j] + f[j])
-        t = lo + j
+        tok[i] = lo + j
         x[lane] = f[j] * (x[lane] // 4096) + s - c[j]
         if x[lane] < 65536:
             x[lane] = x[lane] * 65536 + words[nxt]
             nxt += 1
+    bitpos = 0
+    out = []
+    for t in tok:  # escapes take their bits in the order of i
         if abs(t) > E:
             k = abs(t) - E + e
             m = sum(int(extra[bitpos + q]) << q for q in range(k - 1))

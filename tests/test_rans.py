@@ -14,7 +14,7 @@ from tests.test_fuzz import check
 
 
 def _numpy_only(monkeypatch):
-    monkeypatch.setattr(rans, "_kernel_for", lambda n: None)
+    monkeypatch.setattr(rans, "_kernel_for", lambda n, factory: None)
 
 
 def _laplace_rows(rows=64, cols=900, seed=0, dtype=np.int16):
@@ -140,7 +140,7 @@ def _patch(offset, fmt, value):
 
 @pytest.mark.parametrize("edit,match", [
     (_patch(0, "<B", 3), "width"), (_patch(1, "<B", 15), "exponent"), (_patch(2, "<B", 0), "tables"),
-    (_patch(2, "<B", 17), "tables"), (_patch(3, "<B", 1), "reserved"), (_patch(4, "<I", 0), "rows of"),
+    (_patch(2, "<B", 17), "tables"), (_patch(3, "<B", 2), "mode 2 out of range"), (_patch(4, "<I", 0), "rows of"),
     (_patch(4, "<I", 701), "rows of"), (_patch(8, "<I", 0), "lanes"), (_patch(8, "<I", 10 ** 6), "lanes"),
     (_patch(12, "<I", 2 ** 31), "past the end"), (_patch(16, "<I", 0), "escape|follow|end"),
     (_patch(20, "<h", -20000), "outside the tokens"), (_patch(22, "<H", 1), "outside the tokens"),

@@ -48,8 +48,9 @@ def test_vector_matches_independent_spec_decoder(name):
 
 def test_vectors_say_the_lowest_minor_version_that_describes_them():
     """A file is written with the lowest minor version describing its codecs and section encodings
-    (spec, "Version rules"): affine needs 1.1, rans sections 1.2, half 1.3, uniform 1.4, the rest 1.0."""
-    minor = {"affine": 1, "lattice_rans": 2, "half": 3, "uniform": 4}
+    (spec, "Version rules"): affine needs 1.1, rans sections 1.2, half 1.3, uniform 1.4, rans-context
+    sections 1.5, the rest 1.0."""
+    minor = {"affine": 1, "lattice_rans": 2, "half": 3, "uniform": 4, "rans_context": 5}
     for name in MANIFEST:
         with open(os.path.join(VEC, f"{name}.aqm"), "rb") as fh:
             assert fh.read(12)[8:12] == bytes([1, 0, minor.get(name, 0), 0]), name
@@ -68,6 +69,20 @@ def test_rans_vector_covers_its_encoding():
             seen |= {f"w{width}", "several tables" if tables > 1 else "one table", "escapes" if extra else "",
                      "direct" if e else "", "lanes" if lanes > 1 else ""}
     assert seen >= {"w1", "w2", "w4", "several tables", "one table", "escapes", "direct", "lanes"}
+
+
+def test_rans_context_vector_covers_its_encoding():
+    """Every tensor of rans_context.aqm is rans-context-coded, with every width, escapes, a direct
+    range and several lanes."""
+    seen = set()
+    with aqformat.open(os.path.join(VEC, "rans_context.aqm")) as f:
+        for t in f.tensors():
+            sec, stored = f.stored_section(f.record(t.name).fields["data"])
+            assert sec.encoding == "rans-context" and stored[3] == 1, t.name
+            width, e = stored[0], stored[1]
+            lanes, extra = (int(x) for x in stored[8:20].view("<u4")[[0, 2]])
+            seen |= {f"w{width}", "escapes" if extra else "", "direct" if e else "", "lanes" if lanes > 1 else ""}
+    assert seen >= {"w1", "w2", "w4", "escapes", "direct", "lanes"}
 
 
 def test_code_widths_covered():
