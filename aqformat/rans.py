@@ -481,7 +481,7 @@ def _kernel() -> Any:
                                                ty.Array(ty.int32, 1, "C", readonly=True),
                                                ty.Array(ty.uint32, 1, "C", readonly=True),
                                                ty.Array(ty.uint32, 1, "C", readonly=True),
-                                               ty.Array(ty.int32, 1, "C"))])
+                                               ty.Array(ty.int32, 1, "C"))], helpers=(_symbol,))
 
 
 @functools.lru_cache(maxsize=None)
@@ -492,7 +492,7 @@ def _context_kernel() -> Any:
                                                ty.int64, ty.int64, ty.Array(ty.int32, 1, "C", readonly=True),
                                                ty.Array(ty.uint32, 1, "C", readonly=True),
                                                ty.Array(ty.uint32, 1, "C", readonly=True),
-                                               ty.Array(ty.int32, 1, "C"))])
+                                               ty.Array(ty.int32, 1, "C"))], helpers=(_symbol,))
 
 
 def compiled() -> bool:
@@ -500,30 +500,39 @@ def compiled() -> bool:
     return _kernel() is not None
 
 
+def _symbol(x, lane, offset, words, ptr, lut_tok, lut_f, lut_bias, out, i):  # pragma: no cover - numba inlines it
+    """Decode symbol ``i`` from lane ``lane`` with the table at ``offset`` (table times TOTAL): the
+    words read after it, or -1 when the stream ends early."""
+    s = x[lane]
+    idx = offset + (s & (TOTAL - 1))
+    out[i] = lut_tok[idx]
+    s = lut_f[idx] * (s >> PRECISION) + lut_bias[idx]
+    if s < LOW:
+        if ptr >= words.size:
+            return -1
+        s = (s << 16) | words[ptr]
+        ptr += 1
+    x[lane] = s
+    return ptr
+
+
 def _decode_lanes(x, words, table_at, lut_tok, lut_f, lut_bias, out):  # pragma: no cover - compiled by numba
-    """Compiled twin of the numpy loop in :func:`decode`; returns the words read, or -1 when the
-    stream ends early."""
+    """Compiled twin of :func:`_decode_numpy` with :func:`_row_tables`; returns the words read, or -1
+    when the stream ends early."""
     lanes = x.size
     n = out.size
     ptr = 0
     for a in range(0, n, lanes):
-        m = min(lanes, n - a)
-        for lane in range(m):
-            s = x[lane]
-            idx = np.int64(table_at[a + lane]) + (s & (TOTAL - 1))
-            out[a + lane] = lut_tok[idx]
-            s = lut_f[idx] * (s >> PRECISION) + lut_bias[idx]
-            if s < LOW:
-                if ptr >= words.size:
-                    return -1
-                s = (s << 16) | words[ptr]
-                ptr += 1
-            x[lane] = s
+        for lane in range(min(lanes, n - a)):
+            ptr = _symbol(x, lane, np.int64(table_at[a + lane]), words, ptr, lut_tok, lut_f, lut_bias, out, a + lane)
+            if ptr < 0:
+                return -1
     return ptr
 
 
 def _decode_context_lanes(x, words, cols, n_tables, lut_tok, lut_f, lut_bias, out):  # pragma: no cover - numba
-    """Compiled twin of :func:`_decode_contexts`; returns the words read, or -1 when the stream ends early."""
+    """Compiled twin of :func:`_decode_numpy` with :func:`_context_tables`; returns the words read, or
+    -1 when the stream ends early."""
     lanes = x.size
     n = out.size
     run = (n + lanes - 1) // lanes
@@ -539,16 +548,9 @@ def _decode_context_lanes(x, words, cols, n_tables, lut_tok, lut_f, lut_bias, ou
                 ctx += min(abs(np.int64(out[i - 1])), n_tables)
             if before >= 2:
                 ctx += min(abs(np.int64(out[i - 2])), n_tables)
-            s = x[lane]
-            idx = min(ctx, n_tables - 1) * TOTAL + (s & (TOTAL - 1))
-            out[i] = lut_tok[idx]
-            s = lut_f[idx] * (s >> PRECISION) + lut_bias[idx]
-            if s < LOW:
-                if ptr >= words.size:
-                    return -1
-                s = (s << 16) | words[ptr]
-                ptr += 1
-            x[lane] = s
+            ptr = _symbol(x, lane, min(ctx, n_tables - 1) * TOTAL, words, ptr, lut_tok, lut_f, lut_bias, out, i)
+            if ptr < 0:
+                return -1
     return ptr
 
 
@@ -610,7 +612,8 @@ def decode(stored: np.ndarray | bytes, size: int, encoding: str | None = None) -
     if contexts:
         kernel = _kernel_for(n, _context_kernel)
         if kernel is None:
-            read = _decode_contexts(x, words, cols, n_tables, lut_tok, lut_f, lut_bias, tok)
+            read = _decode_numpy(x, words, lut_tok, lut_f, lut_bias, tok,
+                                 _context_tables(n, lanes, cols, n_tables, tok))
         elif (read := kernel(x, np.ascontiguousarray(words, np.uint16), cols, n_tables, lut_tok, lut_f, lut_bias,
                              tok)) < 0:
             raise _fail("the words end before the symbols")
@@ -623,7 +626,7 @@ def decode(stored: np.ndarray | bytes, size: int, encoding: str | None = None) -
         if read < 0:
             raise _fail("the words end before the symbols")
     else:
-        read = _decode_numpy(x, words, table_at, lut_tok, lut_f, lut_bias, tok)
+        read = _decode_numpy(x, words, lut_tok, lut_f, lut_bias, tok, _row_tables(n, lanes, table_at))
     return _finish(read, n_words, x, tok, e, extra, width)
 
 
@@ -644,55 +647,19 @@ def _kernel_for(n: int, factory: Any) -> Any:
     return None
 
 
-def _decode_numpy(x: np.ndarray, words: np.ndarray, table_at: np.ndarray | None, lut_tok: np.ndarray,
-                  lut_f: np.ndarray, lut_bias: np.ndarray, out: np.ndarray) -> int:
-    """Decode ``out.size`` tokens, one step of every lane at a time; returns the words read."""
-    lanes, n = x.size, out.size
+def _decode_numpy(x: np.ndarray, words: np.ndarray, lut_tok: np.ndarray, lut_f: np.ndarray,
+                  lut_bias: np.ndarray, out: np.ndarray, tables: Any) -> int:
+    """Decode ``out.size`` tokens, one step of every lane at a time; ``tables(t)`` gives the
+    positions decoded at step ``t`` (lane by lane), their count and each one's table offset (table
+    times TOTAL). Returns the words read."""
     state = x.astype(np.int64)
     words = words.astype(np.int64)
     f64, bias64 = lut_f.astype(np.int64), lut_bias.astype(np.int64)
     ptr = 0
-    for a in range(0, n, lanes):
-        m = min(lanes, n - a)
+    for t in range(-(-out.size // x.size)):
+        at, m, offset = tables(t)
         s = state[:m]
-        idx = s & (TOTAL - 1)
-        if table_at is not None:
-            idx += table_at[a:a + m]
-        out[a:a + m] = lut_tok[idx]
-        s = f64[idx] * (s >> PRECISION) + bias64[idx]
-        need = s < LOW
-        k = int(np.count_nonzero(need))
-        if k:
-            if ptr + k > words.size:
-                raise _fail("the words end before the symbols")
-            s[need] = (s[need] << 16) | words[ptr:ptr + k]
-            ptr += k
-        state[:m] = s
-    x[:] = state
-    return ptr
-
-
-def _decode_contexts(x: np.ndarray, words: np.ndarray, cols: int, n_tables: int, lut_tok: np.ndarray,
-                     lut_f: np.ndarray, lut_bias: np.ndarray, out: np.ndarray) -> int:
-    """Decode ``out.size`` tokens of ``rans-context``, one step of every lane at a time (each lane a run
-    of consecutive symbols, so the tokens a context reads were decoded at earlier steps); returns the
-    words read."""
-    lanes, n = x.size, out.size
-    run = -(-n // lanes)
-    state = x.astype(np.int64)
-    words = words.astype(np.int64)
-    f64, bias64 = lut_f.astype(np.int64), lut_bias.astype(np.int64)
-    ptr = 0
-    for t in range(run):
-        at = _step(n, lanes, True, t)
-        m = at.size
-        inside = np.minimum(at % cols, t)
-        ctx = np.zeros(m, np.int64)
-        for back in (1, 2):
-            seen = np.minimum(np.abs(out[np.maximum(at - back, 0)].astype(np.int64)), n_tables)
-            ctx += np.where(inside >= back, seen, 0)
-        s = state[:m]
-        idx = np.minimum(ctx, n_tables - 1) * TOTAL + (s & (TOTAL - 1))
+        idx = (s & (TOTAL - 1)) + offset
         out[at] = lut_tok[idx]
         s = f64[idx] * (s >> PRECISION) + bias64[idx]
         need = s < LOW
@@ -705,6 +672,28 @@ def _decode_contexts(x: np.ndarray, words: np.ndarray, cols: int, n_tables: int,
         state[:m] = s
     x[:] = state
     return ptr
+
+
+def _row_tables(n: int, lanes: int, table_at: np.ndarray | None) -> Any:
+    """:func:`_decode_numpy`'s ``tables`` for ``rans``: consecutive symbols, each its row's table."""
+    def at(t: int) -> tuple[slice, int, Any]:
+        sl = _step(n, lanes, False, t)
+        return sl, sl.stop - sl.start, 0 if table_at is None else table_at[sl]
+    return at
+
+
+def _context_tables(n: int, lanes: int, cols: int, n_tables: int, out: np.ndarray) -> Any:
+    """:func:`_decode_numpy`'s ``tables`` for ``rans-context``: the ``t``-th symbol of each lane's
+    run, each with the table of the two tokens before it in its row and run (decoded at earlier steps)."""
+    def at(t: int) -> tuple[np.ndarray, int, np.ndarray]:
+        pos = _step(n, lanes, True, t)
+        inside = np.minimum(pos % cols, t)
+        ctx = np.zeros(pos.size, np.int64)
+        for back in (1, 2):
+            seen = np.minimum(np.abs(out[np.maximum(pos - back, 0)].astype(np.int64)), n_tables)
+            ctx += np.where(inside >= back, seen, 0)
+        return pos, pos.size, np.minimum(ctx, n_tables - 1) * TOTAL
+    return at
 
 
 def _values(tok: np.ndarray, e: int, extra: np.ndarray, width: int) -> np.ndarray:

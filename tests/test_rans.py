@@ -1,4 +1,5 @@
-"""Section encoding ``rans`` (format 1.2): round trips, rate, bounds checks, version rules, budget, fuzzing."""
+"""Section encoding ``rans`` (format 1.2): round trips, rate, bounds checks, version rules, budget, fuzzing
+(the file-level checks also for ``rans-context``, format 1.5)."""
 import struct
 
 import numpy as np
@@ -79,17 +80,28 @@ def test_writer_keeps_the_smallest_and_records_format_1_2(tmp_path):
     assert (tmp_path / "b.aqm").read_bytes()[8:12] == bytes([1, 0, 0, 0])
 
 
-def _file(tmp_path):
-    if not _FILE:
-        v = _laplace_rows(rows=8, cols=600, dtype=np.int64)
+def _bursts(rows: int, cols: int, seed: int = 0, loud: float = 4.0, dtype=np.int16) -> np.ndarray:
+    """Rows of quiet and loud stretches: the magnitude of a weight predicts its neighbour's (what
+    ``rans-context`` codes better than tables per row)."""
+    rng = np.random.default_rng(seed)
+    on = np.sin(rng.uniform(0, 2 * np.pi, (rows, 1)) + np.arange(cols) * rng.uniform(0.05, 0.3, (rows, 1))) > 0
+    return np.rint(rng.laplace(0, np.where(on, loud, 0.2))).astype(dtype)
+
+
+def _file(tmp_path, encoding="rans"):
+    """A file of one lattice tensor ``t`` whose indices the writer codes with ``encoding``."""
+    if encoding not in _FILES:
+        v = (_laplace_rows if encoding == "rans" else _bursts)(8, 600, dtype=np.int64)
         with aqformat.Writer(tmp_path / "first.aqm") as w:
             w.add_lattice("t", (8, 600), v, np.full(8, 0.01), seed=2, entropy=True)
-        _FILE.append((tmp_path / "first.aqm").read_bytes())
-    (tmp_path / "ok.aqm").write_bytes(_FILE[0])
-    return _FILE[0]
+        _FILES[encoding] = (tmp_path / "first.aqm").read_bytes()
+        with aqformat.open(tmp_path / "first.aqm") as f:
+            assert f.section(f.record("t").fields["data"]).encoding == encoding
+    (tmp_path / "ok.aqm").write_bytes(_FILES[encoding])
+    return _FILES[encoding]
 
 
-_FILE: list[bytes] = []  # written once: encoding is what the mutants test is not about
+_FILES: dict[str, bytes] = {}  # written once: encoding is what the mutants test is not about
 
 
 def test_an_older_reader_lists_the_tensor_and_refuses_it_clearly(tmp_path, monkeypatch):
@@ -111,12 +123,15 @@ def test_budget_counts_the_decoder_and_bombs_are_refused_at_open(tmp_path):
     with aqformat.open(tmp_path / "ok.aqm", decode_budget=need - 1) as f:
         with pytest.raises(AqmBudgetError, match="tensor 't' needs"):
             f.read("t")
-    doc, blobs = split(data)
-    stream = blobs[0].data
-    blobs[0] = Blob(stream[:40], "rans", (1 << 17) * 40 + (1 << 20))
+
+
+@pytest.mark.parametrize("encoding,minor", [("rans", 2), ("rans-context", 5)])
+def test_bombs_are_refused_at_open(tmp_path, encoding, minor):
+    doc, blobs = split(_file(tmp_path, encoding))
+    blobs[0] = Blob(blobs[0].data[:40], encoding, (1 << 17) * 40 + (1 << 20))
     doc["tensors"][0]["shape"] = [1, blobs[0].size]
     with pytest.raises(AqmFormatError, match="decompression bomb"):
-        aqformat.open(_write(tmp_path, build(doc, blobs, minor=2)))
+        aqformat.open(_write(tmp_path, build(doc, blobs, minor=minor)))
 
 
 def _write(tmp_path, data):
@@ -184,8 +199,9 @@ def test_reader_names_the_section(tmp_path):
             f.read("t")
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, database=None,
+@pytest.mark.parametrize("encoding", ["rans", "rans-context"])
+@settings(max_examples=250, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(rng=st.randoms(use_true_random=False))
-def test_mutants_of_a_rans_file_fail_cleanly(tmp_path, rng):
-    check(tmp_path, mutant(rng, _file(tmp_path)))
+def test_mutants_of_a_rans_file_fail_cleanly(tmp_path, encoding, rng):
+    check(tmp_path, mutant(rng, _file(tmp_path, encoding)))
