@@ -25,11 +25,14 @@ rans compiled (numba), as ratios to zstd in the same run. Then rate-distortion
 optimised quantization (:func:`aqformat.converters.lattice.rdoq`): the
 weight SQNR at the rate RDOQ reaches, against plain rounding interpolated to
 that rate on its own curve (steps swept), so the gain is at equal rate.
-Last, the coders alone against NNCodec's (EfficientNet, silero-vad): both at
-one global step, the lattice's bits at each NNCodec file's weight SQNR
-(:func:`nncodec_gap`).
+Last, the coders alone against NNCodec's (EfficientNet, silero-vad): all at
+one global step, each one's bits at each NNCodec file's weight SQNR
+(:func:`nncodec_gap`): the lattice and uniform codecs as files hold them, and
+ideal code lengths of rounding and of trellis (dependent) quantization,
+order-0 and with neighbour contexts, which split NNCodec's lead between its
+two tools.
 
-Usage: nice python -m bench.entropy_bench [--quick] [--models effnet,silero,minilm]
+Usage: nice python -m bench.entropy_bench [--quick | --gap-only] [--models effnet,silero,minilm]
        [--out bench/results/entropy.json]
 """
 from __future__ import annotations
@@ -191,30 +194,122 @@ def rdoq_gains(mats: dict[str, np.ndarray], bits_list: list[float], lams: list[f
     return out
 
 
+#: The 4-state machine of dependent quantization (MPEG NNR, VVC): next state by the parity of the
+#: index just coded; states 0 and 1 reconstruct on even multiples of the half step, 2 and 3 on odd ones.
+TRELLIS_NEXT = np.array([[0, 2], [2, 0], [1, 3], [3, 1]], np.int64)
+
+
+def _trellis_levels(k: np.ndarray, odd: np.ndarray | bool) -> np.ndarray:
+    """Reconstruction of index ``k`` in half steps: ``2k`` on the even quantizer, ``2k - sgn(k)`` on the odd."""
+    return np.where(odd, 2 * k - np.sign(k), 2 * k)
+
+
+def trellis_quantize(W: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """Dependent (trellis-coded) quantization of each row of ``W`` at ``step``: the indices of least
+    squared error through the 4-state machine (Viterbi, every row at once, a loop over columns) and
+    the weights they decode to. An experiment for the coder gap: no codec of the format decodes it."""
+    R, C = W.shape
+    x = W.astype(np.float64) / (step / 2)
+    cost = np.full((R, 4), np.inf)
+    cost[:, 0] = 0.0
+    came, took = np.zeros((C, R, 4), np.int8), np.zeros((C, R, 4), np.int64)
+    rows, near = np.arange(R), np.arange(-2, 3)
+    for j in range(C):
+        k = np.rint(x[:, j] / 2).astype(np.int64)[:, None] + near  # candidates around the even quantizer's
+        arc = {}
+        for odd in (0, 1):
+            err = (x[:, j, None] - _trellis_levels(k, bool(odd))) ** 2
+            for parity in (0, 1):
+                e = np.where((k & 1) == parity, err, np.inf)
+                i = np.argmin(e, axis=1)
+                arc[odd, parity] = e[rows, i], k[rows, i]
+        new = np.full((R, 4), np.inf)
+        for state in range(4):
+            for parity in (0, 1):
+                e, kk = arc[int(state >= 2), parity]
+                to = TRELLIS_NEXT[state, parity]
+                better = cost[:, state] + e < new[:, to]
+                new[:, to] = np.where(better, cost[:, state] + e, new[:, to])
+                came[j, :, to] = np.where(better, state, came[j, :, to])
+                took[j, :, to] = np.where(better, kk, took[j, :, to])
+        cost = new
+    q = np.empty((R, C), np.int64)
+    state = np.argmin(cost, axis=1)
+    for j in range(C - 1, -1, -1):
+        q[:, j] = took[j, rows, state]
+        state = came[j, rows, state]
+    state, dec = np.zeros(R, np.int64), np.empty((R, C))
+    for j in range(C):
+        dec[:, j] = _trellis_levels(q[:, j], state >= 2) * (step / 2)
+        state = TRELLIS_NEXT[state, q[:, j] & 1]
+    return q, dec
+
+
+def context_bits(q: np.ndarray) -> float:
+    """Ideal bits of ``q`` under a static model per context, the context the sum of the two
+    previous magnitudes in the row (capped at 5, as DeepCABAC's neighbour contexts), tables not counted."""
+    a = np.abs(q)
+    ctx = np.zeros_like(a)
+    ctx[:, 1:] += a[:, :-1]
+    ctx[:, 2:] += a[:, :-2]
+    ctx = np.minimum(ctx, 5).ravel()
+    flat = q.ravel()
+    return sum(order0_bits(flat[ctx == c]) for c in np.unique(ctx))
+
+
+def _coders(W: np.ndarray, step: float, seed: int, lam: float) -> dict[str, tuple[float, float]]:
+    """``{coder: (bits, squared error)}`` of ``W`` at one ``step``: the lattice and uniform codecs as
+    the converter writes them (RDOQ at ``lam``, the rans or rans-context bytes), and ideal code lengths of plain
+    rounding and of trellis quantization, order-0 and with neighbour contexts."""
+    W64 = W.astype(np.float64)
+    u = dither(seed, W.size).reshape(W.shape)
+    out = {}
+    for name, d in (("lattice, as written", u), ("uniform, as written", 0.0)):
+        q = rdoq_indices(W64 / step + d, lam)
+        out[name] = 8 * len(rans.encode(narrow(q))), float(np.sum((W64 - (q - d) * step) ** 2))
+    q = np.rint(W64 / step).astype(np.int64)
+    err = float(np.sum((W64 - q * step) ** 2))
+    out["rounding, order-0"], out["rounding, contexts"] = (order0_bits(q), err), (context_bits(q), err)
+    q, dec = trellis_quantize(W, step)
+    err = float(np.sum((W64 - dec) ** 2))
+    out["trellis, order-0"], out["trellis, contexts"] = (order0_bits(q), err), (context_bits(q), err)
+    return out
+
+
 def nncodec_gap(mats: dict[str, np.ndarray], qps: list[int]) -> list[dict]:
-    """NNCodec against the lattice with rans, both at one global step (NNCodec's allocation): the
-    lattice's bits at the weight SQNR of each NNCodec file, interpolated on a sweep of steps, RDOQ
-    at the converter's lambda. What is left between the two is the coders: DeepCABAC's context
-    modelling and dependent quantization against per-row rans tables and scalar RDOQ."""
+    """NNCodec against the format's coders and two it lacks, all at one global step (NNCodec's
+    allocation): each one's bits per weight at the weight SQNR of each NNCodec file, interpolated on
+    a sweep of steps (:func:`_coders`). The lattice and uniform rows are what files hold; the
+    rounding and trellis rows split what is left of NNCodec's lead between DeepCABAC's context
+    modelling and its dependent quantization."""
     import tempfile
 
     from aqformat.converters.lattice import RDOQ_LAMBDA
     from bench import baselines as B
     n = sum(W.size for W in mats.values())
     sig = sum(float(np.sum(np.square(W, dtype=np.float64))) for W in mats.values())
-    sweep = [rd_point(mats, lambda W, s=2.0 ** (-k / 2): np.full(W.shape[0], s), RDOQ_LAMBDA) for k in range(2, 24)]
-    sweep.sort(key=lambda p: p[1])
-    rate, sqnr = np.array([p[0] for p in sweep]), np.array([p[1] for p in sweep])
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for k in range(4, 22):
+        step = 2.0 ** (-k / 2)
+        total: dict[str, list[float]] = {}
+        for i, W in enumerate(mats.values()):
+            for name, (bits, err) in _coders(W, step, i + 1, RDOQ_LAMBDA).items():
+                t = total.setdefault(name, [0.0, 0.0])
+                t[0], t[1] = t[0] + bits, t[1] + err
+        for name, (bits, err) in total.items():
+            curves.setdefault(name, []).append((10 * math.log10(sig / err), bits / n))
     out = []
     with tempfile.TemporaryDirectory() as folder:
         for qp in qps:
             p = B.nncodec({k: (W, None) for k, W in mats.items()}, folder, qp)
             err = sum(float(np.sum((p.decoded[k].astype(np.float64) - W) ** 2)) for k, W in mats.items())
             s = 10 * math.log10(sig / err)
-            nb = 8 * p.bytes_counted / n
-            ours = float(np.interp(s, sqnr, rate)) if sqnr[0] <= s <= sqnr[-1] else None
-            out.append({"qp": qp, "sqnr_db": s, "nncodec_bits": nb, "lattice_bits": ours,
-                        "nncodec_over_lattice": None if ours is None else nb / ours})
+            row = {"qp": qp, "sqnr_db": s, "nncodec_bits": 8 * p.bytes_counted / n, "bits_at_sqnr": {}}
+            for name, pts in curves.items():
+                pts = sorted(pts)
+                sq, bits = np.array([a for a, _ in pts]), np.array([b for _, b in pts])
+                row["bits_at_sqnr"][name] = float(np.interp(s, sq, bits)) if sq[0] <= s <= sq[-1] else None
+            out.append(row)
     return out
 
 
@@ -223,13 +318,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="effnet,silero,minilm")
     p.add_argument("--quick", action="store_true", help="4 bits only, no RDOQ sweep")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--out", default=os.path.join(HERE, "results", "entropy.json"))
+    p.add_argument("--gap-only", action="store_true",
+                   help="only the coder gap to NNCodec (effnet, silero), written to results/coder_gap.json")
+    p.add_argument("--out", default=None, help="default results/entropy.json (coder_gap.json with --gap-only)")
     args = p.parse_args(argv)
-    bits_list = [4.0] if args.quick else [3.0, 4.0, 5.0, 6.0]
+    args.out = args.out or os.path.join(HERE, "results", "coder_gap.json" if args.gap_only else "entropy.json")
+    bits_list = [] if args.gap_only else [4.0] if args.quick else [3.0, 4.0, 5.0, 6.0]
     results: dict = {}
     for model in args.models.split(","):
         mats = matrices(model)
-        results[model] = {"rates": {}, "rdoq": None}
+        results[model] = {} if args.gap_only else {"rates": {}, "rdoq": None}
         for scope in ("row", "tensor"):
             for bits in bits_list:
                 r = rates(mats, bits, scope, args.repeat)
@@ -241,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['rans_over_model']:.4f} rans/H0 {r['rans_over_H0']:.4f} rans/zstd {r['rans_over_zstd']:.3f} | "
                       f"decode M/s zstd {d['zstd_M_per_s']:.0f} rans numpy {d['rans_numpy_M_per_s']:.1f} "
                       f"compiled {d.get('rans_compiled_M_per_s', float('nan')):.0f}", flush=True)
-        if not args.quick and model != "minilm":  # MiniLM: 22M weights, the sweep takes too long
+        if not args.quick and not args.gap_only and model != "minilm":  # MiniLM: 22M weights, the sweep takes too long
             results[model]["rdoq"] = rdoq_gains(mats, [2.0, 3.0, 4.0, 5.0], [0.05, 0.1, 0.2])
             for g in results[model]["rdoq"]:
                 print(f"{model:7s} RDOQ {g['bits']:g} bits lambda {g['lambda']}: rate {g['rate']:.3f} "
@@ -250,10 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         if model != "minilm":
             results[model]["nncodec_gap"] = nncodec_gap(mats, [-32, -26, -20] if args.quick else [-38, -32, -26, -20, -14])
             for g in results[model]["nncodec_gap"]:
-                ours = "-" if g["lattice_bits"] is None else f"{g['lattice_bits']:.3f}"
+                ours = ", ".join(f"{k} {'-' if v is None else format(v, '.3f')}" for k, v in g["bits_at_sqnr"].items())
                 print(f"{model:7s} one global step, NNCodec QP {g['qp']}: {g['sqnr_db']:.2f} dB at "
-                      f"{g['nncodec_bits']:.3f} b/w; lattice + rans at that SQNR {ours} b/w "
-                      f"(NNCodec / lattice {g['nncodec_over_lattice'] or float('nan'):.3f})", flush=True)
+                      f"{g['nncodec_bits']:.3f} b/w; at that SQNR: {ours}", flush=True)
     save_json(args.out, results)
     return 0
 
