@@ -20,7 +20,7 @@ from aqformat.errors import AqmFormatError, AqmInputError, AqmIOError
 from aqformat.onnx_stubs import AQM_LOCATION, all_graphs, fill_stub, is_stub, make_stub, stub_array, subgraphs
 
 __all__ = ["AQM_LOCATION", "CONSTANT_MIN_ELEMENTS", "load_model", "lift_constants", "prune_unused", "internalize", "dtype_name",
-           "tensor_array", "weight_axes", "make_stub", "is_stub", "export_onnx", "restore_model",
+           "tensor_array", "weight_axes", "make_stub", "is_stub", "stubbed_graph", "export_onnx", "restore_model",
            "model_file_bytes"]
 
 #: Constant nodes and initializers with at least this many elements live in the
@@ -257,15 +257,9 @@ def weight_axes(model: Any) -> dict[str, tuple[int, ...] | None]:
     return found
 
 
-def stored_graph_bytes(model: Any, names: set[str]) -> int:
-    """Bytes the graph of ``model`` takes in an .aqm file once its initializers ``names`` are
-    stubs, compressed as the writer stores it: a size budget counts them before any encoding.
-
-    Only the graph's structure is copied, not the initializers' data.
-    """
-    import zstandard
-
-    from aqformat.writer import ZSTD_LEVEL
+def stubbed_graph(model: Any, names: set[str]) -> Any:
+    """A copy of ``model`` whose initializers ``names`` are stubs (their data lives in the .aqm file):
+    only the graph's structure is copied, not those initializers' data; ``model`` is left as it is."""
     onnx = _onnx()
     m = onnx.ModelProto()
     _copy_fields(model, m, skip="graph")
@@ -275,7 +269,17 @@ def stored_graph_bytes(model: Any, names: set[str]) -> int:
             make_stub(m.graph.initializer.add(name=t.name, data_type=t.data_type, dims=t.dims))
         else:
             m.graph.initializer.add().CopyFrom(t)
-    raw = m.SerializeToString()
+    return m
+
+
+def stored_graph_bytes(model: Any, names: set[str]) -> int:
+    """Bytes the graph of ``model`` takes in an .aqm file once its initializers ``names`` are
+    stubs (:func:`stubbed_graph`), compressed as the writer stores it: a size budget counts them
+    before any encoding."""
+    import zstandard
+
+    from aqformat.writer import ZSTD_LEVEL
+    raw = stubbed_graph(model, names).SerializeToString()
     return min(len(raw), len(zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=False).compress(raw)))
 
 

@@ -137,10 +137,11 @@ def run(source: Source, out_path: str | os.PathLike, opts: ConvertOptions, axes:
             with Writer(path, producer=f"aqformat {__version__} (aqformat.converters)", source=source_info,
                         alignment=size_target.section_alignment(source_bytes)) as w:
                 encoder.write_shared(w)
-                sqnr = _encode_all(w, source, encoder, tensors.small, graph_model, opts.progress,
-                                   executor, opts.keep_half)
-                if graph_model is not None:
-                    w.set_graph(graph_model.SerializeToString(), format="onnx")
+                sqnr = _encode_all(w, source, encoder, tensors.small, opts.progress, executor, opts.keep_half)
+                if graph_model is not None:  # a copy: a --target-size refill reads the source's tensors again
+                    from .onnx_graph import stubbed_graph
+                    w.set_graph(stubbed_graph(graph_model, {s.name for s in source.specs}).SerializeToString(),
+                                format="onnx")
                 meta = encoder.metadata()
                 w.update_metadata(conversion={**meta, **_affine_metadata(tensors.small),
                                               **_achieved_rate(meta, encoder.groups, tensors)})
@@ -300,7 +301,7 @@ def _known_bytes(source_info: Mapping[str, Any]) -> int:
     return len(msgpack.packb(source_info or {}, use_bin_type=True, default=str))
 
 
-def _encode_all(w: Writer, source: Source, encoder: TensorEncoder, small: AffinePlan, graph_model: Any,
+def _encode_all(w: Writer, source: Source, encoder: TensorEncoder, small: AffinePlan,
                 progress: bool, executor: Executor, halves: Sequence[tuple[str, str]] = ()) -> dict[str, float]:
     """Pass 2: code (or copy raw) every tensor in source order, those of ``small`` as planned,
     those kept at 16 bits by ``halves`` (``(pattern, format)``) in codec ``half``;
@@ -309,8 +310,6 @@ def _encode_all(w: Writer, source: Source, encoder: TensorEncoder, small: Affine
     Tensors are coded as tasks on ``executor`` (a large one as several, :meth:`TensorEncoder.tasks`)
     and written in source order as they come back, with at most two tasks per worker read ahead (:func:`~aqformat.converters.parallel.ordered`).
     """
-    from . import onnx_graph
-    inits = {t.name: t for t in graph_model.graph.initializer} if graph_model is not None else {}
     coded = set(encoder.coded)
     specs = {s.name: s for s in source.specs}
     sqnr: dict[str, float] = {}
@@ -346,8 +345,6 @@ def _encode_all(w: Writer, source: Source, encoder: TensorEncoder, small: Affine
                 kept = write_kept(w, name, result, s.dtype, kept_format(name, halves))
                 if kept is not None:
                     sqnr[name] = sqnr_db(to_float32(result, s.dtype), kept.decoded)
-            if name in inits:  # its data now lives in the .aqm
-                onnx_graph.make_stub(inits[name])
             del result
             bar.update(s.numel, name)
     return sqnr

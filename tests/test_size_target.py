@@ -13,12 +13,12 @@ import torch
 import aqformat
 import aqformat.units
 from aqformat.cli import main as aqm_main
-from aqformat.converters import calib, planning, size_target, sources
+from aqformat.converters import calib, codec_choice, pipeline, planning, size_target, sources
 from aqformat.converters.affine import RECORD_BYTES
 from aqformat.converters.options import ConvertOptions
 from aqformat.converters.api import from_onnx, from_torch
 from aqformat.errors import AqmInputError
-from tests.runtime_fixtures import digits_cnn, silero_path
+from tests.runtime_fixtures import digits_cnn, mlp_model, silero_path
 
 FAST = {"beam": 2, "iters": 2}
 
@@ -122,6 +122,27 @@ def test_a_small_model_lands_within_two_percent_under(tmp_path, target):
     codec measures the file it wrote and chooses again with the shortfall (it landed at 0.92)."""
     s = from_torch(digits_cnn(), tmp_path / "d.aqm", target_size=target, progress=False)
     assert 0.98 * target <= os.path.getsize(s.path) <= target, (os.path.getsize(s.path), target)
+
+
+def test_a_choice_written_again_reads_the_onnx_source_again(tmp_path, monkeypatch):
+    """A file written again with more or fewer bytes re-reads the source's tensors: the graph stored
+    in the first file (its initializers stubbed) is a copy, not the source's graph."""
+    import numpy as np
+    import onnx
+
+    from aqformat.runtime import InferenceSession
+    onnx.save(mlp_model(), tmp_path / "m.onnx")
+    shortfalls = iter([-6000])  # one more write, at a smaller budget
+    monkeypatch.setattr(pipeline, "_shortfall", lambda size, target: next(shortfalls, 0))
+    changed = []
+    refill = codec_choice.AutoEncoder.refill
+    monkeypatch.setattr(codec_choice.AutoEncoder, "refill", lambda self, extra: changed.append(refill(self, extra))
+                        or changed[-1])
+    from_onnx(str(tmp_path / "m.onnx"), tmp_path / "m.aqm", target_size=60_000, progress=False)
+    assert changed == [True]
+    x = np.random.default_rng(0).standard_normal((4, 32)).astype(np.float32)
+    y = InferenceSession(str(tmp_path / "m.aqm")).run(["y"], {"x": x})[0]
+    assert y.shape == (4, 8) and np.isfinite(y).all()
 
 
 def test_a_target_counts_tensors_kept_at_16_bits_at_their_stored_size(tmp_path, capsys):
