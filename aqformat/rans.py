@@ -500,9 +500,10 @@ def compiled() -> bool:
     return _kernel() is not None
 
 
-def _symbol(x, lane, offset, words, ptr, lut_tok, lut_f, lut_bias, out, i):  # pragma: no cover - numba inlines it
-    """Decode symbol ``i`` from lane ``lane`` with the table at ``offset`` (table times TOTAL): the
-    words read after it, or -1 when the stream ends early."""
+def _symbol(x, lane, offset, words, ptr, luts, out, i):  # pragma: no cover - numba inlines it
+    """Decode symbol ``i`` from lane ``lane`` with the table at ``offset`` (table times TOTAL; ``luts``:
+    :func:`_lookups`): the words read after it, or -1 when the stream ends early."""
+    lut_tok, lut_f, lut_bias = luts
     s = x[lane]
     idx = offset + (s & (TOTAL - 1))
     out[i] = lut_tok[idx]
@@ -521,10 +522,11 @@ def _decode_lanes(x, words, table_at, lut_tok, lut_f, lut_bias, out):  # pragma:
     when the stream ends early."""
     lanes = x.size
     n = out.size
+    luts = (lut_tok, lut_f, lut_bias)
     ptr = 0
     for a in range(0, n, lanes):
         for lane in range(min(lanes, n - a)):
-            ptr = _symbol(x, lane, np.int64(table_at[a + lane]), words, ptr, lut_tok, lut_f, lut_bias, out, a + lane)
+            ptr = _symbol(x, lane, np.int64(table_at[a + lane]), words, ptr, luts, out, a + lane)
             if ptr < 0:
                 return -1
     return ptr
@@ -536,6 +538,7 @@ def _decode_context_lanes(x, words, cols, n_tables, lut_tok, lut_f, lut_bias, ou
     lanes = x.size
     n = out.size
     run = (n + lanes - 1) // lanes
+    luts = (lut_tok, lut_f, lut_bias)
     ptr = 0
     for t in range(run):
         for lane in range(lanes):
@@ -548,7 +551,7 @@ def _decode_context_lanes(x, words, cols, n_tables, lut_tok, lut_f, lut_bias, ou
                 ctx += min(abs(np.int64(out[i - 1])), n_tables)
             if before >= 2:
                 ctx += min(abs(np.int64(out[i - 2])), n_tables)
-            ptr = _symbol(x, lane, min(ctx, n_tables - 1) * TOTAL, words, ptr, lut_tok, lut_f, lut_bias, out, i)
+            ptr = _symbol(x, lane, min(ctx, n_tables - 1) * TOTAL, words, ptr, luts, out, i)
             if ptr < 0:
                 return -1
     return ptr
@@ -597,10 +600,34 @@ def decode(stored: np.ndarray | bytes, size: int, encoding: str | None = None) -
         raise _fail(f"{buf.size - cur.pos} bytes follow the escape bits")
     if int(x.min()) < LOW:
         raise _fail("a lane state is below 2**16")
-    # Lookup per (table, slot): token, frequency and slot - cumulative frequency.
-    lut_tok = np.empty(n_tables * TOTAL, np.int32)
-    lut_f = np.empty(n_tables * TOTAL, np.uint32)
-    lut_bias = np.empty(n_tables * TOTAL, np.uint32)
+    luts = _lookups(tables)
+    tok = np.empty(n, np.int32)
+    if contexts:
+        kernel = _kernel_for(n, _context_kernel)
+        if kernel is None:
+            read = _decode_numpy(x, words, luts, tok, _context_tables(n, lanes, cols, n_tables, tok))
+        else:
+            read = kernel(x, np.ascontiguousarray(words, np.uint16), cols, n_tables, *luts, tok)
+    else:
+        table_at = np.repeat((row_table * TOTAL).astype(np.uint16), cols) if n_tables > 1 else None
+        kernel = _kernel_for(n, _kernel)
+        if kernel is None:
+            read = _decode_numpy(x, words, luts, tok, _row_tables(n, lanes, table_at))
+        else:
+            at = table_at if table_at is not None else np.zeros(n, np.uint16)
+            read = kernel(x, np.ascontiguousarray(words, np.uint16), at, *luts, tok)
+    if read < 0:
+        raise _fail("the words end before the symbols")
+    if read != n_words or np.any(x != LOW):
+        raise _fail("the stream does not end where its encoder started (corrupted or truncated)")
+    return _values(tok, e, extra, width).view(np.uint8)
+
+
+def _lookups(tables: list[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lookup arrays per (table, slot): token, frequency, and slot less the token's cumulative frequency."""
+    lut_tok = np.empty(len(tables) * TOTAL, np.int32)
+    lut_f = np.empty(len(tables) * TOTAL, np.uint32)
+    lut_bias = np.empty(len(tables) * TOTAL, np.uint32)
     for c, (lo, f) in enumerate(tables):
         sym = np.repeat(np.arange(f.size), f)
         cum = np.concatenate([[0], np.cumsum(f)[:-1]])
@@ -608,34 +635,7 @@ def decode(stored: np.ndarray | bytes, size: int, encoding: str | None = None) -
         lut_tok[sl] = lo + sym
         lut_f[sl] = f[sym]
         lut_bias[sl] = np.arange(TOTAL) - cum[sym]
-    tok = np.empty(n, np.int32)
-    if contexts:
-        kernel = _kernel_for(n, _context_kernel)
-        if kernel is None:
-            read = _decode_numpy(x, words, lut_tok, lut_f, lut_bias, tok,
-                                 _context_tables(n, lanes, cols, n_tables, tok))
-        elif (read := kernel(x, np.ascontiguousarray(words, np.uint16), cols, n_tables, lut_tok, lut_f, lut_bias,
-                             tok)) < 0:
-            raise _fail("the words end before the symbols")
-        return _finish(read, n_words, x, tok, e, extra, width)
-    table_at = np.repeat((row_table * TOTAL).astype(np.uint16), cols) if n_tables > 1 else None
-    kernel = _kernel_for(n, _kernel)
-    if kernel is not None:
-        at = table_at if table_at is not None else np.zeros(n, np.uint16)
-        read = kernel(x, np.ascontiguousarray(words, np.uint16), at, lut_tok, lut_f, lut_bias, tok)
-        if read < 0:
-            raise _fail("the words end before the symbols")
-    else:
-        read = _decode_numpy(x, words, lut_tok, lut_f, lut_bias, tok, _row_tables(n, lanes, table_at))
-    return _finish(read, n_words, x, tok, e, extra, width)
-
-
-def _finish(read: int, n_words: int, x: np.ndarray, tok: np.ndarray, e: int, extra: np.ndarray,
-            width: int) -> np.ndarray:
-    """The decoded bytes, once the stream is checked to end where its encoder started."""
-    if read != n_words or np.any(x != LOW):
-        raise _fail("the stream does not end where its encoder started (corrupted or truncated)")
-    return _values(tok, e, extra, width).view(np.uint8)
+    return lut_tok, lut_f, lut_bias
 
 
 def _kernel_for(n: int, factory: Any) -> Any:
@@ -647,11 +647,12 @@ def _kernel_for(n: int, factory: Any) -> Any:
     return None
 
 
-def _decode_numpy(x: np.ndarray, words: np.ndarray, lut_tok: np.ndarray, lut_f: np.ndarray,
-                  lut_bias: np.ndarray, out: np.ndarray, tables: Any) -> int:
+def _decode_numpy(x: np.ndarray, words: np.ndarray, luts: tuple[np.ndarray, np.ndarray, np.ndarray],
+                  out: np.ndarray, tables: Any) -> int:
     """Decode ``out.size`` tokens, one step of every lane at a time; ``tables(t)`` gives the
     positions decoded at step ``t`` (lane by lane), their count and each one's table offset (table
-    times TOTAL). Returns the words read."""
+    times TOTAL); ``luts``: :func:`_lookups`. Returns the words read."""
+    lut_tok, lut_f, lut_bias = luts
     state = x.astype(np.int64)
     words = words.astype(np.int64)
     f64, bias64 = lut_f.astype(np.int64), lut_bias.astype(np.int64)
