@@ -1,4 +1,5 @@
-"""Section encoding ``rans`` (spec/FORMAT.md 4.5, since format 1.2): entropy-coded integer matrices.
+"""Section encodings ``rans`` (spec/FORMAT.md 4.5, since format 1.2) and ``rans-context`` (1.5):
+entropy-coded integer matrices.
 
 A section of little-endian signed integers (lattice indices) viewed as
 ``[rows, cols]`` is coded with interleaved rANS (Duda's asymmetric numeral
@@ -18,9 +19,10 @@ below the order-0 entropy, bench/entropy_bench.py --gap-only). Its lanes hold
 runs of consecutive symbols, so a symbol's context is decoded before it.
 
 Symbols are dealt to ``lanes`` independent rANS states (symbol ``i`` to lane
-``i mod lanes``; ``rans-context``: to lane ``i // ceil(n / lanes)``), which share one word stream: a decoder advances every
-lane one symbol per step, so numpy decodes a step for all lanes at once
-(a Python loop over about 2048 steps per tensor, never one per symbol) and
+``i mod lanes``; ``rans-context``: to lane ``i // ceil(n / lanes)``), which
+share one word stream: a decoder advances every lane one symbol per step,
+so numpy decodes a step for all lanes at once (a Python loop over about
+2048 steps per tensor, never one per symbol) and
 the compiled kernel (numba, ``aqformat[fast]``) runs the same integer
 arithmetic per symbol; both give identical bytes.
 Decoding uses integers only: no floating point, so every platform agrees.
@@ -337,7 +339,8 @@ def _class_bits_estimate(v: np.ndarray, e: int, order: np.ndarray, max_tables: i
 
 def code_lengths(values: np.ndarray, model: Model, absent: float = np.inf) -> np.ndarray:
     """Bits each of ``values`` ([rows, cols]) costs under ``model``: ``-log2`` of its token's probability
-    in its table (its row's or its context's) plus its escape bits; ``absent`` (plus escape bits) where the table lacks the token."""
+    in its table (its row's or its context's) plus its escape bits; ``absent`` (plus escape bits)
+    where the table lacks the token."""
     v = np.asarray(values)
     tok, nb, _ = _tokens(v, model.e)
     out = np.full(v.shape, float(absent))
