@@ -478,24 +478,14 @@ def _read_table(cur: _Cursor, bound: int) -> tuple[int, np.ndarray]:
 @functools.lru_cache(maxsize=None)
 def _kernel() -> Any:
     from .kernels import compile_kernel
+    ro = {"readonly": True}
     return compile_kernel("rans", _decode_lanes,
-                          lambda ty: [ty.int64(ty.Array(ty.uint32, 1, "C"), ty.Array(ty.uint16, 1, "C", readonly=True),
-                                               ty.Array(ty.uint16, 1, "C", readonly=True),
-                                               ty.Array(ty.int32, 1, "C", readonly=True),
-                                               ty.Array(ty.uint32, 1, "C", readonly=True),
-                                               ty.Array(ty.uint32, 1, "C", readonly=True),
-                                               ty.Array(ty.int32, 1, "C"))], helpers=(_symbol,))
-
-
-@functools.lru_cache(maxsize=None)
-def _context_kernel() -> Any:
-    from .kernels import compile_kernel
-    return compile_kernel("rans-context", _decode_context_lanes,
-                          lambda ty: [ty.int64(ty.Array(ty.uint32, 1, "C"), ty.Array(ty.uint16, 1, "C", readonly=True),
-                                               ty.int64, ty.int64, ty.Array(ty.int32, 1, "C", readonly=True),
-                                               ty.Array(ty.uint32, 1, "C", readonly=True),
-                                               ty.Array(ty.uint32, 1, "C", readonly=True),
-                                               ty.Array(ty.int32, 1, "C"))], helpers=(_symbol,))
+                          lambda ty: [ty.int64(ty.Array(ty.uint32, 1, "C"), ty.Array(ty.uint16, 1, "C", **ro),
+                                               ty.Array(ty.uint16, 1, "C", **ro), ty.int64, ty.int64,
+                                               ty.Tuple((ty.Array(ty.int32, 1, "C", **ro),
+                                                         ty.Array(ty.uint32, 1, "C", **ro),
+                                                         ty.Array(ty.uint32, 1, "C", **ro))),
+                                               ty.Array(ty.int32, 1, "C"))])
 
 
 def compiled() -> bool:
@@ -503,60 +493,43 @@ def compiled() -> bool:
     return _kernel() is not None
 
 
-def _symbol(x, lane, offset, words, ptr, luts, out, i):  # pragma: no cover - numba inlines it
-    """Decode symbol ``i`` from lane ``lane`` with the table at ``offset`` (table times TOTAL; ``luts``:
-    :func:`_lookups`): the words read after it, or -1 when the stream ends early."""
+def _decode_lanes(x, words, table_at, cols, contexts, luts, out):  # pragma: no cover - compiled by numba
+    """Compiled twin of :func:`_decode_numpy` with :func:`_row_tables` (``contexts`` 0; ``table_at``:
+    each symbol's table offset) or :func:`_context_tables` (``contexts`` tables; ``table_at`` unused);
+    ``luts``: :func:`_lookups`. Returns the words read, or -1 when the stream ends early."""
     lut_tok, lut_f, lut_bias = luts
-    s = x[lane]
-    idx = offset + (s & (TOTAL - 1))
-    out[i] = lut_tok[idx]
-    s = lut_f[idx] * (s >> PRECISION) + lut_bias[idx]
-    if s < LOW:
-        if ptr >= words.size:
-            return -1
-        s = (s << 16) | words[ptr]
-        ptr += 1
-    x[lane] = s
-    return ptr
-
-
-def _decode_lanes(x, words, table_at, lut_tok, lut_f, lut_bias, out):  # pragma: no cover - compiled by numba
-    """Compiled twin of :func:`_decode_numpy` with :func:`_row_tables`; returns the words read, or -1
-    when the stream ends early."""
-    lanes = x.size
-    n = out.size
-    luts = (lut_tok, lut_f, lut_bias)
-    ptr = 0
-    for a in range(0, n, lanes):
-        for lane in range(min(lanes, n - a)):
-            ptr = _symbol(x, lane, np.int64(table_at[a + lane]), words, ptr, luts, out, a + lane)
-            if ptr < 0:
-                return -1
-    return ptr
-
-
-def _decode_context_lanes(x, words, cols, n_tables, lut_tok, lut_f, lut_bias, out):  # pragma: no cover - numba
-    """Compiled twin of :func:`_decode_numpy` with :func:`_context_tables`; returns the words read, or
-    -1 when the stream ends early."""
     lanes = x.size
     n = out.size
     run = (n + lanes - 1) // lanes
-    luts = (lut_tok, lut_f, lut_bias)
     ptr = 0
     for t in range(run):
         for lane in range(lanes):
-            i = lane * run + t
-            if i >= n:
-                break  # the lanes after it have no symbol at this step either
-            before = min(i % cols, t)
-            ctx = 0
-            if before >= 1:
-                ctx += min(abs(np.int64(out[i - 1])), n_tables)
-            if before >= 2:
-                ctx += min(abs(np.int64(out[i - 2])), n_tables)
-            ptr = _symbol(x, lane, min(ctx, n_tables - 1) * TOTAL, words, ptr, luts, out, i)
-            if ptr < 0:
-                return -1
+            if contexts:
+                i = lane * run + t
+                if i >= n:
+                    break  # the lanes after it have no symbol at this step either
+                before = min(i % cols, t)
+                ctx = 0
+                if before >= 1:
+                    ctx += min(abs(np.int64(out[i - 1])), contexts)
+                if before >= 2:
+                    ctx += min(abs(np.int64(out[i - 2])), contexts)
+                offset = min(ctx, contexts - 1) * TOTAL
+            else:
+                i = t * lanes + lane
+                if i >= n:
+                    break
+                offset = np.int64(table_at[i])
+            s = x[lane]
+            idx = offset + (s & (TOTAL - 1))
+            out[i] = lut_tok[idx]
+            s = lut_f[idx] * (s >> PRECISION) + lut_bias[idx]
+            if s < LOW:
+                if ptr >= words.size:
+                    return -1
+                s = (s << 16) | words[ptr]
+                ptr += 1
+            x[lane] = s
     return ptr
 
 
@@ -605,20 +578,15 @@ def decode(stored: np.ndarray | bytes, size: int, encoding: str | None = None) -
         raise _fail("a lane state is below 2**16")
     luts = _lookups(tables)
     tok = np.empty(n, np.int32)
-    if contexts:
-        kernel = _kernel_for(n, _context_kernel)
-        if kernel is None:
-            read = _decode_numpy(x, words, luts, tok, _context_tables(n, lanes, cols, n_tables, tok))
-        else:
-            read = kernel(x, np.ascontiguousarray(words, np.uint16), cols, n_tables, *luts, tok)
+    table_at = np.repeat((row_table * TOTAL).astype(np.uint16), cols) if n_tables > 1 and not contexts else None
+    kernel = _kernel_for(n)
+    if kernel is not None:
+        at = table_at if table_at is not None else np.zeros(0 if contexts else n, np.uint16)
+        read = kernel(x, np.ascontiguousarray(words, np.uint16), at, cols, n_tables if contexts else 0, luts, tok)
+    elif contexts:
+        read = _decode_numpy(x, words, luts, tok, _context_tables(n, lanes, cols, n_tables, tok))
     else:
-        table_at = np.repeat((row_table * TOTAL).astype(np.uint16), cols) if n_tables > 1 else None
-        kernel = _kernel_for(n, _kernel)
-        if kernel is None:
-            read = _decode_numpy(x, words, luts, tok, _row_tables(n, lanes, table_at))
-        else:
-            at = table_at if table_at is not None else np.zeros(n, np.uint16)
-            read = kernel(x, np.ascontiguousarray(words, np.uint16), at, *luts, tok)
+        read = _decode_numpy(x, words, luts, tok, _row_tables(n, lanes, table_at))
     if read < 0:
         raise _fail("the words end before the symbols")
     if read != n_words or np.any(x != LOW):
@@ -641,12 +609,11 @@ def _lookups(tables: list[tuple[int, np.ndarray]]) -> tuple[np.ndarray, np.ndarr
     return lut_tok, lut_f, lut_bias
 
 
-def _kernel_for(n: int, factory: Any) -> Any:
-    """The compiled kernel ``factory()`` for a section of ``n`` symbols, or None to decode in numpy:
-    large sections load it; once it is loaded in the process (a large section, :func:`compiled`),
-    smaller ones use it too."""
-    if n >= _MIN_KERNEL_SYMBOLS or (n >= 1 << 10 and factory.cache_info().currsize):
-        return factory()
+def _kernel_for(n: int) -> Any:
+    """The compiled kernel for a section of ``n`` symbols, or None to decode in numpy: large sections
+    load it; once it is loaded in the process (a large section, :func:`compiled`), smaller ones use it too."""
+    if n >= _MIN_KERNEL_SYMBOLS or (n >= 1 << 10 and _kernel.cache_info().currsize):
+        return _kernel()
     return None
 
 

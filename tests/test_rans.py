@@ -15,7 +15,7 @@ from tests.test_fuzz import check
 
 
 def _numpy_only(monkeypatch):
-    monkeypatch.setattr(rans, "_kernel_for", lambda n, factory: None)
+    monkeypatch.setattr(rans, "_kernel_for", lambda n: None)
 
 
 def _laplace_rows(rows=64, cols=900, seed=0, dtype=np.int16):

@@ -48,7 +48,7 @@ def test_compiled_and_numpy_decoders_agree(monkeypatch):
     assert v.size >= rans._MIN_KERNEL_SYMBOLS
     stream = rans.encode(v, _context_model(v, 6))
     compiled = rans.decode(stream, v.nbytes, "rans-context")
-    monkeypatch.setattr(rans, "_kernel_for", lambda n, factory: None)
+    monkeypatch.setattr(rans, "_kernel_for", lambda n: None)
     assert np.array_equal(rans.decode(stream, v.nbytes, "rans-context"), compiled)
     assert compiled.view("<i2").reshape(v.shape).tolist() == v.tolist()
     with pytest.raises(AqmFormatError, match="words"):
