@@ -111,10 +111,11 @@ def _lane_count(n: int) -> int:
     return max(1, -(-n // SYMBOLS_PER_LANE))
 
 
-def _context(tok: np.ndarray, cols: int, run: int, n_tables: int) -> np.ndarray:
+def _context(tok: np.ndarray, cols: int, n_tables: int) -> np.ndarray:
     """Table of each token of ``tok`` (flat, C order) under ``rans-context``: the magnitudes of the two
-    tokens before it in its row and its lane's run of ``run`` symbols, summed and capped at ``n_tables - 1``."""
+    tokens before it in its row and its lane's run, summed and capped at ``n_tables - 1``."""
     a = np.minimum(np.abs(tok.astype(np.int64)), n_tables)
+    run = -(-a.size // _lane_count(a.size))
     i = np.arange(a.size)
     inside = np.minimum(i % cols, i % run)  # tokens before it in both its row and its run
     ctx = np.zeros_like(a)
@@ -262,15 +263,21 @@ def _fit_contexts(tok: np.ndarray, cols: int, base: int, bound: int,
                   n_tables: int) -> tuple[list[tuple[int, np.ndarray]], float]:
     """Tables of ``rans-context`` with ``n_tables`` contexts for tokens ``tok`` ([rows, cols]) and
     their estimated bits (tables and tokens)."""
-    flat = tok.reshape(-1)
-    ctx = _context(flat, cols, -(-flat.size // _lane_count(flat.size)), n_tables)
-    width = int(flat.max()) - base + 1
-    hist = np.bincount(ctx * width + flat - base, minlength=n_tables * width).reshape(n_tables, width)
+    hist = _context_histograms(tok, cols, base, n_tables)
+    width = hist.shape[1]
     empty = hist.sum(axis=1) == 0
     hist[empty, -base if 0 <= -base < width else 0] = 1  # an unused context still stores a table
     tables = [_table(h, base, bound) for h in hist]
     lengths = _code_lengths(hist, tables, base)
     return tables, float(np.trace(lengths)) + 8 * _table_bytes([f for _, f in tables])
+
+
+def _context_histograms(tok: np.ndarray, cols: int, base: int, n_tables: int) -> np.ndarray:
+    """``[n_tables, tokens]`` counts of tokens ``tok`` ([rows, cols], none below ``base``) by context."""
+    flat = tok.reshape(-1).astype(np.int64)
+    width = int(flat.max()) - base + 1
+    ctx = _context(flat, cols, n_tables)
+    return np.bincount(ctx * width + flat - base, minlength=n_tables * width).reshape(n_tables, width)
 
 
 def estimate_bits(values: np.ndarray, max_tables: int = MAX_TABLES) -> float:
@@ -300,12 +307,7 @@ def _context_bits_estimate(v: np.ndarray, e: int) -> float:
     """Bits of ``rans-context`` tables, tokens and escapes at direct range ``e``, at the empirical
     entropy of each context's tokens, for the table count of :data:`CONTEXT_TABLES` in the middle."""
     tok, nb, _ = _tokens(v, e)
-    flat = tok.reshape(-1).astype(np.int64)
-    n_tables = CONTEXT_TABLES[len(CONTEXT_TABLES) // 2]
-    ctx = _context(flat, v.shape[1], -(-flat.size // _lane_count(flat.size)), n_tables)
-    base = int(flat.min())
-    width = int(flat.max()) - base + 1
-    hist = np.bincount(ctx * width + flat - base, minlength=n_tables * width).reshape(n_tables, width)
+    hist = _context_histograms(tok, v.shape[1], int(tok.min()), CONTEXT_TABLES[len(CONTEXT_TABLES) // 2])
     bits = 0.0
     for h in hist:
         nz = np.flatnonzero(h)
@@ -345,8 +347,7 @@ def code_lengths(values: np.ndarray, model: Model, absent: float = np.inf) -> np
     tok, nb, _ = _tokens(v, model.e)
     out = np.full(v.shape, float(absent))
     if model.contexts:
-        at = _context(tok.reshape(-1), v.shape[1], -(-v.size // _lane_count(v.size)), len(model.freqs))
-        at = at.reshape(v.shape)
+        at = _context(tok.reshape(-1), v.shape[1], len(model.freqs)).reshape(v.shape)
     else:
         at = np.repeat(model.row_table[:, None], v.shape[1], axis=1)
     for c, (lo, f) in enumerate(zip(model.lo, model.freqs)):
@@ -397,7 +398,7 @@ def encode(values: np.ndarray, model: Model | None = None) -> bytes:
     tok, nb, extra = tok.reshape(-1), nb.reshape(-1), extra.reshape(-1)
     lanes = _lane_count(n)
     if model.contexts:
-        cls = _context(tok, cols, -(-n // lanes), len(model.freqs))
+        cls = _context(tok, cols, len(model.freqs))
     else:
         cls = np.repeat(model.row_table.astype(np.int64), cols)
     offsets = np.concatenate([[0], np.cumsum([f.size for f in model.freqs])])
@@ -406,7 +407,7 @@ def encode(values: np.ndarray, model: Model | None = None) -> bytes:
     flat_c = np.concatenate([np.concatenate([[0], np.cumsum(f)[:-1]]) for f in model.freqs]).astype(np.int64)
     j = offsets[cls] + tok - lo[cls]
     if np.any((tok < lo[cls]) | (j >= offsets[cls + 1])) or np.any(flat_f[j] == 0):
-        raise ValueError("a value has no frequency in its row's table")
+        raise ValueError("a value has no frequency in its table")
     F, C = flat_f[j], flat_c[j]
     x = np.full(lanes, LOW, np.int64)
     chunks = []
