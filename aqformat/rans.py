@@ -216,7 +216,7 @@ def _typical_exp(a: np.ndarray) -> int:
 
 def _stream_overhead_bits(n: int) -> int:
     """Bits of a stream besides its tables, row classes, symbols and escapes: header and lane states."""
-    return 8 * _HEAD.size + 32 * max(1, -(-n // SYMBOLS_PER_LANE))
+    return 8 * _HEAD.size + 32 * _lane_count(n)
 
 
 def plan(values: np.ndarray, max_tables: int = MAX_TABLES, contexts: bool = True) -> Model:
