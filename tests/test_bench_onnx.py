@@ -61,6 +61,18 @@ def test_report_onnx_targets():
     assert report.checks(data)[untuned]["answer"] is False
 
 
+def test_report_finetuned_target_of_efficientnet():
+    rows = [_row("int8_per_channel", 8.0, 0.91), _row("aqm+finetune", 3.0, 0.96, "3-bit", whole_file_ratio=9.8),
+            _row("aqm+finetune", 2.5, 0.90, "2.5-bit", whole_file_ratio=11)]
+    data = {"primary": "top1_agreement", "model": "EfficientNet-Lite0 (ImageNet)", "rows": rows}
+    key = "whole file >= 10x smaller after fine-tuning with top1_agreement >= 0.95"
+    got = report.checks(data)[key]
+    assert got["answer"] is False and "11.00x whole file, top1_agreement=0.9000" in got["best_aqm"]
+    rows[1]["whole_file_ratio"] = 10.2
+    assert report.checks(data)[key]["answer"] is True
+    assert key not in report.checks({**data, "model": "ddddocr OCR"})
+
+
 def test_report_onnx_minilm_against_hugging_face_path():
     data = {"primary": "cosine", "rows": [
         {"method": "aqm", "setting": "3-bit (--allocate)", "bits_per_weight": 3, "metrics": {"cosine": 0.970}},
