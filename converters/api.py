@@ -199,7 +199,7 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     opts = ConvertOptions.build(bits=bits, target_size=target_size, allocate=allocate, permute=permute,
                                 grouping=grouping, keep=keep, seed=seed, progress=progress,
                                 min_elements=min_elements, codec=codec, codec_for=codec_for, encoder=encoder,
-                                strict=strict, finetune=finetune_steps > 0,
+                                strict=strict,
                                 workers=workers, ray=ray, device=device)
     tuning = FinetuneOptions(steps=finetune_steps, lr=finetune_lr, train_raw=finetune_raw, seed=seed,
                              progress=progress)
@@ -254,7 +254,7 @@ def from_onnx(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     opts = ConvertOptions.build(bits=bits, target_size=target_size, allocate=allocate, permute=permute,
                                 grouping=grouping, keep=keep, seed=seed, progress=progress,
                                 min_elements=min_elements, codec=codec, codec_for=codec_for, encoder=encoder,
-                                strict=strict, finetune=finetune_steps > 0,
+                                strict=strict,
                                 workers=workers, ray=ray, device=device)
     source = open_source(model)
     if source.framework != "onnx":

@@ -167,7 +167,7 @@ def _add_codec_args(p: argparse.ArgumentParser) -> None:
                         "scales, steps, codebooks and records counted) or --target-size; aq: additive "
                         "quantization in shared codebooks at --bits code bits; lattice: dithered "
                         "scalar quantization with entropy-coded indices, every tensor at --bits "
-                        f"(default: {DEFAULT_CODEC}, or aq with --permute, --allocate or --finetune, AQ's options)")
+                        f"(default: {DEFAULT_CODEC}, or aq with --permute or --allocate, AQ's options)")
     p.add_argument("--codec-for", action="append", metavar="PATTERN:CODEC",
                    help="with --codec auto: code the tensors matching this fnmatch pattern with CODEC "
                         "(aq, uniform, lattice, affine, fp16 or raw), at the setting the budget gives them; "

@@ -163,17 +163,24 @@ def test_codec_for_parsing():
         ConvertOptions.build(bits=4, target_size=None, keep=(), encoder=None, codec_for=["*:aq"], codec="aq")
 
 
-def test_the_default_codec_is_auto_and_aq_options_ask_for_aq():
-    """No --codec: the per-tensor choice, unless --permute, --allocate or --finetune (AQ's options) is given; the first two
-    with --codec auto are an error saying so."""
+def test_the_default_codec_is_auto_and_aq_options_ask_for_aq(tmp_path):
+    """No --codec: the per-tensor choice, unless --permute or --allocate (AQ's options) is given, which
+    with --codec auto are an error saying so. Fine-tuning keeps the per-tensor choice."""
+    from aqformat.converters import from_torch
+
     def build(**kw):
         return ConvertOptions.build(bits=4, target_size=None, keep=(), encoder=None, **kw).codec
     assert build() == "auto"
-    assert build(permute=True) == build(allocate=True) == build(finetune=True) == "aq"
+    assert build(permute=True) == build(allocate=True) == "aq"
     assert build(codec="lattice") == "lattice"
     for option in ("permute", "allocate"):
         with pytest.raises(AqmInputError, match="AQ options"):
             build(codec="auto", **{option: True})
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32))
+    s = from_torch(torch.nn.Sequential(_linear("gauss", 128, 256)), tmp_path / "t.aqm", bits=4, progress=False,
+                   calib=str(tmp_path / "calib.npy"), finetune_steps=2)
+    with aqformat.open(s.path) as f:
+        assert f.metadata["conversion"]["codec"] == "auto" and f.metadata["finetune"]["steps_done"] == 2
 
 
 @pytest.mark.parametrize("scale", [0.5, 3, 40, 400])
