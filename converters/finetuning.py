@@ -6,7 +6,9 @@ of a group's codebooks improves every layer that shares it. Per-row scales
 and the raw float tensors (norms, biases and, by default, tensors kept
 uncompressed such as embeddings) are trained too. The objective is
 either distillation from the original model on calibration inputs (no labels)
-or the user's own task loss.
+or the user's own task loss. Items held out of training choose the step
+whose values are written, so fine-tuning does not give a file worse on
+them than the one it started from.
 """
 from __future__ import annotations
 
@@ -35,6 +37,11 @@ from .half import encode_half
 from .options import FinetuneOptions
 
 _REFRESH_BEAM = 4  # code search width of a refresh
+# Every 8th calibration item (given 8 or more) is held out of training; its loss, measured before
+# training and about 10 times during it, chooses the step whose values are written.
+_HOLD_OUT_EVERY = 8
+_HOLD_OUT_MIN = 8
+_HOLD_OUT_CHECKS = 10
 
 
 @dataclass
@@ -51,6 +58,10 @@ class FinetuneReport:
     stopped_early: str | None = None
     refreshes: int = 0
     train_raw: str = "all"
+    held_out: int = 0                     # calibration items kept out of training to choose the result
+    held_out_first: float | None = None   # their loss before training
+    held_out_kept: float | None = None    # ... and at the kept step
+    kept_step: int | None = None          # the step whose values were written (0: the file as coded)
 
     def as_metadata(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -58,8 +69,10 @@ class FinetuneReport:
     def __str__(self) -> str:
         refresh = f", {self.refreshes} code refreshes" if self.refreshes else ""
         stop = f" ({self.stopped_early})" if self.stopped_early else ""
+        held = (f", held-out loss {self.held_out_first:.4g} -> {self.held_out_kept:.4g} (kept step "
+                f"{self.kept_step})" if self.held_out else "")
         return (f"fine-tuned by {self.objective}: {self.steps_done}/{self.steps} steps{refresh}, "
-                f"loss {self.loss_first:.4g} -> {self.loss_last:.4g}, {self.seconds:.0f} s{stop}")
+                f"loss {self.loss_first:.4g} -> {self.loss_last:.4g}{held}, {self.seconds:.0f} s{stop}")
 
 
 def call_model(model, item: Any):
@@ -184,7 +197,9 @@ def finetune(aqm_path: str | os.PathLike, out_path: str | os.PathLike, model, ca
     calib : sequence
         Calibration items; each is passed to the model as kwargs (dict),
         args (tuple) or a single tensor. With ``loss_fn`` these are the
-        user's training batches.
+        user's training batches. Of 8 or more items every 8th is held out:
+        its loss, before training and about 10 times during it, chooses the
+        step whose values are written (step 0 writes the values as coded).
     loss_fn : callable, optional
         ``loss_fn(outputs, item) -> scalar``: the task objective. Without it,
         the objective is distillation: the mean squared error to the original
@@ -264,6 +279,15 @@ class _Task:
     forward: Callable[[Any, Any], Any]
     loss_fn: Callable[[Any, Any], Any] | None
     targets: list[Any] = field(default_factory=list)  # the teacher's outputs, for distillation
+    held: list[int] = field(default_factory=list)     # items never trained on: they choose the step kept
+
+    def __post_init__(self) -> None:
+        if len(self.calib) >= _HOLD_OUT_MIN:
+            self.held = list(range(_HOLD_OUT_EVERY - 1, len(self.calib), _HOLD_OUT_EVERY))
+
+    def trained(self) -> np.ndarray:
+        """The indices of the items trained on."""
+        return np.setdiff1d(np.arange(len(self.calib)), self.held)
 
     def loss(self, out: Any, i: int, item: Any) -> Any:
         """The task loss, or the distillation loss: MSE to the teacher relative to its variance."""
@@ -272,6 +296,48 @@ class _Task:
             return self.loss_fn(out, item)
         y, t = model_output(out), self.targets[i]
         return torch.mean((y - t) ** 2) / t.var().clamp_min(1e-12)
+
+
+class _Keeper:
+    """The held-out loss, measured before training and about :data:`_HOLD_OUT_CHECKS` times during it;
+    the values of the step where it was lowest are the ones written (step 0: the file as coded), so
+    fine-tuning that over-fits its training items gives back what it lost."""
+
+    def __init__(self, st: _Student, student: Any, task: _Task, dev: Any, steps: int):
+        self.st, self.student, self.task, self.dev = st, student, task, dev
+        self.every = max(1, steps // _HOLD_OUT_CHECKS)
+        self.first = self.best = self._loss() if task.held else None
+        self.best_step, self.checked, self.best_state = 0, 0, st.state() if task.held else None
+
+    def _loss(self) -> float:
+        import torch
+        from torch.func import functional_call
+        total = 0.0
+        with torch.no_grad():
+            for i in self.task.held:
+                item = _to(self.task.calib[i], self.dev)
+                out = self.task.forward(lambda *a, **k: functional_call(self.student, self.st.tensors(), a, k), item)
+                total += float(self.task.loss(out, i, item))
+        return total / len(self.task.held)
+
+    def check(self, done: int, final: bool = False) -> None:
+        """Measure at every ``every`` steps (and at the end); remember the best step's values."""
+        if not self.task.held or done == self.checked or (done % self.every and not final):
+            return
+        self.checked = done
+        value = self._loss()
+        if value < self.best:
+            self.best, self.best_step, self.best_state = value, done, self.st.state()
+
+    def finish(self, done: int) -> dict[str, Any]:
+        """Put the best step's values back; the report's held-out fields."""
+        if not self.task.held:
+            return {}
+        self.check(done, final=True)
+        if self.best_step != done:
+            self.st.restore(self.best_state)
+        return {"held_out": len(self.task.held), "held_out_first": self.first, "held_out_kept": self.best,
+                "kept_step": self.best_step}
 
 
 def _teacher_outputs(teacher: Any, task: _Task, dev: Any) -> list[Any]:
@@ -296,10 +362,11 @@ def _train(st: _Student, student: Any, task: _Task, opts: FinetuneOptions, origi
     steps = opts.steps
     opt = torch.optim.Adam(st.parameters(), lr=opts.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
-    order = np.random.default_rng(opts.seed).permutation(np.resize(np.arange(len(task.calib)), steps))
+    order = np.random.default_rng(opts.seed).permutation(np.resize(task.trained(), steps))
     first = last = float("nan")
     good, stopped, done, refreshes = st.state(), None, 0, 0
     t0 = time.perf_counter()
+    keeper = _Keeper(st, student, task, dev, steps)
     bar = _bar(steps, opts.progress)
     for step, i in enumerate(order):
         item = _to(task.calib[i], dev)
@@ -323,12 +390,14 @@ def _train(st: _Student, student: Any, task: _Task, opts: FinetuneOptions, origi
         if opts.refresh_every and done % opts.refresh_every == 0 and done < steps:
             st.refresh_codes(originals, _REFRESH_BEAM)
             refreshes += 1
+        keeper.check(done)
         bar.set_postfix(loss=f"{value:.4g}", refresh=False)
         bar.update(1)
     bar.close()
+    held = keeper.finish(done)
     return FinetuneReport("task" if task.loss_fn is not None else "distill", steps, done, first, last,
                           time.perf_counter() - t0, len(st.aq) + len(st.trainable_raw), stopped, refreshes,
-                          opts.train_raw)
+                          opts.train_raw, **held)
 
 
 def _write(f: aqformat.AqmFile, out_path, st: _Student, report: FinetuneReport) -> None:

@@ -148,7 +148,7 @@ def test_bad_calibration_is_a_clear_error_and_writes_nothing(digits_model, tmp_p
 
 def test_code_refresh_moves_codes_and_keeps_improving(digits_model, tmp_path):
     net, X, _, path = digits_model
-    calib = [X[i:i + 100] for i in range(0, 1400, 100)]
+    calib = [X[i:i + 200] for i in range(0, 1400, 200)]  # 7 items: none held out, the last step is written
     rep = finetune(path, tmp_path / "r.aqm", net, calib, steps=60, lr=3e-3, refresh_every=20, progress=False)
     assert rep.refreshes == 2 and "2 code refreshes" in str(rep)
     with aqformat.open(tmp_path / "r.aqm") as f, aqformat.open(path) as g:
@@ -158,6 +158,22 @@ def test_code_refresh_moves_codes_and_keeps_improving(digits_model, tmp_path):
         assert changed, "a refresh re-ran the code search but no code changed"
     held_out = X[1400:]
     assert _err(_load(net, tmp_path / "r.aqm"), net, held_out) < 0.8 * _err(_load(net, path), net, held_out)
+
+
+def test_held_out_items_choose_the_step_written(digits_model, tmp_path):
+    """Every 8th item is never trained on; the step of lowest loss on those is written, the file as
+    coded (step 0) when training only made it worse."""
+    net, X, _, path = digits_model
+    calib = [X[i:i + 100] for i in range(0, 1400, 100)]
+    rep = finetune(path, tmp_path / "ok.aqm", net, calib, steps=60, lr=3e-3, progress=False)
+    assert rep.held_out == 1 and rep.held_out_kept < rep.held_out_first and rep.kept_step > 0
+    assert f"(kept step {rep.kept_step})" in str(rep)
+    bad = finetune(path, tmp_path / "bad.aqm", net, calib, steps=10, lr=10.0, progress=False)
+    assert bad.kept_step == 0 and bad.held_out_kept == bad.held_out_first and bad.loss_last > bad.loss_first
+    with aqformat.open(tmp_path / "bad.aqm") as f, aqformat.open(path) as g:
+        assert f.metadata["finetune"]["kept_step"] == 0
+        for name in g.names():
+            np.testing.assert_array_equal(f.read(name), g.read(name))
 
 
 def test_convert_with_finetune_distils_into_the_output(tmp_path):

@@ -127,11 +127,12 @@ def test_keep_fp16_stores_matching_tensors_at_16_bits_and_the_rest_as_before(tmp
 def test_finetuning_trains_tensors_kept_at_16_bits_and_stores_them_so(tmp_path):
     from aqformat.converters import from_torch
     net = _net()
-    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32))
+    np.save(tmp_path / "calib.npy", np.random.default_rng(0).standard_normal((7, 3, 8, 8)).astype(np.float32))
     kw = dict(bits=4, keep=["0.*:fp16"], calib=str(tmp_path / "calib.npy"), progress=False,
               encoder={"bits_per_code": 4, "d": 4})
     from_torch(net, tmp_path / "c.aqm", **kw)
-    from_torch(net, tmp_path / "t.aqm", finetune_steps=5, finetune_lr=1e-2, **kw)
+    s = from_torch(net, tmp_path / "t.aqm", finetune_steps=5, finetune_lr=1e-2, **kw)
+    assert s.finetune.held_out == 0 and s.finetune.kept_step is None  # too few items to hold any out
     with aqformat.open(tmp_path / "t.aqm") as f, aqformat.open(tmp_path / "c.aqm") as c:
         assert f.info("0.weight").codec == f.info("0.bias").codec == "half"
         assert not np.array_equal(f.read("0.bias"), c.read("0.bias"))
