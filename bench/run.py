@@ -55,8 +55,10 @@ RESULTS = os.path.join(HERE, "results")
 # ONNX models calibrated through ONNX Runtime: photo crops evaluated and calibrated on, rates, fine-tuning
 ONNX_QUICK = {"image_eval": 200, "image_calib": 64, "image_bits": (3, 4), "image_ft_bits": (3,),
               "image_ft_steps": 100, "onnx_minilm_bits": (3, 4), "ocr_images": 60, "ocr_bits": (2, 3, 4)}
-ONNX_FULL = {"image_eval": 400, "image_calib": 128, "image_bits": (2, 3, 4, 5), "image_ft_bits": (2, 3),
-             "image_ft_steps": 300, "onnx_minilm_bits": (3, 4), "ocr_images": 300, "ocr_bits": (2, 3, 4)}
+# EfficientNet-Lite0 fine-tuned at 3 bits: 64 crops and 300 steps gave top-1 agreement 0.785 (KL 0.139),
+# 256 crops and 600 steps 0.81 (KL 0.085)
+ONNX_FULL = {"image_eval": 400, "image_calib": 256, "image_bits": (2, 3, 4, 5), "image_ft_bits": (2, 3),
+             "image_ft_steps": 600, "onnx_minilm_bits": (3, 4), "ocr_images": 300, "ocr_bits": (2, 3, 4)}
 SETTINGS = {
     "quick": {"eval": 250, "calib": 403, "aqm_bits": (2, 3, 4), "nncodec_qp": (-32, -26, -20, -14),
               "lsq_bits": (2,), "faiss_train": 1 << 14, "utterances": 6, "ft_steps": 100,
