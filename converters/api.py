@@ -199,8 +199,7 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     opts = ConvertOptions.build(bits=bits, target_size=target_size, allocate=allocate, permute=permute,
                                 grouping=grouping, keep=keep, seed=seed, progress=progress,
                                 min_elements=min_elements, codec=codec, codec_for=codec_for, encoder=encoder,
-                                strict=strict,
-                                workers=workers, ray=ray, device=device)
+                                strict=strict, workers=workers, ray=ray, device=device)
     tuning = FinetuneOptions(steps=finetune_steps, lr=finetune_lr, train_raw=finetune_raw, seed=seed,
                              progress=progress)
     source = open_source(model)
@@ -254,8 +253,7 @@ def from_onnx(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
     opts = ConvertOptions.build(bits=bits, target_size=target_size, allocate=allocate, permute=permute,
                                 grouping=grouping, keep=keep, seed=seed, progress=progress,
                                 min_elements=min_elements, codec=codec, codec_for=codec_for, encoder=encoder,
-                                strict=strict,
-                                workers=workers, ray=ray, device=device)
+                                strict=strict, workers=workers, ray=ray, device=device)
     source = open_source(model)
     if source.framework != "onnx":
         raise AqmInputError("from_onnx needs an .onnx file or an onnx.ModelProto")
