@@ -289,6 +289,11 @@ class _Task:
         """The indices of the items trained on."""
         return np.setdiff1d(np.arange(len(self.calib)), self.held)
 
+    def run_student(self, student: Any, tensors: dict[str, Any], item: Any) -> Any:
+        """The student's outputs on ``item`` with its parameters and buffers replaced by ``tensors``."""
+        from torch.func import functional_call
+        return self.forward(lambda *a, **k: functional_call(student, tensors, a, k), item)
+
     def loss(self, out: Any, i: int, item: Any) -> Any:
         """The task loss, or the distillation loss: MSE to the teacher relative to its variance."""
         import torch
@@ -311,13 +316,12 @@ class _Keeper:
 
     def _loss(self) -> float:
         import torch
-        from torch.func import functional_call
         total = 0.0
         with torch.no_grad():
+            tensors = self.st.tensors()  # decoded once for all the held-out items
             for i in self.task.held:
                 item = _to(self.task.calib[i], self.dev)
-                out = self.task.forward(lambda *a, **k: functional_call(self.student, self.st.tensors(), a, k), item)
-                total += float(self.task.loss(out, i, item))
+                total += float(self.task.loss(self.task.run_student(self.student, tensors, item), i, item))
         return total / len(self.task.held)
 
     def check(self, done: int, final: bool = False) -> None:
@@ -357,7 +361,6 @@ def _train(st: _Student, student: Any, task: _Task, opts: FinetuneOptions, origi
            dev: Any) -> FinetuneReport:
     """Adam with a cosine-decayed rate over ``opts.steps`` items; stops at a non-finite loss."""
     import torch
-    from torch.func import functional_call
 
     steps = opts.steps
     opt = torch.optim.Adam(st.parameters(), lr=opts.lr)
@@ -371,7 +374,7 @@ def _train(st: _Student, student: Any, task: _Task, opts: FinetuneOptions, origi
     for step, i in enumerate(order):
         item = _to(task.calib[i], dev)
         try:
-            out = task.forward(lambda *a, **k: functional_call(student, st.tensors(), a, k), item)
+            out = task.run_student(student, st.tensors(), item)
         except (TypeError, ValueError, RuntimeError) as e:
             raise AqmInputError(f"calibration input does not fit the model: {_first_line(e)}") from None
         loss = task.loss(out, i, item)
