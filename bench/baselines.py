@@ -38,8 +38,9 @@ from aqformat.codecs.aq import decode_vectors
 from aqformat.layout import from_matrix, to_matrix
 
 Weights = Mapping[str, tuple[np.ndarray, Sequence[int] | None]]
+INT8 = "int8"  # the method of :func:`int8_per_channel`'s rows, which the report's targets compare with
 
-__all__ = ["Packed", "Weights", "fp16", "int8_per_channel", "int4_group", "kmeans4",
+__all__ = ["Packed", "Weights", "INT8", "fp16", "int8_per_channel", "int4_group", "kmeans4",
            "faiss_aq", "nncodec", "zstd19", "ort_quantized", "onnx_weight_bytes",
            "sqnr_db", "FAISS_KINDS"]
 
@@ -120,7 +121,7 @@ def int8_per_channel(weights: Weights, folder: str) -> Packed:
         s = np.where(s > 0, s, np.float16(1))
         return {"q": np.clip(np.rint(W / s.astype(np.float32)[:, None]), -127, 127).astype(np.int8),
                 "s": s}
-    return _npz_method("int8", "per-channel", weights, folder, enc,
+    return _npz_method(INT8, "per-channel", weights, folder, enc,
                        lambda p, shape: p["q"].astype(np.float32) * p["s"].astype(np.float32)[:, None])
 
 

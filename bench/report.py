@@ -16,6 +16,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from bench.baselines import INT8
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -151,7 +153,7 @@ def _onnx_checks(data: dict, rows: list[dict], aqm: list[dict]) -> dict[str, Any
     """Targets of the ONNX models: EfficientNet's whole-file size at int8's top-1, MiniLM from ONNX
     within :data:`TIE` of the Hugging Face path at each rate."""
     m, out = data["primary"], {}
-    int8 = [r for r in rows if r["method"] == "int8_per_channel"]
+    int8 = [r for r in rows if r["method"] == INT8]
     if data.get("onnx_file_bytes") and int8:
         for target, rows_in in ((WHOLE_FILE_TARGET, aqm), (WHOLE_FILE_TARGET_UNTUNED,
                                                            [r for r in aqm if r["method"] != "aqm+finetune"])):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from bench import report
+from bench.baselines import INT8, int8_per_channel
 from bench.onnx_models import classifier_metrics, imagenet_batch, ocr_metrics, text_images
 
 
@@ -44,9 +45,11 @@ def _row(method, bits, value, setting="", **extra):
             **extra}
 
 
-def test_report_onnx_targets():
+def test_report_onnx_targets(tmp_path):
+    w = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+    assert int8_per_channel({"w": (w, None)}, str(tmp_path)).method == INT8  # the rows the targets look for
     data = {"primary": "top1_agreement", "onnx_source": True, "onnx_file_bytes": 1000, "rows": [
-        _row("int8_per_channel", 8.0, 0.92), _row("nncodec", 3.0, 0.80), _row("nncodec", 5.0, 0.95),
+        _row(INT8, 8.0, 0.92), _row("nncodec", 3.0, 0.80), _row("nncodec", 5.0, 0.95),
         _row("aqm", 3.0, 0.93, "4-bit", whole_file_ratio=8.5), _row("aqm", 2.0, 0.80, "3-bit", whole_file_ratio=11)]}
     checks = report.checks(data)
     assert checks["whole file >= 8x smaller with top1_agreement >= int8 per-channel's"]["answer"] is True
@@ -62,7 +65,7 @@ def test_report_onnx_targets():
 
 
 def test_report_finetuned_target_of_efficientnet():
-    rows = [_row("int8_per_channel", 8.0, 0.91), _row("aqm+finetune", 3.0, 0.96, "3-bit", whole_file_ratio=9.8),
+    rows = [_row(INT8, 8.0, 0.91), _row("aqm+finetune", 3.0, 0.96, "3-bit", whole_file_ratio=9.8),
             _row("aqm+finetune", 2.5, 0.90, "2.5-bit", whole_file_ratio=11)]
     data = {"primary": "top1_agreement", "model": "EfficientNet-Lite0 (ImageNet)", "rows": rows}
     key = "whole file >= 10x smaller after fine-tuning with top1_agreement >= 0.95"
