@@ -139,8 +139,8 @@ def from_torch(model: Any, out_path: str | os.PathLike, *, bits: float = 4.0,
         (their codes, indices, scales, steps, codebooks and records counted) or ``target_size``
         (every byte of the file) (:mod:`aqformat.converters.codec_choice`); ``"aq"``: additive
         quantization in shared codebooks, ``bits`` code bits per weight (the default when
-        ``permute``, ``allocate`` or ``finetune_steps`` is set: they are AQ's options, fine-tuning
-        training codebooks); ``"lattice"``: dithered
+        ``permute`` or ``allocate`` is set: they are AQ's options; fine-tuning keeps ``"auto"``,
+        see :func:`aqformat.converters.options.resolve_codec`); ``"lattice"``: dithered
         uniform scalar quantization with entropy-coded indices, every tensor at ``bits`` (no
         target size, allocation or permutation; calibration only feeds fine-tuning).
     codec_for : iterable of str
