@@ -32,7 +32,7 @@ from .options import AQConfig, ConvertOptions
 from .planning import ModelTensors, Plan, plan
 
 __all__ = ["AQEncoder", "AQTensor", "as_matrix", "aq_eligible", "row_scales", "encode_tensor", "decode_rows",
-           "decode_tensor", "output_error"]
+           "decode_tensor", "output_error", "inverse_factor", "feedback_factor"]
 
 
 @dataclass
@@ -116,6 +116,20 @@ def _padded_h(H, cols: int, cols_p: int, perm: np.ndarray | None, damp: float) -
     return out
 
 
+def inverse_factor(Hp: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor ``U`` of ``Hp^-1`` (``Hp`` damped, float64): GPTQ's feedback.
+    Row ``j`` of ``U`` divided by ``U[j, j]`` is how an error on column ``j`` is best absorbed
+    by the columns after it, and ``e**2 / U[j, j]**2`` is the output error it still costs."""
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hp)), upper=True)
+
+
+def feedback_factor(H, damp: float) -> np.ndarray:
+    """:func:`inverse_factor` of a calibration ``H [cols, cols]`` damped as the AQ search damps it:
+    the grid codecs' error feedback (:func:`aqformat.converters.lattice.feedback_indices`)."""
+    cols = int(np.shape(H)[0])
+    return inverse_factor(_padded_h(H, cols, cols, None, damp)).numpy()
+
+
 def _block_metrics(Hp: torch.Tensor, d: int, feedback: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per column block metric ``G[J, d, d]`` and, for feedback, the Cholesky factor.
 
@@ -127,8 +141,7 @@ def _block_metrics(Hp: torch.Tensor, d: int, feedback: bool) -> tuple[torch.Tens
     if not feedback:
         blocks = Hp.reshape(J, d, J, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
         return blocks.contiguous(), None
-    L = torch.linalg.cholesky(Hp)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    U = inverse_factor(Hp)
     Ubb = U.reshape(J, d, J, d).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
     G = torch.linalg.inv(Ubb.transpose(1, 2) @ Ubb)
     return 0.5 * (G + G.transpose(1, 2)), U

@@ -96,6 +96,11 @@ DATA_FREE_EXPONENT = 0.25
 NOISY_LATTICE = 0.25
 _AFFINE_WIDTHS = range(2, 9)
 _K_LIMIT = 48 * STEPS_PER_OCTAVE  # steps from 2**-48 to 2**48
+#: Rounds of :func:`choose` on estimated lattice options before it measures every one it weighs
+#: whole. That is slow: each measure codes the whole tensor, and the choice weighs some 20 steps a
+#: tensor (EfficientNet-Lite0 calibrated at 4 bits: over 10 minutes). The rounds before it take
+#: seconds, and there the chosen options left estimated went 38, 5, 2, 1, 0.
+ESTIMATED_ROUNDS = 8
 
 
 @dataclass(frozen=True)
@@ -228,7 +233,9 @@ class _Candidate:
     reasons: dict[str, str] = field(default_factory=dict)
     k: int = 0
     exact_only: bool = False
+    damp: float = 0.0
     _zero: float | None = field(default=None, repr=False)
+    _feedback: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.m = np.asarray(to_matrix(self.w, self.axes), dtype=np.float32)
@@ -243,6 +250,15 @@ class _Candidate:
     def distortion(self, decoded: np.ndarray) -> float:
         """Output error of ``decoded`` (logical shape; squared weight error without calibration)."""
         return _matrix_error(np.asarray(to_matrix(decoded, self.axes), np.float32) - self.m, self.H, self.s)
+
+    @property
+    def feedback(self) -> np.ndarray | None:
+        """The grid codecs' calibration error feedback (:func:`~aqformat.converters.aq_encode.feedback_factor`
+        of ``H``), None without calibration."""
+        if self._feedback is None and self.H is not None:
+            from .aq_encode import feedback_factor
+            self._feedback = feedback_factor(self.H, self.damp)
+        return self._feedback
 
     def allowed(self, codec: str) -> bool:
         return self.forced is None or self.forced == codec
@@ -286,17 +302,24 @@ def _lattice_at(c: _Candidate, k: int, exact: bool = False) -> Option | None:
 
 def _estimate_lattice(c: _Candidate, k: int, step: np.float32, codec: str) -> Option:
     """The option of grid codec ``codec`` (``lattice`` or ``uniform``) at ``step`` estimated from
-    plain rounding of up to :data:`LATTICE_SAMPLE` weights (evenly spaced rows) and
+    up to :data:`LATTICE_SAMPLE` weights (evenly spaced rows) rounded (with calibration, with its
+    error feedback, :func:`~aqformat.converters.lattice.feedback_indices`) and
     :func:`aqformat.rans.estimate_bits`, scaled to every row."""
     from aqformat.dither import dither
+
+    from .lattice import feedback_indices
     rows, cols = c.m.shape
     pick = np.unique(np.linspace(0, rows - 1, max(1, min(rows, LATTICE_SAMPLE // cols)), dtype=np.int64))
     W = c.m[pick].astype(np.float64)
-    x = W / float(step) + (dither(c.seed, W.size).reshape(W.shape) if codec == LATTICE else 0.0)
+    u = dither(c.seed, W.size).reshape(W.shape) if codec == LATTICE else None
+    x = W / float(step) + (u if u is not None else 0.0)
     if not np.isfinite(x).all() or np.abs(x).max(initial=0) > 2**31 - 2:
         raise AqmInputError(f"lattice step {float(step):g} too small for {c.name!r}: integers exceed int32"
                             if np.isfinite(x).all() else f"tensor {c.name!r} contains NaN or Inf weights")
-    q = np.rint(x)
+    if c.feedback is None:
+        q = np.rint(x)
+    else:
+        q = feedback_indices(W, np.full(len(pick), step), u, c.feedback)
     scale = rows / len(pick)
     s = None if c.s is None else np.asarray(c.s)[pick]
     nbytes = rans.estimate_bits(q) / 8 * scale + _step_bytes(step, rows) + LATTICE_RECORD_BYTES
@@ -308,7 +331,7 @@ def _exact_lattice(c: _Candidate, k: int, step: np.float32, codec: str) -> Optio
     or raw indices, steps, record) and the error of the decoded weights."""
     from .lattice import RDOQ_LAMBDA, encode_lattice
     seed = c.seed if codec == LATTICE else None
-    q, steps = encode_lattice(c.m, step, seed, None, c.name, rdoq=RDOQ_LAMBDA)
+    q, steps = encode_lattice(c.m, step, seed, None, c.name, rdoq=RDOQ_LAMBDA, feedback=c.feedback)
     fields = lattice_codec.index_fields(c.name, c.m.shape, q, steps)
     rows, cols = c.m.shape
     dec = lattice_codec.decode_lattice(fields["data"], steps, seed, c.m.shape, None, rows, cols)
@@ -376,11 +399,12 @@ def choose(cands: Sequence[_Candidate], budget: int, group_bytes: Mapping[str, i
            shares: Mapping[str, float], lam0: float) -> tuple[dict[str, Option], float]:
     """The choice of least distortion whose :func:`total_bytes` fit ``budget``, and its ``lam``
     (:func:`_bisect`, then :func:`_fill`), its lattice options measured on every row: the estimated
-    ones chosen are measured whole and the choice made again, until none is left; after 4 rounds
-    the estimates are dropped and every lattice option is measured whole.
+    ones chosen are measured whole and the choice made again, until none is left; after
+    :data:`ESTIMATED_ROUNDS` rounds the estimates are dropped and every lattice option is measured
+    whole.
     """
-    for round_ in range(6):
-        if round_ == 4:
+    for round_ in range(ESTIMATED_ROUNDS + 2):
+        if round_ == ESTIMATED_ROUNDS:
             for c in cands:
                 c.lattice, c.exact_only = {k: c.lattice[k] for k in c.exact}, True
         choice, lam0 = _bisect(cands, budget, group_bytes, shares, lam0)
@@ -473,7 +497,7 @@ def _candidates(tensors: ModelTensors, names: Sequence[str], opts: ConvertOption
     for n in names:
         spec, axes = tensors.spec(n), tensors.axes.get(n)
         c = _Candidate(n, tensors.load(n), axes, tensor_seed(opts.seed, n), forced_codec(n, opts.codec_for),
-                       tensors.H.get(n), tensors.S.get(n))
+                       tensors.H.get(n), tensors.S.get(n), damp=opts.encoder.damp)
         step = float(np.median(lattice_step(c.m.astype(np.float64), max(rate, 0.5))))
         c.k = int(round(STEPS_PER_OCTAVE * math.log2(max(step, 2.0 ** -40))))
         _fixed_options(c, spec.nbytes)
@@ -616,6 +640,7 @@ class AutoEncoder:
         self._aq.tensors = tensors
         self._lattice.axes = tensors.axes
         self._options = (cands, plan, shares)
+        self._by_name = {c.name: c for c in cands}
         self._budget = budget.bytes
         self._settle(lam0)
 
@@ -660,7 +685,9 @@ class AutoEncoder:
         if o.codec in GRID:
             step = np.float32(2.0 ** (int(o.setting) / STEPS_PER_OCTAVE))
             seed = self._lattice.tensor_seed(name) if o.codec == LATTICE else None
-            return [(lattice._code_and_measure, (w, name, step, seed, self._lattice.axes.get(name)))]
+            fb = self._by_name[name].feedback
+            return [(lattice._code_and_measure, (w, name, step, seed, self._lattice.axes.get(name),
+                                                 None if fb is None else share(fb)))]
         return [(_code_other, (w, name, o.codec, o.setting, self._lattice.axes.get(name)))]
 
     def join(self, name: str, results: list[Any]) -> tuple[Any, float]:

@@ -147,6 +147,24 @@ def _out_err(model_path, aqm_path, X):
     return float(((out - ref) ** 2).mean() / ref.var())
 
 
+@pytest.mark.parametrize("codec", ["lattice", "uniform"])
+def test_calibrated_grid_codecs_feed_their_errors_back(digits_onnx, tmp_path, codec):
+    """With --calib, lattice and uniform indices are rounded with GPTQ's error feedback under each
+    layer's ``H``: at about the same bytes the model's output moves less."""
+    path, X, _ = digits_onnx
+    held = X[1400:]
+    forced = {"codec": "lattice"} if codec == "lattice" else {"codec_for": ["*:uniform"]}
+    kw = dict(bits=3, progress=False, min_elements=1024, **forced)
+    plain = from_onnx(path, tmp_path / "plain.aqm", **kw)
+    cal = from_onnx(path, tmp_path / "cal.aqm", calib=str(path.parent / "calib.npy"), **kw)
+    assert plain.compressed == cal.compressed and abs(cal.aqm_bytes / plain.aqm_bytes - 1) < 0.1
+    with aqformat.open(tmp_path / "cal.aqm") as f:
+        assert {f.info(n).codec for n in cal.compressed if n not in cal.affine_bits} == {codec}
+        assert f.metadata["conversion"]["calibrated"]
+    errs = [_out_err(path, tmp_path / f"{k}.aqm", held) for k in ("plain", "cal")]
+    assert errs[1] < 0.25 * errs[0], errs  # 0.07x (lattice) and 0.005x (uniform) when written
+
+
 def test_calibration_and_finetuning_of_an_onnx_source(digits_onnx, tmp_path):
     path, X, _ = digits_onnx
     held = X[1400:]
