@@ -5,7 +5,8 @@ Each setting is converted twice with the default codec (auto) and the same calib
 the converter does it (the grid codecs' indices chosen with GPTQ's error feedback under each
 layer's ``X^T X``, :func:`aqformat.converters.lattice.feedback_indices`) and with the feedback off
 (plain rounding, as before it existed). Reported per file: the whole-file ratio to the .onnx file,
-bits per parameter (the whole file over every parameter), top-1 agreement, top-5 overlap and KL against fp32 on photo crops.
+bits per parameter (the whole file over every parameter), top-1 agreement, top-5 overlap and KL
+against fp32 on photo crops.
 
 Usage: python -m bench.grid_feedback_bench [--bits 4 3] [--eighth] [--eval 400] [--calib 256]
                                            [--out bench/results/grid_feedback.json]
@@ -13,6 +14,7 @@ Usage: python -m bench.grid_feedback_bench [--bits 4 3] [--eighth] [--eval 400] 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -32,11 +34,8 @@ def _convert(path: str, out: str, calib: str, feedback: bool, x: np.ndarray, ref
     from aqformat.converters import codec_choice, from_onnx
     off = mock.patch.object(codec_choice._Candidate, "feedback", property(lambda self: None))
     t0 = time.monotonic()
-    if feedback:
+    with contextlib.nullcontext() if feedback else off:
         s = from_onnx(path, out, calib=calib, progress=False, **kw)
-    else:
-        with off:
-            s = from_onnx(path, out, calib=calib, progress=False, **kw)
     seconds = round(time.monotonic() - t0, 1)
     m = om.classifier_metrics(ref, om.session_logits(om.aqm_session(out), x))
     row = {"feedback": feedback, **kw, "file_bytes": os.path.getsize(out),

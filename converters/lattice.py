@@ -39,8 +39,8 @@ from aqformat.layout import matrix_shape, to_matrix
 from .options import ConvertOptions
 from .planning import ModelTensors
 
-__all__ = ["feedback_indices", "LatticeEncoder", "LatticeTensor", "encode_lattice", "lattice_step", "rdoq_indices", "tensor_seed",
-           "RDOQ_LAMBDA"]
+__all__ = ["LatticeEncoder", "LatticeTensor", "encode_lattice", "feedback_indices", "lattice_step", "rdoq_indices",
+           "tensor_seed", "RDOQ_LAMBDA"]
 
 _INT32_MAX = 2**31 - 1
 _ZERO_ROW_STEP = np.float32(1e-30)  # all-zero rows: any step works, a tiny one decodes ~0
@@ -153,9 +153,9 @@ def encode_lattice(w, bits_or_step: float | Sequence[float] | np.ndarray, seed: 
     rdoq : float
         Rate-distortion trade of :func:`rdoq_indices` (0: plain rounding).
     feedback : numpy.ndarray, optional
-        Calibration error feedback (:func:`~aqformat.converters.aq_encode.feedback_factor`): the indices are then chosen by :func:`feedback_indices`
-        (``rdoq`` unused: its rate model ignores the calibration metric, and it cost output error
-        at equal rate there).
+        Calibration error feedback (:func:`~aqformat.converters.aq_encode.feedback_factor`): the
+        indices are then chosen by :func:`feedback_indices` (``rdoq`` unused: its rate model
+        ignores the calibration metric, and it cost output error at equal rate there).
 
     Returns
     -------
