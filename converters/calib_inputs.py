@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from aqformat.errors import AqmInputError
+from aqformat.errors import AqmInputError, AqmWarning
 
 __all__ = ["InputSpec", "ImagePreprocess", "CalibSet", "model_inputs", "load_calibration"]
 
@@ -260,13 +261,14 @@ def _images(folder: str, inputs: Sequence[InputSpec], pre: ImagePreprocess, batc
         raise AqmInputError("image calibration needs Pillow (pip install 'aqformat[all]')") from None
     resize = pre.resize or round(size / 0.875)
     mean, std = np.asarray(pre.mean, np.float32), np.asarray(pre.std, np.float32)
-    images = []
+    images, sizes = [], set()
     for f in files:
         p = os.path.join(folder, f)
         try:
             with Image.open(p) as im:
                 im = im.convert("RGB")
                 w, h = im.size
+                sizes.add((w, h))
                 s = resize / min(w, h)
                 im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
                 w, h = im.size
@@ -276,6 +278,12 @@ def _images(folder: str, inputs: Sequence[InputSpec], pre: ImagePreprocess, batc
             raise AqmInputError(f"{p}: unreadable image ({_first_line(e)})") from None
         arr = (arr - mean) / std
         images.append(arr.transpose(2, 0, 1) if layout == "NCHW" else arr)
+    if sizes == {(size, size)} and resize != size:
+        # crops already cut to the input: the default enlarges them (and drops their border), so
+        # calibration would see objects bigger than inference does when the app feeds such crops
+        warnings.warn(f"{folder}: every image is already {size}x{size}; resizing to {resize} and cropping "
+                      f"enlarges them {resize / size:.2f}x: pass --image-resize {size} to calibrate on them "
+                      "as they are", AqmWarning, stacklevel=2)
     step, fixed = spec.shape[0] or batch_size, spec.shape[0] is not None
     if fixed and len(images) < step:
         raise AqmInputError(f"{folder}: {len(images)} images, fewer than the model's fixed batch size {step}")

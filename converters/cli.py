@@ -135,7 +135,8 @@ def _add_onnx_calib_args(p: argparse.ArgumentParser) -> None:
                    help="tokenizer folder (tokenizer.json) for text calibration of an ONNX model")
     img = p.add_argument_group("image calibration of ONNX models (ImageNet defaults)")
     img.add_argument("--image-size", type=int, help="centre crop side (default: the model input's, else 224)")
-    img.add_argument("--image-resize", type=int, help="shorter side before the crop (default size/0.875)")
+    img.add_argument("--image-resize", type=int, help="shorter side before the crop (default size/0.875; "
+                     "the size itself for images already cut to the input)")
     img.add_argument("--image-mean", type=float, nargs=3, metavar=("R", "G", "B"),
                      help="per-channel mean of [0, 1] RGB (default 0.485 0.456 0.406)")
     img.add_argument("--image-std", type=float, nargs=3, metavar=("R", "G", "B"),

@@ -245,6 +245,26 @@ def test_image_folder_preprocessing(tmp_path):
     assert x.shape == (2, 32, 32, 3) and x.min() >= 0 and x.max() <= 1 and "NHWC" in fixed.description
 
 
+def test_images_already_at_the_input_size_are_not_enlarged_unnoticed(tmp_path):
+    """Crops cut to the model's input size: the default resize (size / 0.875) enlarges them, which
+    is said with the flag that keeps them as they are."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+    photo = load_sample_images().images[1]
+    for i in range(2):
+        Image.fromarray(photo[i * 100:i * 100 + 64, :64]).save(tmp_path / f"{i}.png")
+    spec = [InputSpec("x", np.dtype(np.float32), (None, 3, 64, 64))]
+    with pytest.warns(aqformat.AqmWarning, match=r"already 64x64; resizing to 73 .* --image-resize 64"):
+        load_calibration(str(tmp_path), spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = load_calibration(str(tmp_path), spec, image=ImagePreprocess(resize=64))
+        Image.fromarray(photo[:80, :64]).save(tmp_path / "2.png")  # sizes differ: the default is meant
+        load_calibration(str(tmp_path), spec)
+    want = (photo[:64, :64] / np.float32(255) - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    np.testing.assert_allclose(kept.batches[0]["x"][0].transpose(1, 2, 0), want, atol=1e-5)
+
+
 def _bad(tmp_path, **files):
     for name, value in files.items():
         p = tmp_path / name
