@@ -106,3 +106,32 @@ def test_digits_cnn_is_the_same_model_whatever_the_callers_thread_count():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(weights[0], weights[1])
+
+
+def test_error_attribution_ranks_tensors_and_adds_up_to_the_file(tmp_path):
+    """Each coded tensor alone in the fp32 graph, largest KL first; all of them at once is the file
+    as aqformat's own session runs it."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    from aqformat.converters import from_onnx
+    from bench import tasks
+    from bench.error_attribution import attribute
+    from bench.onnx_models import aqm_session, session_logits
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.ReLU(), torch.nn.Linear(96, 96), torch.nn.ReLU(),
+                              torch.nn.Linear(96, 10)).eval()
+    path = str(tmp_path / "m.onnx")
+    tasks.run_quietly(lambda: torch.onnx.export(net, (torch.zeros(1, 64),), path, dynamo=False, input_names=["x"],
+                                                output_names=["y"], dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}))
+    x = np.random.default_rng(1).standard_normal((200, 64)).astype(np.float32)
+    ref = session_logits(tasks.ort_session(path), x)
+    aqm = str(tmp_path / "m.aqm")
+    from_onnx(path, aqm, bits=3, min_elements=64, progress=False)
+    got = attribute(path, aqm, x, ref)
+    kls = [r["kl"] for r in got["tensors"]]
+    assert kls == sorted(kls, reverse=True) and kls[0] > 0
+    assert {r["tensor"] for r in got["tensors"]} >= {"0.weight", "2.weight", "4.weight"}
+    whole = classifier_metrics(ref, session_logits(aqm_session(aqm), x))
+    assert got["whole_file"]["kl"] == pytest.approx(whole["kl"], rel=1e-3, abs=1e-6)
+    assert got["whole_file"]["top1_agreement"] == pytest.approx(whole["top1_agreement"])
+    assert 0.3 < got["sum_of_single_kl"] / got["whole_file"]["kl"] < 3
