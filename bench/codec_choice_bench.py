@@ -76,10 +76,8 @@ def silero(folder: str, args: argparse.Namespace) -> R.Table:
 def efficientnet(folder: str, args: argparse.Namespace) -> R.Table:
     from aqformat.converters import from_onnx
     from bench import onnx_models as om
-    path = tasks.run_quietly(lambda: om.export_efficientnet_lite0(os.path.join(folder, "efficientnet_lite0.onnx")))
+    path, x, ref, _ = om.efficientnet_bench(folder, args.eval)
     src, covered, W = R.onnx_weights(path)
-    x = om.imagenet_batch(np.stack(om.photo_crops(args.eval, seed=0)))
-    ref = om.session_logits(tasks.ort_session(path, threads=1), x)
 
     def evaluate(decoded: dict) -> dict:
         sess = tasks.ort_session(tasks.onnx_with_weights(src.onnx_model, decoded), threads=1)

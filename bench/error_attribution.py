@@ -71,12 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from aqformat.converters import from_onnx
     with tempfile.TemporaryDirectory() as tmp:
-        path = tasks.run_quietly(lambda: om.export_efficientnet_lite0(os.path.join(tmp, "efficientnet_lite0.onnx")))
-        x = om.imagenet_batch(np.stack(om.photo_crops(args.eval, seed=0)))
-        ref = om.session_logits(tasks.ort_session(path), x)
+        path, x, ref, calib = om.efficientnet_bench(tmp, args.eval, 0 if args.aqm else args.calib)
         aqm = args.aqm
         if aqm is None:
-            calib = om.save_crops(os.path.join(tmp, "calib"), om.photo_crops(args.calib, seed=1))
             aqm = os.path.join(tmp, "m.aqm")
             tasks.run_quietly(lambda: from_onnx(path, aqm, calib=calib, progress=False,
                                                 target_size=os.path.getsize(path) // int(report.WHOLE_FILE_TARGET)))

@@ -25,7 +25,7 @@ from unittest import mock
 import numpy as np
 
 from bench import onnx_models as om
-from bench import report, tasks
+from bench import report
 from bench.report import save_json
 
 
@@ -57,10 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "grid_feedback.json"))
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        path = tasks.run_quietly(lambda: om.export_efficientnet_lite0(os.path.join(tmp, "efficientnet_lite0.onnx")))
-        x = om.imagenet_batch(np.stack(om.photo_crops(args.eval, seed=0)))
-        calib = om.save_crops(os.path.join(tmp, "calib"), om.photo_crops(args.calib, seed=1))
-        ref = om.session_logits(tasks.ort_session(path, threads=1), x)
+        path, x, ref, calib = om.efficientnet_bench(tmp, args.eval, args.calib)
         settings = [{"bits": b} for b in args.bits]
         if args.eighth:
             settings.insert(1, {"target_size": os.path.getsize(path) // int(report.WHOLE_FILE_TARGET)})

@@ -15,7 +15,7 @@ import warnings
 
 import numpy as np
 
-__all__ = ["efficientnet_lite0", "export_efficientnet_lite0", "export_minilm", "photo_crops", "save_crops",
+__all__ = ["efficientnet_lite0", "export_efficientnet_lite0", "efficientnet_bench", "export_minilm", "photo_crops", "save_crops",
            "imagenet_batch", "aqm_session", "session_logits", "classifier_metrics", "ocr_model_path", "text_images",
            "ocr_read", "ocr_metrics"]
 
@@ -44,6 +44,19 @@ def export_efficientnet_lite0(path: str) -> str:
     import torch
     return _export(efficientnet_lite0(), (torch.zeros(1, 3, 224, 224),), path, input_names=["image"],
                    output_names=["logits"], dynamic_axes={"image": {0: "n"}, "logits": {0: "n"}})
+
+
+def efficientnet_bench(folder: str, eval_crops: int, calib_crops: int = 0
+                       ) -> tuple[str, np.ndarray, np.ndarray, str | None]:
+    """The bench's EfficientNet-Lite0 setting, written into ``folder``: ``(ONNX export's path, the
+    evaluation crops as model input (seed 0), the fp32 logits on them, a folder of
+    ``calib_crops`` calibration crops (seed 1), None for none)``."""
+    from bench import tasks
+    path = tasks.run_quietly(lambda: export_efficientnet_lite0(os.path.join(folder, "efficientnet_lite0.onnx")))
+    x = imagenet_batch(np.stack(photo_crops(eval_crops, seed=0)))
+    ref = session_logits(tasks.ort_session(path, threads=1), x)
+    calib = save_crops(os.path.join(folder, "calib"), photo_crops(calib_crops, seed=1)) if calib_crops else None
+    return path, x, ref, calib
 
 
 def export_minilm(path: str) -> str:

@@ -516,11 +516,8 @@ def bench_efficientnet(cfg: dict[str, Any], folder: str) -> dict[str, Any]:
     from bench import onnx_models as om
     sub = os.path.join(folder, "efficientnet")
     os.makedirs(sub, exist_ok=True)
-    path = tasks.run_quietly(lambda: om.export_efficientnet_lite0(os.path.join(sub, "efficientnet_lite0.onnx")))
+    path, x, ref, calib = om.efficientnet_bench(sub, cfg["image_eval"], cfg["image_calib"])
     src, covered, W = onnx_weights(path)
-    x = om.imagenet_batch(np.stack(om.photo_crops(cfg["image_eval"], seed=0)))
-    calib = om.save_crops(os.path.join(sub, "calib"), om.photo_crops(cfg["image_calib"], seed=1))
-    ref = om.session_logits(tasks.ort_session(path, threads=1), x)
 
     def evaluate(decoded: dict[str, np.ndarray]) -> dict[str, float]:
         sess = tasks.ort_session(tasks.onnx_with_weights(src.onnx_model, decoded), threads=1)

@@ -139,12 +139,9 @@ def efficientnet_onnx(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
     from aqformat.converters import from_onnx
     from aqformat.converters.sources import open_source
     from bench import onnx_models as om
-    from bench.tasks import onnx_with_weights, ort_session, run_quietly
-    path = run_quietly(lambda: om.export_efficientnet_lite0(os.path.join(tmp, "lite0.onnx")))
+    from bench.tasks import onnx_with_weights, ort_session
+    path, x, ref, calib = om.efficientnet_bench(tmp, args.eval, args.calib)
     src = open_source(path)
-    x = om.imagenet_batch(np.stack(om.photo_crops(args.eval, seed=0)))
-    ref = om.session_logits(ort_session(path, threads=1), x)
-    calib = om.save_crops(os.path.join(tmp, "crops"), om.photo_crops(args.calib, seed=1))
 
     def convert(out: str, c: Any) -> Any:
         return from_onnx(path, out, bits=args.bits, calib=c, progress=False,
