@@ -364,7 +364,7 @@ def results_md(models: dict[str, dict], other: dict[str, Any]) -> str:
         extra = {k: data[k] for k in ("task", "covered", "params", "eval_sentences", "calib_sentences",
                                       "frames", "speech_frames_ref", "audio", "audio_seconds", "test_images",
                                       "reference", "eval_crops", "calib_crops", "calibration_s",
-                                      "text_images") if k in data}
+                                      "calib_chunks", "text_images") if k in data}
         out += [", ".join(f"{k}: {_f(v, 1) if isinstance(v, float) else v}" for k, v in extra.items()), "",
                 _run_line(data), "",
                 "Metrics: " + "; ".join(f"`{k}` {v}" for k, v in data["metrics"].items()), ""]

@@ -61,12 +61,12 @@ ONNX_FULL = {"image_eval": 400, "image_calib": 256, "image_bits": (2, 3, 4, 5), 
              "image_ft_steps": 600, "onnx_minilm_bits": (3, 4), "ocr_images": 300, "ocr_bits": (2, 3, 4)}
 SETTINGS = {
     "quick": {"eval": 250, "calib": 403, "aqm_bits": (2, 3, 4), "nncodec_qp": (-32, -26, -20, -14),
-              "lsq_bits": (2,), "faiss_train": 1 << 14, "utterances": 6, "ft_steps": 100,
+              "lsq_bits": (2,), "faiss_train": 1 << 14, "utterances": 6, "calib_utterances": 4, "ft_steps": 100,
               "ft_lr": 1e-3, "ft_steps_small": 150, "digits_bits": (1, 2, 3, 4),
               "encoder": {},
               "encoder_small": {}, **ONNX_QUICK},
     "full": {"eval": 500, "calib": 403, "aqm_bits": (2, 3, 4), "nncodec_qp": (-38, -32, -26, -20, -14),
-             "lsq_bits": (2, 3, 4), "faiss_train": 1 << 16, "utterances": 12, "ft_steps": 300,
+             "lsq_bits": (2, 3, 4), "faiss_train": 1 << 16, "utterances": 12, "calib_utterances": 8, "ft_steps": 300,
              "ft_lr": 1e-3, "ft_steps_small": 300, "digits_bits": (1, 2, 3, 4),
              "encoder": {},
              "encoder_small": {}, **ONNX_FULL},
@@ -350,11 +350,13 @@ def _minilm_finetune(p: B.Packed, model, items: list[dict], covered: list[str], 
 def bench_silero(cfg: dict[str, Any], folder: str, audio: np.ndarray, variant: str) -> dict[str, Any]:
     import silero_vad
 
+    from aqformat import AqmError
     from aqformat.converters import from_onnx
     from aqformat.converters.planning import select_tensors
     from aqformat.converters.onnx_graph import weight_axes
     from aqformat.converters.sources import open_source
     from aqformat.runtime import InferenceSession
+    from tests import minilm
     src_path = os.path.join(os.path.dirname(silero_vad.__file__), "data", variant)
     src = open_source(src_path)
     axes = weight_axes(src.onnx_model)
@@ -376,24 +378,39 @@ def bench_silero(cfg: dict[str, Any], folder: str, audio: np.ndarray, variant: s
           lambda p: tasks.vad_metrics(ref, tasks.vad_probs(tasks.ort_session(p.path, threads=1), audio)),
           name="ort-dynamic-int8")
     enc = cfg["encoder_small"]
+
+    def run_file(p: B.Packed) -> dict[str, float]:
+        return tasks.vad_metrics(ref, tasks.vad_probs(InferenceSession(p.path), audio))
     for bits, codec in itertools.product(cfg["aqm_bits"], AQ_AND_AUTO):
         out = os.path.join(sub, f"{tag}_{bits}bit_{codec}.aqm")
 
         def produce(bits=bits, out=out, codec=codec):
             s = from_onnx(src_path, out, bits=bits, progress=False, encoder=enc, codec=codec)
             return aqm_packed(out, covered, _bits_setting(bits, enc, _codec_mode(codec)), s.seconds)
-        t.add("aqm", produce,
-              lambda p: tasks.vad_metrics(ref, tasks.vad_probs(InferenceSession(p.path), audio)),
-              name="aqm")
+        t.add("aqm", produce, run_file, name="aqm")
+    # calibrated with the fp32 model streamed over other sentences: every second chunk's feed (audio
+    # with its context, the recurrent state, the rate), as the app would record them
+    cal_audio, _ = tasks.speech_audio(cfg["calib_utterances"], seed=1,
+                                      texts=minilm.sentences("calib", cfg["calib_utterances"]))
+    feeds = [f for f, _ in tasks.vad_stream(tasks.ort_session(src_path, threads=1), cal_audio)][::2]
+    try:
+        calib_s: float | None = calibration_seconds(src_path, feeds, covered)
+    except AqmError as e:  # weights the calibration cannot reach (inside If subgraphs): the rows say why
+        calib_s = None
+        log(f"silero {variant}: no calibration ({e})")
+    for bits in cfg["aqm_bits"]:
+        aqm_onnx_row(t, src_path, os.path.join(sub, f"{tag}_{bits}bit_calib.aqm"), covered,
+                     f"{bits}-bit, default codec, {len(feeds)} calibration chunks of other speech", run_file,
+                     bits=bits, calib=feeds)
     codec_choice_rows(t, lambda out, **kw: from_onnx(src_path, out, **kw), [x.name for x in src.specs], covered,
-                      sub, lambda p: tasks.vad_metrics(ref, tasks.vad_probs(InferenceSession(p.path), audio)))
+                      sub, run_file)
     matmul = sum(1 for n in src.onnx_model.graph.node if n.op_type == "MatMul")
     return {"model": f"silero-vad ({variant})", "task": "voice activity detection",
             "metrics": {"agreement": "speech decision agreement at 0.5",
                         "max_abs_diff": "max |p - p_ref| over frames",
                         "mean_abs_diff": "mean |p - p_ref|"},
             "primary": "mean_abs_diff", "secondary": "agreement", "frames": int(len(ref)), "onnx_source": True,
-            "speech_frames_ref": int(np.sum(ref >= 0.5)),
+            "speech_frames_ref": int(np.sum(ref >= 0.5)), "calib_chunks": len(feeds), "calibration_s": calib_s,
             "covered": f"{len(covered)} conv/LSTM/STFT weight tensors (>= 4096 elements)",
             "params": int(sum(w.size for w, _ in W.values())), "rows": t.rows,
             "notes": [f"ORT MatMulNBits 4-bit not applicable: the graph has {matmul} MatMul "

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 import wave
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -67,8 +67,9 @@ def _synthetic_utterance(rng: np.random.Generator, seconds: float) -> np.ndarray
     return (0.3 * voiced * syllables / np.max(np.abs(voiced))).astype(np.float32)
 
 
-def speech_audio(n_utterances: int = 12, seed: int = 0) -> tuple[np.ndarray, str]:
-    """Deterministic 16 kHz test audio: utterances at varied levels separated by 0.4-1.6 s of background noise.
+def speech_audio(n_utterances: int = 12, seed: int = 0, texts: Sequence[str] = _SENTENCES) -> tuple[np.ndarray, str]:
+    """Deterministic 16 kHz test audio: utterances of ``texts`` at varied levels separated by 0.4-1.6 s
+    of background noise.
 
     Returns the signal and its source (``"espeak-ng"`` or ``"synthetic"``
     when espeak-ng is not installed).
@@ -78,7 +79,7 @@ def speech_audio(n_utterances: int = 12, seed: int = 0) -> tuple[np.ndarray, str
     parts = [np.zeros(int(0.8 * SR), np.float32)]
     for i in range(n_utterances):
         if have_espeak:
-            u = _espeak(_SENTENCES[i % len(_SENTENCES)], _VOICES[i % len(_VOICES)],
+            u = _espeak(texts[i % len(texts)], _VOICES[i % len(_VOICES)],
                         int(rng.integers(130, 190)), int(rng.integers(35, 70)))
         else:
             u = _synthetic_utterance(rng, rng.uniform(1.5, 3.0))
@@ -88,25 +89,29 @@ def speech_audio(n_utterances: int = 12, seed: int = 0) -> tuple[np.ndarray, str
     return x.astype(np.float32), "espeak-ng" if have_espeak else "synthetic"
 
 
-def vad_probs(session: Any, audio: np.ndarray) -> np.ndarray:
-    """Speech probability per 512-sample chunk, streamed as silero-vad's own wrapper does.
+def vad_stream(session: Any, audio: np.ndarray) -> Iterator[tuple[dict[str, np.ndarray], float]]:
+    """Each 512-sample chunk's feed and the speech probability ``session`` gives it, streamed as
+    silero-vad's own wrapper does.
 
     Each call sees the last 64 samples of the previous chunk followed by the
     chunk (576 samples) and the recurrent state of the previous call.
     ``session`` is anything with ONNX Runtime's ``run(None, feeds)``
     (``onnxruntime.InferenceSession`` or ``aqformat.runtime.InferenceSession``).
     """
-    n = len(audio) // CHUNK
     state = np.zeros((2, 1, 128), np.float32)
     context = np.zeros((1, CONTEXT), np.float32)
     sr = np.array(SR, np.int64)
-    out = np.empty(n, np.float32)
-    for i in range(n):
+    for i in range(len(audio) // CHUNK):
         x = np.concatenate([context, audio[None, i * CHUNK:(i + 1) * CHUNK]], axis=1)
-        prob, state = session.run(None, {"input": x, "state": state, "sr": sr})
-        out[i] = float(np.ravel(prob)[0])
+        feed = {"input": x, "state": state, "sr": sr}
+        prob, state = session.run(None, feed)
+        yield feed, float(np.ravel(prob)[0])
         context = x[:, -CONTEXT:]
-    return out
+
+
+def vad_probs(session: Any, audio: np.ndarray) -> np.ndarray:
+    """Speech probability per 512-sample chunk (:func:`vad_stream`)."""
+    return np.array([p for _, p in vad_stream(session, audio)], np.float32)
 
 
 def vad_metrics(ref: np.ndarray, probs: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
