@@ -278,7 +278,7 @@ def _images(folder: str, inputs: Sequence[InputSpec], pre: ImagePreprocess, batc
             raise AqmInputError(f"{p}: unreadable image ({_first_line(e)})") from None
         arr = (arr - mean) / std
         images.append(arr.transpose(2, 0, 1) if layout == "NCHW" else arr)
-    if sizes == {(size, size)} and resize != size:
+    if pre.resize is None and sizes == {(size, size)} and resize != size:
         # crops already cut to the input: the default enlarges them (and drops their border), so
         # calibration would see objects bigger than inference does when the app feeds such crops
         warnings.warn(f"{folder}: every image is already {size}x{size}; resizing to {resize} and cropping "

@@ -259,6 +259,7 @@ def test_images_already_at_the_input_size_are_not_enlarged_unnoticed(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         kept = load_calibration(str(tmp_path), spec, image=ImagePreprocess(resize=64))
+        load_calibration(str(tmp_path), spec, image=ImagePreprocess(resize=73))  # asked for: no warning
         Image.fromarray(photo[:80, :64]).save(tmp_path / "2.png")  # sizes differ: the default is meant
         load_calibration(str(tmp_path), spec)
     want = (photo[:64, :64] / np.float32(255) - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
