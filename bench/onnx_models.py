@@ -15,9 +15,9 @@ import warnings
 
 import numpy as np
 
-__all__ = ["efficientnet_lite0", "export_efficientnet_lite0", "efficientnet_bench", "export_minilm", "photo_crops", "save_crops",
-           "imagenet_batch", "aqm_session", "session_logits", "classifier_metrics", "ocr_model_path", "text_images",
-           "ocr_read", "ocr_metrics"]
+__all__ = ["efficientnet_lite0", "export_efficientnet_lite0", "efficientnet_bench", "export_minilm", "photo_crops",
+           "save_crops", "imagenet_batch", "aqm_session", "session_logits", "classifier_metrics", "ocr_model_path",
+           "text_images", "ocr_read", "ocr_metrics"]
 
 
 def efficientnet_lite0():
